@@ -1,0 +1,33 @@
+# Two commands on a fresh clone: `make demo` (train on The Verdict, then generate) and
+# `make test`. Each sets up .venv first when it is missing or setup.py changed.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch==2.13.0 is the local CPU wheel here; a machine whose python already has a CUDA
+# torch (GPU machines) keeps it: the venv sees system site-packages.
+TORCH  ?= torch==2.13.0
+RUN    ?= runs/demo
+
+.PHONY: demo test bench setup clean
+
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,tf]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m gptfast.cli train --preset tiny --out $(RUN)
+	$(PY) -m gptfast.cli generate --checkpoint $(RUN)/checkpoint.pt --prompt "Every effort moves you" --max-new-tokens 40 --temperature 0.8 --top-k 40 --seed 123
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 tests
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

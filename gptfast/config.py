@@ -1,0 +1,80 @@
+"""Model configuration: one dataclass, named presets (gpt-fast style)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+GPT2_VOCAB_SIZE = 50257
+PADDED_VOCAB_SIZE = 50304  # next multiple of 64: faster matmuls on GPUs
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = GPT2_VOCAB_SIZE
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.0
+    qkv_bias: bool = True
+    tie_weights: bool = True
+    # Pad the embedding/output rows to a multiple of 64 for speed. Logits are
+    # always cut back to `vocab_size`, so padding never changes results.
+    pad_vocab: bool = False
+    # "gpt2": N(0, 0.02) weights as in OpenAI's GPT-2; "torch": PyTorch's default
+    # initialisation, as the classic from-scratch code has it.
+    init: str = "gpt2"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.init not in ("gpt2", "torch"):
+            raise ValueError(f"GPTConfig.init must be 'gpt2' or 'torch', got {self.init!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // 64) * 64 if self.pad_vocab else self.vocab_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+_GPT2 = dict(context_length=1024, qkv_bias=True, tie_weights=True, drop_rate=0.0)
+
+PRESETS: dict[str, GPTConfig] = {
+    # OpenAI's GPT-2 sizes (qkv bias, tied head, context 1024)
+    "gpt2-small": GPTConfig(emb_dim=768, n_heads=12, n_layers=12, **_GPT2),
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_heads=16, n_layers=24, **_GPT2),
+    "gpt2-large": GPTConfig(emb_dim=1280, n_heads=20, n_layers=36, **_GPT2),
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_heads=25, n_layers=48, **_GPT2),
+    # The classic "build a GPT from scratch" model: context 256, dropout 0.1,
+    # no qkv bias, untied head, PyTorch's default initialisation.
+    "book-124m": GPTConfig(context_length=256, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.1,
+                           qkv_bias=False, tie_weights=False, init="torch"),
+    # Small enough to train on The Verdict in about a minute on a 2-core CPU.
+    "tiny": GPTConfig(context_length=128, emb_dim=128, n_heads=4, n_layers=4, drop_rate=0.1,
+                      qkv_bias=False, tie_weights=True),
+}

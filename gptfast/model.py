@@ -1,0 +1,169 @@
+"""The GPT model, top to bottom: the classic reference modules, one parameter layout for
+every backend, and the backend switch (see `gptfast.backends`).
+
+Layout (state-dict keys): tok_emb, pos_emb, trf_blocks.N.{norm1, att.qkv, att.out_proj,
+norm2, ff.layers.0, ff.layers.2}, final_norm, out_head. A state dict from the classic
+from-scratch code (separate att.W_query/W_key/W_value and a saved att.mask) loads too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backends import ReferenceBackend, get_backend, reference_gelu, reference_layer_norm
+from .config import GPTConfig
+
+REFERENCE = ReferenceBackend()
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with `scale`/`shift` parameters and eps 1e-5 (the classic names)."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x, ops=REFERENCE):
+        return ops.layer_norm(x, self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GPT-2's tanh approximation of GELU."""
+
+    def forward(self, x):
+        return reference_gelu(x)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim), GELU(), nn.Linear(4 * cfg.emb_dim, cfg.emb_dim))
+
+    def forward(self, x, ops=REFERENCE):
+        up, down = self.layers[0], self.layers[2]
+        return down(ops.linear_gelu(x, up.weight, up.bias))
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention with one fused query/key/value projection."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.dropout_p = cfg.drop_rate
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.register_load_state_dict_pre_hook(_fuse_classic_qkv)
+
+    def forward(self, x, ops=REFERENCE, kv_cache=None):
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        if kv_cache is not None:  # decoding: append to the cache, attend over all of it
+            k, v = kv_cache.update(k, v)
+        y = ops.attention(q, k, v, self.dropout_p, self.training)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out_proj(y)
+
+
+def _fuse_classic_qkv(module, state_dict, prefix, *args):
+    """Load hook: classic W_query/W_key/W_value -> one qkv projection; drop the saved mask."""
+    state_dict.pop(prefix + "mask", None)
+    for kind in ("weight", "bias"):
+        names = [f"{prefix}{p}.{kind}" for p in ("W_query", "W_key", "W_value")]
+        if all(n in state_dict for n in names):
+            state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(n) for n in names])
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + att(norm1(x)), then + ff(norm2(.)), with dropout on each branch."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.att = MultiHeadAttention(cfg)
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, ops=REFERENCE, kv_cache=None):
+        h = self.drop_shortcut(self.att(self.norm1(x, ops), ops, kv_cache))
+        x, h = ops.add_layer_norm(h, x, self.norm2.scale, self.norm2.shift, self.norm2.eps)
+        return x + self.drop_shortcut(self.ff(h, ops))
+
+
+class GPTModel(nn.Module):
+    """GPT-2. `backend`: "reference", "torch", "triton" or "auto" (see gptfast.backends);
+    every backend uses the same parameters, so `model.backend = ...` switches freely."""
+
+    def __init__(self, cfg: GPTConfig, backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.backend = backend
+        get_backend(backend)  # validate the name now
+        vocab = cfg.padded_vocab_size
+        self.tok_emb = nn.Embedding(vocab, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, vocab, bias=False)
+        if cfg.init == "gpt2":
+            self.apply(self._init_gpt2)
+            for block in self.trf_blocks:  # scale residual projections by depth (GPT-2 paper)
+                for proj in (block.att.out_proj, block.ff.layers[2]):
+                    nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_gpt2(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def ops(self, device=None):
+        return get_backend(self.backend, device or self.tok_emb.weight.device)
+
+    def hidden_states(self, idx, kv_caches=None, start_pos=0):
+        """Final-norm hidden states (B, T, emb_dim); `start_pos` is idx's first position."""
+        B, T = idx.shape
+        if start_pos + T > self.cfg.context_length:
+            raise ValueError(f"sequence of {start_pos + T} tokens is longer than the context "
+                             f"({self.cfg.context_length}); truncate the input from the left")
+        ops = self.ops(idx.device)
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, ops, None if kv_caches is None else kv_caches[i])
+        return self.final_norm(x, ops)
+
+    def forward(self, idx, kv_caches=None, start_pos=0):
+        """Logits (B, T, vocab_size) for token ids (B, T)."""
+        logits = self.out_head(self.hidden_states(idx, kv_caches, start_pos))
+        if logits.shape[-1] > self.cfg.vocab_size:  # drop the padding rows
+            logits = logits[..., : self.cfg.vocab_size]
+        return logits
+
+    def loss(self, idx, targets, ignore_index=-100):
+        """Mean next-token cross-entropy; fused backends never materialise the logits."""
+        ops = self.ops(idx.device)
+        h = self.hidden_states(idx)
+        weight = self.out_head.weight[: self.cfg.vocab_size]
+        if self.out_head.weight.shape[0] < self.cfg.vocab_size or self.out_head.bias is not None:
+            return ops.cross_entropy(self.out_head(h), targets, ignore_index)  # replaced head
+        return ops.linear_cross_entropy(h, weight, targets, ignore_index)
+
+    def num_parameters(self, exclude_head: bool = False) -> int:
+        """Distinct parameters; `exclude_head` leaves out an untied output head."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_head and not self.cfg.tie_weights:
+            n -= self.out_head.weight.numel()
+        return n

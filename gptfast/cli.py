@@ -1,0 +1,43 @@
+"""The `gptfast` command line: one subcommand per workflow step, each with --help.
+
+Each module in COMMANDS defines `add_parser(subparsers)`, which registers its subcommand
+and sets `func` to the function that runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, what its subcommands do) — order is the order of `gptfast --help`
+COMMANDS = [
+    "gptfast.data",      # prepare
+    "gptfast.train",     # train
+    "gptfast.generate",  # generate
+]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptfast", description="GPT-2 from scratch, fast: tokenize, train, generate, load GPT-2, fine-tune.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (CLIError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"gptfast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

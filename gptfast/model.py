@@ -59,7 +59,7 @@ class MultiHeadAttention(nn.Module):
         self.dropout_p = cfg.drop_rate
         self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
-        self.register_load_state_dict_pre_hook(_fuse_classic_qkv)
+        self.register_load_state_dict_pre_hook(lambda module, sd, prefix, *_: fuse_classic_qkv(sd, prefix))
 
     def forward(self, x, ops=REFERENCE, kv_cache=None):
         B, T, C = x.shape
@@ -72,13 +72,22 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(y)
 
 
-def _fuse_classic_qkv(module, state_dict, prefix, *args):
-    """Load hook: classic W_query/W_key/W_value -> one qkv projection; drop the saved mask."""
+def fuse_classic_qkv(state_dict, prefix):
+    """Classic W_query/W_key/W_value -> one qkv projection, in place; drop the saved mask."""
     state_dict.pop(prefix + "mask", None)
     for kind in ("weight", "bias"):
         names = [f"{prefix}{p}.{kind}" for p in ("W_query", "W_key", "W_value")]
         if all(n in state_dict for n in names):
             state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(n) for n in names])
+
+
+def upgrade_state_dict(model: nn.Module, state_dict: dict) -> dict:
+    """A copy of `state_dict` with every classic attention layout in `model` translated."""
+    state_dict = dict(state_dict)
+    for name, module in model.named_modules():
+        if isinstance(module, MultiHeadAttention):
+            fuse_classic_qkv(state_dict, name + ".")
+    return state_dict
 
 
 class TransformerBlock(nn.Module):

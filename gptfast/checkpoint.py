@@ -1,0 +1,85 @@
+"""Checkpoints: written atomically, loaded with `weights_only=True`, checked tensor by tensor.
+
+A checkpoint is one torch file: {"config": GPTConfig dict, "model": state dict, and for
+training runs "optimizer", "scheduler", "step", "rng", "train"}. Nothing in it needs
+pickle beyond tensors and plain containers, so `weights_only=True` always loads it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import GPTConfig
+from .model import GPTModel, upgrade_state_dict
+
+
+def atomic_save(obj, path) -> Path:
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a
+    half-written file where a good checkpoint was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_checkpoint(path, model: GPTModel, optimizer=None, scheduler=None, step: int = 0, **extra) -> Path:
+    state = {"config": model.cfg.to_dict(), "model": model.state_dict(), "step": step, **extra}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    return atomic_save(state, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint dict safely; a missing or damaged file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise RuntimeError(f"checkpoint {path} is not a gptfast checkpoint (no 'model' entry)")
+    return state
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, source="checkpoint"):
+    """load_state_dict, but a config mismatch names the first differing tensor and both shapes."""
+    state_dict = upgrade_state_dict(model, state_dict)
+    expected = model.state_dict()
+    for name, tensor in state_dict.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)} but the model "
+                             f"expects {tuple(expected[name].shape)} (checkpoint of another config?)")
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
+        raise ValueError(f"{source}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    model.load_state_dict(state_dict)
+
+
+def load_model(path, backend: str = "auto", device=None) -> GPTModel:
+    """A GPTModel rebuilt from a checkpoint's config and weights, in eval mode."""
+    state = load_checkpoint(path)
+    if "config" not in state:
+        raise RuntimeError(f"checkpoint {path} has no 'config' entry")
+    model = GPTModel(GPTConfig.from_dict(state["config"]), backend=backend)
+    load_state_dict_checked(model, state["model"], source=str(path))
+    return model.to(device or "cpu").eval()

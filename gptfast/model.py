@@ -154,8 +154,11 @@ class GPTModel(nn.Module):
             x = block(x, ops, None if kv_caches is None else kv_caches[i])
         return self.final_norm(x, ops)
 
-    def forward(self, idx, kv_caches=None, start_pos=0):
-        """Logits (B, T, vocab_size) for token ids (B, T)."""
+    def forward(self, idx, kv_caches=None, start_pos=0, *, targets=None, ignore_index=-100):
+        """Logits (B, T, vocab_size) for token ids (B, T); with `targets`, the mean loss instead
+        (through `forward` so that DistributedDataParallel sees the call)."""
+        if targets is not None:
+            return self.loss(idx, targets, ignore_index)
         logits = self.out_head(self.hidden_states(idx, kv_caches, start_pos))
         if logits.shape[-1] > self.cfg.vocab_size:  # drop the padding rows
             logits = logits[..., : self.cfg.vocab_size]
@@ -165,10 +168,10 @@ class GPTModel(nn.Module):
         """Mean next-token cross-entropy; fused backends never materialise the logits."""
         ops = self.ops(idx.device)
         h = self.hidden_states(idx)
-        weight = self.out_head.weight[: self.cfg.vocab_size]
-        if self.out_head.weight.shape[0] < self.cfg.vocab_size or self.out_head.bias is not None:
-            return ops.cross_entropy(self.out_head(h), targets, ignore_index)  # replaced head
-        return ops.linear_cross_entropy(h, weight, targets, ignore_index)
+        head = self.out_head
+        if isinstance(head, nn.Linear) and head.bias is None and head.weight.shape[0] >= self.cfg.vocab_size:
+            return ops.linear_cross_entropy(h, head.weight[: self.cfg.vocab_size], targets, ignore_index)
+        return ops.cross_entropy(head(h), targets, ignore_index)  # a replaced head (fine-tuning)
 
     def num_parameters(self, exclude_head: bool = False) -> int:
         """Distinct parameters; `exclude_head` leaves out an untied output head."""

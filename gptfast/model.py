@@ -67,7 +67,10 @@ class MultiHeadAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
         if kv_cache is not None:  # decoding: append to the cache, attend over all of it
             k, v = kv_cache.update(k, v)
-        y = ops.attention(q, k, v, self.dropout_p, self.training)  # (B, H, T, D)
+        if getattr(kv_cache, "attention", None) is not None:  # the cache knows padding/fill (gptfast.kv_cache)
+            y = kv_cache.attention(q, k, v, ops)  # (B, H, T, D)
+        else:
+            y = ops.attention(q, k, v, self.dropout_p, self.training)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.out_proj(y)
 
@@ -141,25 +144,26 @@ class GPTModel(nn.Module):
     def ops(self, device=None):
         return get_backend(self.backend, device or self.tok_emb.weight.device)
 
-    def hidden_states(self, idx, kv_caches=None, start_pos=0):
-        """Final-norm hidden states (B, T, emb_dim); `start_pos` is idx's first position."""
+    def hidden_states(self, idx, kv_caches=None, start_pos=0, positions=None):
+        """Final-norm hidden states (B, T, emb_dim); `start_pos` is idx's first position, or
+        `positions` (B, T) gives each token's own (left-padded batches of prompts)."""
         B, T = idx.shape
         if start_pos + T > self.cfg.context_length:
             raise ValueError(f"sequence of {start_pos + T} tokens is longer than the context "
                              f"({self.cfg.context_length}); truncate the input from the left")
         ops = self.ops(idx.device)
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device) if positions is None else positions
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for i, block in enumerate(self.trf_blocks):
             x = block(x, ops, None if kv_caches is None else kv_caches[i])
         return self.final_norm(x, ops)
 
-    def forward(self, idx, kv_caches=None, start_pos=0, *, targets=None, ignore_index=-100):
+    def forward(self, idx, kv_caches=None, start_pos=0, *, targets=None, ignore_index=-100, positions=None):
         """Logits (B, T, vocab_size) for token ids (B, T); with `targets`, the mean loss instead
         (through `forward` so that DistributedDataParallel sees the call)."""
         if targets is not None:
             return self.loss(idx, targets, ignore_index)
-        logits = self.out_head(self.hidden_states(idx, kv_caches, start_pos))
+        logits = self.out_head(self.hidden_states(idx, kv_caches, start_pos, positions))
         if logits.shape[-1] > self.cfg.vocab_size:  # drop the padding rows
             logits = logits[..., : self.cfg.vocab_size]
         return logits

@@ -1,0 +1,92 @@
+"""Static, preallocated key/value cache for generation, one object per attention layer.
+
+`GPTModel` calls `cache.update(k, v)` with the new (B, H, T_new, D) keys/values and attends
+over what it returns; when the cache has an `attention` method the model lets it attend,
+so the cache owns the two things only it knows: which slots hold padding (batched prompts
+of different lengths are left-padded) and, in static mode, how far the buffer is filled.
+
+- eager mode: `update` writes at the Python offset `length` and returns views of the
+  filled prefix (B, H, length, D); attention goes to the model's backend when no row is padded.
+- static mode (CUDA graphs): `update` writes at the device tensor `write_pos` and returns the
+  whole buffer, so every decode step has the same shapes and can be replayed as one graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:  # gptfast's Triton decode kernel (CUDA only); optional
+    from gptfast.kernels.attention import attention_decode
+except Exception:  # Triton or the kernel missing: SDPA does the work
+    attention_decode = None
+
+
+class KVCache:
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # filled slots (eager mode)
+        self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False: padding
+        self.padded = False
+        self.static = False
+        self.write_pos = torch.zeros(1, dtype=torch.long, device=device)  # static mode's slot
+
+    def reset(self, key_valid: torch.Tensor | None = None):
+        """Empty the cache; `key_valid` (B, T) marks the prompt's real (non-padding) slots."""
+        self.length = 0
+        self.key_valid.fill_(True)
+        self.padded = key_valid is not None and not bool(key_valid.all())
+        if key_valid is not None:
+            self.key_valid[:, : key_valid.shape[1]] = key_valid
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        if self.static:
+            self.k.index_copy_(2, self.write_pos, k)
+            self.v.index_copy_(2, self.write_pos, v)
+            return self.k, self.v
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def attention(self, q, k, v, ops):
+        """Attention of the T new queries (the last T filled slots) over k, v (B, H, S, D)."""
+        T, S = q.shape[-2], k.shape[-2]
+        if self.static:
+            return self._static_decode(q)
+        if not self.padded:
+            if attention_decode is not None and q.is_cuda and T == 1:
+                return attention_decode(q, self.k, self.v, S)
+            return ops.attention(q, k, v)
+        # query slot t sees keys s <= t that are not padding; a padding query sees itself,
+        # so no row is fully masked (that would give NaNs that leak through 0 * NaN)
+        q_slot = torch.arange(S - T, S, device=q.device)[:, None]  # (T, 1)
+        k_slot = torch.arange(S, device=q.device)[None, :]  # (1, S)
+        allowed = (k_slot <= q_slot) & self.key_valid[:, None, :S] | (k_slot == q_slot)  # (B, T, S)
+        return masked_attention(q, k, v, allowed[:, None], reference=ops.name == "reference")
+
+    def _static_decode(self, q):
+        """One query per row over the whole buffer; slots past write_pos are masked."""
+        slots = torch.arange(self.max_len, device=q.device)
+        allowed = (slots <= self.write_pos) & self.key_valid  # (B, S)
+        return masked_attention(q, self.k, self.v, allowed[:, None, None, :])
+
+
+def masked_attention(q, k, v, allowed, reference=False):
+    """softmax(q k^T / sqrt(D) where allowed) v; `allowed` broadcasts to (B, H, T, S)."""
+    if not reference:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, H, T, S)
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v  # (B, H, T, D)
+
+
+def make_caches(model, batch: int, max_len: int, dtype, device) -> list[KVCache]:
+    cfg = model.cfg
+    return [KVCache(batch, cfg.n_heads, max_len, cfg.head_dim, dtype, device) for _ in range(cfg.n_layers)]

@@ -14,6 +14,8 @@ COMMANDS = [
     "gptfast.data",      # prepare
     "gptfast.train",     # train
     "gptfast.generate",  # generate
+    "gptfast.finetune.classify",  # finetune-classifier, classify
+    "gptfast.finetune.instruct",  # finetune-instruct
 ]
 
 

@@ -1,0 +1,276 @@
+"""Instruction fine-tuning on Alpaca-style JSON records (`instruction`, `input`, `output`).
+
+Each record becomes the classic prompt plus response; batches are padded with 50256, the
+first padding token stays a target (the model learns to stop) and the rest become -100.
+After training, the model answers the test split and the answers go to a JSON file,
+optionally scored 0-100 by a judge model behind an Ollama-compatible /api/chat endpoint.
+"""
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..tokenizer import EOT_ID, get_tokenizer
+from . import ASSETS, add_model_args, load_base_model, maybe_apply_lora, plot_curves
+
+INSTRUCTION_DATA = ASSETS / "instruction-data.json"
+IGNORE_INDEX = -100
+PREAMBLE = ("Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.")
+RESPONSE_HEADER = "\n\n### Response:\n"
+
+
+def format_input(entry: dict) -> str:
+    """The classic Alpaca prompt, up to (not including) the response header."""
+    text = f"{PREAMBLE}\n\n### Instruction:\n{entry['instruction']}"
+    return text + (f"\n\n### Input:\n{entry['input']}" if entry.get("input") else "")
+
+
+def load_instruction_data(path) -> list[dict]:
+    """Records with string `instruction` and `output` (and optional `input`); errors name the record."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"instruction data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{path}: empty file (expected a JSON list of records)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty JSON list of records")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {i} is a {type(rec).__name__}, not an object")
+        for key in ("instruction", "output"):
+            if not isinstance(rec.get(key), str):
+                raise ValueError(f"{path}: record {i} has no string {key!r}")
+        if not isinstance(rec.get("input", ""), str):
+            raise ValueError(f"{path}: record {i} has a non-string 'input'")
+    return data
+
+
+def split_data(data, train_frac=0.85, test_frac=0.10):
+    """The classic split, in file order: first 85% train, next 10% test, last 5% validation."""
+    n_train, n_test = int(len(data) * train_frac), int(len(data) * test_frac)
+    return data[:n_train], data[n_train + n_test:], data[n_train:n_train + n_test]  # train, val, test
+
+
+def encode_records(data, tokenizer=None) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + response, prompt length in tokens) per record."""
+    tokenizer = tokenizer or get_tokenizer()
+    out = []
+    for rec in data:
+        prompt = tokenizer.encode(format_input(rec))
+        out.append((prompt + tokenizer.encode(RESPONSE_HEADER + rec["output"]), len(prompt)))
+    return out
+
+
+def collate(batch, pad_id=EOT_ID, ignore_index=IGNORE_INDEX, allowed_max_length=None, mask_prompt=False,
+            device=None):
+    """Inputs and shifted targets (B, T) for token lists (or (tokens, prompt_len) pairs).
+
+    Every sequence gets one end token `pad_id` and is padded to the longest + 1; targets keep
+    that first end token and set the rest of the padding to `ignore_index`. `mask_prompt`
+    also ignores the targets inside the prompt (the loss covers only the response), and
+    `allowed_max_length` truncates inputs and targets to that many positions.
+    """
+    items = [(list(b), 0) if not isinstance(b, tuple) else (list(b[0]), int(b[1])) for b in batch]
+    width = max(len(ids) for ids, _ in items) + 1
+    inputs, targets = [], []
+    for ids, prompt_len in items:
+        padded = ids + [pad_id] * (width - len(ids))  # at least one end token
+        x, y = torch.tensor(padded[:-1]), torch.tensor(padded[1:])
+        y[len(ids):] = ignore_index  # y[len(ids) - 1] is the end token the model must learn
+        if mask_prompt:
+            y[: max(prompt_len - 1, 0)] = ignore_index  # targets 0..P-2 are prompt tokens 1..P-1
+        if allowed_max_length is not None:
+            x, y = x[:allowed_max_length], y[:allowed_max_length]
+        inputs.append(x)
+        targets.append(y)
+    return torch.stack(inputs).to(device), torch.stack(targets).to(device)
+
+
+def make_loader(encoded, batch_size, shuffle=False, drop_last=False, seed=123, **collate_kw):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(encoded, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                                       drop_last=drop_last and len(encoded) > batch_size,
+                                       collate_fn=lambda b: collate(b, **collate_kw))
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, max_batches=None) -> float:
+    was_training = model.training
+    model.eval()
+    device = model.tok_emb.weight.device
+    losses = [model.loss(x.to(device), y.to(device), ignore_index=IGNORE_INDEX).item()
+              for i, (x, y) in enumerate(loader) if max_batches is None or i < max_batches]
+    model.train(was_training)
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def train_instruct(model, train_loader, val_loader, epochs=2, lr=5e-5, weight_decay=0.1, eval_freq=5,
+                   eval_batches=5, progress=True) -> dict:
+    """AdamW on `model.loss` (the fused cross-entropy on the triton backend); train and
+    validation loss every `eval_freq` steps and at the end."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    device = model.tok_emb.weight.device
+    history = {"step": [], "tokens_seen": [], "train_loss": [], "val_loss": []}
+    step, tokens = 0, 0
+    total = epochs * len(train_loader)
+    bar = tqdm(total=total, desc="fine-tuning", disable=not progress)
+    for _ in range(epochs):
+        model.train()
+        for x, y in train_loader:
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss(x, y, ignore_index=IGNORE_INDEX)
+            loss.backward()
+            opt.step()
+            step += 1
+            tokens += int((y != IGNORE_INDEX).sum())
+            bar.update()
+            if step % eval_freq == 0 or step == total:
+                history["step"].append(step)
+                history["tokens_seen"].append(tokens)
+                history["train_loss"].append(evaluate_loss(model, train_loader, eval_batches))
+                history["val_loss"].append(evaluate_loss(model, val_loader, eval_batches))
+                bar.set_postfix(train=f"{history['train_loss'][-1]:.3f}", val=f"{history['val_loss'][-1]:.3f}")
+    bar.close()
+    return history
+
+
+def generate_responses(model, data, max_new_tokens=256, progress=True) -> list[dict]:
+    """Greedy answers for each record (a copy with `model_response` added)."""
+    from ..generate import generate  # the generation engine (KV cache)
+
+    tokenizer = get_tokenizer()
+    device = model.tok_emb.weight.device
+    model.eval()
+    out = []
+    for rec in tqdm(data, desc="answering", disable=not progress):
+        prompt = tokenizer.encode(format_input(rec))
+        idx = torch.tensor([prompt], device=device)
+        ids = generate(model, idx, max_new_tokens, model.cfg.context_length, temperature=0.0, top_k=None,
+                       eos_id=EOT_ID)
+        text = tokenizer.decode([t for t in ids[0, len(prompt):].tolist() if t != EOT_ID])
+        out.append({**rec, "model_response": text.replace("### Response:", "").strip()})
+    return out
+
+
+# ---------------------------------------------------------------- judge
+
+def query_judge(prompt: str, url: str, model: str = "llama3", timeout: float = 120.0) -> str:
+    """One chat turn through an Ollama-compatible /api/chat endpoint (deterministic options)."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False,
+                       "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}).encode()
+    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/api/chat") else "/api/chat")
+    req = urllib.request.Request(endpoint, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read().decode("utf-8")
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise RuntimeError(f"judge at {endpoint} is unreachable ({reason}); start it (e.g. `ollama serve` "
+                           f"and `ollama pull {model}`) or leave out --judge-url") from None
+    # a streamed reply is one JSON object per line; a plain one is a single object
+    return "".join(json.loads(line).get("message", {}).get("content", "")
+                   for line in raw.splitlines() if line.strip())
+
+
+def judge_scores(entries, url, model="llama3", progress=True) -> list[int | None]:
+    """0-100 scores of each entry's `model_response` against its `output` (None if unparsable)."""
+    scores = []
+    for e in tqdm(entries, desc="judging", disable=not progress):
+        prompt = (f"Given the input `{format_input(e)}` and correct output `{e['output']}`, "
+                  f"score the model response `{e['model_response']}` on a scale from 0 to 100, "
+                  "where 100 is the best score. Respond with the integer number only.")
+        m = re.search(r"\d+", query_judge(prompt, url, model))
+        scores.append(min(int(m.group()), 100) if m else None)
+    return scores
+
+
+# ---------------------------------------------------------------- command line
+
+def add_parser(sub):
+    p = sub.add_parser("finetune-instruct", help="instruction fine-tuning on Alpaca-style JSON",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(INSTRUCTION_DATA), help="JSON list of records (default: bundled 1,100)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N records (demos)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--allowed-max-length", type=int, default=None,
+                   help="truncate training sequences to N tokens (default: the model's context length)")
+    p.add_argument("--mask-prompt", action="store_true", help="compute the loss on the response tokens only")
+    p.add_argument("--eval-freq", type=int, default=5, help="evaluate every N steps")
+    p.add_argument("--eval-batches", type=int, default=5, help="batches per evaluation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit for the test split")
+    p.add_argument("--out-dir", default="instruct-out",
+                   help="model.pt (checkpoint), lora.safetensors, responses.json, loss.png go here")
+    p.add_argument("--judge-url", default=None, help="score answers via this Ollama-compatible server "
+                   "(e.g. http://localhost:11434); off by default")
+    p.add_argument("--judge-model", default="llama3", help="the judge's model name (default: llama3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_args(p)
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args):
+    data = load_instruction_data(args.data)[: args.limit]
+    train, val, test = split_data(data)
+    if not (train and val and test):
+        raise ValueError(f"{args.data}: {len(data)} records are too few for an 85/10/5 split")
+    model = load_base_model(args)
+    max_len = min(args.allowed_max_length or model.cfg.context_length, model.cfg.context_length)
+    print(f"{args.data}: {len(train)} train / {len(val)} val / {len(test)} test records")
+    kw = dict(allowed_max_length=max_len, mask_prompt=args.mask_prompt)
+    train_loader = make_loader(encode_records(train), args.batch_size, True, True, args.seed, **kw)
+    val_loader = make_loader(encode_records(val), args.batch_size, **kw)
+    wrapped = maybe_apply_lora(model, args)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"training {n_train:,} parameters" + (f" (LoRA on {len(wrapped)} layers)" if wrapped else ""))
+    torch.manual_seed(args.seed)
+    history = train_instruct(model, train_loader, val_loader, args.epochs, args.lr, args.weight_decay,
+                             args.eval_freq, args.eval_batches, progress=not args.quiet)
+    out_dir = Path(args.out_dir)
+    plot_curves(history["tokens_seen"], {"train loss": history["train_loss"], "val loss": history["val_loss"]},
+                "tokens seen", "loss", out_dir / "loss.png")
+    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    if wrapped:
+        from ..lora import save_adapters
+
+        save_adapters(model, out_dir / "lora.safetensors")
+    answers = generate_responses(model, test, args.max_new_tokens, progress=not args.quiet)
+    if args.judge_url:
+        scores = judge_scores(answers, args.judge_url, args.judge_model, progress=not args.quiet)
+        for a, s in zip(answers, scores):
+            a["judge_score"] = s
+        valid = [s for s in scores if s is not None]
+        print(f"judge {args.judge_model}: mean score {sum(valid) / max(len(valid), 1):.1f} "
+              f"over {len(valid)} of {len(scores)} answers")
+    (out_dir / "responses.json").write_text(json.dumps(answers, indent=4))
+    _save_model(model, out_dir / "model.pt", wrapped)
+    print(f"final losses: train {history['train_loss'][-1]:.3f}, val {history['val_loss'][-1]:.3f}; "
+          f"wrote {out_dir}/responses.json, loss.png, model.pt")
+    return 0
+
+
+def _save_model(model, path, wrapped):
+    """A plain gptfast checkpoint (adapters merged in), loadable by `gptfast generate`."""
+    from ..checkpoint import save_checkpoint
+
+    if wrapped:
+        from ..lora import unwrap_lora
+
+        unwrap_lora(model)
+    save_checkpoint(path, model)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 
 import torch
@@ -106,6 +107,9 @@ def triton_interpreting() -> bool:
 def _triton_backend():
     """The Triton backend, or None with the reason it cannot run."""
     if "triton" not in _INSTANCES:
+        if "tensorflow" in sys.modules and "triton" not in sys.modules:  # importing it now aborts
+            return None, ("tensorflow was imported before triton, and importing triton now would abort the "
+                          "process (LLVM option clash); import triton (or gptfast.kernels) before tensorflow")
         try:
             from gptfast.kernels import TritonBackend
         except Exception as e:  # Triton missing or broken: fall back, never crash

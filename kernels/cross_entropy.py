@@ -1,0 +1,198 @@
+"""cross_entropy: mean token cross-entropy with the gradient written during the forward.
+
+One program per row of logits: a first sweep keeps the online-softmax running max and sum
+(fp32) over vocabulary blocks, so any vocabulary size (50257) works; a second sweep writes
+d loss / d logits = (softmax - onehot) / n_valid. Backward is then only a scale by the
+incoming gradient, applied in place (so backward can run once per forward). Targets equal to
+`ignore_index` give a zero loss and a zero gradient row; the mean is over the others, and
+with none left the loss is 0 (not NaN).
+
+`linear_cross_entropy(hidden, weight, targets)` is the output head + loss (Liger-Kernel's
+FusedLinearCrossEntropy design): tokens go through in chunks; each chunk's logits are
+computed with a torch matmul, overwritten in place with their gradient by the kernel, and
+folded into grad_hidden and grad_weight right away, so the [tokens x vocab] logits never
+exist at once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _cross_entropy_fwd(LOGITS, GRAD, TARGETS, LOSS, N_VALID, V, ignore_index,
+                       WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = LOGITS + row * V
+    g_row = GRAD + row * V
+    target = tl.load(TARGETS + row)
+    cols = tl.arange(0, BLOCK_V)
+    if target == ignore_index:
+        if WRITE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                tl.store(g_row + start + cols, tl.zeros([BLOCK_V], tl.float32).to(GRAD.dtype.element_ty),
+                         mask=start + cols < V)
+        tl.store(LOSS + row, 0.0)
+        return
+    # sweep 1: running max m and sum d of exp(x - m), all fp32
+    m = float("-inf")
+    d = 0.0
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    x_target = tl.load(x_row + target).to(tl.float32)
+    tl.store(LOSS + row, m + tl.log(d) - x_target)
+    if WRITE_GRAD:  # sweep 2: (softmax - onehot) / n_valid, safe in place (read before write)
+        scale = 1.0 / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0)
+        for start in range(0, V, BLOCK_V):
+            mask = start + cols < V
+            x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            p = tl.exp(x - m) / d
+            p = tl.where(start + cols == target, p - 1.0, p)
+            tl.store(g_row + start + cols, (p * scale).to(GRAD.dtype.element_ty), mask=mask)
+
+
+def _block_v(V: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(V), 16384)
+    return block, min(max(block // 512, 4), 16)
+
+
+def _check(dtype, M, V, device, targets, ignore_index, name="cross_entropy"):
+    """Validate M rows of V logits and their targets (M,); returns the count of non-ignored targets."""
+    if dtype not in DTYPES:
+        raise ValueError(f"{name}: logits would have dtype {dtype}; expected one of fp32, fp16, bf16")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: targets have dtype {targets.dtype}; expected int64 or int32")
+    if targets.numel() != M:
+        raise ValueError(f"{name}: targets have {targets.numel()} elements; expected {M}, one per row "
+                         "of logits")
+    if targets.device != device:
+        raise ValueError(f"{name}: targets are on {targets.device} but the logits on {device}")
+    valid = targets != ignore_index
+    if bool((valid & ((targets < 0) | (targets >= V))).any()):
+        raise ValueError(f"{name}: a target is outside [0, {V}) and is not ignore_index={ignore_index}")
+    return valid.sum()
+
+
+def _launch(logits, grad, targets, loss_rows, n_valid, ignore_index, write_grad):
+    M, V = logits.shape
+    if M == 0:
+        return
+    block, warps = _block_v(V)
+    _cross_entropy_fwd[(M,)](logits, grad, targets, loss_rows, n_valid, V, ignore_index,
+                             WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=warps)
+
+
+def _mean(loss_rows, n_valid):
+    return loss_rows.sum() / n_valid.clamp(min=1)
+
+
+def _scale_once(ctx, grads, grad_output):
+    """Scale the forward's gradients by grad_output in place; a second backward would be wrong."""
+    if ctx.used:
+        raise RuntimeError("cross_entropy: backward ran twice on one forward (its gradient is scaled "
+                           "in place); recompute the loss instead of retain_graph=True")
+    ctx.used = True
+    return [g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in grads]
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, n_valid, ignore_index, inplace, write_grad):
+        grad = logits if inplace else torch.empty_like(logits)
+        loss_rows = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        _launch(logits, grad, targets, loss_rows, n_valid, ignore_index, write_grad)
+        ctx.save_for_backward(grad)
+        ctx.used = False
+        return _mean(loss_rows, n_valid)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = _scale_once(ctx, ctx.saved_tensors, grad_output)
+        return grad, None, None, None, None, None
+
+
+def cross_entropy(logits, targets, ignore_index: int = -100, inplace: bool = False):
+    """Mean cross-entropy of logits (..., V) against integer targets (...), fp32 result.
+
+    inplace=True overwrites `logits` with its gradient during the forward (saves one
+    logits-sized buffer); only use it when nothing else reads those logits afterwards.
+    """
+    if inplace and not logits.is_contiguous():
+        raise ValueError("cross_entropy: inplace=True needs contiguous logits")
+    logits2 = logits.reshape(-1, logits.shape[-1]).contiguous()  # (M, V)
+    targets = targets.reshape(-1)  # (M,)
+    n_valid = _check(logits2.dtype, *logits2.shape, logits2.device, targets, ignore_index)
+    write_grad = torch.is_grad_enabled() and logits.requires_grad
+    return CrossEntropyFunction.apply(logits2, targets.contiguous(), n_valid, ignore_index,
+                                      inplace, write_grad)
+
+
+def _chunk_tokens(M: int, H: int, V: int) -> int:
+    """Tokens per chunk: chunk logits about 4x the size of the hidden states."""
+    return max(1, min(M, triton.next_power_of_2(triton.cdiv(4 * M * H, V))))
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, n_valid, ignore_index, need_dh, need_dw):
+        M, H = hidden.shape
+        V = weight.shape[0]
+        loss_rows = torch.empty(M, dtype=torch.float32, device=hidden.device)
+        dh = torch.empty_like(hidden) if need_dh else None
+        # grad_weight adds up over chunks: accumulate in fp32, whatever the weight dtype
+        dw = torch.zeros(V, H, dtype=torch.float32, device=weight.device) if need_dw else None
+        chunk = _chunk_tokens(M, H, V)
+        for start in range(0, M, chunk):
+            h = hidden[start:start + chunk]  # (c, H)
+            logits = h @ weight.T  # (c, V), becomes its own gradient below
+            _launch(logits, logits, targets[start:start + chunk], loss_rows[start:start + chunk],
+                    n_valid, ignore_index, need_dh or need_dw)
+            if need_dh:
+                torch.mm(logits, weight, out=dh[start:start + chunk])
+            if need_dw:
+                if dw.dtype == logits.dtype:
+                    dw.addmm_(logits.T, h)
+                else:
+                    dw += logits.T @ h
+        if need_dw:
+            dw = dw.to(weight.dtype)
+        ctx.save_for_backward(dh, dw)
+        ctx.used = False
+        return _mean(loss_rows, n_valid)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        dh, dw = _scale_once(ctx, ctx.saved_tensors, grad_output)
+        return dh, dw, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):
+    """cross_entropy(hidden @ weight.T, targets) without building the full logits.
+
+    hidden (..., H), weight (V, H) (the output head, no bias), targets (...). Under autocast
+    both operands take the autocast dtype, as F.linear would give them.
+    """
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: weight has shape {tuple(weight.shape)}; expected "
+                         f"(vocab, {hidden.shape[-1]}) to match the last dimension of hidden")
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    hidden2 = hidden.reshape(-1, hidden.shape[-1]).to(dtype).contiguous()  # (M, H)
+    weight2 = weight.to(dtype).contiguous()  # (V, H)
+    targets = targets.reshape(-1).contiguous()  # (M,)
+    n_valid = _check(dtype, hidden2.shape[0], weight2.shape[0], hidden2.device, targets, ignore_index,
+                     "linear_cross_entropy")
+    grad = torch.is_grad_enabled()
+    with torch.autocast(dev, enabled=False):
+        return LinearCrossEntropyFunction.apply(hidden2, weight2, targets, n_valid, ignore_index,
+                                                grad and hidden.requires_grad, grad and weight.requires_grad)

@@ -2,8 +2,64 @@
 compiled extension gptfast._C (C++ always; CUDA when a toolkit and a CUDA torch exist).
 
 Install with `pip install --no-build-isolation -e .` (build isolation would fetch a second torch).
+GPTFAST_CUDA=0 skips the CUDA kernels, GPTFAST_CUDA=1 requires them (fails if impossible);
+unset, they are built when possible and skipped with a warning otherwise.
 """
+import os
+import re
+import subprocess
+import sys
+
 from setuptools import setup
+
+
+def _say(msg):
+    print(f"gptfast setup: {msg}", file=sys.stderr)
+
+
+def _cuda_skip_reason(torch, cpp_extension):
+    """Why the CUDA kernels cannot be built here, or None when they can."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"{nvcc} does not run ({e})"
+    found = re.search(r"release (\d+)\.", out)
+    if found and found.group(1) != torch.version.cuda.split(".")[0]:
+        return f"nvcc is CUDA {found.group(1)}.x but torch was built with CUDA {torch.version.cuda}"
+    return None
+
+
+def _extensions():
+    """(ext_modules, cmdclass) for gptfast._C."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _say("WARNING: torch is not importable, skipping gptfast._C (pure-PyTorch sampling is used)")
+        return [], {}
+    sources = ["csrc/register.cpp", "csrc/sampling.cpp"]
+    flags = {"cxx": ["-O3"]}
+    wanted = os.environ.get("GPTFAST_CUDA", "")
+    reason = "GPTFAST_CUDA=0" if wanted == "0" else _cuda_skip_reason(torch, cpp_extension)
+    if reason is None:
+        ext = cpp_extension.CUDAExtension(
+            "gptfast._C", sources + ["csrc/sampling_cuda.cu"],
+            extra_compile_args={**flags, "nvcc": ["-O3", "--std=c++17"]})
+        _say("building gptfast._C with the C++ (CPU) and CUDA kernels")
+    else:
+        if wanted == "1":
+            raise SystemExit(f"gptfast setup: GPTFAST_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+        ext = cpp_extension.CppExtension("gptfast._C", sources, extra_compile_args=flags)
+        _say(f"building gptfast._C with the C++ (CPU) kernel only; WARNING: CUDA kernels skipped: {reason}")
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="gptfast",
@@ -12,6 +68,8 @@ setup(
     packages=["gptfast", "gptfast.kernels"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels"},
     package_data={"gptfast": ["assets/*"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["torch", "triton; platform_system == 'Linux'", "tiktoken", "numpy", "safetensors",
                       "tqdm", "matplotlib"],

@@ -1,0 +1,529 @@
+"""Pretrained GPT-2: download OpenAI's checkpoints, load them (or Hugging Face's) into a
+GPTModel, convert once to gptfast's own memory-mapped format, export back to Hugging Face.
+
+Formats `load_gpt2` reads, each detected from the files themselves:
+- OpenAI's TensorFlow checkpoint directory (checkpoint, model.ckpt.*, hparams.json), read by
+  TensorFlow in a child process (see gptfast.tf_checkpoint: TensorFlow and Triton in one
+  process abort it);
+- a Hugging Face GPT-2 directory or file (model.safetensors, or pytorch_model.bin loaded with
+  weights_only=True), sized by its config.json (any layer count, e.g. distilgpt2);
+- gptfast's converted directory (config.json with a "gptfast" entry + model.safetensors in
+  gptfast's layout), written by `gptfast convert`; it is memory-mapped, so it loads in seconds.
+
+Every source is first put in one layout, Hugging Face's names without the "transformer."
+prefix and Conv1D weights as (in, out); one mapping then builds gptfast's state dict.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import GPTConfig
+from .model import GPTModel
+
+SIZES = ("124M", "355M", "774M", "1558M")
+GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
+              "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
+PRIMARY_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}"
+BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2/{size}/{file}"
+DEFAULT_MODELS_DIR = "gpt2"
+CONVERTED_SUFFIX = "-gptfast"  # `gptfast convert gpt2/124M` writes gpt2/124M-gptfast
+WEIGHTS_FILE = "model.safetensors"
+HF_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Download
+# ---------------------------------------------------------------------------------------------
+
+def download_gpt2(size: str, models_dir: str | Path = DEFAULT_MODELS_DIR, timeout: float = 60.0) -> Path:
+    """Fetch OpenAI's GPT-2 `size` into models_dir/size and return that directory.
+
+    Files already there are kept; a `.part` file left by an interrupted run is resumed with an
+    HTTP Range request; every file is checked against the server's Content-Length. Each file
+    comes from OpenAI's bucket, or from the backup mirror when that fails."""
+    _check_size(size)
+    target = Path(models_dir) / size
+    target.mkdir(parents=True, exist_ok=True)
+    for name in GPT2_FILES:
+        if (target / name).is_file():
+            continue
+        errors = []
+        for template in (PRIMARY_URL, BACKUP_URL):
+            url = template.format(size=size, file=name)
+            try:
+                _fetch(url, target / name, timeout)
+                break
+            except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, short reads
+                errors.append(f"{url} ({e})")
+        else:
+            raise RuntimeError(
+                f"could not download GPT-2 {size} file {name!r}: " + "; ".join(errors) +
+                f". Place the files by hand: download {', '.join(GPT2_FILES)} from "
+                f"{PRIMARY_URL.format(size=size, file='<file>')} into {target}/, then run again")
+    return target
+
+
+def _fetch(url: str, dest: Path, timeout: float) -> None:
+    """Download `url` to `dest` via dest.part, resuming it; rename only once complete."""
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        part.unlink()  # 416: the range starts past the end (a stale .part); start over
+        return _fetch(url, dest, timeout)
+    with resp:
+        if have and resp.status != 206:  # the server ignored the range: start over
+            have = 0
+        if resp.status == 206:  # Content-Range: bytes START-END/TOTAL
+            total = int(resp.headers["Content-Range"].rsplit("/", 1)[1])
+        else:
+            total = int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length") else None
+        with open(part, "ab" if have else "wb") as f, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=f"{dest.parent.name}/{dest.name}") as bar:
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    got = part.stat().st_size
+    if total is not None and got != total:  # the .part stays: the next run resumes it
+        raise OSError(f"incomplete download: {got} of {total} bytes")
+    part.replace(dest)
+
+
+def _check_size(size: str) -> None:
+    if size not in SIZES:
+        raise ValueError(f"unknown GPT-2 size {size!r}; choose from {', '.join(SIZES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def load_gpt2(path_or_size: str | Path, models_dir: str | Path | None = None, backend: str = "auto",
+              dtype: torch.dtype | str | None = None, device=None) -> GPTModel:
+    """A GPTModel (eval mode) from pretrained GPT-2 weights.
+
+    `path_or_size`: "124M"/"355M"/"774M"/"1558M" (looked up in `models_dir`, default
+    ./gpt2: the converted models_dir/SIZE-gptfast first, else OpenAI's models_dir/SIZE), or
+    a path to any format in this module's docstring. `dtype` (e.g. torch.bfloat16 or
+    "bfloat16") casts the weights; `device` moves the model there."""
+    path = resolve_gpt2_path(path_or_size, models_dir)
+    cfg, state = read_pretrained(path)
+    return build_model(cfg, state, backend=backend, dtype=dtype, device=device)
+
+
+def resolve_gpt2_path(path_or_size: str | Path, models_dir: str | Path | None = None) -> Path:
+    """The files behind a size name or a path; errors say how to get them."""
+    name = str(path_or_size)
+    if name in SIZES:
+        root = Path(models_dir or DEFAULT_MODELS_DIR)
+        for candidate in (root / (name + CONVERTED_SUFFIX), root / name):
+            if candidate.exists():
+                return candidate
+        raise FileNotFoundError(f"GPT-2 {name} is not in {root}/: run `gptfast download-gpt2 {name} "
+                                f"--models-dir {root}` (or place OpenAI's files in {root / name}/)")
+    path = Path(path_or_size)
+    if not path.exists():
+        if re.fullmatch(r"\d+M", name):
+            _check_size(name)
+        raise FileNotFoundError(f"{path} does not exist (expected a GPT-2 size {', '.join(SIZES)}, "
+                                "an OpenAI checkpoint directory, a Hugging Face directory or file, "
+                                "or a `gptfast convert` directory)")
+    return path
+
+
+def read_pretrained(path: Path) -> tuple[GPTConfig, dict]:
+    """(config, gptfast state dict) from any supported format at `path`."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    config = _read_json(directory / "config.json") if (directory / "config.json").is_file() else None
+    if config is not None and "gptfast" in config:
+        weights = path if path.is_file() else path / WEIGHTS_FILE
+        return GPTConfig.from_dict(config["gptfast"]), _read_safetensors(weights)
+    if path.is_dir() and (path / "hparams.json").is_file():
+        return _read_openai_tf(path)
+    return _read_hf(path, config)
+
+
+def build_model(cfg: GPTConfig, state: dict, backend: str = "auto", dtype=None, device=None) -> GPTModel:
+    """A GPTModel holding `state`'s tensors themselves (no random init, no copy when the dtype
+    already matches: memory-mapped tensors stay memory-mapped)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    state = dict(state)
+    if cfg.tie_weights:
+        state.setdefault("out_head.weight", state.get("tok_emb.weight"))
+    with torch.device("meta"):  # skip the (slow, discarded) random initialisation
+        model = GPTModel(cfg, backend=backend)
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in state or state[name] is None:
+            raise ValueError(f"weights for {name} are missing")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ValueError(f"unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected)")
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_weights:  # assign=True made two parameters; make them one again
+        model.out_head.weight = model.tok_emb.weight
+    return model.to(device or "cpu").eval()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(str(path))  # memory-mapped
+    except Exception as e:  # SafetensorError: truncated/corrupt header or data
+        raise ValueError(f"{path}: cannot read the safetensors file ({e}); it may be truncated, "
+                         "download or convert it again") from None
+
+
+def _read_hf(path: Path, config: dict | None) -> tuple[GPTConfig, dict]:
+    """A Hugging Face GPT-2 directory or weights file."""
+    if path.is_dir():
+        files = [path / WEIGHTS_FILE, path / "pytorch_model.bin"]
+        found = [f for f in files if f.is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no GPT-2 weights found (expected {WEIGHTS_FILE}, "
+                                    "pytorch_model.bin, or OpenAI's hparams.json + model.ckpt.*)")
+        path = found[0]
+    if path.suffix == ".safetensors":
+        tensors = _read_safetensors(path)
+    elif path.suffix == ".bin":
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read the PyTorch weights ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]})") from None
+    else:
+        raise ValueError(f"{path}: unknown weights file type (expected .safetensors or .bin)")
+    prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
+    source = {k.removeprefix(prefix): (k, v) for k, v in tensors.items() if not HF_BUFFERS.search(k)}
+    hp = _hf_hparams(config, source, path)
+    return _to_gptfast(source, hp, naming=lambda name: prefix + name if name != "lm_head.weight" else name,
+                       where=str(path))
+
+
+def _hf_hparams(config: dict | None, source: dict, where: Path) -> dict:
+    """Sizes from config.json; without one, from the tensors (GPT-2 heads are 64 wide)."""
+    if config is None:
+        if "wte.weight" not in source or "wpe.weight" not in source:
+            raise ValueError(f"{where}: no config.json beside it and no wte/wpe tensors to size it from")
+        (V, C), (T, _) = source["wte.weight"][1].shape, source["wpe.weight"][1].shape
+        layers = {int(m.group(1)) for k in source if (m := re.match(r"h\.(\d+)\.", k))}
+        return dict(vocab=V, ctx=T, emb=C, heads=C // 64, layers=len(layers))
+    try:
+        hp = dict(vocab=config["vocab_size"], ctx=config.get("n_positions", config.get("n_ctx")),
+                  emb=config["n_embd"], heads=config["n_head"], layers=config["n_layer"])
+    except KeyError as e:
+        raise ValueError(f"{where.parent / 'config.json'}: no {e.args[0]} (not a GPT-2 config?)") from None
+    checks = {  # GPT-2 features gptfast's model does not have
+        "activation_function": (config.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+                                "only GPT-2's tanh GELU (gelu_new) is supported"),
+        "layer_norm_epsilon": (config.get("layer_norm_epsilon", 1e-5) == 1e-5, "only 1e-5 is supported"),
+        "n_inner": (config.get("n_inner") in (None, 4 * hp["emb"]), "only 4 * n_embd is supported"),
+        "scale_attn_by_inverse_layer_idx": (not config.get("scale_attn_by_inverse_layer_idx"), "not supported"),
+        "model_type": (config.get("model_type", "gpt2") == "gpt2", "only gpt2 models load"),
+    }
+    for key, (ok, why) in checks.items():
+        if not ok:
+            raise ValueError(f"{where.parent / 'config.json'}: {key}={config.get(key)!r}: {why}")
+    return hp
+
+
+def _read_openai_tf(path: Path) -> tuple[GPTConfig, dict]:
+    """OpenAI's TensorFlow checkpoint directory (TensorFlow runs in a child process)."""
+    from .tf_checkpoint import read_tf_checkpoint
+
+    hparams = _read_json(path / "hparams.json")
+    try:
+        hp = dict(vocab=hparams["n_vocab"], ctx=hparams["n_ctx"], emb=hparams["n_embd"],
+                  heads=hparams["n_head"], layers=hparams["n_layer"])
+    except KeyError as e:
+        raise ValueError(f"{path / 'hparams.json'}: no {e.args[0]}") from None
+    source = {}
+    for name, array in read_tf_checkpoint(path).items():
+        m = re.fullmatch(r"model/(?:h(\d+)/)?(.+)/([wbg])", name)
+        if m is None:  # wte, wpe, or something foreign (reported by _to_gptfast)
+            source[name.removeprefix("model/") + ".weight"] = (name, array)
+            continue
+        layer, module, kind = m.groups()
+        if kind == "w" and array.ndim == 3 and array.shape[0] == 1:  # Conv1D stored as (1, in, out)
+            array = array[0]
+        canonical = f"{'' if layer is None else f'h.{layer}.'}{module.replace('/', '.')}.{'bias' if kind == 'b' else 'weight'}"
+        source[canonical] = (name, array)
+    return _to_gptfast(source, hp, naming=_openai_name, where=str(path))
+
+
+def _openai_name(canonical: str) -> str:
+    """h.1.mlp.c_fc.weight -> model/h1/mlp/c_fc/w (ln_*.weight -> .../g): for error messages."""
+    parts = canonical.split(".")
+    if parts[0] == "h":
+        parts = [f"h{parts[1]}"] + parts[2:]
+    module, kind = parts[:-1], parts[-1]
+    if len(module) == 1 and module[0] in ("wte", "wpe"):
+        return f"model/{module[0]}"
+    letter = "b" if kind == "bias" else ("g" if module[-1].startswith("ln") else "w")
+    return "model/" + "/".join(module + [letter])
+
+
+def _to_gptfast(source: dict, hp: dict, naming, where: str) -> tuple[GPTConfig, dict]:
+    """Canonical tensors {name: (original name, array)} -> (GPTConfig, gptfast state dict).
+
+    Conv1D weights are (in, out); nn.Linear wants (out, in), hence the transposes. c_attn's
+    columns are q|k|v, head-major within each, which is exactly the row order of our fused
+    qkv, so its transpose *is* our qkv weight."""
+    V, T, C, H, L = hp["vocab"], hp["ctx"], hp["emb"], hp["heads"], hp["layers"]
+    if C % H:
+        raise ValueError(f"{where}: n_embd={C} is not divisible by n_head={H}")
+    source = dict(source)
+
+    def take(name, shape, transpose=False):
+        if name not in source:
+            raise ValueError(f"{where}: missing tensor {naming(name)}")
+        original, value = source.pop(name)
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{where}: tensor {original} has shape {tuple(value.shape)}, expected {shape}")
+        tensor = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
+        return tensor.t().contiguous() if transpose else tensor
+
+    state = {"tok_emb.weight": take("wte.weight", (V, C)), "pos_emb.weight": take("wpe.weight", (T, C))}
+    linears = {"att.qkv": ("attn.c_attn", C, 3 * C), "att.out_proj": ("attn.c_proj", C, C),
+               "ff.layers.0": ("mlp.c_fc", C, 4 * C), "ff.layers.2": ("mlp.c_proj", 4 * C, C)}
+    for i in range(L):
+        ours, theirs = f"trf_blocks.{i}.", f"h.{i}."
+        for norm, ln in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            state[ours + norm + ".scale"] = take(theirs + ln + ".weight", (C,))
+            state[ours + norm + ".shift"] = take(theirs + ln + ".bias", (C,))
+        for mine, (conv, n_in, n_out) in linears.items():
+            state[ours + mine + ".weight"] = take(theirs + conv + ".weight", (n_in, n_out), transpose=True)
+            state[ours + mine + ".bias"] = take(theirs + conv + ".bias", (n_out,))
+    state["final_norm.scale"] = take("ln_f.weight", (C,))
+    state["final_norm.shift"] = take("ln_f.bias", (C,))
+    tied = True
+    if "lm_head.weight" in source:  # usually omitted (tied); keep it only when it differs
+        head = take("lm_head.weight", (V, C))
+        tied = torch.equal(head, state["tok_emb.weight"])
+        if not tied:
+            state["out_head.weight"] = head
+    if source:
+        extra = sorted(orig for orig, _ in source.values())
+        warnings.warn(f"{where}: ignoring {len(extra)} tensor(s) that are not GPT-2 weights: {', '.join(extra[:5])}",
+                      RuntimeWarning, stacklevel=3)
+    cfg = GPTConfig(vocab_size=V, context_length=T, emb_dim=C, n_heads=H, n_layers=L, drop_rate=0.0,
+                    qkv_bias=True, tie_weights=tied)
+    return cfg, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving: gptfast's format and Hugging Face's
+# ---------------------------------------------------------------------------------------------
+
+def _save_safetensors(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    # clone: safetensors refuses views and shared storage; "pt" is what transformers expects
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt"})
+
+
+def save_gptfast(model: GPTModel, out_dir: str | Path, dtype=None) -> Path:
+    """gptfast's own format: config.json {"gptfast": config} + model.safetensors in gptfast's
+    layout (a tied head is stored once). `load_gpt2(out_dir)` memory-maps it back."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if model.cfg.tie_weights:
+        state.pop("out_head.weight")
+    if dtype is not None:
+        state = {k: v.to(DTYPES[dtype] if isinstance(dtype, str) else dtype) for k, v in state.items()}
+    _save_safetensors(state, out_dir / WEIGHTS_FILE)
+    (out_dir / "config.json").write_text(json.dumps({"gptfast": model.cfg.to_dict()}, indent=2) + "\n")
+    return out_dir
+
+
+def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
+    """A directory transformers loads with GPT2LMHeadModel.from_pretrained(out_dir).
+
+    Padded vocabulary rows are cut off; a model without qkv bias gets zero biases (the same
+    function); an untied head is written as lm_head.weight with tie_word_embeddings false."""
+    cfg, state = model.cfg, model.state_dict()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    V, C = cfg.vocab_size, cfg.emb_dim
+    t = {"transformer.wte.weight": state["tok_emb.weight"][:V], "transformer.wpe.weight": state["pos_emb.weight"]}
+    convs = {"attn.c_attn": "att.qkv", "attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.layers.0", "mlp.c_proj": "ff.layers.2"}
+    for i in range(cfg.n_layers):
+        theirs, ours = f"transformer.h.{i}.", f"trf_blocks.{i}."
+        for ln, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            t[theirs + ln + ".weight"] = state[ours + norm + ".scale"]
+            t[theirs + ln + ".bias"] = state[ours + norm + ".shift"]
+        for conv, mine in convs.items():
+            weight = state[ours + mine + ".weight"]
+            t[theirs + conv + ".weight"] = weight.t()  # (in, out): Conv1D
+            bias = state.get(ours + mine + ".bias")
+            t[theirs + conv + ".bias"] = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    t["transformer.ln_f.weight"] = state["final_norm.scale"]
+    t["transformer.ln_f.bias"] = state["final_norm.shift"]
+    if not cfg.tie_weights:
+        t["lm_head.weight"] = state["out_head.weight"][:V]
+    _save_safetensors(t, out_dir / WEIGHTS_FILE)
+    config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": V,
+        "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_embd": C,
+        "n_head": cfg.n_heads, "n_layer": cfg.n_layers, "n_inner": None, "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5, "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate, "initializer_range": 0.02, "scale_attn_weights": True,
+        "tie_word_embeddings": cfg.tie_weights, "bos_token_id": 50256, "eos_token_id": 50256,
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def load_any(path: str | Path, models_dir=None, backend: str = "auto", device=None) -> GPTModel:
+    """load_gpt2's formats, plus a gptfast training checkpoint (a torch file)."""
+    p = Path(path)
+    if p.is_file() and p.suffix not in (".safetensors", ".bin"):
+        from .checkpoint import load_model
+
+        return load_model(p, backend=backend, device=device)
+    return load_gpt2(path, models_dir, backend=backend, device=device)
+
+
+def convert(src: str | Path, out: str | Path | None = None, to_hf: bool = False, models_dir=None,
+            dtype: str | None = None) -> Path:
+    """Any loadable source -> gptfast's format (default: beside it, named SRC-gptfast) or,
+    with `to_hf`, a Hugging Face directory (default SRC-hf)."""
+    if to_hf and dtype is not None:
+        raise ValueError("--dtype applies to the gptfast format only (Hugging Face export keeps the model's dtype)")
+    src_path = resolve_gpt2_path(src, models_dir)
+    if out is None:
+        base = src_path.with_name(src_path.name.removesuffix(CONVERTED_SUFFIX))
+        out = base.with_name((base.stem if base.is_file() else base.name) + ("-hf" if to_hf else CONVERTED_SUFFIX))
+    if Path(out).resolve() == src_path.resolve():
+        raise ValueError(f"{src_path} is already in gptfast's format (converting would overwrite it)")
+    model = load_any(src_path, backend="reference")
+    return save_hf(model, out) if to_hf else save_gptfast(model, out, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The published check: GPT-2 124M on The Verdict
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_text_loss(model: GPTModel, text: str, context_length: int = 256, stride: int = 256,
+                       train_ratio: float = 0.9, batch_size: int = 8) -> tuple[float, float]:
+    """(train, val) mean next-token loss over `text` split by characters at `train_ratio`, in
+    windows of `context_length` tokens every `stride` tokens (the classic set-up). OpenAI's
+    GPT-2 124M gives about 3.75 / 3.56 on The Verdict with the defaults."""
+    from .tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    split = int(train_ratio * len(text))
+    device = model.tok_emb.weight.device
+    was_training = model.training
+    model.eval()
+    losses = []
+    for part in (text[:split], text[split:]):
+        ids = torch.tensor(tokenizer.encode(part, allowed_special="all"))
+        starts = list(range(0, len(ids) - context_length, stride))
+        if not starts:
+            raise ValueError(f"text part of {len(ids)} tokens is too short for one window of {context_length}+1 tokens")
+        windows = torch.stack([ids[s: s + context_length + 1] for s in starts]).to(device)  # (N, ctx+1)
+        total = 0.0
+        for batch in windows.split(batch_size):  # equal-length windows: mean of means = token mean
+            total += model.loss(batch[:, :-1], batch[:, 1:]).item() * len(batch)
+        losses.append(total / len(windows))
+    model.train(was_training)
+    return losses[0], losses[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def _cmd_download(args) -> None:
+    print(f"GPT-2 {args.size} is in {download_gpt2(args.size, args.models_dir)}")
+
+
+def _cmd_convert(args) -> None:
+    out = convert(args.src, args.out, to_hf=args.to_hf, models_dir=args.models_dir, dtype=args.dtype)
+    kind = "Hugging Face GPT-2" if args.to_hf else "gptfast"
+    print(f"wrote the {kind} model to {out}")
+
+
+def _cmd_eval(args) -> None:
+    model = load_any(args.model, args.models_dir, backend=args.backend, device=args.device)
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else _verdict()
+    train, val = evaluate_text_loss(model, text, args.context_length, args.stride, args.train_ratio, args.batch_size)
+    print(f"train loss {train:.4f}   val loss {val:.4f}")
+
+
+def _verdict() -> str:
+    return (Path(__file__).parent / "assets" / "the-verdict.txt").read_text(encoding="utf-8")
+
+
+def add_parser(subparsers) -> None:
+    models_help = f"directory holding SIZE/ folders (default ./{DEFAULT_MODELS_DIR})"
+    p = subparsers.add_parser("download-gpt2", help="download OpenAI's pretrained GPT-2 weights",
+                              description="Download OpenAI's GPT-2 checkpoint (7 files) into MODELS_DIR/SIZE, "
+                                          "resuming partial downloads and checking sizes.")
+    p.add_argument("size", choices=SIZES, help="model size")
+    p.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, help=models_help)
+    p.set_defaults(func=_cmd_download)
+
+    p = subparsers.add_parser("convert", help="convert GPT-2 weights to gptfast's fast format or to Hugging Face",
+                              description="Convert an OpenAI TensorFlow checkpoint dir, a Hugging Face GPT-2 "
+                                          "dir/file, a size name or a gptfast training checkpoint into gptfast's "
+                                          "memory-mapped safetensors format (loads in seconds), or with --to-hf "
+                                          "into a directory transformers loads.")
+    p.add_argument("src", help="a size (124M, ...), a directory or a file")
+    p.add_argument("--out", help="output directory (default: beside SRC, named SRC-gptfast or SRC-hf)")
+    p.add_argument("--to-hf", action="store_true", help="write a Hugging Face GPT-2 directory instead")
+    p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (gptfast format only)")
+    p.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, help=models_help)
+    p.set_defaults(func=_cmd_convert)
+
+    p = subparsers.add_parser("eval-gpt2", help="train/val loss of a model on a text (default The Verdict)",
+                              description="Mean next-token loss on the text's first TRAIN_RATIO (train) and the "
+                                          "rest (val). OpenAI's GPT-2 124M gives about 3.75 / 3.56 on The Verdict.")
+    p.add_argument("model", help="a size (124M, ...), a model directory/file or a gptfast checkpoint")
+    p.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, help=models_help)
+    p.add_argument("--text", help="UTF-8 text file (default: the bundled the-verdict.txt)")
+    p.add_argument("--context-length", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--stride", type=int, default=256, help="tokens between windows (default 256)")
+    p.add_argument("--train-ratio", type=float, default=0.9, help="character split (default 0.9)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--backend", default="auto", choices=("reference", "torch", "triton", "auto"))
+    p.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    p.set_defaults(func=_cmd_eval)

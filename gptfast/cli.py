@@ -16,6 +16,7 @@ COMMANDS = [
     "gptfast.generate",  # generate
     "gptfast.finetune.classify",  # finetune-classifier, classify
     "gptfast.finetune.instruct",  # finetune-instruct
+    "gptfast.weights",   # download-gpt2, convert, eval-gpt2
 ]
 
 

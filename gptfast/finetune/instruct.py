@@ -7,6 +7,7 @@ optionally scored 0-100 by a judge model behind an Ollama-compatible /api/chat e
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import urllib.error
@@ -273,4 +274,6 @@ def _save_model(model, path, wrapped):
         from ..lora import unwrap_lora
 
         unwrap_lora(model)
+        if model.cfg.tie_weights and model.out_head.weight is not model.tok_emb.weight:
+            model.cfg = dataclasses.replace(model.cfg, tie_weights=False)  # merging untied the head
     save_checkpoint(path, model)

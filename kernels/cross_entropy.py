@@ -93,12 +93,9 @@ def _mean(loss_rows, n_valid):
     return loss_rows.sum() / n_valid.clamp(min=1)
 
 
-def _scale_once(ctx, grads, grad_output):
-    """Scale the forward's gradients by grad_output in place; a second backward would be wrong."""
-    if ctx.used:
-        raise RuntimeError("cross_entropy: backward ran twice on one forward (its gradient is scaled "
-                           "in place); recompute the loss instead of retain_graph=True")
-    ctx.used = True
+def _scale(grads, grad_output):
+    """Scale the forward's gradients by grad_output in place. That bumps their version, so
+    autograd itself refuses a second backward through the same forward."""
     return [g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in grads]
 
 
@@ -109,12 +106,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         loss_rows = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         _launch(logits, grad, targets, loss_rows, n_valid, ignore_index, write_grad)
         ctx.save_for_backward(grad)
-        ctx.used = False
         return _mean(loss_rows, n_valid)
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = _scale_once(ctx, ctx.saved_tensors, grad_output)
+        (grad,) = _scale(ctx.saved_tensors, grad_output)
         return grad, None, None, None, None, None
 
 
@@ -164,12 +160,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if need_dw:
             dw = dw.to(weight.dtype)
         ctx.save_for_backward(dh, dw)
-        ctx.used = False
         return _mean(loss_rows, n_valid)
 
     @staticmethod
     def backward(ctx, grad_output):
-        dh, dw = _scale_once(ctx, ctx.saved_tensors, grad_output)
+        dh, dw = _scale(ctx.saved_tensors, grad_output)
         return dh, dw, None, None, None, None, None
 
 

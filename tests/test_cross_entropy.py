@@ -1,0 +1,167 @@
+"""cross_entropy / linear_cross_entropy (Triton) against F.cross_entropy (and F.linear), loss and grads."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptfast.kernels.cross_entropy import cross_entropy, linear_cross_entropy
+from kernel_checks import assert_close, assert_within_2x
+
+
+def _inputs(shape, V, dtype, device, seed=0, ignore_every=3, spread=2.0):
+    """Logits shape + (V,), targets shape with every `ignore_every`-th one set to -100."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, V, generator=g) * spread).to(device=device, dtype=dtype)
+    targets = torch.randint(0, V, shape, generator=g)
+    if ignore_every:
+        targets.view(-1)[::ignore_every] = -100
+    return logits, targets.to(device)
+
+
+def _reference(logits, targets, ignore_index=-100):
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+
+
+def _run(fn, leaves, *args, grad_scale=1.0, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    loss = fn(*leaves, *args, **kw)
+    grads = torch.autograd.grad(loss * grad_scale, leaves)
+    return [loss.detach(), *grads]
+
+
+@pytest.mark.parametrize("shape,V", [((1,), 2), ((5,), 7), ((3,), 50257), ((2, 4), 33), ((17,), 1000)])
+def test_cross_entropy_fp32_matches_torch(shape, V, device):
+    logits, targets = _inputs(shape, V, torch.float32, device, ignore_every=3 if shape != (1,) else 0)
+    ours = _run(cross_entropy, [logits], targets, grad_scale=2.5)
+    ref = _run(_reference, [logits], targets, grad_scale=2.5)
+    assert ours[0].dtype == torch.float32
+    for name, a, r in zip(("loss", "dlogits"), ours, ref):
+        assert_close(a, r, 1e-5, f"{shape}x{V} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,V", [((6,), 257), ((2,), 50257)])
+def test_cross_entropy_low_precision_within_2x_of_torch(shape, V, dtype, device):
+    logits, targets = _inputs(shape, V, dtype, device, seed=1)
+    ours = _run(cross_entropy, [logits], targets)
+    low_ref = _run(_reference, [logits], targets)
+    truth = _run(_reference, [logits.float()], targets)
+    assert ours[1].dtype == dtype
+    # loss: fp32 in both; dlogits: one ulp of atol, as the interpreter truncates fp32 -> bf16 stores
+    assert_within_2x(ours[0], low_ref[0].float(), truth[0], f"{shape}x{V} loss", atol=1e-4)
+    assert_within_2x(ours[1], low_ref[1], truth[1], f"{shape}x{V} dlogits")
+
+
+def test_cross_entropy_all_ignored_is_zero_not_nan(device):
+    logits, _ = _inputs((4,), 11, torch.float32, device)
+    targets = torch.full((4,), -100, device=device)
+    loss, dlogits = _run(cross_entropy, [logits], targets)
+    assert loss.item() == 0.0, f"loss {loss.item()} with every target ignored"
+    assert torch.isfinite(dlogits).all() and (dlogits == 0).all(), "gradient must be all zero"
+    assert torch.isnan(_reference(logits, targets)), "F.cross_entropy's NaN here is why ours defines 0"
+
+
+def test_cross_entropy_custom_ignore_index(device):
+    logits, targets = _inputs((9,), 13, torch.float32, device, seed=2, ignore_every=0)
+    targets[::2] = 5  # ignore class 5
+    ours = _run(cross_entropy, [logits], targets, ignore_index=5)
+    ref = _run(_reference, [logits], targets, ignore_index=5)
+    for name, a, r in zip(("loss", "dlogits"), ours, ref):
+        assert_close(a, r, 1e-5, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_extreme_logits(dtype, device):
+    """Logits of +-1e4: the online softmax stays finite; fp64 F.cross_entropy is the truth."""
+    logits, targets = _inputs((6,), 300, torch.float32, device, seed=3, spread=1.0)
+    logits = (torch.sign(logits) * 1e4).to(dtype)
+    logits[1, 7] = 0.0
+    targets[1] = 7  # a target far below the max: loss ~1e4
+    ours = _run(cross_entropy, [logits], targets)
+    truth = _run(_reference, [logits.double()], targets)
+    assert_close(ours[0].double(), truth[0], 1e-6, "loss")
+    assert_close(ours[1].double(), truth[1], 1e-2 if dtype == torch.bfloat16 else 1e-6, "dlogits")
+
+
+def test_cross_entropy_inplace_overwrites_logits_with_gradient(device):
+    logits, targets = _inputs((5,), 50, torch.float32, device, seed=4)
+    ref_loss, ref_grad = _run(_reference, [logits], targets)
+    work = logits.clone().requires_grad_()
+    buf = work.detach()  # same storage: receives the gradient during the forward
+    loss = cross_entropy(work, targets, inplace=True)
+    assert_close(buf, ref_grad, 1e-5, "logits buffer after forward")
+    (grad,) = torch.autograd.grad(loss, work)
+    assert_close(loss.detach(), ref_loss, 1e-5, "loss")
+    assert_close(grad, ref_grad, 1e-5, "dlogits")
+
+
+def test_cross_entropy_backward_twice_is_an_error(device):
+    """Backward scales the stored gradient in place, so a second backward must refuse, not be wrong."""
+    logits, targets = _inputs((3,), 10, torch.float32, device)
+    logits.requires_grad_()
+    loss = cross_entropy(logits, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_cross_entropy_rejects_bad_targets(device):
+    logits, targets = _inputs((4,), 10, torch.float32, device)
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        cross_entropy(logits, torch.tensor([0, 1, 10, 2], device=device))
+    with pytest.raises(ValueError, match="targets have 3 elements"):
+        cross_entropy(logits, targets[:3])
+    with pytest.raises(ValueError, match="targets have dtype"):
+        cross_entropy(logits, targets.float())
+
+
+def _linear_inputs(M, H, V, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(M, H, generator=g).to(device=device, dtype=dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.5).to(device=device, dtype=dtype)
+    targets = torch.randint(0, V, (M,), generator=g)
+    targets[::4] = -100
+    return hidden, weight, targets.to(device)
+
+
+def _reference_linear(hidden, weight, targets, ignore_index=-100):
+    return _reference(F.linear(hidden, weight), targets, ignore_index)
+
+
+@pytest.mark.parametrize("M,H,V", [(37, 16, 101), (6, 32, 50257), (1, 8, 5)])
+def test_linear_cross_entropy_fp32_matches_torch(M, H, V, device):
+    hidden, weight, targets = _linear_inputs(M, H, V, torch.float32, device)
+    if M == 1:
+        targets[:] = 3
+    ours = _run(linear_cross_entropy, [hidden, weight], targets, grad_scale=0.5)
+    ref = _run(_reference_linear, [hidden, weight], targets, grad_scale=0.5)
+    for name, a, r in zip(("loss", "dhidden", "dweight"), ours, ref):
+        assert_close(a, r, 1e-5, f"{M}x{H}x{V} {name}")
+
+
+def test_linear_cross_entropy_bf16_within_2x_of_torch(device):
+    hidden, weight, targets = _linear_inputs(40, 32, 1000, torch.bfloat16, device, seed=1)
+    ours = _run(linear_cross_entropy, [hidden, weight], targets)
+    low_ref = _run(_reference_linear, [hidden, weight], targets)
+    truth = _run(_reference_linear, [hidden.float(), weight.float()], targets)
+    for name, a, lr, t in zip(("loss", "dhidden", "dweight"), ours, low_ref, truth):
+        assert_within_2x(a.float(), lr.float(), t, name, atol=1e-4)
+
+
+def test_linear_cross_entropy_leading_dims_and_all_ignored(device):
+    hidden, weight, targets = _linear_inputs(12, 16, 29, torch.float32, device, seed=2)
+    h3, t3 = hidden.view(2, 6, 16), targets.view(2, 6)  # (B, T, H), (B, T)
+    ours = _run(linear_cross_entropy, [h3, weight], t3)
+    ref = _run(_reference_linear, [h3, weight], t3)
+    for name, a, r in zip(("loss", "dhidden", "dweight"), ours, ref):
+        assert_close(a, r, 1e-5, name)
+    loss, dh, dw = _run(linear_cross_entropy, [h3, weight], torch.full_like(t3, -100))
+    assert loss.item() == 0.0 and (dh == 0).all() and (dw == 0).all(), "all ignored: loss and grads 0"
+
+
+def test_linear_cross_entropy_without_grad(device):
+    hidden, weight, targets = _linear_inputs(10, 16, 50, torch.float32, device, seed=3)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets)
+    assert_close(loss, _reference_linear(hidden, weight, targets), 1e-5, "loss")
+    with pytest.raises(ValueError, match="weight has shape"):
+        linear_cross_entropy(hidden, weight.T, targets)

@@ -1,0 +1,74 @@
+"""The "triton" backend: a tiny GPT on it matches the reference backend, and it degrades cleanly."""
+import sys
+
+import pytest
+import torch
+
+import gptfast.kernels as kernels
+from gptfast.backends import get_backend, reference_attention
+from gptfast.config import GPTConfig
+from gptfast.model import GPTModel
+from kernel_checks import assert_close
+
+
+def _tiny_model(**overrides):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0,
+                    **overrides)
+    return GPTModel(cfg, backend="reference")
+
+
+def _loss_and_grads(model, backend, idx, targets):
+    model.backend = backend
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(idx, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": False, "tie_weights": False}])
+def test_tiny_gpt_triton_matches_reference_loss_and_every_gradient(overrides, device):
+    model = _tiny_model(**overrides).to(device)
+    assert isinstance(get_backend("triton", device), kernels.TritonBackend)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 97, (2, 16), generator=g).to(device)
+    targets = torch.randint(0, 97, (2, 16), generator=g).to(device)
+    targets[0, :5] = -100  # masked prompt tokens, as in instruction fine-tuning
+    ref_loss, ref_grads = _loss_and_grads(model, "reference", idx, targets)
+    loss, grads = _loss_and_grads(model, "triton", idx, targets)
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], 1e-4, f"grad {name}")
+
+
+def test_tiny_gpt_triton_logits_match_reference(device):
+    model = _tiny_model().to(device).eval()
+    idx = torch.randint(0, 97, (1, 11), generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad():
+        ref = model(idx)
+        model.backend = "triton"
+        ours = model(idx)
+    assert_close(ours, ref, 1e-5, "logits")
+
+
+def test_linear_gelu_matches_torch_backend(device):
+    backend, torch_backend = get_backend("triton", device), get_backend("torch", device)
+    g = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*s, generator=g).to(device) for s in ((3, 5, 8), (12, 8), (12,)))
+    assert_close(backend.linear_gelu(x, w, b), torch_backend.linear_gelu(x, w, b), 1e-5, "with bias")
+    assert_close(backend.linear_gelu(x, w, None), torch_backend.linear_gelu(x, w, None), 1e-5, "no bias")
+
+
+def test_missing_attention_kernel_falls_back_to_torch_with_a_warning(monkeypatch, device):
+    monkeypatch.setitem(sys.modules, "gptfast.kernels.attention", None)  # import now fails
+    if hasattr(kernels, "attention"):
+        monkeypatch.delattr(kernels, "attention")
+    with pytest.warns(RuntimeWarning, match="attention is unavailable"):
+        backend = kernels.TritonBackend()
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=g).to(device) for _ in range(3))
+    assert_close(backend.attention(q, k, v), reference_attention(q, k, v), 1e-5, "attention")
+    x = torch.randn(2, 16, generator=g).to(device)
+    assert_close(backend.layer_norm(x, torch.ones(16, device=device), torch.zeros(16, device=device)),
+                 torch.nn.functional.layer_norm(x, (16,)), 1e-5, "layer_norm still on Triton")

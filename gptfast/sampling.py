@@ -1,0 +1,135 @@
+"""Top-k (+ top-p) sampling of the next token: one fused op, or the classic six-op path.
+
+`sample_top_k` runs `torch.ops.gptfast.sample_top_k` (csrc/, built into gptfast._C) when the
+extension has a kernel for the logits' device, and otherwise `reference_sample_top_k`, the
+classic PyTorch path (topk, compare, where, / temperature, softmax, multinomial), warning once.
+
+Randomness: the op draws one uniform per row from a counter-based hash of (seed, offset, row)
+(csrc/sampling_common.h), so CPU and CUDA draw the same u for the same seed; their ids agree
+except when u lands within fp32 rounding of a cumulative-probability boundary. For CUDA graphs
+and torch.compile pass `seed` as an int64 tensor [2] (seed, offset) and advance it in place.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+try:
+    from gptfast import _C  # noqa: F401  (loading it registers torch.ops.gptfast.sample_top_k)
+    _C_ERROR = None
+except ImportError as e:  # not built: pure-PyTorch path
+    _C_ERROR = e
+
+if _C_ERROR is None:
+    @torch.library.register_fake("gptfast::sample_top_k")
+    def _sample_top_k_fake(logits, k, temperature, top_p, seed, return_topk):
+        B, V = logits.shape
+        shape = (B, min(k, V)) if return_topk else (0,)
+        return (logits.new_empty((B,), dtype=torch.long), logits.new_empty(shape),
+                logits.new_empty(shape, dtype=torch.long))
+
+_warned: set[str] = set()
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether gptfast._C has a sample_top_k kernel for this device type ("cpu", "cuda")."""
+    return _C_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "gptfast::sample_top_k", device_type.upper())
+
+
+def _validate(logits, k, temperature, top_p):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"sample_top_k: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"sample_top_k: logits must be 2-D (B, V), got shape {tuple(logits.shape)}")
+    if logits.dtype not in _DTYPES:
+        raise ValueError(f"sample_top_k: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"sample_top_k: k must be an int >= 1 or None, got {k!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"sample_top_k: temperature must be a finite number >= 0, got {temperature!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"sample_top_k: top_p must be in (0, 1], got {top_p!r}")
+
+
+def _check_values(logits):
+    # A host sync: skipped while compiling or capturing a CUDA graph (the CUDA kernel then
+    # returns id -1 for a NaN/+inf row; the CPU kernel raises in its single pass).
+    if torch.compiler.is_compiling() or (logits.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if not bool((logits < math.inf).all()):
+        raise ValueError("sample_top_k: logits contain NaN or +inf (-inf is allowed: masked tokens)")
+    if not bool((logits > -math.inf).any(dim=-1).all()):
+        raise ValueError("sample_top_k: a logits row is all -inf (nothing to sample)")
+
+
+def _seed_tensor(seed, generator) -> torch.Tensor:
+    """The op's (seed, offset) int64 tensor from an int, an (int, int) or a tensor [2]."""
+    if seed is not None and generator is not None:
+        raise ValueError("sample_top_k: pass seed or generator, not both")
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 2:
+            raise ValueError("sample_top_k: a seed tensor must be int64 with 2 elements (seed, offset)")
+        return seed
+    if seed is None:  # one draw from the generator (torch.manual_seed governs the default one)
+        device = generator.device if generator is not None else "cpu"
+        return torch.tensor([torch.randint(0, 2**62, (), generator=generator, device=device).item(), 0])
+    pair = (seed, 0) if isinstance(seed, int) else tuple(seed)
+    if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in pair):
+        raise ValueError(f"sample_top_k: seed must be an int, an (seed, offset) pair or a tensor, got {seed!r}")
+    return torch.tensor([(s + 2**63) % 2**64 - 2**63 for s in pair])  # wrap into int64
+
+
+def sample_top_k(logits: torch.Tensor, k: int | None, temperature: float, top_p: float | None = None,
+                 generator: torch.Generator | None = None, seed=None, return_topk: bool = False):
+    """Sample one token id per row of `logits` (B, V) from softmax(top-k logits / temperature).
+
+    k=None (or k >= V) keeps every token; temperature=0 (or k=1) is greedy argmax; top_p keeps
+    the smallest high-probability prefix of the top-k whose mass reaches top_p. seed: int,
+    (seed, offset) or int64 tensor [2]; else one seed is drawn from `generator` (default: torch's).
+    Returns ids (B,) int64, plus the sorted top-k (values, indices) when return_topk.
+    """
+    _validate(logits, k, temperature, top_p)
+    V = logits.shape[-1]
+    kk = V if k is None else min(k, V)
+    if has_kernel(logits.device.type):
+        if logits.device.type != "cpu":  # the CPU kernel checks values in its own pass
+            _check_values(logits)
+        ids, values, indices = torch.ops.gptfast.sample_top_k(
+            logits, kk, float(temperature), 1.0 if top_p is None else float(top_p),
+            _seed_tensor(seed, generator), return_topk)
+        return (ids, values, indices) if return_topk else ids
+    if logits.device.type not in _warned:
+        _warned.add(logits.device.type)
+        why = f"gptfast._C did not load ({_C_ERROR})" if _C_ERROR else f"no {logits.device.type} kernel built"
+        warnings.warn(f"sample_top_k: {why}; using the pure-PyTorch reference path", RuntimeWarning, stacklevel=2)
+    _check_values(logits)
+    if generator is None and seed is not None:  # keep "same seed, same ids" on this path too
+        s, off = _seed_tensor(seed, None).tolist()
+        generator = torch.Generator(logits.device).manual_seed((s * 1_000_003 + off) % 2**63)
+    return reference_sample_top_k(logits, kk, temperature, top_p, generator, return_topk)
+
+
+def reference_sample_top_k(logits: torch.Tensor, k: int | None, temperature: float,
+                           top_p: float | None = None, generator: torch.Generator | None = None,
+                           return_topk: bool = False):
+    """The classic path: topk, compare, where, / temperature, softmax, multinomial (+ top-p)."""
+    V = logits.shape[-1]
+    kk = V if k is None else min(k, V)
+    topk = torch.topk(logits, kk, dim=-1) if (kk < V or return_topk) else None  # (B, kk) each
+    if temperature == 0 or kk == 1:  # greedy; k=1 too, whatever ties the where would keep
+        ids = torch.argmax(logits, dim=-1)
+    else:
+        if kk < V:
+            logits = torch.where(logits < topk.values[:, -1:], -math.inf, logits)
+        probs = torch.softmax(logits / temperature, dim=-1, dtype=torch.float32)  # (B, V)
+        if top_p is not None and top_p < 1:
+            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+            sorted_p = torch.where(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0, sorted_p)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    return (ids, topk.values, topk.indices) if return_topk else ids

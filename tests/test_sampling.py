@@ -1,0 +1,244 @@
+"""gptfast.sampling: the fused top-k sampler (gptfast._C) against torch.topk / softmax, and
+the pure-PyTorch reference path. CPU here; the CUDA kernel's tests are marked gpu."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from gptfast import sampling
+from gptfast.sampling import reference_sample_top_k, sample_top_k
+
+pytestmark = pytest.mark.skipif(not sampling.has_kernel("cpu"),
+                                reason=f"gptfast._C has no CPU kernel: {sampling._C_ERROR}")
+op = torch.ops.gptfast.sample_top_k if sampling._C_ERROR is None else None
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square p-value (categories with expected < 5 pooled), via the regularized
+    upper incomplete gamma: P(X > stat) for X ~ chi2(df) = Q(df / 2, stat / 2)."""
+    counts, probs = counts.double(), probs.double()
+    expected = probs * counts.sum()
+    small = expected < 5
+    if small.any():
+        counts = torch.cat([counts[~small], counts[small].sum()[None]])
+        expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    stat = ((counts - expected) ** 2 / expected).sum()
+    df = torch.tensor((len(expected) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(df, stat / 2))
+
+
+def nucleus_mask(logits, k, temperature, top_p):
+    """(B, V) bool: the tokens the op may return (top-k, then the top-p prefix)."""
+    V = logits.shape[-1]
+    vals, idx = torch.topk(logits.float(), min(k, V), dim=-1)
+    p = torch.softmax(vals / temperature, dim=-1)
+    keep = (p.cumsum(-1) - p) < top_p * (1 + 1e-5)  # rounding slack only widens the set
+    return torch.zeros(logits.shape, dtype=torch.bool).scatter_(-1, idx, keep)
+
+
+def draws(logits_row, n, **kw):
+    """n draws from one row: the row repeated n times, each row its own uniform."""
+    return sample_top_k(logits_row.expand(n, -1).contiguous(), **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 7, 64, 300, 5000])
+def test_topk_values_equal_torch_topk(dtype, k):
+    g = torch.Generator().manual_seed(k)
+    for logits in (torch.randn(3, 1000, generator=g), torch.randint(-3, 3, (3, 1000), generator=g).float()):
+        logits = logits.to(dtype)  # the second has many ties at the k-th value
+        ids, values, indices = sample_top_k(logits, k, 0.8, seed=1, return_topk=True)
+        ref = torch.topk(logits, min(k, 1000), dim=-1)
+        assert torch.equal(values, ref.values), (values - ref.values).abs().max()
+        assert torch.equal(logits.gather(1, indices), values)  # indices equal up to ties
+        assert all(len(set(r.tolist())) == r.numel() for r in indices)
+        # ties keep the lowest ids: exactly a stable descending sort
+        assert torch.equal(indices, torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k])
+        assert ((ids[:, None] == indices).any(-1)).all()
+
+
+@pytest.mark.parametrize("B", [1, 2, 17, 64, 256])
+def test_ids_inside_topk_and_nucleus(B):
+    g = torch.Generator().manual_seed(B)
+    logits = torch.randn(B, 4000, generator=g) * 3
+    for k, top_p in [(1, None), (5, None), (50, None), (50, 0.5), (4000, 0.3), (None, 0.9)]:
+        for seed in range(3):
+            ids = sample_top_k(logits, k, 1.0, top_p=top_p, seed=seed)
+            allowed = nucleus_mask(logits, k or 4000, 1.0, top_p or 1.0)
+            assert ids.shape == (B,) and ids.dtype == torch.int64
+            bad = ~allowed.gather(1, ids[:, None]).squeeze(1)
+            assert not bad.any(), f"k={k} top_p={top_p}: rows {bad.nonzero().flatten().tolist()} left the set"
+
+
+def test_full_vocab_batch_in_topk():
+    logits = torch.randn(8, 50257, generator=torch.Generator().manual_seed(0))
+    ids = sample_top_k(logits, 50, 1.0, seed=3)
+    assert (ids[:, None] == torch.topk(logits, 50).indices).any(-1).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_greedy_is_argmax(dtype):
+    g = torch.Generator().manual_seed(1)
+    for logits in (torch.randn(16, 999, generator=g), torch.randint(0, 3, (16, 999), generator=g).float()):
+        logits = logits.to(dtype)
+        want = torch.argmax(logits, dim=-1)  # first maximum on ties
+        assert torch.equal(sample_top_k(logits, 50, 0.0, seed=1), want)
+        assert torch.equal(sample_top_k(logits, 1, 1.5, seed=1), want)
+        assert torch.equal(sample_top_k(logits, None, 0, top_p=0.1), want)
+        assert torch.equal(reference_sample_top_k(logits, 1, 1.5), want)
+
+
+def _logits_row(V=40, seed=0):
+    return torch.randn(V, generator=torch.Generator().manual_seed(seed)) * 1.5
+
+
+@pytest.mark.parametrize("k,T,top_p", [(10, 0.7, None), (None, 1.3, None), (10**6, 0.9, None), (12, 1.0, 0.8)])
+def test_chi_square_matches_softmax(k, T, top_p):
+    row, n = _logits_row(), 20_000
+    V = row.numel()
+    vals, idx = torch.topk(row, min(k or V, V))
+    p = torch.softmax(vals.double() / T, -1)
+    if top_p is not None:
+        p = torch.where(p.cumsum(-1) - p < top_p, p, 0)
+        p = p / p.sum()
+    probs = torch.zeros(V, dtype=torch.float64).scatter_(0, idx, p)
+    for name, fn in [("op", lambda: draws(row, n, k=k, temperature=T, top_p=top_p, seed=2024)),
+                     ("reference", lambda: reference_sample_top_k(row.expand(n, -1), k, T, top_p,
+                                                                  torch.Generator().manual_seed(7)))]:
+        counts = torch.bincount(fn(), minlength=V).double()
+        assert counts[probs == 0].sum() == 0, f"{name}: sampled a filtered token"
+        pval = chi2_pvalue(counts[probs > 0], probs[probs > 0])
+        assert pval > 1e-3, f"{name}: chi-square p={pval:.2e}, counts {counts.tolist()}"
+        # the test has power: a different temperature is rejected
+        wrong = torch.softmax(vals.double() / (2 * T), -1)
+        wrong = torch.zeros(V, dtype=torch.float64).scatter_(0, idx, wrong)
+        if top_p is None:
+            assert chi2_pvalue(counts[probs > 0], wrong[probs > 0] / wrong[probs > 0].sum()) < 1e-6
+
+
+def test_same_seed_same_ids_and_offsets_differ():
+    logits = torch.randn(64, 3000, generator=torch.Generator().manual_seed(5))
+    a = sample_top_k(logits, 100, 1.0, seed=42)
+    assert torch.equal(a, sample_top_k(logits, 100, 1.0, seed=42))
+    assert torch.equal(a, sample_top_k(logits, 100, 1.0, seed=torch.tensor([42, 0])))
+    assert not torch.equal(a, sample_top_k(logits, 100, 1.0, seed=(42, 1)))
+    assert not torch.equal(a, sample_top_k(logits, 100, 1.0, seed=43))
+    torch.manual_seed(0)
+    b = sample_top_k(logits, 100, 1.0)
+    torch.manual_seed(0)
+    assert torch.equal(b, sample_top_k(logits, 100, 1.0))
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(sample_top_k(logits, 100, 1.0, generator=g1), sample_top_k(logits, 100, 1.0, generator=g2))
+
+
+def test_neg_inf_logits_never_sampled():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(32, 500, generator=g)
+    logits[:, ::2] = -math.inf
+    logits[:, 1:5] = -math.inf  # rows keep 248 finite tokens; k may exceed that
+    for k in (10, 400, None):
+        for fn in (lambda: sample_top_k(logits, k, 2.0, seed=1), lambda: reference_sample_top_k(logits, k, 2.0)):
+            ids = fn()
+            assert torch.isfinite(logits.gather(1, ids[:, None])).all()
+
+
+@pytest.mark.parametrize("logits,kw,match", [
+    (torch.tensor([[0.0, math.nan, 1.0]]), {}, "NaN"),
+    (torch.tensor([[0.0, math.inf, 1.0]]), {}, r"\+inf"),
+    (torch.full((1, 3), -math.inf), {}, "all -inf"),
+    (torch.zeros(2, 5), {"k": 0}, "k must be"),
+    (torch.zeros(2, 5), {"k": -3}, "k must be"),
+    (torch.zeros(2, 5), {"temperature": -0.5}, "temperature"),
+    (torch.zeros(2, 5), {"temperature": math.nan}, "temperature"),
+    (torch.zeros(2, 5), {"top_p": 0.0}, "top_p"),
+    (torch.zeros(2, 5), {"top_p": 1.5}, "top_p"),
+    (torch.zeros(2, 5, dtype=torch.float64), {}, "float32, float16 or bfloat16"),
+    (torch.zeros(2, 5, dtype=torch.int64), {}, "float32, float16 or bfloat16"),
+    (torch.zeros(5), {}, "2-D"),
+    (torch.zeros(1, 2, 5), {}, "2-D"),
+    (torch.zeros(2, 5), {"seed": "x"}, "seed"),
+])
+def test_bad_input_raises_clear_error(logits, kw, match):
+    args = {"k": 3, "temperature": 1.0, **kw}
+    with pytest.raises((ValueError, RuntimeError), match=match) as e:
+        sample_top_k(logits, **args)
+    assert "\n" not in str(e.value).strip()  # one line
+
+
+def test_op_checks_its_own_arguments():
+    with pytest.raises(RuntimeError, match="top_p must be in"):
+        op(torch.zeros(1, 4), 2, 1.0, 0.0, torch.tensor([0, 0]), False)
+    with pytest.raises(RuntimeError, match="seed must be an int64 tensor"):
+        op(torch.zeros(1, 4), 2, 1.0, 1.0, torch.tensor([0]), False)
+
+
+def test_fake_impl_and_compile():
+    args = (torch.randn(4, 300), 20, 0.9, 0.95, torch.tensor([3, 4]), True)
+    torch.library.opcheck(op, args)
+    eager = op(*args)
+    compiled = torch.compile(lambda *a: op(*a), backend="aot_eager", fullgraph=True)(*args)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+def test_fallback_warns_once_and_samples(monkeypatch):
+    monkeypatch.setattr(sampling, "has_kernel", lambda device_type: False)
+    monkeypatch.setattr(sampling, "_warned", set())
+    logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = sample_top_k(logits, 20, 1.0, seed=5)
+        b = sample_top_k(logits, 20, 1.0, seed=5)
+    assert sum("reference path" in str(w.message) for w in caught) == 1
+    assert torch.equal(a, b)
+    assert (a[:, None] == torch.topk(logits, 20).indices).any(-1).all()
+    with pytest.raises(ValueError, match="NaN"):
+        sample_top_k(torch.full((1, 3), math.nan), 2, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,top_p", [(1, None), (50, None), (1000, None), (50, 0.6), (None, None), (None, 0.9)])
+def test_cuda_matches_cpu(dtype, k, top_p):
+    assert sampling.has_kernel("cuda"), "gptfast._C was built without its CUDA kernel"
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(256, 50257, generator=g) * 2).to(dtype)
+    logits[:4, 7:20] = logits[:4, 6:7]  # ties, also at the max
+    cpu = sample_top_k(logits, k, 0.8, top_p=top_p, seed=(11, 3), return_topk=k is not None)
+    gpu = sample_top_k(logits.cuda(), k, 0.8, top_p=top_p, seed=(11, 3), return_topk=k is not None)
+    cpu, gpu = (cpu, gpu) if k is not None else ((cpu,), (gpu,))
+    for a, b in zip(cpu[1:], gpu[1:]):
+        assert torch.equal(a, b.cpu())  # top-k values and (tie-broken) indices exactly
+    mismatched = (cpu[0] != gpu[0].cpu()).sum().item()
+    # same uniform per row; a differing id needs u within fp32 rounding of a boundary
+    assert mismatched <= 1, f"{mismatched}/256 ids differ between CPU and CUDA"
+    allowed = nucleus_mask(logits, k or 50257, 0.8, top_p or 1.0)
+    assert allowed.gather(1, gpu[0].cpu()[:, None]).all()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_with_seed_tensor():
+    logits = torch.randn(8, 50257, device="cuda")
+    seed = torch.tensor([5, 0], device="cuda")
+    static = torch.empty(8, dtype=torch.long, device="cuda")
+    sample_top_k(logits, 50, 1.0, seed=seed)  # warm-up outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static.copy_(sample_top_k(logits, 50, 1.0, seed=seed))
+    for offset in range(3):
+        seed[1] = offset
+        graph.replay()
+        assert torch.equal(static, sample_top_k(logits, 50, 1.0, seed=(5, offset)))
+
+
+@pytest.mark.gpu
+def test_cuda_chi_square():
+    row, n = _logits_row().cuda(), 20_000
+    ids = draws(row, n, k=10, temperature=0.7, seed=99)
+    vals, idx = torch.topk(row.cpu(), 10)
+    probs = torch.softmax(vals.double() / 0.7, -1)
+    counts = torch.bincount(ids.cpu(), minlength=row.numel()).double()
+    assert counts.sum() == counts[idx].sum()
+    assert chi2_pvalue(counts[idx], probs) > 1e-3

@@ -1,0 +1,149 @@
+"""Generation speed, GPT-2 124M (random init, same weights everywhere), batch 1, greedy,
+a 4-token prompt: the classic no-cache `generate`, gptfast's `Generator` (fp32 and reduced
+precision) and Hugging Face transformers' `GPT2LMHeadModel.generate`, side by side.
+
+    python benchmarks/bench_generate.py [--new-tokens 200] [--no-cache-tokens 200] [--device cuda]
+
+Correctness first: the engines' greedy tokens are compared before anything is timed. Prints a
+table (time to first token, tokens/s, ratios) and writes it to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from gptfast import GPTConfig, GPTModel
+from gptfast.generate import Generator, generate
+from gptfast.quant import int8_supported
+
+PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
+
+
+def to_transformers(model: GPTModel):
+    """A GPT2LMHeadModel holding `model`'s weights (Conv1D layers store W transposed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = model.cfg
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                                    n_layer=cfg.n_layers, n_head=cfg.n_heads, activation_function="gelu_new",
+                                    layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    tie_word_embeddings=True))
+    src = model.state_dict()
+    sd = {"transformer.wte.weight": src["tok_emb.weight"], "transformer.wpe.weight": src["pos_emb.weight"],
+          "transformer.ln_f.weight": src["final_norm.scale"], "transformer.ln_f.bias": src["final_norm.shift"],
+          "lm_head.weight": src["out_head.weight"]}
+    for i in range(cfg.n_layers):
+        o, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            sd[h + theirs + ".weight"], sd[h + theirs + ".bias"] = src[o + ours + ".scale"], src[o + ours + ".shift"]
+        for ours, theirs in (("att.qkv", "attn.c_attn"), ("att.out_proj", "attn.c_proj"),
+                             ("ff.layers.0", "mlp.c_fc"), ("ff.layers.2", "mlp.c_proj")):
+            sd[h + theirs + ".weight"] = src[o + ours + ".weight"].t()
+            sd[h + theirs + ".bias"] = src[o + ours + ".bias"]
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing), (missing, unexpected)
+    return hf.eval()
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def bench_ours(model, dtype, device, n):
+    engine = Generator(model, dtype=dtype, device=device)
+    engine.generate_ids([PROMPT], 8)  # warm-up (and CUDA-graph capture)
+    ids = engine.generate_ids([PROMPT], n)[0]
+    s = engine.stats
+    return ids, s["time_to_first_token_s"], n / s["total_s"]
+
+
+def bench_no_cache(model, device, n):
+    idx = torch.tensor([PROMPT], device=device)
+    generate(model, idx, 2, model.cfg.context_length, use_cache=False)  # warm-up
+    ttft, _ = timed(lambda: generate(model, idx, 1, model.cfg.context_length, use_cache=False))
+    total, out = timed(lambda: generate(model, idx, n, model.cfg.context_length, use_cache=False))
+    return out[0, len(PROMPT):].tolist(), ttft, n / total
+
+
+def bench_transformers(hf, device, n):
+    idx = torch.tensor([PROMPT], device=device)
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(idx))
+    with torch.inference_mode():
+        hf.generate(idx, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
+        ttft, _ = timed(lambda: hf.generate(idx, max_new_tokens=1, **kw))
+        total, out = timed(lambda: hf.generate(idx, max_new_tokens=n, min_new_tokens=n, **kw))
+    return out[0, len(PROMPT):].tolist(), ttft, n / total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--new-tokens", type=int, default=200)
+    ap.add_argument("--no-cache-tokens", type=int, default=200, help="fewer keeps the slow baseline short")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    device, n = torch.device(args.device), args.new_tokens
+    torch.manual_seed(123)
+    model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").to(device).eval()
+    hf = to_transformers(model).to(device)
+    reduced = "bfloat16" if device.type == "cuda" else "int8" if int8_supported() else "bfloat16"
+
+    with torch.inference_mode():  # same weights: the two models' logits agree
+        idx = torch.tensor([PROMPT], device=device)
+        diff = (model(idx) - hf(idx).logits).abs().max().item()
+    print(f"max |logits(gptfast) - logits(transformers)| = {diff:.2e} (fp32)")
+    assert diff < 1e-3, diff
+
+    rows = {}
+    rows["classic generate, no cache (fp32)"] = bench_no_cache(model, device, args.no_cache_tokens)
+    rows["transformers generate (fp32)"] = bench_transformers(hf, device, n)
+    if device.type == "cuda":
+        rows["transformers generate (bf16)"] = bench_transformers(hf.to(torch.bfloat16), device, n)
+    rows["gptfast Generator (fp32)"] = bench_ours(model, "float32", device, n)
+    for dtype in dict.fromkeys([reduced, "bfloat16"]):
+        label = f"gptfast Generator ({dtype}{', the default' if dtype == reduced else ''})"
+        rows[label] = bench_ours(model, dtype, device, n)
+
+    # correctness: fp32 greedy tokens agree across engines (reduced precision: report the overlap)
+    ref = rows["gptfast Generator (fp32)"][0]
+    def agree(ids):
+        k = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
+        return f"{k}/{min(len(ids), len(ref))}"
+    assert rows["classic generate, no cache (fp32)"][0] == ref[: args.no_cache_tokens], "cache != no-cache"
+
+    base_nc = rows["classic generate, no cache (fp32)"][2]
+    base_hf = rows["transformers generate (fp32)"][2]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    lines = [f"# Generation, GPT-2 124M random init, batch 1, greedy, 4-token prompt, {n} new tokens",
+             f"device: {device.type} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+             f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}",
+             f"command: python benchmarks/bench_generate.py --device {args.device} --new-tokens {n} "
+             f"--no-cache-tokens {args.no_cache_tokens}", "",
+             "| engine | tokens | time to first token (ms) | tokens/s | vs no-cache | vs transformers fp32 "
+             "| greedy tokens equal to fp32 engine |",
+             "|---|---|---|---|---|---|---|"]
+    for label, (ids, ttft, tps) in rows.items():
+        lines.append(f"| {label} | {len(ids)} | {1000 * ttft:.1f} | {tps:.1f} | {tps / base_nc:.1f}x "
+                     f"| {tps / base_hf:.2f}x | {agree(ids)} |")
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out) / f"generate_{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""Text generation: the classic `generate` (now with a KV cache) and `Generator`, the engine
+for repeated use: static KV cache sized to the context, prefill in one forward, one-token
+decode steps (one CUDA-graph replay each on GPU), batching, streaming, stop strings.
+
+Sliding context: once a row's window is full, each further token recomputes the last
+`context_size` tokens without the cache — exactly the classic behaviour, so greedy output
+always equals the no-cache reference.
+"""
+from __future__ import annotations
+
+import codecs
+import time
+import warnings
+
+import torch
+
+from .kv_cache import make_caches
+from .quant import DTYPES, int8_supported, inference_copy
+
+
+def check_sampling(max_new_tokens=0, temperature=0.0, top_k=None, top_p=None):
+    """One-line ValueErrors for sampling settings out of range."""
+    for n in max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens]:
+        if int(n) < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {n}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _fallback_sample_top_k(logits, k, temperature, top_p=None, generator=None):
+    # TEMPORARY stand-in until gptfast.sampling exists: classic top-k, then top-p, then multinomial
+    if k is not None and k < logits.shape[-1]:
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p is not None and top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Next token ids (B,) from logits (B, V): argmax at temperature 0, else sampled."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    try:
+        from gptfast.sampling import sample_top_k
+    except ImportError:
+        sample_top_k = _fallback_sample_top_k
+    return sample_top_k(logits.float(), top_k, temperature, top_p=top_p, generator=generator).reshape(-1)
+
+
+def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
+             top_p=None, use_cache=True, generator=None):
+    """The classic `generate`: token ids (B, T) -> (B, T + new). Each step conditions on the last
+    `context_size` tokens; a row stops at `eos_id` (not appended; with B > 1 finished rows are
+    filled with eos_id until every row is done). `use_cache=False` is the reference path."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be a non-empty (batch, tokens) tensor, got shape {tuple(idx.shape)}")
+    if use_cache:
+        engine = Generator(model, dtype=None, device=idx.device, context_size=context_size)
+        new = engine.generate_ids(idx.tolist(), max_new_tokens, temperature, top_k, top_p, eos_id,
+                                  generator=generator)
+        width = max(map(len, new))
+        new = [row + [eos_id] * (width - len(row)) for row in new]
+        return torch.cat([idx, torch.tensor(new, dtype=idx.dtype, device=idx.device).view(len(new), width)], 1)
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(idx[:, -context_size:])[:, -1, :]  # (B, V)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            nxt = nxt.masked_fill(done, eos_id)
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+        idx = torch.cat((idx, nxt[:, None].to(idx.dtype)), dim=1)
+    return idx
+
+
+class _Request:
+    """One prompt's output: token ids, text decoded incrementally (incomplete UTF-8 bytes are
+    held back until the token that completes them), and its stopping rules."""
+
+    def __init__(self, tokenizer, max_new_tokens, eos_id, stop):
+        self.tokenizer, self.max_new, self.eos_id, self.stop = tokenizer, int(max_new_tokens), eos_id, stop
+        self.ids, self.text, self.emitted = [], "", 0
+        self.done = self.max_new == 0
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int):
+        if token == self.eos_id:
+            return self._finish()
+        self.ids.append(token)
+        if self.tokenizer is not None:
+            start = len(self.text)
+            self.text += self.utf8.decode(self.tokenizer.decode_single_token_bytes(token))
+            hits = [i for i in (self.text.find(s, max(0, start - len(s) + 1)) for s in self.stop) if i >= 0]
+            if hits:  # cut at the earliest stop string, which is not part of the output
+                self.text = self.text[: min(hits)]
+                return self._finish(flush=False)
+        if len(self.ids) >= self.max_new:
+            self._finish()
+
+    def _finish(self, flush=True):
+        if flush and self.tokenizer is not None:
+            self.text += self.utf8.decode(b"", final=True)
+        self.done = True
+
+    def new_text(self) -> str:
+        """Text not yet streamed; a tail that could begin a stop string waits for the next token."""
+        hold = 0 if self.done else max((len(s) - 1 for s in self.stop), default=0)
+        end = max(self.emitted, len(self.text) - hold)
+        piece, self.emitted = self.text[self.emitted:end], end
+        return piece
+
+
+class Generator:
+    """Repeated generation with one model: `generate` (text or batches of text), `generate_ids`,
+    `stream`. `dtype`: "auto" (bfloat16 on CUDA, int8 weight-only on CPU when torch supports it,
+    else float32), "float32", "bfloat16", "float16", "int8", or None to use the model as it is.
+    A converted copy is made when needed; the caller's model is never modified (it runs in eval
+    mode while generating)."""
+
+    def __init__(self, model, tokenizer=None, dtype="auto", device=None, context_size=None, cuda_graph=True):
+        device = torch.device(device) if device is not None else model.tok_emb.weight.device
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "int8" if int8_supported(device) else "float32"
+        elif dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
+        self.dtype, self.device = dtype, device
+        self.model = inference_copy(model, dtype, device)
+        self.cfg = model.cfg
+        self.context_size = int(context_size or self.cfg.context_length)
+        if not 0 < self.context_size <= self.cfg.context_length:
+            raise ValueError(f"context_size must be in [1, {self.cfg.context_length}] (the model's context), "
+                             f"got {context_size}")
+        self._tokenizer = tokenizer
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self._caches, self._graphs = None, {}
+        self.stats = {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import get_tokenizer
+            self._tokenizer = get_tokenizer()
+        return self._tokenizer
+
+    # ---- public API -------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens=50, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+                 stop=None, seed=None):
+        """Completion text for a prompt (str), or a list of completions for a list of prompts.
+        `max_new_tokens` may be a list (one per prompt); `stop`: a string or list of strings."""
+        requests = list(self._run(prompt, max_new_tokens, temperature, top_k, top_p, eos_id, stop, seed,
+                                  stream=False))[-1]
+        texts = [r.text for r in requests]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, max_new_tokens=50, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+               stop=None, seed=None):
+        """Yield the completion of one prompt as text pieces, as tokens are produced."""
+        if not isinstance(prompt, str):
+            raise ValueError("stream() takes one prompt string; use generate() for batches")
+        for (request,) in self._run(prompt, max_new_tokens, temperature, top_k, top_p, eos_id, stop, seed,
+                                    stream=True):
+            piece = request.new_text()
+            if piece:
+                yield piece
+
+    def generate_ids(self, prompts, max_new_tokens=50, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+                     seed=None, generator=None):
+        """New token ids (eos excluded) for each prompt in a list of token-id lists."""
+        requests = [_Request(None, n, eos_id, []) for n in self._per_row(max_new_tokens, len(prompts))]
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        self._decode(self._check_ids(prompts), requests, temperature, top_k, top_p,
+                     generator or self._rng(seed))
+        return [r.ids for r in requests]
+
+    # ---- request handling ---------------------------------------------------------------
+    def _run(self, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, stop, seed, stream):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stop):
+            raise ValueError("stop strings must be non-empty")
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        ids = self._check_ids([self.tokenizer.encode(p, allowed_special={"<|endoftext|>"}) for p in prompts])
+        requests = [_Request(self.tokenizer, n, eos_id, stop) for n in self._per_row(max_new_tokens, len(ids))]
+        steps = self._steps(ids, requests, temperature, top_k, top_p, self._rng(seed))
+        if stream:
+            for _ in steps:
+                yield requests
+        else:
+            self._drain(steps)
+        yield requests  # final: streaming flushes text held back for stop strings
+
+    def _decode(self, ids, requests, temperature, top_k, top_p, generator):
+        self._drain(self._steps(ids, requests, temperature, top_k, top_p, generator))
+
+    @staticmethod
+    def _drain(steps):
+        for _ in steps:
+            pass
+
+    @staticmethod
+    def _per_row(max_new_tokens, n):
+        if isinstance(max_new_tokens, (list, tuple)):
+            if len(max_new_tokens) != n:
+                raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {n} prompts")
+            return list(max_new_tokens)
+        return [max_new_tokens] * n
+
+    def _check_ids(self, prompts):
+        rows = [list(map(int, p)) for p in prompts]
+        if not rows:
+            raise ValueError("no prompts given")
+        for i, row in enumerate(rows):
+            if not row:
+                raise ValueError(f"prompt {i} is empty; give at least one token")
+            bad = [t for t in row if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return rows
+
+    def _rng(self, seed):
+        return None if seed is None else torch.Generator(self.device).manual_seed(int(seed))
+
+    # ---- the engine ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def _steps(self, rows, requests, temperature, top_k, top_p, generator):
+        """Decode until every request is done; yields after each token (for streaming)."""
+        if all(r.done for r in requests):
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield from self._loop(rows, requests, temperature, top_k, top_p, generator)
+        finally:
+            self.model.train(was_training)
+
+    def _loop(self, rows, requests, temperature, top_k, top_p, generator):
+        t0 = time.perf_counter()
+        windows = [row[-self.context_size:] for row in rows]
+        logits = self._prefill(windows)
+        n_tokens, n_first, ttft = 0, 0, None
+        while True:
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            for request, window, token in zip(requests, windows, nxt.tolist()):
+                if not request.done:
+                    request.push(token)
+                    n_tokens += 1
+                window.append(token)
+            if ttft is None:
+                ttft, n_first = time.perf_counter() - t0, n_tokens
+            yield
+            if all(r.done for r in requests):
+                break
+            if self._slots == self.context_size:  # window full: slide it, recompute without the cache
+                windows = [w[-self.context_size:] for w in windows]
+                logits = self._prefill(windows)
+            else:
+                logits = self._decode_step(nxt)
+        total = time.perf_counter() - t0
+        self.stats = dict(time_to_first_token_s=ttft, total_s=total, new_tokens=n_tokens,
+                          tokens_per_s=n_tokens / total,
+                          decode_tokens_per_s=(n_tokens - n_first) / (total - ttft) if n_tokens > n_first else 0.0)
+
+    def _logits(self, h):
+        """Logits (B, vocab) of the last position's hidden state only."""
+        return self.model.out_head(h[:, -1])[..., : self.cfg.vocab_size].float()
+
+    def _get_caches(self, batch):
+        if self._caches is None or self._caches[0].k.shape[0] != batch:
+            dtype = self.model.tok_emb.weight.dtype
+            self._caches = make_caches(self.model, batch, self.context_size, dtype, self.device)
+            for c in self._caches[1:]:
+                c.write_pos = self._caches[0].write_pos
+            self._graphs = {}
+        return self._caches
+
+    def _prefill(self, windows):
+        """Run the (left-padded) prompts through the model in one forward; fill the caches."""
+        B, T = len(windows), max(map(len, windows))
+        idx = torch.zeros(B, T, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        for i, w in enumerate(windows):
+            idx[i, T - len(w):] = torch.tensor(w)
+            valid[i, T - len(w):] = True
+        # positions count real tokens only: a row padded by p starts at position 0 in slot p
+        positions = (valid.cumsum(1) - 1).clamp(min=0)  # (B, T)
+        padded = not bool(valid.all())
+        caches = self._get_caches(B)
+        valid_dev = valid.to(self.device) if padded else None
+        for c in caches:
+            c.static = False
+            c.reset(valid_dev)
+        self._slots = T
+        self._next_pos = positions[:, -1:].to(self.device) + 1  # (B, 1)
+        h = self.model.hidden_states(idx.to(self.device), caches,
+                                     positions=positions.to(self.device) if padded else None)
+        return self._logits(h)
+
+    def _decode_step(self, nxt):
+        """One token per row at slot `self._slots`, attending over the cache."""
+        idx = nxt.view(-1, 1)  # (B, 1)
+        if self.cuda_graph:
+            logits = self._graph_step(idx)
+        else:
+            for c in self._caches:
+                c.static = False
+            h = self.model.hidden_states(idx, self._caches, positions=self._next_pos)
+            logits = self._logits(h)
+        self._slots += 1
+        self._next_pos = self._next_pos + 1
+        return logits
+
+    def _graph_step(self, idx):
+        """The decode step as one CUDA-graph replay (static shapes: the whole cache buffer)."""
+        B = idx.shape[0]
+        for c in self._caches:
+            c.static = True
+        self._caches[0].write_pos.fill_(self._slots)  # one tensor shared by every layer's cache
+        graph = self._graphs.get(B)
+        if graph is None:
+            graph = self._graphs[B] = self._capture(B)
+        if graph is False:  # capture failed once: run the same static step eagerly
+            return self._static_forward(idx, self._next_pos)
+        g, idx_buf, pos_buf, out = graph
+        idx_buf.copy_(idx)
+        pos_buf.copy_(self._next_pos)
+        g.replay()
+        return out.clone()
+
+    def _static_forward(self, idx, positions):
+        return self._logits(self.model.hidden_states(idx, self._caches, positions=positions))
+
+    def _capture(self, B):
+        idx_buf = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        pos_buf = self._next_pos.clone()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (kernel autotuning, allocator) off the graph
+                for _ in range(2):
+                    self._static_forward(idx_buf, pos_buf)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = self._static_forward(idx_buf, pos_buf)
+            return g, idx_buf, pos_buf, out
+        except Exception as e:  # a backend op that cannot be captured: stay correct, just slower
+            warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs",
+                          RuntimeWarning, stacklevel=2)
+            return False
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+def add_parser(subparsers):
+    p = subparsers.add_parser("generate", help="generate text from a checkpoint or GPT-2 weights",
+                              description="Generate text with a KV cache (greedy, temperature, top-k, top-p).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint file written by `gptfast train`")
+    src.add_argument("--gpt2", metavar="SIZE", help="OpenAI GPT-2 weights: 124M, 355M, 774M or 1558M")
+    p.add_argument("--models-dir", default="models", help="where GPT-2 weights are stored (with --gpt2)")
+    p.add_argument("--prompt", default="Every effort moves you", help="prompt text")
+    p.add_argument("--batch-file", help="file with one prompt per line, generated as one batch")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--eos", action="store_true", help="stop at <|endoftext|>")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="weights: auto = bfloat16 on CUDA, int8 weight-only on CPU")
+    p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"))
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
+    p.set_defaults(func=run_cli)
+
+
+def _load(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.checkpoint:
+        from .checkpoint import load_model
+        return load_model(args.checkpoint, backend=args.backend, device=device), device
+    from .weights import load_gpt2  # lazily: only --gpt2 needs it
+    model = load_gpt2(args.gpt2, models_dir=args.models_dir)
+    model.backend = args.backend
+    return model.to(device).eval(), device
+
+
+def run_cli(args):
+    from .cli import CLIError
+    from .tokenizer import EOT_ID
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise CLIError(str(e).replace("max_new_tokens", "--max-new-tokens").replace("top_k", "--top-k")
+                       .replace("top_p", "--top-p").replace("temperature", "--temperature")) from None
+    if args.batch_file:
+        with open(args.batch_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise CLIError(f"--batch-file {args.batch_file} has no prompts")
+    elif not args.prompt:
+        raise CLIError("--prompt is empty; give some text to continue")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, device = _load(args)
+    engine = Generator(model, dtype=args.dtype, device=device)
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, eos_id=EOT_ID if args.eos else None, stop=args.stop, seed=args.seed)
+    if args.batch_file:
+        for prompt, text in zip(prompts, engine.generate(prompts, **opts)):
+            print(f"=== {prompt}\n{prompt}{text}\n")
+    elif args.stream:
+        print(args.prompt, end="", flush=True)
+        for piece in engine.stream(args.prompt, **opts):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(args.prompt + engine.generate(args.prompt, **opts))
+    if args.verbose:
+        s = engine.stats
+        print(f"[{engine.dtype} on {device}] {s.get('new_tokens', 0)} tokens in {s.get('total_s', 0):.2f} s: "
+              f"time to first token {1000 * (s.get('time_to_first_token_s') or 0):.1f} ms, "
+              f"{s.get('tokens_per_s', 0):.1f} tokens/s", flush=True)
+    return 0

@@ -1,0 +1,81 @@
+"""Inference copies of a GPTModel in reduced precision: bf16/fp16 weights, or int8 weight-only
+linear layers (per-output-row scales; the matmul is torch's own `_weight_int8pack_mm`, which
+reads a quarter of fp32's bytes — generation at batch 1 is bound by reading the weights).
+
+The int8 copy keeps embeddings, LayerNorms, attention and the residual stream in fp32; only
+the inputs of the linear layers are rounded to bf16 (the kernel's activation dtype on CPU).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = (*FLOAT_DTYPES, "int8")
+
+
+def int8_supported(device="cpu") -> bool:
+    """Whether this torch has a working `_weight_int8pack_mm` on `device`."""
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return False
+    try:
+        x = torch.ones(1, 64, dtype=torch.bfloat16, device=device)
+        w = torch.ones(8, 64, dtype=torch.int8, device=device)
+        torch._weight_int8pack_mm(x, w, torch.ones(8, dtype=torch.bfloat16, device=device))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 rows times a bf16 scale per row (symmetric)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer("weight_int8", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), False)
+
+    def forward(self, x):
+        lead, k = x.shape[:-1], x.shape[-1]
+        y = torch._weight_int8pack_mm(x.reshape(-1, k).to(torch.bfloat16), self.weight_int8, self.scale)
+        y = y.to(x.dtype).view(*lead, -1)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8FeedForward(nn.Module):
+    """FeedForward on Int8Linear layers (the model's own reads `.weight` for fused linear+GELU)."""
+
+    def __init__(self, ff: nn.Module):
+        super().__init__()
+        self.up, self.down = Int8Linear(ff.layers[0]), Int8Linear(ff.layers[2])
+
+    def forward(self, x, ops=None):
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+def inference_copy(model: nn.Module, dtype: str | None, device) -> nn.Module:
+    """`model` on `device` in `dtype` ("float32", "bfloat16", "float16", "int8"; None keeps its
+    weights): the model itself when nothing changes, else a converted copy in eval mode."""
+    device = torch.device(device)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    current = model.tok_emb.weight
+    want = current.dtype if dtype in (None, "int8") else FLOAT_DTYPES[dtype]
+    same_device = current.device.type == device.type and device.index in (None, current.device.index)
+    if same_device and current.dtype == want and dtype != "int8":
+        return model
+    if dtype == "int8" and not int8_supported(device):
+        raise ValueError(f"dtype 'int8' needs torch._weight_int8pack_mm on {device.type}; this torch lacks it")
+    out = copy.deepcopy(model).to(device=device, dtype=torch.float32 if dtype == "int8" else want)
+    if dtype == "int8":
+        for block in out.trf_blocks:
+            block.att.qkv, block.att.out_proj = Int8Linear(block.att.qkv), Int8Linear(block.att.out_proj)
+            block.ff = Int8FeedForward(block.ff)
+        out.out_head = Int8Linear(out.out_head)
+    return out.eval()

@@ -82,7 +82,7 @@ def _launch_config(N: int):
 
 def _bwd_programs(M: int, device: torch.device) -> int:
     if device.type == "cuda":  # a few programs per SM: enough to hide latency, few partials
-        return min(M, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+        return min(M, 8 * torch.cuda.get_device_properties(device).multi_processor_count)
     return min(M, 8)
 
 

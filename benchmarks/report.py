@@ -1,0 +1,112 @@
+"""Run the pytest-benchmark suites (benchmarks/bench_*.py) and write one markdown report,
+benchmarks/results/<device>-<date>-<commit>.md, with device, date, commit and versions.
+
+    python benchmarks/report.py                      # every suite
+    python benchmarks/report.py --suites bench_gelu.py bench_layer_norm.py
+
+Needs a CUDA GPU; on a CPU-only machine it says so and measures nothing. A bench_*.py file
+that is not a pytest suite (no tests collected) is listed as such: run it directly.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+NO_TESTS = 5  # pytest's exit status when it collected nothing
+
+
+def _git(*args) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def commit_id() -> str:
+    sha = _git("rev-parse", "--short", "HEAD") or "nogit"
+    return sha + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def rows_from_json(path: Path) -> list[dict]:
+    """Measurements of one pytest-benchmark JSON: our extra_info, or its own median otherwise."""
+    rows = []
+    for b in json.loads(path.read_text())["benchmarks"]:
+        info = dict(b.get("extra_info") or {})
+        if "ms" not in info:
+            info = {"op": b.get("group") or b["name"], "pass": "", "impl": b["name"],
+                    "ms": round(b["stats"]["median"] * 1e3, 4)}
+        rows.append(info)
+    return rows
+
+
+def run_suite(suite: Path, extra: list[str]) -> tuple[str, list[dict]]:
+    """(status line, rows) for one suite."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "pytest", str(suite), "--benchmark-only", "-q", "-p", "no:cacheprovider",
+               f"--benchmark-json={out}", *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        rows = rows_from_json(out) if out.exists() else []
+    if proc.returncode == NO_TESTS:
+        return "not a pytest-benchmark suite: run it directly", []
+    tail = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    if proc.returncode != 0:
+        print(proc.stdout[-4000:], proc.stderr[-2000:], sep="\n", file=sys.stderr)
+        return f"FAILED (exit {proc.returncode}): {tail}", rows
+    return tail, rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suites", nargs="*", help="bench_*.py files in benchmarks/ (default: all)")
+    ap.add_argument("--out", type=Path, default=HERE / "results", help="folder for the report")
+    ap.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. \"-k 'fwd and triton'\"")
+    args = ap.parse_args(argv)
+
+    import torch
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA GPU on this machine; the kernel benchmarks time GPU kernels, and Triton on "
+              "CPU runs only in its interpreter. Run this on a CUDA machine.")
+        return 0
+    from tqdm import tqdm
+
+    from kernel_bench import table
+    names = args.suites or sorted(p.name for p in HERE.glob("bench_*.py"))
+    suites = [HERE / n for n in names]
+    missing = [str(s) for s in suites if not s.exists()]
+    if missing:
+        raise SystemExit(f"report.py: no such suite: {', '.join(missing)}")
+
+    device = torch.cuda.get_device_name()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    commit = commit_id()
+    import triton
+    lines = [f"# gptfast benchmarks: {device}", "",
+             f"- device: {device}", f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {commit}",
+             f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}",
+             f"- command: python benchmarks/report.py {' '.join(sys.argv[1:])}".rstrip(), ""]
+    for suite in tqdm(suites, desc="suites", unit="suite"):
+        status, rows = run_suite(suite, args.pytest_args.split())
+        lines += [f"## {suite.name}", "", status, ""]
+        if rows:
+            lines += [table(rows), ""]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    path = args.out / f"{slug}-{now:%Y%m%d}-{commit}.md"
+    path.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

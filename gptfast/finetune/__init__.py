@@ -47,7 +47,7 @@ def load_base_model(args) -> GPTModel:
     if args.gpt2:
         from ..weights import load_gpt2  # written separately; heavy, so imported on use
 
-        model = load_gpt2(args.gpt2, models_dir=args.models_dir, backend=args.backend)
+        model = load_gpt2(args.gpt2, models_dir=args.models_dir, backend=args.backend, device=device)
     elif args.checkpoint:
         from ..checkpoint import load_model
 

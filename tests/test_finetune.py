@@ -1,0 +1,249 @@
+"""Fine-tuning: data loading and its errors, the instruction collate, end-to-end runs on CPU."""
+import argparse
+import json
+import random
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from gptfast import cli
+from gptfast.config import GPTConfig
+from gptfast.finetune import classify, instruct
+from gptfast.model import GPTModel
+from gptfast.tokenizer import EOT_ID, get_tokenizer
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops: thread hand-offs cost more than they save on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+PAD = EOT_ID
+# a model small enough to train in seconds on one core (GPT-2's vocabulary, tiny everything else)
+TOY = GPTConfig(context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
+
+
+def _run_cli(argv):
+    """Parse with only the fine-tuning subcommands (as `gptfast` registers them) and run."""
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    classify.add_parser(sub)
+    instruct.add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+# ---------------------------------------------------------------- instruction collate
+
+def test_collate_pads_and_ignores_all_but_the_first_end_token():
+    inputs, targets = instruct.collate([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, PAD, PAD, PAD], [7, 8, 9, PAD, PAD]]
+    # the expected targets as published with the classic recipe
+    assert targets.tolist() == [[1, 2, 3, 4, PAD], [6, PAD, -100, -100, -100], [8, 9, PAD, -100, -100]]
+
+
+def test_collate_prompt_masking_and_allowed_max_length():
+    batch = [([0, 1, 2, 3, 4], 3), ([5, 6], 1), ([7, 8, 9], 2)]
+    _, plain = instruct.collate(batch)
+    _, masked = instruct.collate(batch, mask_prompt=True)
+    for row, (ids, prompt_len) in enumerate(batch):
+        # target j predicts token j+1: the prompt's tokens 1..P-1 sit at targets 0..P-2
+        assert masked[row, : prompt_len - 1].eq(-100).all()
+        assert masked[row, prompt_len - 1:].tolist() == plain[row, prompt_len - 1:].tolist()
+    assert masked[0].tolist() == [-100, -100, 3, 4, PAD]
+    full_x, full_y = instruct.collate(batch, mask_prompt=True)
+    x, y = instruct.collate(batch, mask_prompt=True, allowed_max_length=3)
+    assert x.shape == y.shape == (3, 3)
+    assert torch.equal(x, full_x[:, :3]) and torch.equal(y, full_y[:, :3])
+
+
+# ---------------------------------------------------------------- data sets
+
+def test_spam_collection_counts_balance_and_split():
+    examples, labels = classify.read_labelled(classify.SPAM_DATA)
+    assert labels == ["ham", "spam"]
+    counts = Counter(labels[c] for _, c in examples)
+    assert counts == {"ham": 4827, "spam": 747}  # the published counts of the UCI collection
+    balanced = classify.balance(examples, seed=123)
+    assert Counter(c for _, c in balanced) == {0: 747, 1: 747}
+    spam = sorted(t for t, c in examples if c == 1)
+    assert sorted(t for t, c in balanced if c == 1) == spam  # the small class is kept whole
+    assert classify.balance(examples, seed=123) == balanced
+    assert classify.balance(examples, seed=7) != balanced
+    train, val, test = classify.split(balanced, seed=123)
+    assert (len(train), len(val), len(test)) == (1045, 149, 300)
+    assert classify.split(balanced, seed=123) == (train, val, test)
+    assert classify.split(balanced, seed=1)[0] != train
+    assert sorted(train + val + test) == sorted(balanced)
+
+
+def test_instruction_data_and_prompt_format():
+    data = instruct.load_instruction_data(instruct.INSTRUCTION_DATA)
+    assert len(data) == 1100
+    train, val, test = instruct.split_data(data)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train + test + val == data  # file order: 85% train, 10% test, 5% validation
+    with_input = {"instruction": "Do X.", "input": "abc", "output": "ok"}
+    assert instruct.format_input(with_input) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nDo X.\n\n### Input:\nabc")
+    assert instruct.format_input({**with_input, "input": ""}).endswith("### Instruction:\nDo X.")
+    (ids, prompt_len), = instruct.encode_records([with_input])
+    tok = get_tokenizer()
+    assert tok.decode(ids) == instruct.format_input(with_input) + "\n\n### Response:\nok"
+    assert tok.decode(ids[:prompt_len]) == instruct.format_input(with_input)
+
+
+@pytest.mark.parametrize("content, labels, message", [
+    ("ham\thello\nspam\tbuy now\nno tab here\n", None, r"bad\.tsv:3: expected 'label<TAB>text'"),
+    ("ham\thello\nspam\tbuy\nphish\tclick\n", ["ham", "spam"], r"bad\.tsv:3: unknown label 'phish'"),
+    ("", None, r"bad\.tsv: no labelled examples \(empty file\)"),
+    ("ham\tonly one class\n", None, "at least 2 classes"),
+])
+def test_labelled_file_errors_name_the_line(tmp_path, content, labels, message):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        classify.read_labelled(path, labels)
+
+
+def test_csv_with_quotes_and_header(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('label,text\nb,"hello, world"\na,plain\n')
+    assert classify.read_labelled(path) == ([("hello, world", 1), ("plain", 0)], ["a", "b"])
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"instruction": "a", "output": "b"}, {"instruction": "c", "input": ""}]', r"record 1 has no string 'output'"),
+    ("", "empty file"),
+    ("{not json", "not valid JSON"),
+    ("[]", "non-empty JSON list"),
+])
+def test_instruction_file_errors_name_the_record(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        instruct.load_instruction_data(path)
+
+
+def test_encode_truncates_and_pads():
+    ids = classify.encode(["a b c d e f", "a"], max_length=3)
+    tok = get_tokenizer()
+    assert ids.tolist() == [tok.encode("a b c d e f")[:3], tok.encode("a") + [PAD, PAD]]
+
+
+# ---------------------------------------------------------------- end to end on CPU
+
+def _toy_classes(n, seed=0):
+    """Separable toy set: messages from two disjoint word pools."""
+    pools = {"animal": "cat dog horse cow sheep goat duck".split(), "color": "red blue green yellow pink".split()}
+    rng = random.Random(seed)
+    return [(label, " ".join(rng.choice(pools[label]) for _ in range(rng.randint(2, 5))))
+            for label in rng.choices(sorted(pools), k=n)]
+
+
+def test_classifier_learns_a_separable_toy_set_through_the_cli(tmp_path, monkeypatch):
+    data = tmp_path / "toy.tsv"
+    data.write_text("".join(f"{label}\t{text}\n" for label, text in _toy_classes(200)))
+    # the cli's "tiny" preset, shrunk to TOY so that this runs in seconds
+    monkeypatch.setattr(GPTConfig, "from_preset", classmethod(lambda cls, name, **kw: TOY))
+    out = tmp_path / "clf.pt"
+    assert _run_cli(["finetune-classifier", "--preset", "tiny", "--data", str(data), "--train-all", "--lr", "3e-3",
+                     "--epochs", "4", "--quiet", "--out", str(out), "--device", "cpu"]) == 0
+    assert out.is_file() and (tmp_path / "clf-loss.png").is_file() and (tmp_path / "clf-acc.png").is_file()
+    clf = classify.Classifier.load(out, backend="torch", device="cpu")
+    assert clf.labels == ["animal", "color"]
+    held_out = _toy_classes(60, seed=99)
+    correct = sum(clf.classify(text)[0] == label for label, text in held_out)
+    assert correct / len(held_out) >= 0.8, f"accuracy {correct / len(held_out):.2f} (chance 0.5)"
+    label, prob = clf.classify("red blue green")
+    assert label == "color" and 0.5 < prob <= 1.0
+
+
+def test_lora_classifier_trains_only_adapters_and_head_stays_loadable(tmp_path):
+    torch.manual_seed(0)
+    model = classify.make_classifier(GPTModel(TOY, backend="torch"), 2)
+    from gptfast.lora import apply_lora, count_trainable
+    apply_lora(model, rank=4, alpha=8)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    examples = [(text, int(label == "color")) for label, text in _toy_classes(48)]
+    loader = classify.make_loader(examples, 8, batch_size=8, shuffle=True)
+    classify.train_classifier(model, {"train": loader}, epochs=1, lr=1e-2, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # base and head frozen
+    assert count_trainable(model) > 0
+    clf = classify.Classifier(model, ["animal", "color"], 8)
+    probs = clf.probabilities(["cat dog", "red"])
+    clf.save(tmp_path / "c.pt")
+    torch.testing.assert_close(classify.Classifier.load(tmp_path / "c.pt", "torch").probabilities(["cat dog", "red"]),
+                               probs, atol=1e-5, rtol=1e-5)
+
+
+def test_instruction_loss_falls():
+    torch.manual_seed(0)
+    model = GPTModel(TOY, backend="torch")
+    data = instruct.load_instruction_data(instruct.INSTRUCTION_DATA)[:16]
+    encoded = [(ids[:32], p) for ids, p in instruct.encode_records(data)]
+    loader = instruct.make_loader(encoded, batch_size=8, shuffle=True, allowed_max_length=TOY.context_length)
+    start = instruct.evaluate_loss(model, loader)  # about ln(50257) = 10.8 at random init
+    history = instruct.train_instruct(model, loader, loader, epochs=5, lr=1e-2, eval_freq=100, progress=False)
+    assert history["train_loss"][-1] < start - 2.0, (start, history["train_loss"])
+
+
+def test_instruct_cli_writes_responses_and_a_loadable_model(tmp_path, monkeypatch):
+    records = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in "one two three four five".split() * 4]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(records))
+    monkeypatch.setattr(GPTConfig, "from_preset", classmethod(lambda cls, name, **kw: TOY))
+    out = tmp_path / "out"
+    assert _run_cli(["finetune-instruct", "--preset", "tiny", "--data", str(data), "--epochs", "1", "--quiet",
+                     "--max-new-tokens", "3", "--out-dir", str(out), "--device", "cpu", "--lora-rank", "2"]) == 0
+    answers = json.loads((out / "responses.json").read_text())
+    assert [a["output"] for a in answers] == [r["output"] for r in instruct.split_data(records)[2]]
+    assert all(isinstance(a["model_response"], str) for a in answers)
+    assert (out / "loss.png").is_file() and (out / "lora.safetensors").is_file()
+    from gptfast.checkpoint import load_model
+    assert load_model(out / "model.pt").cfg.emb_dim == TOY.emb_dim
+
+
+# ---------------------------------------------------------------- judge
+
+class _Judge(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == "/api/chat" and body["messages"][0]["role"] == "user"
+        reply = json.dumps({"message": {"role": "assistant", "content": "Score: 85"}, "done": True})
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(reply.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_judge_scores_through_an_ollama_style_endpoint():
+    server = HTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        entries = [{"instruction": "Say hi.", "input": "", "output": "hi", "model_response": "hello"}]
+        assert instruct.judge_scores(entries, f"http://127.0.0.1:{server.server_port}", progress=False) == [85]
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_judge_is_one_clear_error():
+    server = HTTPServer(("127.0.0.1", 0), _Judge)
+    port = server.server_port
+    server.server_close()  # nothing listens there now
+    with pytest.raises(RuntimeError, match=r"judge at http://127.0.0.1:\d+/api/chat is unreachable"):
+        instruct.query_judge("hi", f"http://127.0.0.1:{port}", timeout=5)
+
+
+def test_commands_are_registered():
+    assert {"gptfast.finetune.classify", "gptfast.finetune.instruct"} <= set(cli.COMMANDS)

@@ -16,6 +16,7 @@ prefix and Conv1D weights as (in, out); one mapping then builds gptfast's state 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import re
 import urllib.error
@@ -35,8 +36,8 @@ GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-000
               "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
 PRIMARY_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}"
 BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2/{size}/{file}"
-DEFAULT_MODELS_DIR = "gpt2"
-CONVERTED_SUFFIX = "-gptfast"  # `gptfast convert gpt2/124M` writes gpt2/124M-gptfast
+DEFAULT_MODELS_DIR = "models"  # the same default as generate/finetune --models-dir
+CONVERTED_SUFFIX = "-gptfast"  # `gptfast convert models/124M` writes models/124M-gptfast
 WEIGHTS_FILE = "model.safetensors"
 HF_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,7 +65,7 @@ def download_gpt2(size: str, models_dir: str | Path = DEFAULT_MODELS_DIR, timeou
             try:
                 _fetch(url, target / name, timeout)
                 break
-            except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, short reads
+            except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, short reads
                 errors.append(f"{url} ({e})")
         else:
             raise RuntimeError(
@@ -119,7 +120,7 @@ def load_gpt2(path_or_size: str | Path, models_dir: str | Path | None = None, ba
     """A GPTModel (eval mode) from pretrained GPT-2 weights.
 
     `path_or_size`: "124M"/"355M"/"774M"/"1558M" (looked up in `models_dir`, default
-    ./gpt2: the converted models_dir/SIZE-gptfast first, else OpenAI's models_dir/SIZE), or
+    ./models: the converted models_dir/SIZE-gptfast first, else OpenAI's models_dir/SIZE), or
     a path to any format in this module's docstring. `dtype` (e.g. torch.bfloat16 or
     "bfloat16") casts the weights; `device` moves the model there."""
     path = resolve_gpt2_path(path_or_size, models_dir)

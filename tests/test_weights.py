@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -112,10 +114,15 @@ def test_pytorch_bin_and_untied_copy_of_head(tmp_path):
     assert_close(our_logits(model, idx), hf_logits(hf, idx), "pytorch_model.bin")
 
 
-def test_bare_safetensors_file_sized_from_tensors(hf_dirs, tmp_path):
+def test_bare_hub_layout_file_sized_from_tensors(hf_dirs, tmp_path):
+    """The Hub's GPT-2 files: no "transformer." prefix, causal-mask buffers, and here no config."""
+    from safetensors.torch import load_file, save_file
+
     hf, path, idx = hf_dirs["d64-ctx64"]  # heads of 64, as in every GPT-2 size
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(path / "model.safetensors").items()}
+    tensors["h.0.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
     bare = tmp_path / "weights.safetensors"
-    bare.write_bytes((path / "model.safetensors").read_bytes())
+    save_file(tensors, bare, metadata={"format": "pt"})
     model = load_gpt2(bare, backend="reference")
     assert (model.cfg.n_heads, model.cfg.n_layers) == (2, 1)
     assert_close(our_logits(model, idx), hf_logits(hf, idx), "bare file")
@@ -148,9 +155,10 @@ def test_save_hf_untied_no_qkv_bias_padded_vocab(tmp_path):
 
 def test_convert_to_gptfast_format_and_from_checkpoint(hf_dirs, tmp_path):
     hf, path, idx = hf_dirs["d16-ctx37"]
-    out = convert(path, tmp_path / "fast")
+    assert run_cli(["convert", str(path), "--out", str(tmp_path / "124M-gptfast")]) is None
+    out = tmp_path / "124M-gptfast"
     assert "gptfast" in json.loads((out / "config.json").read_text())
-    fast = load_gpt2(out, backend="reference")
+    fast = load_gpt2("124M", models_dir=tmp_path, backend="reference")  # a size finds its converted dir
     assert fast.out_head.weight is fast.tok_emb.weight
     assert_close(our_logits(fast, idx), hf_logits(hf, idx), "converted")
     # a gptfast training checkpoint -> default output beside it, then to Hugging Face
@@ -320,6 +328,18 @@ def test_tf_checkpoint_then_triton_in_one_process(tf_dirs, tmp_path):
 # Errors
 # ---------------------------------------------------------------------------------------------
 
+def test_tensorflow_missing_is_a_clear_error(tmp_path, monkeypatch):
+    """The reader's child process cannot import tensorflow (a stub raising ImportError first
+    on its path): the error says how to install it."""
+    stub = tmp_path / "stub" / "tensorflow"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('no tensorflow here')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(stub.parent), os.environ.get("PYTHONPATH", "")]))
+    (tmp_path / "hparams.json").write_text(json.dumps(dict(n_vocab=5, n_ctx=4, n_embd=4, n_head=1, n_layer=1)))
+    with pytest.raises(RuntimeError, match=re.escape("pip install gptfast[tf]")):
+        load_gpt2(tmp_path)
+
+
 def test_missing_files_and_unknown_size(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_gpt2(tmp_path / "nowhere")
@@ -370,3 +390,54 @@ def test_download_failure_names_urls_and_manual_steps(tmp_path, monkeypatch):
     for part in ("http://127.0.0.1:9/a/124M/checkpoint", "http://127.0.0.1:9/b/124M/checkpoint",
                  "by hand", str(tmp_path / "124M"), "model.ckpt.index"):
         assert part in msg, f"{part!r} not in: {msg}"
+
+
+class _Mirror(BaseHTTPRequestHandler):
+    """A local file server with HTTP Range support; /a/ (the "primary") lacks model.ckpt.meta
+    and cuts encoder.json off halfway, so the download must resume it from /b/."""
+    files: dict = {}
+    ranges: list = []
+
+    def do_GET(self):
+        where, size, name = self.path.strip("/").split("/")
+        data = self.files.get(name)
+        if data is None or (where == "a" and name == "model.ckpt.meta"):
+            return self.send_error(404)
+        start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-")) if self.headers["Range"] else 0
+        self.ranges.append((where, name, start))
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        cut = len(data) // 2 if (where, name) == ("a", "encoder.json") else len(data)
+        self.wfile.write(data[start:cut])
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_resumes_verifies_and_falls_back(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    _Mirror.files = {name: rng.bytes(2000 + 7 * i) for i, name in enumerate(weights.GPT2_FILES)}
+    _Mirror.ranges = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Mirror)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(weights, "PRIMARY_URL", base + "/a/{size}/{file}")
+    monkeypatch.setattr(weights, "BACKUP_URL", base + "/b/{size}/{file}")
+    target = tmp_path / "124M"
+    target.mkdir()
+    (target / "vocab.bpe").write_bytes(b"kept")  # complete files are never fetched again
+    (target / "model.ckpt.index.part").write_bytes(_Mirror.files["model.ckpt.index"][:300])
+    try:
+        assert weights.download_gpt2("124M", tmp_path, timeout=10) == target
+    finally:
+        server.shutdown()
+    for name, data in _Mirror.files.items():
+        assert (target / name).read_bytes() == (b"kept" if name == "vocab.bpe" else data), name
+    assert not list(target.glob("*.part"))
+    assert ("a", "model.ckpt.index", 300) in _Mirror.ranges  # resumed the leftover .part
+    assert ("b", "encoder.json", len(_Mirror.files["encoder.json"]) // 2) in _Mirror.ranges  # primary cut it off: backup resumed it
+    assert ("b", "model.ckpt.meta", 0) in _Mirror.ranges  # primary lacks it
+    assert not any(name == "vocab.bpe" for _, name, _ in _Mirror.ranges)

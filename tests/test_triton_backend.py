@@ -42,6 +42,37 @@ def test_tiny_gpt_triton_matches_reference_loss_and_every_gradient(overrides, de
         assert_close(grads[name], ref_grads[name], 1e-4, f"grad {name}")
 
 
+def test_tiny_gpt_one_training_step_matches_reference(device):
+    """One SGD step on each backend from the same start: same parameters, same next loss.
+    (Not Adam: it blows float noise in near-zero gradients up to full-size steps.)"""
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 97, (2, 16), generator=g).to(device)
+    targets = torch.randint(0, 97, (2, 16), generator=g).to(device)
+    after = {}
+    for backend in ("reference", "triton"):
+        model = _tiny_model().to(device)
+        model.backend = backend
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model.loss(idx, targets).backward()
+        opt.step()
+        with torch.no_grad():
+            after[backend] = (model.loss(idx, targets), dict(model.named_parameters()))
+    assert_close(after["triton"][0], after["reference"][0], 1e-5, "loss after one step")
+    for name, p in after["reference"][1].items():
+        assert_close(after["triton"][1][name].detach(), p.detach(), 1e-5, f"{name} after one step")
+
+
+def test_attention_prefill_and_decode_match_reference(device):
+    """T < S (queries are the last T positions) and T = 1 decoding against a cache."""
+    backend = get_backend("triton", device)
+    g = torch.Generator().manual_seed(6)
+    k, v = (torch.randn(2, 2, 9, 16, generator=g).to(device) for _ in range(2))
+    for T in (3, 1):
+        q = torch.randn(2, 2, T, 16, generator=g).to(device)
+        with torch.no_grad():
+            assert_close(backend.attention(q, k, v), reference_attention(q, k, v), 1e-4, f"T={T}, S=9")
+
+
 def test_tiny_gpt_triton_logits_match_reference(device):
     model = _tiny_model().to(device).eval()
     idx = torch.randint(0, 97, (1, 11), generator=torch.Generator().manual_seed(2)).to(device)

@@ -324,6 +324,27 @@ def test_tf_checkpoint_then_triton_in_one_process(tf_dirs, tmp_path):
     assert proc.returncode == 0 and "ok" in proc.stdout, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
 
 
+@needs_tf
+def test_user_imported_tensorflow_first_falls_back_instead_of_aborting():
+    """A user script that imports tensorflow before gptfast and asks for the triton backend gets
+    the torch backend and a warning saying why, not an aborted process."""
+    code = textwrap.dedent("""
+        import sys, warnings, torch
+        import tensorflow
+        from gptfast import GPTConfig, GPTModel
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = GPTModel(GPTConfig.from_preset("tiny", n_layers=1), backend="triton").eval()
+            model(torch.zeros(1, 4, dtype=torch.long))
+        assert "triton" not in sys.modules
+        assert any("import triton (or gptfast.kernels) before tensorflow" in str(w.message) for w in caught), caught
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------

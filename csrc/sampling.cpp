@@ -1,6 +1,8 @@
 // CPU kernel of gptfast::sample_top_k (semantics in sampling_common.h).
-// One pass per row keeps a size-k heap, skipping 64-element chunks whose max cannot enter
-// it; temperature, exp and the draw touch only the k survivors. Rows run in parallel.
+// One pass per row finds max/argmax and, for small k, keeps a size-k heap, skipping
+// 64-element chunks whose max cannot enter it; larger k select by a histogram of the top 11
+// key bits and a partial sort of the few candidates. Temperature, exp and the draw touch
+// only the k survivors. Rows run in parallel.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -10,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -21,6 +25,8 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kChunk = 64;
+constexpr int64_t kHeapMaxK = 64;  // above it the histogram select is faster
+constexpr int kBinShift = 21;      // 2^11 bins over the order-preserving float key
 
 struct Cand {
   float v;
@@ -36,10 +42,19 @@ struct RowStats {
   bool bad = false;  // NaN or +inf seen
 };
 
-// One pass over the row: max/argmax, the NaN/+inf check, and (when heap_k > 0) a heap of
-// the heap_k best candidates whose front is the worst of them.
+// Order-preserving float -> uint32 (larger float, larger key), -0 folded into +0.
+inline uint32_t key_of(float f) {
+  f += 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// One pass over the row: max/argmax, the NaN/+inf check, the row as floats into `as_float`
+// (when given), and (when heap_k > 0) a heap of the heap_k best candidates whose front is
+// the worst of them.
 template <typename T>
-RowStats scan_row(const T* x, int64_t V, int64_t heap_k, std::vector<Cand>& heap) {
+RowStats scan_row(const T* x, int64_t V, int64_t heap_k, std::vector<Cand>& heap, float* as_float) {
   RowStats s;
   heap.clear();
   float buf[kChunk];
@@ -53,6 +68,7 @@ RowStats scan_row(const T* x, int64_t V, int64_t heap_k, std::vector<Cand>& heap
       cmax = f > cmax ? f : cmax;
       cbad |= !(f < kInf);  // NaN or +inf
     }
+    if (as_float) std::copy(buf, buf + n, as_float + c0);
     if (cbad) {
       s.bad = true;
       return s;
@@ -77,6 +93,21 @@ RowStats scan_row(const T* x, int64_t V, int64_t heap_k, std::vector<Cand>& heap
   return s;
 }
 
+// The k best of the row in kept order: the histogram bin holding the k-th key bounds the
+// candidates, which a partial sort orders.
+void select_top(const float* x, int64_t V, int64_t k, std::vector<Cand>& out) {
+  std::vector<uint32_t> hist(1u << (32 - kBinShift), 0);
+  for (int64_t i = 0; i < V; ++i) ++hist[key_of(x[i]) >> kBinShift];
+  int64_t bin = static_cast<int64_t>(hist.size()) - 1, above = 0;
+  while (above + hist[bin] < static_cast<uint32_t>(k)) above += hist[bin--];
+  const uint32_t lowest = static_cast<uint32_t>(bin) << kBinShift;
+  out.clear();
+  for (int64_t i = 0; i < V; ++i)
+    if (key_of(x[i]) >= lowest) out.push_back({x[i], i});
+  std::partial_sort(out.begin(), out.begin() + k, out.end(), before);
+  out.resize(k);
+}
+
 // Inverse-CDF draw over `kept` (sorted by token id): first id whose running weight > u*sum.
 int64_t draw(const std::vector<Cand>& kept, float vmax, float inv_t, float u, int64_t fallback) {
   float total = 0.f;
@@ -99,8 +130,10 @@ void sample_rows(const at::Tensor& logits, int64_t k, double temperature, double
   const bool greedy = temperature == 0 || kk == 1;
   const bool full = kk == V;
   const bool nucleus = !greedy && top_p < 1;
-  // The heap is needed for the top-k outputs or a filtered draw; k >= V sorts the row instead.
-  const int64_t heap_k = (!full && (return_topk || !greedy)) ? kk : 0;
+  // The top-k set is needed for the top-k outputs or a filtered draw; k >= V keeps the row.
+  const bool select = !full && (return_topk || !greedy);
+  const bool by_heap = select && kk <= kHeapMaxK;
+  constexpr bool is_float = std::is_same_v<T, float>;
   const float inv_t = greedy ? 0.f : static_cast<float>(1.0 / temperature);
   const T* x = logits.data_ptr<T>();
   int64_t* ids_p = ids.data_ptr<int64_t>();
@@ -109,17 +142,22 @@ void sample_rows(const at::Tensor& logits, int64_t k, double temperature, double
 
   at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
     std::vector<Cand> kept;
+    std::vector<float> row_f((select && !by_heap && !is_float) ? V : 0);
     for (int64_t r = r0; r < r1; ++r) {
       const T* row = x + r * V;
-      const RowStats s = scan_row(row, V, heap_k, kept);
+      const RowStats s = scan_row(row, V, by_heap ? kk : 0, kept, row_f.empty() ? nullptr : row_f.data());
       TORCH_CHECK(!s.bad, "sample_top_k: logits row ", r, " contains NaN or +inf");
       TORCH_CHECK(s.max > -kInf, "sample_top_k: logits row ", r, " is all -inf (nothing to sample)");
       const bool sorted_needed = return_topk || nucleus;
-      if (full && (sorted_needed || !greedy)) {  // whole row kept
-        kept.resize(V);
-        for (int64_t i = 0; i < V; ++i) kept[i] = {static_cast<float>(row[i]), i};
+      if (select && !by_heap) {
+        select_top(row_f.empty() ? reinterpret_cast<const float*>(row) : row_f.data(), V, kk, kept);
+      } else {
+        if (full && (sorted_needed || !greedy)) {  // whole row kept
+          kept.resize(V);
+          for (int64_t i = 0; i < V; ++i) kept[i] = {static_cast<float>(row[i]), i};
+        }
+        if (sorted_needed) std::sort(kept.begin(), kept.end(), before);
       }
-      if (sorted_needed) std::sort(kept.begin(), kept.end(), before);
       if (return_topk) {
         for (int64_t j = 0; j < kk; ++j) {
           val_p[r * kk + j] = static_cast<T>(kept[j].v);

@@ -120,8 +120,9 @@ def reference_sample_top_k(logits: torch.Tensor, k: int | None, temperature: flo
     """The classic path: topk, compare, where, / temperature, softmax, multinomial (+ top-p)."""
     V = logits.shape[-1]
     kk = V if k is None else min(k, V)
-    topk = torch.topk(logits, kk, dim=-1) if (kk < V or return_topk) else None  # (B, kk) each
-    if temperature == 0 or kk == 1:  # greedy; k=1 too, whatever ties the where would keep
+    greedy = temperature == 0 or kk == 1  # k=1 too, whatever ties the where would keep
+    topk = torch.topk(logits, kk, dim=-1) if return_topk or (kk < V and not greedy) else None  # (B, kk)
+    if greedy:
         ids = torch.argmax(logits, dim=-1)
     else:
         if kk < V:

@@ -94,10 +94,10 @@ def _logits_row(V=40, seed=0):
     return torch.randn(V, generator=torch.Generator().manual_seed(seed)) * 1.5
 
 
-@pytest.mark.parametrize("k,T,top_p", [(10, 0.7, None), (None, 1.3, None), (10**6, 0.9, None), (12, 1.0, 0.8)])
-def test_chi_square_matches_softmax(k, T, top_p):
-    row, n = _logits_row(), 20_000
-    V = row.numel()
+@pytest.mark.parametrize("V,k,T,top_p", [(40, 10, 0.7, None), (40, None, 1.3, None), (40, 10**6, 0.9, None),
+                                          (40, 12, 1.0, 0.8), (300, 100, 2.0, None)])  # k > 64: histogram select
+def test_chi_square_matches_softmax(V, k, T, top_p):
+    row, n = _logits_row(V), 20_000
     vals, idx = torch.topk(row, min(k or V, V))
     p = torch.softmax(vals.double() / T, -1)
     if top_p is not None:

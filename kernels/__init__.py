@@ -4,6 +4,9 @@ and the "triton" backend that puts them into `GPTModel`.
 Importing this package imports Triton and defines (but does not compile) the kernels; the
 attention kernel module is loaded only when a TritonBackend is made, and a missing or broken
 one leaves the backend on PyTorch's attention with one warning.
+
+The op functions are exported here under their file's name, so `gptfast.kernels.layer_norm`
+is the function; import a module's other names with `from gptfast.kernels.layer_norm import ...`.
 """
 from __future__ import annotations
 

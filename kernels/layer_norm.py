@@ -122,7 +122,7 @@ class LayerNormFunction(torch.autograd.Function):
             _layer_norm_fwd[(M,)](x2, r2, s, y, scale, shift, mean, rstd, N, eps,
                                   HAS_RES=has_res, BLOCK_N=block, num_warps=warps)
         ctx.save_for_backward(s, scale, mean, rstd)
-        ctx.has_res, ctx.shape = has_res, shape
+        ctx.has_res, ctx.shape, ctx.shift_dtype = has_res, shape, shift.dtype
         if has_res:
             return s.view(shape), y.view(shape)
         return y.view(shape)
@@ -134,7 +134,8 @@ class LayerNormFunction(torch.autograd.Function):
         M, N = s.shape
         if dy is None:  # only the residual sum was used
             dsum = dsum.reshape(M, N)
-            dx, dw, db = dsum, torch.zeros_like(scale), torch.zeros_like(scale)
+            dx = dsum
+            dw, db = torch.zeros_like(scale), torch.zeros(N, dtype=ctx.shift_dtype, device=s.device)
         else:
             dy = dy.reshape(M, N).contiguous()  # (M, N)
             if dsum is not None:
@@ -148,7 +149,7 @@ class LayerNormFunction(torch.autograd.Function):
                 _layer_norm_bwd[(progs,)](dy, dsum if dsum is not None else dy, s, scale, mean, rstd,
                                           dx, dw_part, db_part, M, N, triton.cdiv(M, progs),
                                           HAS_DSUM=dsum is not None, BLOCK_N=block, num_warps=warps)
-            dw, db = dw_part.sum(0).to(scale.dtype), db_part.sum(0).to(scale.dtype)
+            dw, db = dw_part.sum(0).to(scale.dtype), db_part.sum(0).to(ctx.shift_dtype)
         dx = dx.view(ctx.shape)
         if ctx.has_res:
             return dx, dx, dw, db, None

@@ -42,6 +42,23 @@ def test_tiny_gpt_triton_matches_reference_loss_and_every_gradient(overrides, de
         assert_close(grads[name], ref_grads[name], 1e-4, f"grad {name}")
 
 
+def test_tiny_gpt_triton_under_bf16_autocast(device):
+    """Mixed precision as the trainer runs it: bf16 matmuls and an fp32 residual stream meet in
+    add_layer_norm / bias_gelu / linear_cross_entropy; loss and grads stay near the fp32 truth."""
+    model = _tiny_model().to(device)
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, 97, (2, 16), generator=g).to(device)
+    targets = torch.randint(0, 97, (2, 16), generator=g).to(device)
+    truth_loss, truth = _loss_and_grads(model, "reference", idx, targets)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model, "triton", idx, targets)
+    assert loss.dtype == torch.float32
+    assert_close(loss, truth_loss, 1e-3, "loss under autocast")
+    for name in truth:  # bf16 matmuls: a few 1e-3 of relative error is expected, 5e-2 is a bug
+        assert grads[name].dtype == torch.float32, f"grad {name} has dtype {grads[name].dtype}"
+        assert_close(grads[name], truth[name], 5e-2, f"grad {name} under autocast")
+
+
 def test_tiny_gpt_one_training_step_matches_reference(device):
     """One SGD step on each backend from the same start: same parameters, same next loss.
     (Not Adam: it blows float noise in near-zero gradients up to full-size steps.)"""

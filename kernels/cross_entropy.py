@@ -131,8 +131,10 @@ def cross_entropy(logits, targets, ignore_index: int = -100, inplace: bool = Fal
 
 
 def _chunk_tokens(M: int, H: int, V: int) -> int:
-    """Tokens per chunk: chunk logits about 4x the size of the hidden states."""
-    return max(1, min(M, triton.next_power_of_2(triton.cdiv(4 * M * H, V))))
+    """Tokens per chunk: chunk logits about 8x the size of the hidden states (GPT-2 124M at
+    16 x 1024 tokens: 2048-token chunks of 200 MiB in bf16, 8 chunks; fewer, larger chunks
+    mean fewer passes adding a chunk's grad_weight into the fp32 sum)."""
+    return max(1, min(M, triton.next_power_of_2(triton.cdiv(8 * M * H, V))))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

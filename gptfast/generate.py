@@ -16,6 +16,7 @@ import torch
 
 from .kv_cache import make_caches
 from .quant import DTYPES, int8_supported, inference_copy
+from .sampling import sample_top_k
 
 
 def check_sampling(max_new_tokens=0, temperature=0.0, top_k=None, top_p=None):
@@ -31,28 +32,11 @@ def check_sampling(max_new_tokens=0, temperature=0.0, top_k=None, top_p=None):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _fallback_sample_top_k(logits, k, temperature, top_p=None, generator=None):
-    # TEMPORARY stand-in until gptfast.sampling exists: classic top-k, then top-p, then multinomial
-    if k is not None and k < logits.shape[-1]:
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p is not None and top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)
-
-
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """Next token ids (B,) from logits (B, V): argmax at temperature 0, else sampled."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    try:
-        from gptfast.sampling import sample_top_k
-    except ImportError:
-        sample_top_k = _fallback_sample_top_k
-    return sample_top_k(logits.float(), top_k, temperature, top_p=top_p, generator=generator).reshape(-1)
+    return sample_top_k(logits.float(), top_k, temperature, top_p=top_p, generator=generator)
 
 
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
@@ -368,8 +352,8 @@ def add_parser(subparsers):
                               description="Generate text with a KV cache (greedy, temperature, top-k, top-p).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint file written by `gptfast train`")
-    src.add_argument("--gpt2", metavar="SIZE", help="OpenAI GPT-2 weights: 124M, 355M, 774M or 1558M")
-    p.add_argument("--models-dir", default="models", help="where GPT-2 weights are stored (with --gpt2)")
+    src.add_argument("--gpt2", metavar="SIZE", help="GPT-2 weights: 124M, 355M, 774M, 1558M or a path (gptfast.weights)")
+    p.add_argument("--models-dir", default=None, help="where GPT-2 weights are stored (with --gpt2; default ./models)")
     p.add_argument("--prompt", default="Every effort moves you", help="prompt text")
     p.add_argument("--batch-file", help="file with one prompt per line, generated as one batch")
     p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate per prompt")
@@ -394,9 +378,7 @@ def _load(args):
         from .checkpoint import load_model
         return load_model(args.checkpoint, backend=args.backend, device=device), device
     from .weights import load_gpt2  # lazily: only --gpt2 needs it
-    model = load_gpt2(args.gpt2, models_dir=args.models_dir)
-    model.backend = args.backend
-    return model.to(device).eval(), device
+    return load_gpt2(args.gpt2, models_dir=args.models_dir, backend=args.backend, device=device), device
 
 
 def run_cli(args):

@@ -17,10 +17,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-try:  # gptfast's Triton decode kernel (CUDA only); optional
-    from gptfast.kernels.attention import attention_decode
-except Exception:  # Triton or the kernel missing: SDPA does the work
-    attention_decode = None
+_DECODE_KERNEL = []
+
+
+def decode_kernel():
+    """gptfast's Triton decode-attention kernel, or None. Imported on first CUDA use only:
+    importing Triton after TensorFlow aborts the process, and CPU runs never need it."""
+    if not _DECODE_KERNEL:
+        try:
+            from gptfast.kernels.attention import attention_decode
+        except Exception:  # Triton or the kernel missing: SDPA does the work
+            attention_decode = None
+        _DECODE_KERNEL.append(attention_decode)
+    return _DECODE_KERNEL[0]
 
 
 class KVCache:
@@ -62,8 +71,8 @@ class KVCache:
         if self.static:
             return self._static_decode(q)
         if not self.padded:
-            if attention_decode is not None and q.is_cuda and T == 1:
-                return attention_decode(q, self.k, self.v, S)
+            if q.is_cuda and T == 1 and decode_kernel() is not None:
+                return decode_kernel()(q, self.k, self.v, S)
             return ops.attention(q, k, v)
         # query slot t sees keys s <= t that are not padding; a padding query sees itself,
         # so no row is fully masked (that would give NaNs that leak through 0 * NaN)
@@ -74,6 +83,8 @@ class KVCache:
 
     def _static_decode(self, q):
         """One query per row over the whole buffer; slots past write_pos are masked."""
+        if q.is_cuda and not self.padded and decode_kernel() is not None:
+            return decode_kernel()(q, self.k, self.v, (self.write_pos + 1).expand(q.shape[0]))
         slots = torch.arange(self.max_len, device=q.device)
         allowed = (slots <= self.write_pos) & self.key_valid  # (B, S)
         return masked_attention(q, self.k, self.v, allowed[:, None, None, :])

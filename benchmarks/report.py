@@ -4,14 +4,17 @@ benchmarks/results/<device>-<date>-<commit>.md, with device, date, commit and ve
     python benchmarks/report.py                      # every suite
     python benchmarks/report.py --suites bench_gelu.py bench_layer_norm.py
 
-Needs a CUDA GPU; on a CPU-only machine it says so and measures nothing. A bench_*.py file
-that is not a pytest suite (no tests collected) is listed as such: run it directly.
+Runs anywhere: on a CPU-only machine the GPU suites skip (their reasons go into the report)
+and the rest measure the CPU. A bench_*.py file that is not a pytest suite (no tests
+collected) is listed as such: run it directly.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -51,13 +54,15 @@ def run_suite(suite: Path, extra: list[str]) -> tuple[str, list[dict]]:
     """(status line, rows) for one suite."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        cmd = [sys.executable, "-m", "pytest", str(suite), "--benchmark-only", "-q", "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", str(suite), "--benchmark-only", "-q", "-rs", "-p", "no:cacheprovider",
                f"--benchmark-json={out}", *extra]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         rows = rows_from_json(out) if out.exists() else []
     if proc.returncode == NO_TESTS:
         return "not a pytest-benchmark suite: run it directly", []
-    tail = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    lines = proc.stdout.strip().splitlines() or ["(no output)"]
+    skips = [ln for ln in lines if ln.startswith("SKIPPED")]
+    tail = "\n".join(f"- {ln}" for ln in skips + [lines[-1]])
     if proc.returncode != 0:
         print(proc.stdout[-4000:], proc.stderr[-2000:], sep="\n", file=sys.stderr)
         return f"FAILED (exit {proc.returncode}): {tail}", rows
@@ -72,10 +77,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    if not torch.cuda.is_available():
-        print("skipped: no CUDA GPU on this machine; the kernel benchmarks time GPU kernels, and Triton on "
-              "CPU runs only in its interpreter. Run this on a CUDA machine.")
-        return 0
     from tqdm import tqdm
 
     from kernel_bench import table
@@ -85,13 +86,17 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"report.py: no such suite: {', '.join(missing)}")
 
-    device = torch.cuda.get_device_name()
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (no CUDA: GPU suites skip)"
+        print(f"no CUDA GPU here: suites that need one will skip and say so; {device}")
     now = datetime.datetime.now(datetime.timezone.utc)
     commit = commit_id()
     import triton
     lines = [f"# gptfast benchmarks: {device}", "",
              f"- device: {device}", f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {commit}",
-             f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}",
+             f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda or 'none'}",
              f"- command: python benchmarks/report.py {' '.join(sys.argv[1:])}".rstrip(), ""]
     for suite in tqdm(suites, desc="suites", unit="suite"):
         status, rows = run_suite(suite, args.pytest_args.split())
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
             lines += [table(rows), ""]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device.split(" (")[0]).strip("-").lower()
     path = args.out / f"{slug}-{now:%Y%m%d}-{commit}.md"
     path.write_text("\n".join(lines))
     print("\n".join(lines))

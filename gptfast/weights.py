@@ -15,7 +15,6 @@ prefix and Conv1D weights as (in, out); one mapping then builds gptfast's state 
 """
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import re

@@ -172,6 +172,22 @@ def test_convert_to_gptfast_format_and_from_checkpoint(hf_dirs, tmp_path):
         convert(out, out)
 
 
+def test_converted_model_trains_without_touching_the_file(hf_dirs, tmp_path):
+    """Memory-mapped weights are copy-on-write: an optimizer step works, the file stays as it
+    was, and the tied head stays one parameter."""
+    _, path, idx = hf_dirs["d16-ctx37"]
+    out = convert(path, tmp_path / "fast")
+    before = (out / "model.safetensors").read_bytes()
+    model = load_gpt2(out, backend="torch").train()
+    snapshot = model.tok_emb.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.loss(idx[:, :-1], idx[:, 1:]).backward()
+    opt.step()
+    assert model.out_head.weight is model.tok_emb.weight
+    assert not torch.equal(model.tok_emb.weight, snapshot), "the step did not change the weights"
+    assert (out / "model.safetensors").read_bytes() == before
+
+
 def run_cli(argv):
     parser = argparse.ArgumentParser()
     weights.add_parser(parser.add_subparsers(dest="command"))

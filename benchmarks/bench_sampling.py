@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import re
 import subprocess
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
             f"# sample_top_k: fused op vs six-op PyTorch path, {device_name(device)}", "",
             f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {commit_id()}",
             f"- torch {torch.__version__}; V={V}, fp32 logits, temperature {TEMPERATURE}; median microseconds",
+            f"- load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machines: noisy)",
             f"- command: python benchmarks/bench_sampling.py {' '.join(sys.argv[1:])}".rstrip(), "",
             table(measure(device)), ""])
         print(text)

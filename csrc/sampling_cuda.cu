@@ -144,40 +144,46 @@ __device__ int64_t ordered_find(int64_t V, const Weight& weight, float u, bool f
   return sh.found;
 }
 
-// Warp 0 picks the bin, from the top, where the running count (or mass) reaches `need`.
-// Lane l owns bins 255-8l .. 248-8l; lane intervals are made contiguous bit for bit.
-template <bool kMass>
-__device__ void pick_bin(Shared& sh, int shift, float need) {
+// Warp 0 picks the bin, from the top, where the running count reaches `need` (exact
+// integer arithmetic). Lane l owns bins 255-8l .. 248-8l.
+__device__ void pick_count_bin(Shared& sh, int shift, uint32_t need) {
   const int lane = threadIdx.x & 31;
-  float c[8], s = 0.f;
-  for (int j = 0; j < 8; ++j) {
+  const uint32_t* c = sh.count + 255 - 8 * lane;  // c[-j]: this lane's bins, top first
+  uint32_t incl = 0;
+  for (int j = 0; j < 8; ++j) incl += c[-j];
+  const uint32_t own = incl;
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint32_t t = __shfl_up_sync(kFull, incl, o);
+    if (lane >= o) incl += t;
+  }
+  uint32_t cum = incl - own;
+  if (cum < need && need <= incl) {  // exactly one lane
+    int j = 0;
+    while (cum + c[-j] < need) cum += c[-j++];
     const int b = 255 - 8 * lane - j;
-    c[j] = kMass ? sh.mass[b] : static_cast<float>(sh.count[b]);
-    s += c[j];
+    sh.prefix |= static_cast<uint32_t>(b) << shift;
+    sh.bin_count = c[-j];
+    sh.remaining = need - cum;
   }
-  const float incl = warp_inclusive_scan(s);
-  float excl = __shfl_up_sync(kFull, incl, 1);
-  if (lane == 0) excl = 0.f;
-  need = fminf(need, __shfl_sync(kFull, incl, 31));
-  if (excl < need && need <= incl) {
-    float cum = excl, before = excl;
-    int pick = -1;
-    for (int j = 0; j < 8; ++j) {
-      if (c[j] > 0.f) {  // the last weighted bin if rounding never reaches `need`
-        pick = j;
-        before = cum;
-        cum += c[j];
-        if (cum >= need) break;
-      }
-    }
-    if (pick >= 0) {  // always: this lane holds weight
-      const int b = 255 - 8 * lane - pick;
-      sh.prefix |= static_cast<uint32_t>(b) << shift;
-      sh.bin_count = sh.count[b];
-      if (kMass) sh.mass_left = need - before;
-      else sh.remaining = static_cast<uint32_t>(need - before + 0.5f);
+}
+
+// Thread 0 picks the bin, from the top, where the running mass reaches `need`; serial, so
+// a bin is always picked (the last weighted one if rounding leaves `need` unreached).
+__device__ void pick_mass_bin(Shared& sh, int shift, float need) {
+  float cum = 0.f, before = 0.f;
+  int pick = -1;
+  for (int b = 255; b >= 0; --b) {
+    if (sh.mass[b] > 0.f) {
+      pick = b;
+      before = cum;
+      cum += sh.mass[b];
+      if (cum >= need) break;
     }
   }
+  if (pick < 0) return;  // no mass at all: cannot happen, the max token weighs 1
+  sh.prefix |= static_cast<uint32_t>(pick) << shift;
+  sh.bin_count = sh.count[pick];
+  sh.mass_left = need - before;
 }
 
 // Radix select over kept tokens (Cut `within`): the largest key whose cumulative count
@@ -203,10 +209,10 @@ __device__ void radix_select(const T* x, int64_t V, Cut within, float vmax, floa
       }
     }
     __syncthreads();
-    if (threadIdx.x < 32) pick_bin<kMass>(sh, shift, need);
+    if (kMass && threadIdx.x == 0) pick_mass_bin(sh, shift, need);
+    if (!kMass && threadIdx.x < 32) pick_count_bin(sh, shift, static_cast<uint32_t>(need));
     __syncthreads();
-    if (kMass) need = sh.mass_left;
-    else need = static_cast<float>(sh.remaining);
+    need = kMass ? sh.mass_left : static_cast<float>(sh.remaining);
     mask |= 0xffu << shift;
   }
 }

@@ -32,13 +32,15 @@ if _C_ERROR is None:
         return (logits.new_empty((B,), dtype=torch.long), logits.new_empty(shape),
                 logits.new_empty(shape, dtype=torch.long))
 
+# Looked up once: a plain dict read is what torch.compile can trace without a graph break.
+_KERNELS = {d: _C_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key("gptfast::sample_top_k", d.upper())
+            for d in ("cpu", "cuda")}
 _warned: set[str] = set()
 
 
 def has_kernel(device_type: str) -> bool:
     """Whether gptfast._C has a sample_top_k kernel for this device type ("cpu", "cuda")."""
-    return _C_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "gptfast::sample_top_k", device_type.upper())
+    return _KERNELS.get(device_type, False)
 
 
 def _validate(logits, k, temperature, top_p):

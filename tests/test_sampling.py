@@ -177,10 +177,13 @@ def test_op_checks_its_own_arguments():
 def test_fake_impl_and_compile():
     args = (torch.randn(4, 300), 20, 0.9, 0.95, torch.tensor([3, 4]), True)
     torch.library.opcheck(op, args)
-    eager = op(*args)
-    compiled = torch.compile(lambda *a: op(*a), backend="aot_eager", fullgraph=True)(*args)
-    for a, b in zip(eager, compiled):
-        assert torch.equal(a, b)
+    logits, seed = args[0], torch.tensor([3, 0])
+    fn = torch.compile(lambda x, s: sample_top_k(x, 20, 0.9, top_p=0.95, seed=s, return_topk=True),
+                       backend="aot_eager", fullgraph=True)  # fullgraph: no graph break in the API
+    for offset in range(3):  # the seed tensor advanced in place, as a CUDA-graph caller would
+        seed[1] = offset
+        for a, b in zip(fn(logits, seed), sample_top_k(logits, 20, 0.9, top_p=0.95, seed=(3, offset), return_topk=True)):
+            assert torch.equal(a, b)
 
 
 def test_fallback_warns_once_and_samples(monkeypatch):

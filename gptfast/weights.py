@@ -124,7 +124,7 @@ def load_gpt2(path_or_size: str | Path, models_dir: str | Path | None = None, ba
     "bfloat16") casts the weights; `device` moves the model there."""
     path = resolve_gpt2_path(path_or_size, models_dir)
     cfg, state = read_pretrained(path)
-    return build_model(cfg, state, backend=backend, dtype=dtype, device=device)
+    return build_model(cfg, state, backend=backend, dtype=dtype, device=device, source=str(path))
 
 
 def resolve_gpt2_path(path_or_size: str | Path, models_dir: str | Path | None = None) -> Path:
@@ -160,7 +160,8 @@ def read_pretrained(path: Path) -> tuple[GPTConfig, dict]:
     return _read_hf(path, config)
 
 
-def build_model(cfg: GPTConfig, state: dict, backend: str = "auto", dtype=None, device=None) -> GPTModel:
+def build_model(cfg: GPTConfig, state: dict, backend: str = "auto", dtype=None, device=None,
+                source: str = "weights") -> GPTModel:
     """A GPTModel holding `state`'s tensors themselves (no random init, no copy when the dtype
     already matches: memory-mapped tensors stay memory-mapped)."""
     if isinstance(dtype, str):
@@ -175,12 +176,13 @@ def build_model(cfg: GPTConfig, state: dict, backend: str = "auto", dtype=None, 
     expected = model.state_dict()
     for name, tensor in expected.items():
         if name not in state or state[name] is None:
-            raise ValueError(f"weights for {name} are missing")
+            raise ValueError(f"{source}: missing tensor {name}")
         if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}")
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
+                             f"expected {tuple(tensor.shape)}")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise ValueError(f"unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected)")
+        raise ValueError(f"{source}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected)")
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
@@ -226,7 +228,8 @@ def _read_hf(path: Path, config: dict | None) -> tuple[GPTConfig, dict]:
             raise ValueError(f"{path}: cannot read the PyTorch weights ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]})") from None
     else:
-        raise ValueError(f"{path}: unknown weights file type (expected .safetensors or .bin)")
+        raise ValueError(f"{path}: unknown weights file type (expected .safetensors or .bin; a gptfast "
+                         "training checkpoint loads with gptfast.checkpoint.load_model)")
     prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
     source = {k.removeprefix(prefix): (k, v) for k, v in tensors.items() if not HF_BUFFERS.search(k)}
     hp = _hf_hparams(config, source, path)

@@ -408,6 +408,17 @@ def test_wrong_or_missing_tensor_is_named(hf_dirs, tmp_path, damage):
     assert name in str(e.value), e.value
 
 
+def test_converted_format_wrong_shape_is_named(hf_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = convert(hf_dirs["d16-ctx37"][1], tmp_path / "fast")
+    tensors = load_file(out / "model.safetensors")
+    tensors["final_norm.scale"] = torch.ones(5)
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(ValueError, match=re.escape("tensor final_norm.scale has shape (5,), expected (64,)")):
+        load_gpt2(out)
+
+
 def test_truncated_safetensors(hf_dirs, tmp_path):
     _, path, _ = hf_dirs["d16-ctx37"]
     data = (path / "model.safetensors").read_bytes()

@@ -98,9 +98,11 @@ def device_name(device: str) -> str:
 
 
 def commit_id() -> str:
+    """HEAD, marked -dirty when the files this benchmark measures differ from it."""
     def git(*a):
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return (git("rev-parse", "--short", "HEAD") or "nogit") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
+    mine = ["csrc", "gptfast/sampling.py", "benchmarks/bench_sampling.py", "setup.py"]
+    return (git("rev-parse", "--short", "HEAD") or "nogit") + ("-dirty" if git("status", "--porcelain", "--", *mine) else "")
 
 
 def main(argv=None) -> int:
@@ -110,14 +112,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not sampling.has_kernel("cpu"):
         raise SystemExit(f"bench_sampling: gptfast._C is not built ({sampling._C_ERROR}); pip install -e . first")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now, commit = datetime.datetime.now(datetime.timezone.utc), commit_id()
     for device in args.device or devices():
         if device == "cuda" and not sampling.has_kernel("cuda"):
             print("cuda: skipped, gptfast._C was built without its CUDA kernel")
             continue
         text = "\n".join([
             f"# sample_top_k: fused op vs six-op PyTorch path, {device_name(device)}", "",
-            f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {commit_id()}",
+            f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {commit}",
             f"- torch {torch.__version__}; V={V}, fp32 logits, temperature {TEMPERATURE}; median microseconds",
             f"- load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machines: noisy)",
             f"- command: python benchmarks/bench_sampling.py {' '.join(sys.argv[1:])}".rstrip(), "",
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
         print(text)
         if args.save:
             slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device) if device == "cuda" else "cpu").strip("-").lower()
-            path = ROOT / "benchmarks" / "results" / f"sampling-{slug}-{now:%Y%m%d}-{commit_id()}.md"
+            path = ROOT / "benchmarks" / "results" / f"sampling-{slug}-{now:%Y%m%d}-{commit}.md"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             print(f"wrote {path}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import subprocess
 import time
@@ -92,12 +93,15 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--no-cache-tokens", type=int, default=200, help="fewer keeps the slow baseline short")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, n = torch.device(args.device), args.new_tokens
     torch.manual_seed(123)
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").to(device).eval()
     hf = to_transformers(model).to(device)
-    reduced = "bfloat16" if device.type == "cuda" else "int8" if int8_supported() else "bfloat16"
+    reduced = "bfloat16" if device.type == "cuda" else "float16"  # Generator's dtype="auto"
 
     with torch.inference_mode():  # same weights: the two models' logits agree
         idx = torch.tensor([PROMPT], device=device)
@@ -111,7 +115,7 @@ def main():
     if device.type == "cuda":
         rows["transformers generate (bf16)"] = bench_transformers(hf.to(torch.bfloat16), device, n)
     rows["gptfast Generator (fp32)"] = bench_ours(model, "float32", device, n)
-    for dtype in dict.fromkeys([reduced, "bfloat16"]):
+    for dtype in dict.fromkeys([reduced, "bfloat16", "float16"] + ["int8"] * int8_supported(device)):
         label = f"gptfast Generator ({dtype}{', the default' if dtype == reduced else ''})"
         rows[label] = bench_ours(model, dtype, device, n)
 
@@ -130,7 +134,8 @@ def main():
              f"device: {device.type} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}",
              f"command: python benchmarks/bench_generate.py --device {args.device} --new-tokens {n} "
-             f"--no-cache-tokens {args.no_cache_tokens}", "",
+             f"--no-cache-tokens {args.no_cache_tokens}" + (f" --threads {args.threads}" if args.threads else ""),
+             f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine)", "",
              "| engine | tokens | time to first token (ms) | tokens/s | vs no-cache | vs transformers fp32 "
              "| greedy tokens equal to fp32 engine |",
              "|---|---|---|---|---|---|---|"]

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from .kv_cache import make_caches
-from .quant import DTYPES, int8_supported, inference_copy
+from .quant import DTYPES, inference_copy
 from .sampling import sample_top_k
 
 
@@ -107,15 +107,16 @@ class _Request:
 
 class Generator:
     """Repeated generation with one model: `generate` (text or batches of text), `generate_ids`,
-    `stream`. `dtype`: "auto" (bfloat16 on CUDA, int8 weight-only on CPU when torch supports it,
-    else float32), "float32", "bfloat16", "float16", "int8", or None to use the model as it is.
+    `stream`. `dtype`: "auto" (bfloat16 on CUDA; float16 on CPU, where torch's fp16 matrix-vector
+    kernel beat int8 weight-only and bf16 — benchmarks/results/generate_cpu.md), "float32",
+    "bfloat16", "float16", "int8" (weight-only), or None to use the model as it is.
     A converted copy is made when needed; the caller's model is never modified (it runs in eval
     mode while generating)."""
 
     def __init__(self, model, tokenizer=None, dtype="auto", device=None, context_size=None, cuda_graph=True):
         device = torch.device(device) if device is not None else model.tok_emb.weight.device
         if dtype == "auto":
-            dtype = "bfloat16" if device.type == "cuda" else "int8" if int8_supported(device) else "float32"
+            dtype = "bfloat16" if device.type == "cuda" else "float16"  # CPU: fastest measured, see benchmarks/
         elif dtype is not None and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
         self.dtype, self.device = dtype, device
@@ -365,7 +366,7 @@ def add_parser(subparsers):
     p.add_argument("--eos", action="store_true", help="stop at <|endoftext|>")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                   help="weights: auto = bfloat16 on CUDA, int8 weight-only on CPU")
+                   help="weights: auto = bfloat16 on CUDA, float16 on CPU; int8 = weight-only int8 linears")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"))
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")

@@ -1,7 +1,9 @@
 // CUDA kernel of gptfast::sample_top_k (semantics in sampling_common.h).
 //
 // One 1024-thread block per row, no sort of the vocabulary:
-//  1. max / argmax / NaN check (strided, coalesced);
+//  1. one read of the row from global memory (8 loads in flight per thread), staging it in
+//     shared memory when it fits (fp32 V=50257 on H100: 201 KB), with max / argmax / NaN check;
+//     every later pass reads the staged copy;
 //  2. top-k: 4-pass 8-bit radix select on order-preserving float keys finds the k-th key;
 //     ties at it keep the lowest ids (an ordered count finds the cut id only if needed);
 //  3. top-p: the same radix select weighted by exp((x - max) / T) finds the nucleus cut;
@@ -31,6 +33,7 @@ namespace {
 
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 8;  // global loads in flight per thread while staging
 constexpr unsigned kFull = 0xffffffffu;
 
 // Order-preserving map float -> uint32 (larger float, larger key); -0 is folded into +0
@@ -219,24 +222,40 @@ __device__ void radix_select(const T* x, int64_t V, Cut within, float vmax, floa
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sample_top_k_kernel(
-    const T* __restrict__ logits, int64_t V, int64_t k, float inv_t, bool greedy, float top_p,
+    const T* __restrict__ logits, int64_t V, bool staged, int64_t k, float inv_t, bool greedy, float top_p,
     const int64_t* __restrict__ seed_dev, uint64_t seed_host, uint64_t offset_host,
     int64_t* __restrict__ ids, T* __restrict__ values, int64_t* __restrict__ indices) {
   __shared__ Shared sh;
+  extern __shared__ __align__(16) unsigned char staged_row[];
   const int64_t row = blockIdx.x;
-  const T* x = logits + row * V;
+  const T* xg = logits + row * V;
+  T* xs = reinterpret_cast<T*>(staged_row);
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
 
-  // 1. max / argmax (lowest id among equal maxima) / NaN or +inf check
+  // 1. stage the row; max / argmax (lowest id among equal maxima) / NaN or +inf check.
+  // Each thread visits its ids in increasing order, so a strict > keeps the lowest.
   float m = -INFINITY;
   int64_t arg = V;
   bool bad = false;
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    const float f = static_cast<float>(x[i]);
-    bad |= !(f < INFINITY);
-    if (f > m) {
-      m = f;
-      arg = i;
+  for (int64_t base = threadIdx.x; base < V; base += kUnroll * kThreads) {
+    T r[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int64_t i = base + j * kThreads;
+      if (i < V) r[j] = xg[i];
+    }
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int64_t i = base + j * kThreads;
+      if (i < V) {
+        if (staged) xs[i] = r[j];
+        const float f = static_cast<float>(r[j]);
+        bad |= !(f < INFINITY);
+        if (f > m) {
+          m = f;
+          arg = i;
+        }
+      }
     }
   }
   for (int o = 16; o > 0; o >>= 1) {
@@ -251,7 +270,8 @@ __global__ void __launch_bounds__(kThreads) sample_top_k_kernel(
     sh.warp_f[warp] = m;
     sh.warp_i[warp] = arg;
   }
-  bad = __syncthreads_or(bad);
+  bad = __syncthreads_or(bad);  // also publishes the staged row
+  const T* x = staged ? xs : xg;
   float vmax = -INFINITY;
   int64_t argmax = V;
   for (int w = 0; w < kWarps; ++w) {
@@ -341,8 +361,27 @@ void launch(const at::Tensor& logits, int64_t k, double temperature, double top_
             at::Tensor& indices, bool return_topk, cudaStream_t stream) {
   const int64_t B = logits.size(0), V = logits.size(1);
   const bool greedy = temperature == 0 || k == 1;
-  sample_top_k_kernel<T><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-      logits.data_ptr<T>(), V, k, greedy ? 0.f : static_cast<float>(1.0 / temperature), greedy,
+  // Stage the row in shared memory when it fits this device's opt-in limit (per device,
+  // raised once per kernel instantiation); otherwise every pass reads global memory (L2).
+  constexpr int kMaxDevices = 64;
+  static int optin[kMaxDevices] = {}, raised[kMaxDevices] = {};
+  const int dev = logits.get_device();
+  TORCH_CHECK(dev >= 0 && dev < kMaxDevices, "sample_top_k: CUDA device index ", dev, " out of range");
+  if (optin[dev] == 0) {
+    cudaError_t e = cudaDeviceGetAttribute(&optin[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    TORCH_CHECK(e == cudaSuccess, "sample_top_k: cudaDeviceGetAttribute failed: ", cudaGetErrorString(e));
+  }
+  const size_t row_bytes = static_cast<size_t>(V) * sizeof(T);
+  const bool staged = row_bytes + sizeof(Shared) <= static_cast<size_t>(optin[dev]);
+  const int smem = staged ? static_cast<int>(row_bytes) : 0;
+  if (smem > raised[dev]) {
+    cudaError_t e = cudaFuncSetAttribute(sample_top_k_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(optin[dev] - sizeof(Shared)));
+    TORCH_CHECK(e == cudaSuccess, "sample_top_k: cudaFuncSetAttribute failed: ", cudaGetErrorString(e));
+    raised[dev] = static_cast<int>(optin[dev] - sizeof(Shared));
+  }
+  sample_top_k_kernel<T><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
+      logits.data_ptr<T>(), V, staged, k, greedy ? 0.f : static_cast<float>(1.0 / temperature), greedy,
       static_cast<float>(top_p), seed_dev, seed_host, offset_host, ids.data_ptr<int64_t>(),
       return_topk ? values.data_ptr<T>() : nullptr, return_topk ? indices.data_ptr<int64_t>() : nullptr);
 }

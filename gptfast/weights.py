@@ -223,7 +223,7 @@ def _read_hf(path: Path, config: dict | None) -> tuple[GPTConfig, dict]:
         tensors = _read_safetensors(path)
     elif path.suffix == ".bin":
         try:
-            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            tensors = torch.load(path, map_location="cpu", weights_only=True)  # no mmap: old .bin files lack it
         except Exception as e:
             raise ValueError(f"{path}: cannot read the PyTorch weights ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]})") from None
@@ -360,27 +360,49 @@ def _save_safetensors(tensors: dict, path: Path) -> None:
               metadata={"format": "pt"})
 
 
+def plain_state_dict(model: GPTModel, what: str) -> tuple[dict, bool]:
+    """(The model's GPT-2 state dict with LoRA adapters merged, whether its head is still tied
+    to the embedding: an adapter on out_head unties it). Anything else that differs from a
+    plain GPTModel of its config (e.g. a classifier head) is an error naming the tensor."""
+    if any(".lora_" in k for k in model.state_dict()):
+        from .lora import merged_state_dict
+
+        state = merged_state_dict(model)
+    else:
+        state = model.state_dict()
+    with torch.device("meta"):
+        expected = GPTModel(model.cfg).state_dict()
+    for name in sorted(set(state) | set(expected)):
+        got = tuple(state[name].shape) if name in state else None
+        want = tuple(expected[name].shape) if name in expected else None
+        if got != want:
+            raise ValueError(f"{what}: the model's {name} is {got or 'missing'} where a GPT-2 language model has "
+                             f"{want or 'nothing'} (a replaced head, e.g. a classifier, cannot be exported)")
+    return state, model.cfg.tie_weights and torch.equal(state["out_head.weight"], state["tok_emb.weight"])
+
+
 def save_gptfast(model: GPTModel, out_dir: str | Path, dtype=None) -> Path:
     """gptfast's own format: config.json {"gptfast": config} + model.safetensors in gptfast's
     layout (a tied head is stored once). `load_gpt2(out_dir)` memory-maps it back."""
+    state, tied = plain_state_dict(model, "save_gptfast")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    if model.cfg.tie_weights:
+    if tied:
         state.pop("out_head.weight")
     if dtype is not None:
         state = {k: v.to(DTYPES[dtype] if isinstance(dtype, str) else dtype) for k, v in state.items()}
     _save_safetensors(state, out_dir / WEIGHTS_FILE)
-    (out_dir / "config.json").write_text(json.dumps({"gptfast": model.cfg.to_dict()}, indent=2) + "\n")
+    config = dict(model.cfg.to_dict(), tie_weights=tied)
+    (out_dir / "config.json").write_text(json.dumps({"gptfast": config}, indent=2) + "\n")
     return out_dir
 
 
 def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
     """A directory transformers loads with GPT2LMHeadModel.from_pretrained(out_dir).
 
-    Padded vocabulary rows are cut off; a model without qkv bias gets zero biases (the same
+    LoRA adapters are merged in (the model itself is left as it is). Padded vocabulary rows are cut off; a model without qkv bias gets zero biases (the same
     function); an untied head is written as lm_head.weight with tie_word_embeddings false."""
-    cfg, state = model.cfg, model.state_dict()
+    cfg, (state, tied) = model.cfg, plain_state_dict(model, "save_hf")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     V, C = cfg.vocab_size, cfg.emb_dim
@@ -398,7 +420,7 @@ def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
             t[theirs + conv + ".bias"] = bias if bias is not None else weight.new_zeros(weight.shape[0])
     t["transformer.ln_f.weight"] = state["final_norm.scale"]
     t["transformer.ln_f.bias"] = state["final_norm.shift"]
-    if not cfg.tie_weights:
+    if not tied:
         t["lm_head.weight"] = state["out_head.weight"][:V]
     _save_safetensors(t, out_dir / WEIGHTS_FILE)
     config = {
@@ -407,7 +429,7 @@ def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
         "n_head": cfg.n_heads, "n_layer": cfg.n_layers, "n_inner": None, "activation_function": "gelu_new",
         "layer_norm_epsilon": 1e-5, "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate,
         "attn_pdrop": cfg.drop_rate, "initializer_range": 0.02, "scale_attn_weights": True,
-        "tie_word_embeddings": cfg.tie_weights, "bos_token_id": 50256, "eos_token_id": 50256,
+        "tie_word_embeddings": tied, "bos_token_id": 50256, "eos_token_id": 50256,
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir

@@ -153,6 +153,27 @@ def test_save_hf_untied_no_qkv_bias_padded_vocab(tmp_path):
     assert_close(our_logits(back, idx), our_logits(ours, idx), "untied re-import")
 
 
+@pytest.mark.parametrize("targets", [["att.qkv", "ff"], None])  # None: every linear, the tied head too
+def test_save_hf_merges_lora_and_rejects_a_classifier_head(hf_dirs, tmp_path, targets):
+    from gptfast.lora import apply_lora, merge_lora
+
+    hf, path, idx = hf_dirs["d24-ctx23"]
+    model = load_gpt2(path, backend="reference")
+    apply_lora(model, rank=2, alpha=4.0, targets=targets)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    back = GPT2LMHeadModel.from_pretrained(save_hf(model, tmp_path / "hf"), attn_implementation="eager").eval()
+    assert back.config.tie_word_embeddings == (targets is not None)
+    assert (hf_logits(back, idx) - hf_logits(hf, idx)).abs().max() > 0.01, "the adapters were not exported"
+    merge_lora(model)  # the same function as the export, computed the same way
+    assert_close(hf_logits(back, idx), our_logits(model, idx), f"LoRA {targets} export")
+    model.out_head = torch.nn.Linear(model.cfg.emb_dim, 2)
+    with pytest.raises(ValueError, match=r"save_hf: the model's out_head\.\w+ is \(2.*cannot be exported"):
+        save_hf(model, tmp_path / "classifier")
+
+
 def test_convert_to_gptfast_format_and_from_checkpoint(hf_dirs, tmp_path):
     hf, path, idx = hf_dirs["d16-ctx37"]
     assert run_cli(["convert", str(path), "--out", str(tmp_path / "124M-gptfast")]) is None

@@ -113,10 +113,10 @@ def test_labelled_file_errors_name_the_line(tmp_path, content, labels, message):
         classify.read_labelled(path, labels)
 
 
-def test_csv_with_quotes_and_header(tmp_path):
+def test_csv_with_quotes_header_and_three_classes(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text('label,text\nb,"hello, world"\na,plain\n')
-    assert classify.read_labelled(path) == ([("hello, world", 1), ("plain", 0)], ["a", "b"])
+    path.write_text('label,text\nb,"hello, world"\na,plain\nc,"say ""hi"""\n')
+    assert classify.read_labelled(path) == ([("hello, world", 1), ("plain", 0), ('say "hi"', 2)], ["a", "b", "c"])
 
 
 @pytest.mark.parametrize("content, message", [
@@ -207,7 +207,10 @@ def test_instruct_cli_writes_responses_and_a_loadable_model(tmp_path, monkeypatc
     answers = json.loads((out / "responses.json").read_text())
     assert [a["output"] for a in answers] == [r["output"] for r in instruct.split_data(records)[2]]
     assert all(isinstance(a["model_response"], str) for a in answers)
-    assert (out / "loss.png").is_file() and (out / "lora.safetensors").is_file()
+    assert (out / "loss.png").is_file()
+    from safetensors import safe_open
+    with safe_open(str(out / "lora.safetensors"), framework="pt") as f:  # the vocabulary head stays frozen
+        assert f.keys() and not any(k.startswith("out_head") for k in f.keys())
     from gptfast.checkpoint import load_model
     assert load_model(out / "model.pt").cfg.emb_dim == TOY.emb_dim
 

@@ -34,7 +34,8 @@ def add_model_args(p):
     lo.add_argument("--lora-rank", type=int, default=0, help="train rank-R adapters instead of weights (0: off)")
     lo.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
     lo.add_argument("--lora-targets", nargs="+", default=None, metavar="NAME",
-                    help="only wrap linear layers matching these names, e.g. att.qkv ff (default: all)")
+                    help="only wrap linear layers matching these names, e.g. att.qkv ff out_head "
+                    "(default: all; finetune-instruct leaves the vocabulary head out)")
 
 
 def pick_device(name=None) -> torch.device:
@@ -58,14 +59,16 @@ def load_base_model(args) -> GPTModel:
     return model.to(device)
 
 
-def maybe_apply_lora(model, args) -> list[str]:
-    """Wrap the model's linear layers when --lora-rank is set; returns their names."""
+def maybe_apply_lora(model, args, default_exclude=None) -> list[str]:
+    """Wrap the model's linear layers when --lora-rank is set; returns their names.
+    `default_exclude` applies only when --lora-targets is not given."""
     if not args.lora_rank:
         return []
     from ..lora import apply_lora
 
     alpha = args.lora_alpha if args.lora_alpha is not None else args.lora_rank
-    return apply_lora(model, args.lora_rank, alpha, targets=args.lora_targets)
+    exclude = None if args.lora_targets else default_exclude
+    return apply_lora(model, args.lora_rank, alpha, targets=args.lora_targets, exclude=exclude)
 
 
 def plot_curves(x, series: dict, xlabel: str, ylabel: str, path) -> Path:

@@ -127,7 +127,7 @@ void sample_rows(const at::Tensor& logits, int64_t k, double temperature, double
                  at::Tensor& values, at::Tensor& indices) {
   const int64_t B = logits.size(0), V = logits.size(1);
   const int64_t kk = std::min(k, V);
-  const bool greedy = temperature == 0 || kk == 1;
+  const bool greedy = is_greedy(kk, temperature);
   const bool full = kk == V;
   const bool nucleus = !greedy && top_p < 1;
   // The top-k set is needed for the top-k outputs or a filtered draw; k >= V keeps the row.

@@ -360,7 +360,7 @@ void launch(const at::Tensor& logits, int64_t k, double temperature, double top_
             uint64_t seed_host, uint64_t offset_host, at::Tensor& ids, at::Tensor& values,
             at::Tensor& indices, bool return_topk, cudaStream_t stream) {
   const int64_t B = logits.size(0), V = logits.size(1);
-  const bool greedy = temperature == 0 || k == 1;
+  const bool greedy = is_greedy(k, temperature);
   // Stage the row in shared memory when it fits this device's opt-in limit (per device,
   // raised once per kernel instantiation); otherwise every pass reads global memory (L2).
   constexpr int kMaxDevices = 64;

@@ -22,4 +22,9 @@ inline void check_sample_args(const at::Tensor& logits, int64_t k, double temper
               "sample_top_k: seed must be an int64 tensor of 2 elements (seed, offset)");
 }
 
+// Greedy (argmax) draws: temperature 0, k = 1, or a temperature so small 1/T overflows fp32.
+inline bool is_greedy(int64_t k, double temperature) {
+  return temperature == 0 || k == 1 || std::isinf(static_cast<float>(1.0 / temperature));
+}
+
 }  // namespace gptfast

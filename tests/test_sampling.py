@@ -87,6 +87,7 @@ def test_greedy_is_argmax(dtype):
         assert torch.equal(sample_top_k(logits, 50, 0.0, seed=1), want)
         assert torch.equal(sample_top_k(logits, 1, 1.5, seed=1), want)
         assert torch.equal(sample_top_k(logits, None, 0, top_p=0.1), want)
+        assert torch.equal(sample_top_k(logits, 50, 1e-40, seed=1), want)  # 1/T overflows fp32
         assert torch.equal(reference_sample_top_k(logits, 1, 1.5), want)
 
 

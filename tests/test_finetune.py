@@ -234,6 +234,7 @@ def test_judge_scores_through_an_ollama_style_endpoint():
     server = HTTPServer(("127.0.0.1", 0), _Judge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
+        instruct.check_judge(f"http://127.0.0.1:{server.server_port}")  # answers (501 to GET): reachable
         entries = [{"instruction": "Say hi.", "input": "", "output": "hi", "model_response": "hello"}]
         assert instruct.judge_scores(entries, f"http://127.0.0.1:{server.server_port}", progress=False) == [85]
     finally:
@@ -246,6 +247,8 @@ def test_unreachable_judge_is_one_clear_error():
     server.server_close()  # nothing listens there now
     with pytest.raises(RuntimeError, match=r"judge at http://127.0.0.1:\d+/api/chat is unreachable"):
         instruct.query_judge("hi", f"http://127.0.0.1:{port}", timeout=5)
+    with pytest.raises(RuntimeError, match=r"judge at http://127.0.0.1:\d+/ is unreachable"):
+        instruct.check_judge(f"http://127.0.0.1:{port}/api/chat")
 
 
 def test_commands_are_registered():

@@ -187,6 +187,18 @@ def query_judge(prompt: str, url: str, model: str = "llama3", timeout: float = 1
                    for line in raw.splitlines() if line.strip())
 
 
+def check_judge(url: str, timeout: float = 5.0):
+    """Fail before training, not after, when the judge's server does not answer at all."""
+    root = url.rstrip("/").removesuffix("/api/chat") + "/"
+    try:
+        urllib.request.urlopen(root, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # it answered: reachable
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(f"judge at {root} is unreachable ({getattr(e, 'reason', e)}); start it "
+                           "(e.g. `ollama serve`) or leave out --judge-url") from None
+
+
 def judge_scores(entries, url, model="llama3", progress=True) -> list[int | None]:
     """0-100 scores of each entry's `model_response` against its `output` (None if unparsable)."""
     scores = []
@@ -231,6 +243,8 @@ def run_finetune(args):
     train, val, test = split_data(data)
     if not (train and val and test):
         raise ValueError(f"{args.data}: {len(data)} records are too few for an 85/10/5 split")
+    if args.judge_url:
+        check_judge(args.judge_url)
     model = load_base_model(args)
     max_len = min(args.allowed_max_length or model.cfg.context_length, model.cfg.context_length)
     print(f"{args.data}: {len(train)} train / {len(val)} val / {len(test)} test records")
@@ -253,6 +267,8 @@ def run_finetune(args):
 
         save_adapters(model, out_dir / "lora.safetensors")
     answers = generate_responses(model, test, args.max_new_tokens, progress=not args.quiet)
+    (out_dir / "responses.json").write_text(json.dumps(answers, indent=4))
+    _save_model(model, out_dir / "model.pt", wrapped)
     if args.judge_url:
         scores = judge_scores(answers, args.judge_url, args.judge_model, progress=not args.quiet)
         for a, s in zip(answers, scores):
@@ -260,8 +276,7 @@ def run_finetune(args):
         valid = [s for s in scores if s is not None]
         print(f"judge {args.judge_model}: mean score {sum(valid) / max(len(valid), 1):.1f} "
               f"over {len(valid)} of {len(scores)} answers")
-    (out_dir / "responses.json").write_text(json.dumps(answers, indent=4))
-    _save_model(model, out_dir / "model.pt", wrapped)
+        (out_dir / "responses.json").write_text(json.dumps(answers, indent=4))
     print(f"final losses: train {history['train_loss'][-1]:.3f}, val {history['val_loss'][-1]:.3f}; "
           f"wrote {out_dir}/responses.json, loss.png, model.pt")
     return 0

@@ -65,7 +65,7 @@ setup(
     name="gptfast",
     version="0.1.0",
     description="A GPT-2 engine with fused Triton kernels and a C++/CUDA top-k sampler",
-    packages=["gptfast", "gptfast.kernels"],
+    packages=["gptfast", "gptfast.finetune", "gptfast.kernels"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels"},
     package_data={"gptfast": ["assets/*"]},
     ext_modules=ext_modules,

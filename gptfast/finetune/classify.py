@@ -220,7 +220,7 @@ def add_parser(sub):
     p.add_argument("--data", default=str(SPAM_DATA), help="labelled TSV/CSV (default: the bundled SMS Spam Collection)")
     p.add_argument("--labels", nargs="+", default=None, help="allowed labels in class order (default: all, sorted)")
     p.add_argument("--no-balance", action="store_true", help="keep every example instead of undersampling")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N examples after balancing (demos)")
+    p.add_argument("--limit", type=int, default=None, help="use a random N of the examples after balancing (demos)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per message (default: longest in train)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
@@ -250,7 +250,7 @@ def run_finetune(args):
     if not args.no_balance:
         examples = balance(examples, args.seed)
     if args.limit:
-        examples = split(examples, 1.0, 0.0, args.seed)[0][: args.limit]
+        examples = random.Random(args.seed).sample(examples, min(args.limit, len(examples)))
     train, val, test = split(examples, 0.7, 0.1, args.seed)
     if not (train and val and test):
         raise ValueError(f"{args.data}: {len(examples)} examples are too few for a 70/10/20 split")

@@ -22,6 +22,7 @@ both backward kernels regenerate the identical mask without storing it.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -32,7 +33,6 @@ _LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -294,8 +294,8 @@ def _dropout_mask_kernel(MASK, T, S, seed, p_drop, BLOCK: tl.constexpr):
 @triton.jit
 def _decode_split(Q, K, V, LENS, PART_ACC, PART_M, PART_L, stride_qb, stride_qh,
                   stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                  H, L_MAX, split_len, num_splits, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+                  H, L_MAX, cache_len, split_len, num_splits, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr):
     """Flash-decoding, step 1: unnormalised softmax stats of one query over one cache split.
 
     Stores m (max base-2 logit), l = sum exp2(s - m) and acc = sum exp2(s - m) v for keys
@@ -306,7 +306,8 @@ def _decode_split(Q, K, V, LENS, PART_ACC, PART_M, PART_L, stride_qb, stride_qh,
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    cache_len = tl.minimum(tl.load(LENS + b), L_MAX)
+    if PER_ROW:  # lengths differ per sequence: LENS holds them; else cache_len is shared
+        cache_len = tl.minimum(tl.load(LENS + b), L_MAX)
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     offs_d = tl.arange(0, HEAD_DIM)
@@ -501,12 +502,12 @@ def attention_decode(q, k_cache, v_cache, cache_len, num_splits: int | None = No
         if cache_len.shape != (B,) or cache_len.dtype.is_floating_point or cache_len.device != q.device:
             raise ValueError(f"attention_decode: cache_len tensor must be ({B},) integers on {q.device}, "
                              f"got {tuple(cache_len.shape)} {cache_len.dtype} on {cache_len.device}")
-        lens, L = cache_len.to(torch.int32), L_max  # no host sync: empty splits cost little
+        lens = cache_len.to(torch.int32).contiguous()  # expanded views become dense
+        L = L_max  # no host sync (CUDA graphs): splits past a row's length exit at once
     else:
         if not 1 <= int(cache_len) <= L_max:
             raise ValueError(f"attention_decode: cache_len must be in [1, {L_max}], got {cache_len}")
-        L = int(cache_len)
-        lens = torch.full((B,), L, dtype=torch.int32, device=q.device)
+        lens, L = None, int(cache_len)
     q, k_cache, v_cache = _unit_last(q), _unit_last(k_cache), _unit_last(v_cache)
     block_n = 16 if _interpreting() else 64
     if num_splits is None:
@@ -519,9 +520,9 @@ def attention_decode(q, k_cache, v_cache, cache_len, num_splits: int | None = No
     part_m = torch.empty((B * H, num_splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     _decode_split[(num_splits, B * H)](
-        q, k_cache, v_cache, lens, part_acc, part_m, part_l, q.stride(0), q.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], H, L_max, split_len, num_splits,
-        _LOG2E / math.sqrt(D), HEAD_DIM=D, BLOCK_N=block_n, num_warps=4)
+        q, k_cache, v_cache, q if lens is None else lens, part_acc, part_m, part_l, q.stride(0), q.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], H, L_max, L, split_len, num_splits,
+        _LOG2E / math.sqrt(D), HEAD_DIM=D, BLOCK_N=block_n, PER_ROW=lens is not None, num_warps=4)
     o = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     _decode_combine[(B * H,)](part_acc, part_m, part_l, o, num_splits, HEAD_DIM=D,
                               BLOCK_S=max(2, triton.next_power_of_2(num_splits)), PREC=_precision(q.dtype))

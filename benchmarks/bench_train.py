@@ -1,0 +1,138 @@
+"""Training-step throughput: the `reference` backend vs the `torch` backend (and `triton` and
+torch.compile on CUDA), fp32 and bf16 autocast, side by side in one run.
+
+    pytest benchmarks/bench_train.py --benchmark-only          # table at the end
+    GPTFAST_BENCH_PRESET=gpt2-small GPTFAST_BENCH_T=1024 GPTFAST_BENCH_B=16 pytest ...   # GPU sizes
+
+Default shape: `book-124m`, batch 2 x 256 (the classic run). Each step is forward, backward
+and a fused-AdamW update. Correctness first: every variant's loss on the first batch must
+match the reference backend's before it is timed. Peak memory: CUDA's allocator peak, or on
+CPU the growth of resident memory during a step (sampled every 2 ms).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from gptfast import GPTConfig, GPTModel
+from gptfast.train import TrainConfig, autocast, make_optimizer
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PRESET = os.environ.get("GPTFAST_BENCH_PRESET", "book-124m")
+T = int(os.environ.get("GPTFAST_BENCH_T", "256"))
+B = int(os.environ.get("GPTFAST_BENCH_B", "2"))
+ROUNDS = int(os.environ.get("GPTFAST_BENCH_ROUNDS", "3"))
+RESULTS: list[dict] = []
+
+VARIANTS = [("reference", "fp32", False), ("torch", "fp32", False), ("reference", "bf16", False),
+            ("torch", "bf16", False)]
+if DEVICE.type == "cuda":
+    VARIANTS += [("triton", "bf16", False), ("torch", "bf16", True)]
+
+
+class PeakRSS:
+    """Peak growth of this process's resident memory while the block runs (CPU)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+@pytest.fixture(scope="module")
+def setup(request):
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset(PRESET, context_length=T, drop_rate=0.0)
+    state = GPTModel(cfg, backend="reference").state_dict()
+    x = torch.randint(cfg.vocab_size, (B, T))
+    yield cfg, state, x, x.roll(-1, 1)
+    request.config.pluginmanager.get_plugin("terminalreporter").write_line(table())
+
+
+def make_step(cfg, state, x, y, backend, dtype, compiled):
+    model = GPTModel(cfg, backend=backend).to(DEVICE)
+    model.load_state_dict(state)
+    runner = torch.compile(model) if compiled else model
+    opt = make_optimizer(model, TrainConfig(), DEVICE)
+    x, y = x.to(DEVICE), y.to(DEVICE)
+
+    def step():
+        with autocast(DEVICE, dtype):
+            loss = runner(x, targets=y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return loss.item()
+
+    return model, step
+
+
+@pytest.mark.parametrize("backend, dtype, compiled", VARIANTS,
+                         ids=[f"{b}-{d}{'-compile' if c else ''}" for b, d, c in VARIANTS])
+def test_train_step(benchmark, setup, backend, dtype, compiled):
+    cfg, state, x, y = setup
+    model, step = make_step(cfg, state, x, y, backend, dtype, compiled)
+    with torch.no_grad(), autocast(DEVICE, dtype):  # correctness first, against the reference in fp32
+        ref = GPTModel(cfg, backend="reference").to(DEVICE)
+        ref.load_state_dict(state)
+        expected = ref(x.to(DEVICE), targets=y.to(DEVICE)).item() if dtype == "fp32" else None
+        got = model(x.to(DEVICE), targets=y.to(DEVICE)).item()
+        del ref
+    if expected is not None:
+        assert abs(got - expected) < 1e-3, (backend, got, expected)
+    else:
+        assert abs(got - 10.9) < 0.5, (backend, dtype, got)  # random init: about ln(50257)
+    step()  # warm-up: allocator, autotuning, compilation
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        with PeakRSS() as mem:
+            benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
+        peak = mem.mib
+    seconds = benchmark.stats.stats.median
+    row = {"backend": backend + ("+compile" if compiled else ""), "dtype": dtype, "ms": seconds * 1e3,
+           "tokens_per_s": B * T / seconds, "peak_mib": peak}
+    benchmark.extra_info.update(row)
+    RESULTS.append(row)
+
+
+def table() -> str:
+    base = next((r["tokens_per_s"] for r in RESULTS if r["backend"] == "reference" and r["dtype"] == "fp32"), None)
+    lines = [f"\ntraining step, {PRESET}, batch {B} x {T}, {DEVICE} "
+             f"({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else os.cpu_count()} "
+             f"{'' if DEVICE.type == 'cuda' else 'cores'})",
+             f"{'backend':<18}{'dtype':<7}{'ms/step':>10}{'tokens/s':>11}{'vs ref fp32':>13}{'peak MiB':>10}"]
+    for r in RESULTS:
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        lines.append(f"{r['backend']:<18}{r['dtype']:<7}{r['ms']:>10.1f}{r['tokens_per_s']:>11.0f}{ratio:>13}"
+                     f"{r['peak_mib']:>10.0f}")
+    return "\n".join(lines)

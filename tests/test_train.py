@@ -1,0 +1,153 @@
+"""The trainer: learning, exact resume (also after SIGKILL), Ctrl-C, divergence, outputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gptfast import GPTConfig, GPTModel
+from gptfast.checkpoint import load_checkpoint, load_model
+from gptfast.data import VERDICT, read_text
+from gptfast.train import Trainer, TrainConfig, TrainingDiverged, split_text_batches
+
+SMALL = dict(context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)  # dropout on: RNG matters
+
+
+def make_trainer(out, text=None, model_kw=SMALL, **train_kw):
+    train_kw = {"epochs": 1, "batch_size": 2, "eval_freq": 3, "eval_iter": 2, "sample_tokens": 0, **train_kw}
+    cfg = TrainConfig(**train_kw)
+    torch.manual_seed(cfg.seed)
+    model = GPTModel(GPTConfig.from_preset("tiny", **model_kw), backend="torch")
+    T = model.cfg.context_length
+    train, val = split_text_batches(text or read_text(VERDICT), T, T, cfg.batch_size, cfg.seed)
+    return Trainer(model, train, val, cfg, out, device="cpu", log=lambda *a: None)
+
+
+def test_resume_after_interrupt_repeats_the_same_losses(tmp_path):
+    full = make_trainer(tmp_path / "a", max_steps=8).fit()["step_loss"]
+
+    first = make_trainer(tmp_path / "b", max_steps=8)
+    real_step = first.train_step
+
+    def step_then_interrupt():
+        if first.step == 4:
+            raise KeyboardInterrupt
+        return real_step()
+    first.train_step = step_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    assert load_checkpoint(first.checkpoint_path)["step"] == 4  # Ctrl-C saved before exiting
+
+    second = make_trainer(tmp_path / "b", max_steps=8)
+    second.resume(first.checkpoint_path)
+    assert second.fit()["step_loss"] == full
+
+
+def _cli_train(out, *extra):
+    return [sys.executable, "-m", "gptfast.cli", "train", "--preset", "tiny", "--context-length", "32",
+            "--out", str(out), "--sample-tokens", "0", "--eval-freq", "3", "--eval-iter", "1",
+            *extra]
+
+
+def _wait_for(predicate, proc, what, limit=240):
+    start = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) before {what}: {proc.stdout.read()}")
+        if time.monotonic() - start > limit:
+            proc.kill()
+            raise AssertionError(f"no {what} after {limit} s")
+        time.sleep(0.2)
+
+
+def _checkpoint_step(path):
+    try:
+        return load_checkpoint(path)["step"] if path.exists() else 0
+    except RuntimeError:
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_from_its_last_checkpoint(tmp_path):
+    ck = tmp_path / "run" / "checkpoint.pt"
+    proc = subprocess.Popen(_cli_train(tmp_path / "run", "--save-every", "1", "--max-steps", "12"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: _checkpoint_step(ck) >= 2, proc, "a checkpoint at step 2")
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    killed_at = load_checkpoint(ck)["step"]  # the atomic write means the file is always whole
+    assert 2 <= killed_at < 12
+    resumed = subprocess.run(_cli_train(tmp_path / "run", "--save-every", "1", "--max-steps", "12",
+                                        "--resume", str(ck)), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {ck} at step {killed_at}" in resumed.stdout
+    # the same run, uninterrupted and in this process, gives the same per-step losses
+    full = make_trainer(tmp_path / "ref", model_kw=dict(context_length=32), max_steps=12, eval_freq=3,
+                        eval_iter=1, epochs=10).fit()["step_loss"]
+    torch.testing.assert_close(torch.tensor(load_checkpoint(ck)["history"]["step_loss"]), torch.tensor(full),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    ck = tmp_path / "run" / "checkpoint.pt"
+    proc = subprocess.Popen(_cli_train(tmp_path / "run", "--save-every", "1000", "--max-steps", "1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    _wait_for(metrics.exists, proc, "the first evaluation")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "checkpoint saved" in out
+    assert 1 <= load_checkpoint(ck)["step"] < 1000
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=6, save_every=2)
+    real_step = trainer.train_step
+
+    def poison_after_two():
+        if trainer.step == 2:
+            with torch.no_grad():
+                trainer.model.tok_emb.weight[0].fill_(float("nan"))
+                trainer.model.tok_emb.weight[1:].fill_(float("inf"))
+        return real_step()
+    trainer.train_step = poison_after_two
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 3"):
+        trainer.fit()
+    model = load_model(trainer.checkpoint_path)
+    assert load_checkpoint(trainer.checkpoint_path)["step"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_outputs_metrics_plot_and_schedule(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=6, warmup_steps=2, lr=1e-3, min_lr=1e-4)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 3, 6]
+    assert all(r["tokens_seen"] == r["step"] * 2 * 32 for r in records)
+    assert all(abs(r["val_ppl"] - torch.tensor(r["val_loss"]).exp().item()) < 1e-3 * r["val_ppl"] for r in records)
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)  # warm-up done, cosine at its floor
+
+
+def test_grad_accumulation_equals_a_bigger_batch(tmp_path):
+    """Two micro-batches of 2 == one batch of 4 with the same rows (no dropout)."""
+    no_drop = dict(SMALL, drop_rate=0.0)
+    a = make_trainer(tmp_path / "a", model_kw=no_drop, batch_size=4, max_steps=1)
+    b = make_trainer(tmp_path / "b", model_kw=no_drop, batch_size=2, grad_accum=2, max_steps=1)
+    b.train_batches = a.train_batches.__class__(a.train_batches.dataset, 2, a.cfg.seed, shuffle=False)
+    a.train_batches.shuffle = False
+    a.train_step(), b.train_step()
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_text_too_short_for_a_window(tmp_path):
+    with pytest.raises(ValueError, match="validation split: text has .* tokens; one window of context 32"):
+        make_trainer(tmp_path, text="Every effort moves you. " * 40)

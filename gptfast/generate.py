@@ -8,6 +8,7 @@ always equals the no-cache reference.
 """
 from __future__ import annotations
 
+import argparse
 import codecs
 import time
 import warnings
@@ -350,7 +351,8 @@ class Generator:
 # ---- CLI -------------------------------------------------------------------------------------
 def add_parser(subparsers):
     p = subparsers.add_parser("generate", help="generate text from a checkpoint or GPT-2 weights",
-                              description="Generate text with a KV cache (greedy, temperature, top-k, top-p).")
+                              description="Generate text with a KV cache (greedy, temperature, top-k, top-p).",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint file written by `gptfast train`")
     src.add_argument("--gpt2", metavar="SIZE", help="GPT-2 weights: 124M, 355M, 774M, 1558M or a path (gptfast.weights)")
@@ -368,7 +370,7 @@ def add_parser(subparsers):
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="weights: auto = bfloat16 on CUDA, float16 on CPU; int8 = weight-only int8 linears")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"))
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ...; None = cuda when available")
     p.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     p.set_defaults(func=run_cli)
 

@@ -157,6 +157,8 @@ def test_classifier_learns_a_separable_toy_set_through_the_cli(tmp_path, monkeyp
     assert _run_cli(["finetune-classifier", "--preset", "tiny", "--data", str(data), "--train-all", "--lr", "3e-3",
                      "--epochs", "4", "--quiet", "--out", str(out), "--device", "cpu"]) == 0
     assert out.is_file() and (tmp_path / "clf-loss.png").is_file() and (tmp_path / "clf-acc.png").is_file()
+    history = json.loads((tmp_path / "clf-history.json").read_text())
+    assert len(history["test_acc"]) == len(history["val_loss"]) == 4  # every split, every epoch
     clf = classify.Classifier.load(out, backend="torch", device="cpu")
     assert clf.labels == ["animal", "color"]
     held_out = _toy_classes(60, seed=99)

@@ -8,6 +8,7 @@ state, and train the last block + final norm + head (or everything, or LoRA adap
 from __future__ import annotations
 
 import csv
+import json
 import random
 import sys
 from collections import Counter
@@ -274,11 +275,12 @@ def run_finetune(args):
     history = train_classifier(model, loaders, args.epochs, args.lr, args.weight_decay, args.eval_batches,
                                progress=not args.quiet)
     out = Classifier(model, labels, max_length).save(args.out)
+    out.with_name(f"{out.stem}-history.json").write_text(json.dumps(history, indent=1))
     x = history["examples_seen"]
     for metric, ylabel in (("loss", "loss"), ("acc", "accuracy")):
         plot_curves(x, {f"{s} {ylabel}": history[f"{s}_{metric}"] for s in loaders}, "examples seen", ylabel,
                     out.with_name(f"{out.stem}-{metric}.png"))
-    print(f"test accuracy {history['test_acc'][-1]:.2%}; saved {out} and its loss/accuracy plots")
+    print(f"test accuracy {history['test_acc'][-1]:.2%}; saved {out}, its loss/accuracy plots and history")
     return 0
 
 

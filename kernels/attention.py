@@ -362,11 +362,11 @@ def _blocks(head_dim: int, dtype: torch.dtype):
         # small, unequal tiles: cheap on the CPU interpreter, and even tiny test shapes cross
         # several block boundaries with BLOCK_M != BLOCK_N
         return (32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)
-    # chosen from ptxas register/spill reports for sm_90 (not yet timed on a GPU)
+    # picked from ptxas register/spill reports for sm_90 with Triton 3.6 (not yet timed on a GPU)
     if dtype == torch.float32:  # twice the bytes per element: smaller tiles, fewer stages
-        return (64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)
+        return (64, 32, 8, 2), (32, 32 if head_dim == 128 else 64, 8, 2), (64, 32, 8, 2)
     if head_dim == 128:
-        return (128, 64, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)
+        return (128, 64, 8, 3), (32, 64, 8, 2), (64, 64, 8, 3)
     # query-major forward/dQ tiles, key-major dK/dV tiles (as in FlashAttention-2)
     return (128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)
 

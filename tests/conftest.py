@@ -8,6 +8,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist: share the cores between workers. Two workers x two OpenMP threads on a
+# 2-core machine oversubscribe, and OpenMP's spin-waiting makes that many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for the subprocesses tests start
+    torch.set_num_threads(threads)
+
 try:  # triton before tensorflow: the reverse order aborts the process (LLVM option clash)
     import triton  # noqa: F401
 except ImportError:

@@ -110,7 +110,8 @@ def _attn_fwd(Q, K, V, O, LSE, stride_qb, stride_qh, stride_qt, stride_kb, strid
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """O and lse for one block of BLOCK_M queries of one (batch, head); grid (T/BLOCK_M, B*H)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    # causal work grows with the query index: launch the heaviest blocks first (shorter tail)
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -234,7 +235,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qt,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """dQ for one block of BLOCK_M queries, looping over the key blocks it sees."""
-    start_m = tl.program_id(0) * BLOCK_M
+    # causal work grows with the query index: launch the heaviest blocks first (shorter tail)
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)

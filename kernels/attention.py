@@ -512,6 +512,8 @@ def attention_decode(q, k_cache, v_cache, cache_len, num_splits: int | None = No
         lens, L = None, int(cache_len)
     q, k_cache, v_cache = _unit_last(q), _unit_last(k_cache), _unit_last(v_cache)
     block_n = 16 if _interpreting() else 64
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"attention_decode: num_splits must be >= 1, got {num_splits}")
     if num_splits is None:
         # aim at ~4 programs per SM: small batches split the cache, big ones need no split
         sms = 4 if _interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count

@@ -15,14 +15,6 @@ from gptfast.finetune import classify, instruct
 from gptfast.model import GPTModel
 from gptfast.tokenizer import EOT_ID, get_tokenizer
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: thread hand-offs cost more than they save on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 PAD = EOT_ID
 # a model small enough to train in seconds on one core (GPT-2's vocabulary, tiny everything else)

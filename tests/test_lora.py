@@ -11,14 +11,6 @@ from gptfast.lora import (LoRALinear, apply_lora, count_trainable, load_adapters
                           merged_state_dict, save_adapters, unmerge_lora, unwrap_lora)
 from gptfast.model import GPTModel
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: thread hand-offs cost more than they save on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
 

@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks --benchmark-only
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -6,7 +6,7 @@ benchmarks/results/<device>-<date>-<commit>.md, with device, date, commit and ve
 
 Runs anywhere: on a CPU-only machine the GPU suites skip (their reasons go into the report)
 and the rest measure the CPU. A bench_*.py file that is not a pytest suite (no tests
-collected) is listed as such: run it directly.
+collected) is run as a script and what it prints goes into the report.
 """
 from __future__ import annotations
 
@@ -58,8 +58,11 @@ def run_suite(suite: Path, extra: list[str]) -> tuple[str, list[dict]]:
                f"--benchmark-json={out}", *extra]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         rows = rows_from_json(out) if out.exists() else []
-    if proc.returncode == NO_TESTS:
-        return "not a pytest-benchmark suite: run it directly", []
+    if proc.returncode == NO_TESTS:  # a standalone script: run it, keep what it printed
+        proc = subprocess.run([sys.executable, str(suite)], cwd=ROOT, capture_output=True, text=True)
+        out = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-60:])
+        status = "" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}):\n"
+        return f"{status}```\n{out}\n```", []
     lines = proc.stdout.strip().splitlines() or ["(no output)"]
     skips = [ln for ln in lines if ln.startswith("SKIPPED")]
     tail = "\n".join(f"- {ln}" for ln in skips + [lines[-1]])

@@ -68,12 +68,14 @@ class TrainingDiverged(RuntimeError):
 class WindowBatches:
     """Batches of a sliding-window dataset; step s always gets the same batch."""
 
-    def __init__(self, dataset: GPTDatasetV1, batch_size: int, seed: int, shuffle: bool = True):
-        if len(dataset) < batch_size:
-            raise ValueError(f"the data has {len(dataset)} windows, fewer than one batch of {batch_size}; "
+    def __init__(self, dataset: GPTDatasetV1, batch_size: int, seed: int, shuffle: bool = True,
+                 drop_last: bool = True):
+        if drop_last and len(dataset) < batch_size:
+            raise ValueError(f"the training data has {len(dataset)} windows, fewer than one batch of {batch_size}; "
                              "use a smaller --batch-size or --context-length, or more text")
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
-        self.steps_per_epoch = len(dataset) // batch_size  # drop_last, as the classic loader
+        # training drops the last partial batch, as the classic loader does; evaluation keeps it
+        self.steps_per_epoch = len(dataset) // batch_size if drop_last else -(-len(dataset) // batch_size)
 
     def batch(self, i: int, rank: int = 0, world: int = 1):
         """Micro-batch number i (over all epochs); each rank takes its share of the rows."""
@@ -363,7 +365,7 @@ def split_text_batches(text: str, context_length: int, stride: int, batch_size: 
         except ValueError as e:
             raise ValueError(f"{name} split: {e}") from None
     return (WindowBatches(parts["training"], batch_size, seed),
-            WindowBatches(parts["validation"], batch_size, seed, shuffle=False))
+            WindowBatches(parts["validation"], batch_size, seed, shuffle=False, drop_last=False))
 
 
 def add_parser(sub):

@@ -74,7 +74,10 @@ PRESETS: dict[str, GPTConfig] = {
     # no qkv bias, untied head, PyTorch's default initialisation.
     "book-124m": GPTConfig(context_length=256, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.1,
                            qkv_bias=False, tie_weights=False, init="torch"),
-    # Small enough to train on The Verdict in about a minute on a 2-core CPU.
+    # For tests: everything small but GPT-2's vocabulary.
     "tiny": GPTConfig(context_length=128, emb_dim=128, n_heads=4, n_layers=4, drop_rate=0.1,
+                      qkv_bias=False, tie_weights=True),
+    # The demo (`make demo`): learns The Verdict in about two minutes on a 2-core CPU.
+    "mini": GPTConfig(context_length=128, emb_dim=256, n_heads=4, n_layers=4, drop_rate=0.1,
                       qkv_bias=False, tie_weights=True),
 }

@@ -374,7 +374,7 @@ def add_parser(sub):
                                    "sample each epoch, logs OUT/metrics.jsonl, plots OUT/loss.png and saves "
                                    "OUT/checkpoint.pt (resumable). Multi-GPU: torchrun --nproc-per-node N -m "
                                    "gptfast.cli train ...")
-    p.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
+    p.add_argument("--preset", default="mini", help=f"model preset: {', '.join(PRESETS)} (default: mini)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", default=str(VERDICT), help="UTF-8 text file, split 90/10 (default: The Verdict)")
     src.add_argument("--tokens", help="directory with train.bin/val.bin from `gptfast prepare`")

@@ -21,7 +21,7 @@ def make_trainer(out, text=None, model_kw=SMALL, **train_kw):
     train_kw = {"epochs": 1, "batch_size": 2, "eval_freq": 3, "eval_iter": 2, "sample_tokens": 0, **train_kw}
     cfg = TrainConfig(**train_kw)
     torch.manual_seed(cfg.seed)
-    model = GPTModel(GPTConfig.from_preset("tiny", **model_kw), backend="torch")
+    model = GPTModel(GPTConfig.from_preset("tiny", **model_kw), backend="torch")  # model_kw overrides
     T = model.cfg.context_length
     train, val = split_text_batches(text or read_text(VERDICT), T, T, cfg.batch_size, cfg.seed)
     return Trainer(model, train, val, cfg, out, device="cpu", log=lambda *a: None)
@@ -151,3 +151,14 @@ def test_grad_accumulation_equals_a_bigger_batch(tmp_path):
 def test_text_too_short_for_a_window(tmp_path):
     with pytest.raises(ValueError, match="validation split: text has .* tokens; one window of context 32"):
         make_trainer(tmp_path, text="Every effort moves you. " * 40)
+
+
+@pytest.mark.slow
+def test_short_run_on_the_verdict_learns_it(tmp_path):
+    """The first 5,000 characters of The Verdict, memorised: training loss from ~10.8 to below 1.0."""
+    trainer = make_trainer(tmp_path, text=read_text(VERDICT)[:5000], epochs=25, batch_size=4, lr=1e-3,
+                           min_lr=1e-4, warmup_steps=10, eval_freq=1000,
+                           model_kw=dict(GPTConfig.from_preset("mini").to_dict(), context_length=64, drop_rate=0.0))
+    losses = trainer.fit()["step_loss"]
+    train_loss, val_loss = trainer.evaluate()
+    assert losses[0] > 10.0 and train_loss < 1.0, (losses[0], train_loss)

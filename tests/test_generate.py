@@ -153,7 +153,7 @@ def test_stream_concat_equals_decode(text_model):
     assert len(pieces) > 1
 
 
-@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float16", "float32"])
 def test_reduced_precision_cpu(dtype):
     if dtype == "int8" and not int8_supported():
         pytest.skip("this torch has no torch._weight_int8pack_mm on CPU")
@@ -162,8 +162,9 @@ def test_reduced_precision_cpu(dtype):
     idx = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref, out = model(idx), low(idx).float()
-    # stated bound: max |logit error| <= 2% of max |logit| (measured: 0.3-0.5%)
-    err, bound = (out - ref).abs().max().item(), 0.02 * ref.abs().max().item()
+    # stated bound: max |logit error| <= 2% of max |logit| (measured: 0.3-0.5%); fp32 (weights
+    # re-laid out for CPU matmuls) only reorders sums: 1e-5
+    err, bound = (out - ref).abs().max().item(), (1e-5 if dtype == "float32" else 0.02) * ref.abs().max().item()
     assert err <= bound, f"{dtype}: max logit error {err:.4f} > {bound:.4f}"
     a = Generator(model, dtype="float32").generate_ids([[1, 2, 3]], 20)[0]
     b = Generator(model, dtype=dtype).generate_ids([[1, 2, 3]], 20)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import time
 import warnings
 
@@ -385,20 +386,21 @@ def _load(args):
 
 
 def run_cli(args):
-    from .cli import CLIError
     from .tokenizer import EOT_ID
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     except ValueError as e:
-        raise CLIError(str(e).replace("max_new_tokens", "--max-new-tokens").replace("top_k", "--top-k")
+        raise ValueError(str(e).replace("max_new_tokens", "--max-new-tokens").replace("top_k", "--top-k")
                        .replace("top_p", "--top-p").replace("temperature", "--temperature")) from None
     if args.batch_file:
+        if not os.path.isfile(args.batch_file):
+            raise ValueError(f"--batch-file {args.batch_file} does not exist")
         with open(args.batch_file, encoding="utf-8") as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
         if not prompts:
-            raise CLIError(f"--batch-file {args.batch_file} has no prompts")
+            raise ValueError(f"--batch-file {args.batch_file} has no prompts")
     elif not args.prompt:
-        raise CLIError("--prompt is empty; give some text to continue")
+        raise ValueError("--prompt is empty; give some text to continue")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, device = _load(args)

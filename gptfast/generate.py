@@ -315,9 +315,10 @@ class Generator:
         for c in self._caches:
             c.static = True
         self._caches[0].write_pos.fill_(self._slots)  # one tensor shared by every layer's cache
-        graph = self._graphs.get(B)
+        key = (B, self._caches[0].padded)  # padded rows take the masked path, not the decode kernel
+        graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[B] = self._capture(B)
+            graph = self._graphs[key] = self._capture(B)
         if graph is False:  # capture failed once: run the same static step eagerly
             return self._static_forward(idx, self._next_pos)
         g, idx_buf, pos_buf, out = graph

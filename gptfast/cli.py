@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-# (module, what its subcommands do) — order is the order of `gptfast --help`
+# modules with subcommands, in the order of `gptfast --help`
 COMMANDS = [
     "gptfast.data",      # prepare
     "gptfast.train",     # train
@@ -43,4 +43,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m gptfast.cli`: run the imported module, so that the CLIError the subcommand
+    # modules raise (gptfast.cli.CLIError) is the class `main` catches, not __main__'s copy
+    from gptfast import cli
+    sys.exit(cli.main())

@@ -7,7 +7,8 @@ torch.compile on CUDA), fp32 and bf16 autocast, side by side in one run.
 Default shape: `book-124m`, batch 2 x 256 (the classic run). Each step is forward, backward
 and a fused-AdamW update. Correctness first: every variant's loss on the first batch must
 match the reference backend's before it is timed. Peak memory: CUDA's allocator peak, or on
-CPU the growth of resident memory during a step (sampled every 2 ms).
+CPU the growth of resident memory during a step (sampled every 2 ms). The table is printed
+at the end by benchmarks/conftest.py.
 """
 from __future__ import annotations
 
@@ -64,13 +65,12 @@ class PeakRSS:
 
 
 @pytest.fixture(scope="module")
-def setup(request):
+def setup():
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset(PRESET, context_length=T, drop_rate=0.0)
     state = GPTModel(cfg, backend="reference").state_dict()
     x = torch.randint(cfg.vocab_size, (B, T))
-    yield cfg, state, x, x.roll(-1, 1)
-    request.config.pluginmanager.get_plugin("terminalreporter").write_line(table())
+    return cfg, state, x, x.roll(-1, 1)
 
 
 def make_step(cfg, state, x, y, backend, dtype, compiled):

@@ -1,4 +1,6 @@
 """Benchmarks collect as bench_*.py (`pytest benchmarks --benchmark-only`) and end with one table."""
+import sys
+
 import pytest
 
 try:  # triton before anything that may pull in tensorflow (the reverse order aborts)
@@ -19,3 +21,7 @@ def pytest_terminal_summary(terminalreporter):
     if kernel_bench.RESULTS:
         terminalreporter.write_sep("=", "kernel benchmarks (median ms, CUDA events)")
         terminalreporter.write_line(kernel_bench.table(kernel_bench.RESULTS))
+    train = sys.modules.get("bench_train")
+    if train is not None and train.RESULTS:
+        terminalreporter.write_sep("=", "training step (median of the rounds)")
+        terminalreporter.write_line(train.table())

@@ -65,12 +65,10 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        if kv_cache is not None:  # decoding: append to the cache, attend over all of it
-            k, v = kv_cache.update(k, v)
-        if getattr(kv_cache, "attention", None) is not None:  # the cache knows padding/fill (gptfast.kv_cache)
-            y = kv_cache.attention(q, k, v, ops)  # (B, H, T, D)
-        else:
+        if kv_cache is None:
             y = ops.attention(q, k, v, self.dropout_p, self.training)  # (B, H, T, D)
+        else:  # generation: the cache (gptfast.kv_cache) stores k, v and attends; it knows the padding
+            y = kv_cache.attention(q, *kv_cache.update(k, v), ops)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.out_proj(y)
 

@@ -23,5 +23,5 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(kernel_bench.table(kernel_bench.RESULTS))
     train = sys.modules.get("bench_train")
     if train is not None and train.RESULTS:
-        terminalreporter.write_sep("=", "training step (median of the rounds)")
+        terminalreporter.write_sep("=", "gptfast table: training step (median of the rounds)")
         terminalreporter.write_line(train.table())

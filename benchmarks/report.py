@@ -43,7 +43,7 @@ def rows_from_json(path: Path) -> list[dict]:
     rows = []
     for b in json.loads(path.read_text())["benchmarks"]:
         info = dict(b.get("extra_info") or {})
-        if "ms" not in info:
+        if "ms" not in info or "impl" not in info:
             info = {"op": b.get("group") or b["name"], "pass": "", "impl": b["name"],
                     "ms": round(b["stats"]["median"] * 1e3, 4)}
         rows.append(info)
@@ -64,12 +64,14 @@ def run_suite(suite: Path, extra: list[str]) -> tuple[str, list[dict]]:
         status = "" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}):\n"
         return f"{status}```\n{out}\n```", []
     lines = proc.stdout.strip().splitlines() or ["(no output)"]
+    tables = re.findall(r"^=+ (gptfast table: .*?) =+\n(.*?)(?=^=+ |\Z)", proc.stdout, re.M | re.S)
+    extra = "".join(f"\n\n{title}\n```\n{body.strip()}\n```" for title, body in tables)
     skips = [ln for ln in lines if ln.startswith("SKIPPED")]
     tail = "\n".join(f"- {ln}" for ln in skips + [lines[-1]])
     if proc.returncode != 0:
         print(proc.stdout[-4000:], proc.stderr[-2000:], sep="\n", file=sys.stderr)
-        return f"FAILED (exit {proc.returncode}): {tail}", rows
-    return tail, rows
+        return f"FAILED (exit {proc.returncode}): {tail}{extra}", rows
+    return tail + extra, rows
 
 
 def main(argv=None) -> int:

@@ -127,7 +127,7 @@ def test_train_step(benchmark, setup, backend, dtype, compiled):
 
 def table() -> str:
     base = next((r["tokens_per_s"] for r in RESULTS if r["backend"] == "reference" and r["dtype"] == "fp32"), None)
-    lines = [f"\ntraining step, {PRESET}, batch {B} x {T}, {DEVICE} "
+    lines = [f"training step, {PRESET}, batch {B} x {T}, {DEVICE} "
              f"({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else os.cpu_count()} "
              f"{'' if DEVICE.type == 'cuda' else 'cores'})",
              f"{'backend':<18}{'dtype':<7}{'ms/step':>10}{'tokens/s':>11}{'vs ref fp32':>13}{'peak MiB':>10}"]

@@ -39,14 +39,12 @@ def commit_id() -> str:
 
 
 def rows_from_json(path: Path) -> list[dict]:
-    """Measurements of one pytest-benchmark JSON: our extra_info, or its own median otherwise."""
+    """The kernel measurements (extra_info rows with an "impl") of one pytest-benchmark JSON."""
     rows = []
     for b in json.loads(path.read_text())["benchmarks"]:
         info = dict(b.get("extra_info") or {})
-        if "ms" not in info or "impl" not in info:
-            info = {"op": b.get("group") or b["name"], "pass": "", "impl": b["name"],
-                    "ms": round(b["stats"]["median"] * 1e3, 4)}
-        rows.append(info)
+        if "impl" in info:  # kernel rows; other suites print their own "gptfast table"
+            rows.append(info)
     return rows
 
 
@@ -64,7 +62,7 @@ def run_suite(suite: Path, extra: list[str]) -> tuple[str, list[dict]]:
         status = "" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}):\n"
         return f"{status}```\n{out}\n```", []
     lines = proc.stdout.strip().splitlines() or ["(no output)"]
-    tables = re.findall(r"^=+ (gptfast table: .*?) =+\n(.*?)(?=^=+ |\Z)", proc.stdout, re.M | re.S)
+    tables = re.findall(r"^=+ (gptfast table: .*?) =+\n(.*?)(?=\n\s*\n|^=+ |^-{5,}|\Z)", proc.stdout, re.M | re.S)
     extra = "".join(f"\n\n{title}\n```\n{body.strip()}\n```" for title, body in tables)
     skips = [ln for ln in lines if ln.startswith("SKIPPED")]
     tail = "\n".join(f"- {ln}" for ln in skips + [lines[-1]])

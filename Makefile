@@ -20,7 +20,7 @@ $(STAMP): setup.py
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m gptfast.cli train --preset mini --epochs 15 --batch-size 4 --lr 1e-3 --eval-freq 10 --out $(RUN)
+	$(PY) -m gptfast.cli train --preset mini --epochs 20 --batch-size 4 --lr 1e-3 --eval-freq 10 --out $(RUN)
 	$(PY) -m gptfast.cli generate --checkpoint $(RUN)/checkpoint.pt --prompt "Every effort moves you" --max-new-tokens 40 --temperature 0.8 --top-k 40 --seed 123
 
 test: $(STAMP)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 
 import torch
@@ -22,6 +21,8 @@ import triton  # noqa: F401  (before anything that may pull in tensorflow)
 
 from gptfast.backends import reference_attention
 from gptfast.kernels.attention import attention, attention_decode
+
+from common import commit_id  # noqa: E402  (benchmarks/ is on sys.path)
 
 SHAPES = [(16, 12, 1024, 64), (4, 12, 4096, 64)]  # (B, H, T, D): GPT-2 124M heads, 16x1024 tokens
 DECODE = [(1, 12, 1024, 64), (16, 12, 1024, 64)]  # (B, H, cache length, D)
@@ -104,14 +105,6 @@ def decode_fns(B, H, L, D):
             "triton (flash fwd, T=1)": lambda: attention(q, k, v)}
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,9 +119,9 @@ def main(argv=None):
     from triton.testing import do_bench
 
     providers = args.providers.split(",")
-    lines = [f"# attention benchmark\n", f"device: {torch.cuda.get_device_name()}  ",
+    lines = ["# attention benchmark\n", f"device: {torch.cuda.get_device_name()}  ",
              f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
-             f"commit: {git_commit()}  torch {torch.__version__}  triton {triton.__version__}  dtype: bfloat16\n",
+             f"commit: {commit_id()}  torch {torch.__version__}  triton {triton.__version__}  dtype: bfloat16\n",
              "| B,H,T,D | mode | provider | ms | TFLOP/s | triton speedup |", "|---|---|---|---|---|---|"]
     for shape in SHAPES:
         check_correctness(shape)

@@ -1,4 +1,4 @@
-"""Fine-tuning step speed: examples/s (and peak GPU memory) of one AdamW step of
+"""Fine-tuning step speed: examples/s (and peak memory) of one AdamW step of
 classification fine-tuning (spam recipe: batch 8 x 120 tokens, 2-class head) and of
 instruction fine-tuning (batch 8, padded with the instruction collate), per backend,
 training the classic parameter subsets or LoRA adapters (rank 16; every linear layer, but
@@ -18,7 +18,6 @@ import argparse
 import copy
 import datetime
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,16 +30,9 @@ from gptfast.finetune.classify import class_logits, make_classifier
 from gptfast.finetune.instruct import IGNORE_INDEX, collate
 from gptfast.lora import apply_lora, count_trainable
 
+from common import PeakMemory, commit_id  # noqa: E402  (benchmarks/ is on sys.path)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def commit_id() -> str:
-    try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=RESULTS.parent, capture_output=True, text=True,
-                                        check=True).stdout.strip()
-        return run("rev-parse", "--short", "HEAD") + ("-dirty" if run("status", "--porcelain", "-uno") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "nogit"
 
 
 def batches(cfg, batch_size, cls_len, inst_len, seed=0):
@@ -80,7 +72,7 @@ def sync(device):
 
 
 def measure(model, task, batch, steps, warmup, device):
-    """(examples/s, peak MiB or None) over `steps` AdamW steps after `warmup` ones."""
+    """(examples/s over `steps` AdamW steps after `warmup` ones, peak MiB added by all of them)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1)
     x, y = (t.to(device) for t in batch)
 
@@ -89,18 +81,16 @@ def measure(model, task, batch, steps, warmup, device):
         loss_fn(model, task, (x, y)).backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    elapsed = time.perf_counter() - t
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return x.shape[0] * steps / elapsed, peak
+    with PeakMemory(device) as mem:  # from the first step on, so optimizer state counts
+        for _ in range(warmup):
+            step()
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        elapsed = time.perf_counter() - t
+    return x.shape[0] * steps / elapsed, mem.mib
 
 
 def check_backends_agree(base, task, batch, backends, device):
@@ -165,7 +155,7 @@ def main(argv=None) -> int:
                 ref_speed = ref_speed or speed
                 rows.append((task, mode, name, count_trainable(model), speed, speed / ref_speed, peak))
                 print(f"  {task:8s} {mode:10s} {name:9s} {speed:9.1f} ex/s  x{speed / ref_speed:.2f}"
-                      + (f"  peak {peak:,.0f} MiB" if peak is not None else ""))
+                      + f"  peak {peak:,.0f} MiB")
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -178,13 +168,14 @@ def main(argv=None) -> int:
              f"- classify: {args.cls_len} tokens, 2-class head; instruct: up to {inst_len} tokens, collate padding",
              f"- command: python benchmarks/bench_finetune.py --device {device.type} --preset {preset} --steps {steps}"
              + (f" --threads {args.threads}" if args.threads else ""), "",
-             "| task | trained | backend | trainable params | examples/s | vs reference | peak memory (MiB) |",
+             "| task | trained | backend | trainable params | examples/s | vs reference | peak memory added (MiB) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for task, mode, backend, n, speed, ratio, peak in rows:
         lines.append(f"| {task} | {mode} | {backend} | {n:,} | {speed:.1f} | {ratio:.2f}x | "
-                     f"{'-' if peak is None else f'{peak:,.0f}'} |")
+                     f"{peak:,.0f} |")
     if device.type != "cuda":
-        lines += ["", "Peak memory is measured on CUDA only. Triton is left out on CPU (interpreter only)."]
+        lines += ["", "Peak memory on CPU: growth of resident memory from the first step on. Triton is left "
+                  "out on CPU (interpreter only)."]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"finetune-{device.type}-{preset}-{date:%Y%m%d}-{commit_id()}.md"
     path.write_text("\n".join(lines) + "\n")

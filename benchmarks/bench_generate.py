@@ -13,7 +13,6 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import torch
 from gptfast import GPTConfig, GPTModel
 from gptfast.generate import Generator, generate
 from gptfast.quant import int8_supported
+
+from common import commit_id  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
 
@@ -128,7 +129,7 @@ def main():
 
     base_nc = rows["classic generate, no cache (fp32)"][2]
     base_hf = rows["transformers generate (fp32)"][2]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     lines = [f"# Generation, GPT-2 124M random init, batch 1, greedy, 4-token prompt, {n} new tokens",
              f"device: {device.type} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "

@@ -18,7 +18,6 @@ import datetime
 import os
 import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import torch.utils.benchmark as tbench
 
 from gptfast import sampling
 from gptfast.sampling import reference_sample_top_k, sample_top_k
+
+from common import commit_id  # noqa: E402  (benchmarks/ is on sys.path)
 
 V, TEMPERATURE = 50257, 0.8
 BATCHES, KS = (1, 8, 64), (1, 50, 1000)
@@ -97,12 +98,8 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
 
 
-def commit_id() -> str:
-    """HEAD, marked -dirty when the files this benchmark measures differ from it."""
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    mine = ["csrc", "gptfast/sampling.py", "benchmarks/bench_sampling.py", "setup.py"]
-    return (git("rev-parse", "--short", "HEAD") or "nogit") + ("-dirty" if git("status", "--porcelain", "--", *mine) else "")
+# files whose change makes a result stale
+MEASURED = ["csrc", "gptfast/sampling.py", "benchmarks/bench_sampling.py", "setup.py"]
 
 
 def main(argv=None) -> int:
@@ -112,7 +109,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not sampling.has_kernel("cpu"):
         raise SystemExit(f"bench_sampling: gptfast._C is not built ({sampling._C_ERROR}); pip install -e . first")
-    now, commit = datetime.datetime.now(datetime.timezone.utc), commit_id()
+    now, commit = datetime.datetime.now(datetime.timezone.utc), commit_id(MEASURED)
     for device in args.device or devices():
         if device == "cuda" and not sampling.has_kernel("cuda"):
             print("cuda: skipped, gptfast._C was built without its CUDA kernel")

@@ -6,18 +6,17 @@ torch.compile on CUDA), fp32 and bf16 autocast, side by side in one run.
 
 Default shape: `book-124m`, batch 2 x 256 (the classic run). Each step is forward, backward
 and a fused-AdamW update. Correctness first: every variant's loss on the first batch must
-match the reference backend's before it is timed. Peak memory: CUDA's allocator peak, or on
-CPU the growth of resident memory during a step (sampled every 2 ms). The table is printed
-at the end by benchmarks/conftest.py.
+match the reference backend's before it is timed. Peak memory (from the first step on, so the
+optimizer state counts): CUDA's allocator peak, or on CPU the growth of resident memory.
+benchmarks/conftest.py prints the table at the end.
 """
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 import pytest
 import torch
+from common import PeakMemory, device_name
 
 from gptfast import GPTConfig, GPTModel
 from gptfast.train import TrainConfig, autocast, make_optimizer
@@ -33,35 +32,6 @@ VARIANTS = [("reference", "fp32", False), ("torch", "fp32", False), ("reference"
             ("torch", "bf16", False)]
 if DEVICE.type == "cuda":
     VARIANTS += [("triton", "bf16", False), ("torch", "bf16", True)]
-
-
-class PeakRSS:
-    """Peak growth of this process's resident memory while the block runs (CPU)."""
-
-    def __enter__(self):
-        self.base = self.peak = self._rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _watch(self):
-        while self.running:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +78,10 @@ def test_train_step(benchmark, setup, backend, dtype, compiled):
         assert abs(got - expected) < 1e-3, (backend, got, expected)
     else:
         assert abs(got - 10.9) < 0.5, (backend, dtype, got)  # random init: about ln(50257)
-    step()  # warm-up: allocator, autotuning, compilation
-    if DEVICE.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    with PeakMemory(DEVICE) as mem:  # from the first step on, so optimizer state counts
+        step()  # warm-up: allocator, autotuning, compilation
         benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        with PeakRSS() as mem:
-            benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
-        peak = mem.mib
+    peak = mem.mib
     seconds = benchmark.stats.stats.median
     row = {"backend": backend + ("+compile" if compiled else ""), "dtype": dtype, "ms": seconds * 1e3,
            "tokens_per_s": B * T / seconds, "peak_mib": peak}
@@ -128,8 +92,7 @@ def test_train_step(benchmark, setup, backend, dtype, compiled):
 def table() -> str:
     base = next((r["tokens_per_s"] for r in RESULTS if r["backend"] == "reference" and r["dtype"] == "fp32"), None)
     lines = [f"training step, {PRESET}, batch {B} x {T}, {DEVICE} "
-             f"({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else os.cpu_count()} "
-             f"{'' if DEVICE.type == 'cuda' else 'cores'})",
+             f"({device_name(DEVICE)})",
              f"{'backend':<18}{'dtype':<7}{'ms/step':>10}{'tokens/s':>11}{'vs ref fp32':>13}{'peak MiB':>10}"]
     for r in RESULTS:
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"

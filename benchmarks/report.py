@@ -26,18 +26,6 @@ ROOT = HERE.parent
 NO_TESTS = 5  # pytest's exit status when it collected nothing
 
 
-def _git(*args) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
-def commit_id() -> str:
-    sha = _git("rev-parse", "--short", "HEAD") or "nogit"
-    return sha + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def rows_from_json(path: Path) -> list[dict]:
     """The kernel measurements (extra_info rows with an "impl") of one pytest-benchmark JSON."""
     rows = []
@@ -82,6 +70,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
+    from common import commit_id
     from kernel_bench import table
     names = args.suites or sorted(p.name for p in HERE.glob("bench_*.py"))
     suites = [HERE / n for n in names]

@@ -11,9 +11,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .backends import ReferenceBackend, get_backend, reference_gelu, reference_layer_norm
+from .backends import ReferenceBackend, get_backend, reference_gelu
 from .config import GPTConfig
 
 REFERENCE = ReferenceBackend()

@@ -1,6 +1,5 @@
 """The trainer: learning, exact resume (also after SIGKILL), Ctrl-C, divergence, outputs."""
 import json
-import os
 import signal
 import subprocess
 import sys

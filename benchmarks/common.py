@@ -1,0 +1,79 @@
+"""What every benchmark shares: the commit a result belongs to, the device's name, and peak memory.
+
+Results files in benchmarks/results/ carry device, date and commit; these helpers give the
+last two the same meaning everywhere.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def commit_id(paths=()) -> str:
+    """Short HEAD, marked -dirty when tracked files (or only `paths`, when given) differ from it."""
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", *paths)
+    return (_git("rev-parse", "--short", "HEAD") or "nogit") + ("-dirty" if dirty else "")
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+
+
+class PeakMemory:
+    """Peak memory a block adds, in MiB: CUDA's allocator peak, or on CPU the growth of this
+    process's resident memory (sampled every 2 ms by a thread)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = self.peak = self._rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._watch, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.running = False
+            self.thread.join()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.base) / 2**20

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,26 +30,31 @@ from .model import GPTModel
 from .tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
 
+def _opt(default, help: str):
+    """A TrainConfig field whose help text `gptfast train --help` shows."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    max_steps: int | None = None      # stop early after this many optimizer steps
-    batch_size: int = 2
-    grad_accum: int = 1               # micro-batches per optimizer step
-    lr: float = 4e-4
-    min_lr: float = 4e-5              # floor of the cosine decay
-    warmup_steps: int = 0
-    schedule: str = "cosine"          # "cosine" or "constant" (the classic loop)
-    weight_decay: float = 0.1
-    grad_clip: float | None = 1.0
-    eval_freq: int = 5
-    eval_iter: int = 5
-    dtype: str = "fp32"               # "fp32", "bf16" or "fp16" autocast
-    compile: bool = False
-    seed: int = 123
-    start_context: str = "Every effort moves you"
-    sample_tokens: int = 50
-    save_every: int | None = None     # steps between checkpoints (default: every evaluation)
+    epochs: int = _opt(10, "passes over the training windows")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps (also sets the schedule's length)")
+    batch_size: int = _opt(2, "windows per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(4e-4, "peak learning rate")
+    min_lr: float = _opt(4e-5, "floor of the cosine decay")
+    warmup_steps: int = _opt(0, "linear warm-up steps")
+    schedule: str = _opt("cosine", "cosine, or constant (the classic loop)")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
+    grad_clip: float | None = _opt(1.0, "clip the gradient norm to this (0: off)")
+    eval_freq: int = _opt(5, "evaluate every N steps")
+    eval_iter: int = _opt(5, "batches per evaluation")
+    dtype: str = _opt("fp32", "fp32, or bf16 / fp16 autocast")
+    compile: bool = _opt(False, "torch.compile the model")
+    seed: int = _opt(123, "seed for initialisation, shuffling and dropout")
+    start_context: str = _opt("Every effort moves you", "prompt of the sample printed after each epoch")
+    sample_tokens: int = _opt(50, "tokens in that sample (0: no sample)")
+    save_every: int | None = _opt(None, "steps between checkpoints (default: every evaluation)")
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "bf16", "fp16"):
@@ -386,11 +391,12 @@ def add_parser(sub):
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata['help']} (default: {f.default})"
         if f.type == "bool":
-            p.add_argument(flag, action="store_true", help=f"(default: {f.default})")
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type.split(" ")[0].replace("|", "").strip()]
-            p.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
+            p.add_argument(flag, action="store_true", help=text)
+        else:  # annotations are strings here ("int | None"): the first name is the type
+            kind = {"int": int, "float": float, "str": str}[f.type.split(" ")[0]]
+            p.add_argument(flag, type=kind, default=f.default, help=text)
     p.set_defaults(func=run_cli)
 
 

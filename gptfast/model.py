@@ -148,6 +148,9 @@ class GPTModel(nn.Module):
         if start_pos + T > self.cfg.context_length:
             raise ValueError(f"sequence of {start_pos + T} tokens is longer than the context "
                              f"({self.cfg.context_length}); truncate the input from the left")
+        # ids outside the vocabulary: checked on CPU only, where it costs no host sync
+        if idx.device.type == "cpu" and idx.numel() and not 0 <= idx.min() <= idx.max() < self.cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); got {int(idx.min())}..{int(idx.max())}")
         ops = self.ops(idx.device)
         pos = torch.arange(start_pos, start_pos + T, device=idx.device) if positions is None else positions
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)

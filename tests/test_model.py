@@ -132,6 +132,14 @@ def test_auto_backend_on_cpu_is_torch():
     assert get_backend("auto", "cpu").name == "torch"
 
 
+def test_token_ids_outside_the_vocabulary_are_a_clear_error():
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=100))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 100\); got 0..100"):
+        model(torch.tensor([[0, 100]]))
+    with pytest.raises(ValueError, match="got -1..5"):
+        model(torch.tensor([[-1, 5]]))
+
+
 def test_prompt_longer_than_context_is_a_clear_error():
     model = GPTModel(GPTConfig.from_preset("tiny", context_length=8))
     with pytest.raises(ValueError, match="longer than the context"):

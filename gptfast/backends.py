@@ -90,6 +90,22 @@ class TorchBackend(ReferenceBackend):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """The device a command runs on: `name`, or CUDA when present, else the CPU; a device
+    this machine does not have is a one-line error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name (try cpu, cuda or cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 _INSTANCES = {"reference": ReferenceBackend(), "torch": TorchBackend()}
 _warned: set[str] = set()
 

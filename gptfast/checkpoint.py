@@ -6,6 +6,7 @@ pickle beyond tensors and plain containers, so `weights_only=True` always loads 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -16,23 +17,29 @@ from .config import GPTConfig
 from .model import GPTModel, upgrade_state_dict
 
 
-def atomic_save(obj, path) -> Path:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a
-    half-written file where a good checkpoint was."""
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary path beside `path`; when the block succeeds, move it onto `path`
+    in one rename, so a crash never leaves a half-written file where a good one was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
-    return path
+
+
+def atomic_save(obj, path) -> Path:
+    """torch.save, atomically (see atomic_file)."""
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def save_checkpoint(path, model: GPTModel, optimizer=None, scheduler=None, step: int = 0, **extra) -> Path:

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .backends import ReferenceBackend, get_backend, reference_gelu
+from .backends import BACKENDS, ReferenceBackend, get_backend, reference_gelu
 from .config import GPTConfig
 
 REFERENCE = ReferenceBackend()
@@ -115,7 +115,6 @@ class GPTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backend = backend
-        get_backend(backend)  # validate the name now
         vocab = cfg.padded_vocab_size
         self.tok_emb = nn.Embedding(vocab, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
@@ -130,6 +129,16 @@ class GPTModel(nn.Module):
                     nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str):
+        if name not in BACKENDS:  # only the name: the device is known at the first forward
+            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        self._backend = name
 
     @staticmethod
     def _init_gpt2(m):
@@ -175,7 +184,8 @@ class GPTModel(nn.Module):
         head = self.out_head
         if isinstance(head, nn.Linear) and head.bias is None and head.weight.shape[0] >= self.cfg.vocab_size:
             return ops.linear_cross_entropy(h, head.weight[: self.cfg.vocab_size], targets, ignore_index)
-        return ops.cross_entropy(head(h), targets, ignore_index)  # a replaced head (fine-tuning)
+        logits = head(h)[..., : self.cfg.vocab_size]  # a replaced or wrapped head (fine-tuning, LoRA)
+        return ops.cross_entropy(logits, targets, ignore_index)
 
     def num_parameters(self, exclude_head: bool = False) -> int:
         """Distinct parameters; `exclude_head` leaves out an untied output head."""

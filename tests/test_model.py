@@ -128,6 +128,17 @@ def test_padded_vocab_never_changes_logits():
     torch.testing.assert_close(model.loss(idx, idx), torch.nn.functional.cross_entropy(logits[0], idx[0]))
 
 
+def test_a_wrapped_head_never_sees_the_padding_rows():
+    """A head that is not a plain Linear (LoRA, fine-tuning) goes through the unfused loss."""
+    torch.manual_seed(3)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=1000, pad_vocab=True, drop_rate=0.0), backend="torch")
+    model.out_head = nn.Sequential(model.out_head)
+    idx = torch.randint(1000, (1, 9))
+    logits = model(idx)
+    assert logits.shape[-1] == 1000
+    torch.testing.assert_close(model.loss(idx, idx), torch.nn.functional.cross_entropy(logits[0], idx[0]))
+
+
 def test_auto_backend_on_cpu_is_torch():
     assert get_backend("auto", "cpu").name == "torch"
 

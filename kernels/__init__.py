@@ -36,30 +36,47 @@ def _load_attention():
     return attention
 
 
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fused(*tensors) -> bool:
+    """Whether the kernels take these tensors' dtypes (fp32/fp16/bf16); others (fp64) go to torch."""
+    return all(t.dtype in _FUSED_DTYPES for t in tensors)
+
+
 class TritonBackend(TorchBackend):
-    """gptfast's fused Triton kernels; shapes a kernel does not cover go to the torch ops."""
+    """gptfast's fused Triton kernels; shapes and dtypes a kernel does not cover go to the torch ops."""
     name = "triton"
 
     def __init__(self):
         self._attention = _load_attention()
 
     def layer_norm(self, x, scale, shift, eps=1e-5):
-        if x.shape[-1] > MAX_WIDTH:
+        if x.shape[-1] > MAX_WIDTH or not _fused(x):
             return super().layer_norm(x, scale, shift, eps)
         return layer_norm(x, scale, shift, eps)
 
     def add_layer_norm(self, x, residual, scale, shift, eps=1e-5):
-        if x.shape[-1] > MAX_WIDTH:
+        if x.shape[-1] > MAX_WIDTH or not _fused(x, residual):
             return super().add_layer_norm(x, residual, scale, shift, eps)
         return add_layer_norm(x, residual, scale, shift, eps)
 
     def linear_gelu(self, x, weight, bias):
+        if not _fused(x, weight):
+            return super().linear_gelu(x, weight, bias)
         h = F.linear(x, weight)  # the bias add is fused into the GELU kernel
         return gelu(h) if bias is None else bias_gelu(h, bias)
 
+    def decode_kernel(self, q):
+        """The flash-decoding kernel when it covers q's head size and dtype, else None."""
+        mod = self._attention
+        if mod is None or q.shape[-1] not in mod.HEAD_DIMS or not _fused(q):
+            return None
+        return mod.attention_decode
+
     def attention(self, q, k, v, dropout_p=0.0, training=False):
         mod = self._attention
-        if mod is None or q.shape[-1] not in mod.HEAD_DIMS:
+        if mod is None or q.shape[-1] not in mod.HEAD_DIMS or not _fused(q, k, v):
             return super().attention(q, k, v, dropout_p, training)
         p = dropout_p if training else 0.0
         T, S = q.shape[-2], k.shape[-2]
@@ -68,7 +85,11 @@ class TritonBackend(TorchBackend):
         return mod.attention(q, k, v, causal=True, dropout_p=p)
 
     def cross_entropy(self, logits, targets, ignore_index=-100):
+        if not _fused(logits):
+            return super().cross_entropy(logits, targets, ignore_index)
         return cross_entropy(logits, targets, ignore_index)
 
     def linear_cross_entropy(self, hidden, weight, targets, ignore_index=-100):
+        if not _fused(hidden, weight):
+            return super().linear_cross_entropy(hidden, weight, targets, ignore_index)
         return linear_cross_entropy(hidden, weight, targets, ignore_index)

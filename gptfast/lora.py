@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import atomic_file
+
 
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a trainable rank-`rank` update scaled by `alpha / rank`."""
@@ -163,12 +165,9 @@ def save_adapters(model: nn.Module, path) -> Path:
                for n, m in layers.items() for k in ("lora_A", "lora_B")}
     meta = {"format": "gptfast-lora", "rank": str(first.rank), "alpha": str(first.alpha),
             "layers": json.dumps(list(layers))}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a crash never leaves half a file
-    return path
+    with atomic_file(path) as tmp:  # a crash never leaves half a file
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
 
 
 def load_adapters(model: nn.Module, path) -> list[str]:

@@ -200,13 +200,33 @@ def test_instruct_cli_writes_responses_and_a_loadable_model(tmp_path, monkeypatc
                      "--max-new-tokens", "3", "--out-dir", str(out), "--device", "cpu", "--lora-rank", "2"]) == 0
     answers = json.loads((out / "responses.json").read_text())
     assert [a["output"] for a in answers] == [r["output"] for r in instruct.split_data(records)[2]]
-    assert all(isinstance(a["model_response"], str) for a in answers)
     assert (out / "loss.png").is_file()
     from safetensors import safe_open
     with safe_open(str(out / "lora.safetensors"), framework="pt") as f:  # the vocabulary head stays frozen
         assert f.keys() and not any(k.startswith("out_head") for k in f.keys())
     from gptfast.checkpoint import load_model
-    assert load_model(out / "model.pt").cfg.emb_dim == TOY.emb_dim
+    from gptfast.generate import generate
+    model = load_model(out / "model.pt", backend="torch", device="cpu").eval()  # the adapters merged in
+    assert model.cfg.emb_dim == TOY.emb_dim
+    tok = get_tokenizer()
+    for a in answers:  # each answer is the greedy continuation of its prompt, decoded without the header
+        prompt = tok.encode(instruct.format_input(a))
+        ids = generate(model, torch.tensor([prompt]), 3, TOY.context_length, eos_id=EOT_ID)[0, len(prompt):]
+        want = tok.decode([t for t in ids.tolist() if t != EOT_ID]).replace("### Response:", "").strip()
+        assert a["model_response"] == want, (a, ids.tolist())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune-instruct", "--eval-freq", "0"], "--eval-freq must be >= 1, got 0"),
+    (["finetune-classifier", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["finetune-instruct", "--lr=-0.5"], "--lr must be > 0, got -0.5"),
+    (["finetune-classifier", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_out_of_range_options_are_one_line_errors_before_any_work(tmp_path, argv, message):
+    # a data file that does not exist: the option check must come first
+    with pytest.raises(cli.CLIError) as e:
+        _run_cli(argv + ["--preset", "tiny", "--data", str(tmp_path / "missing"), "--device", "cpu"])
+    assert str(e.value) == message
 
 
 # ---------------------------------------------------------------- judge

@@ -131,6 +131,25 @@ def test_adapters_save_and_reload(base, idx, tmp_path):
         load_adapters(other, path)
 
 
+def test_failed_adapter_save_keeps_the_old_file_and_leaves_no_temporary(base, tmp_path, monkeypatch):
+    model = copy.deepcopy(base)
+    apply_lora(model, rank=2, alpha=2)
+    path = save_adapters(model, tmp_path / "a.safetensors")
+    before = path.read_bytes()
+    _randomise_adapters(model)
+
+    def crash(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
+        raise OSError("disk full")
+
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapters(model, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
 def test_merged_state_dict_and_unwrap_give_a_plain_model(base, idx):
     model = copy.deepcopy(base)
     apply_lora(model, rank=4, alpha=4)

@@ -1,32 +1,37 @@
 """Fine-tuning a pretrained GPT: `classify` (text classification, e.g. spam) and
 `instruct` (Alpaca-style instruction following), both optionally with LoRA.
 
-This module holds what both share: choosing the base model, LoRA options, and plotting.
+This module holds what both share: choosing the base model, LoRA options, option checks,
+atomic JSON output and plotting.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from ..backends import BACKENDS, resolve_device
+from ..checkpoint import atomic_file, load_model
+from ..cli import CLIError
 from ..config import PRESETS, GPTConfig
 from ..model import GPTModel
+from ..weights import SIZES, load_gpt2
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-GPT2_SIZES = ("124M", "355M", "774M", "1558M")
 
 
 def add_model_args(p):
     """Base-model options shared by the fine-tuning commands."""
     g = p.add_argument_group("base model (choose one)")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--gpt2", metavar="SIZE", choices=GPT2_SIZES,
-                     help="OpenAI GPT-2 weights of this size from --models-dir (see `gptfast download`)")
+    src.add_argument("--gpt2", metavar="SIZE", choices=SIZES,
+                     help="OpenAI GPT-2 weights of this size from --models-dir (see `gptfast download-gpt2`)")
     src.add_argument("--checkpoint", metavar="PATH", help="a gptfast checkpoint (from `gptfast train`)")
     src.add_argument("--preset", metavar="NAME", choices=list(PRESETS),
                      help="a randomly initialised model (tests and demos): " + ", ".join(PRESETS))
     g.add_argument("--models-dir", default="models", help="where GPT-2 weights live (default: models)")
-    p.add_argument("--backend", default="auto", choices=["reference", "torch", "triton", "auto"],
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="compute backend (default: auto = triton on CUDA, else torch)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     p.add_argument("--seed", type=int, default=123, help="seed for splits, initialisation and shuffling")
@@ -38,20 +43,26 @@ def add_model_args(p):
                     "(default: all; finetune-instruct leaves the vocabulary head out)")
 
 
-def pick_device(name=None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+def check_options(args, at_least: dict, above: dict):
+    """Numeric options out of range are one-line errors before any work starts.
+    `at_least` / `above`: {dest: bound} for `>= bound` / `> bound`; None (not given) passes.
+    The LoRA options of add_model_args are always checked."""
+    checks = [(dest, low, ">=") for dest, low in {**at_least, "lora_rank": 0}.items()]
+    checks += [(dest, low, ">") for dest, low in {**above, "lora_alpha": 0}.items()]
+    for dest, low, op in checks:
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if not (value >= low if op == ">=" else value > low):  # `not` also rejects NaN
+            raise CLIError(f"--{dest.replace('_', '-')} must be {op} {low}, got {value}")
 
 
 def load_base_model(args) -> GPTModel:
     """The model named by --gpt2 / --checkpoint / --preset, on args.device."""
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     if args.gpt2:
-        from ..weights import load_gpt2  # written separately; heavy, so imported on use
-
         model = load_gpt2(args.gpt2, models_dir=args.models_dir, backend=args.backend, device=device)
     elif args.checkpoint:
-        from ..checkpoint import load_model
-
         model = load_model(args.checkpoint, backend=args.backend, device=device)
     else:
         torch.manual_seed(args.seed)
@@ -85,8 +96,16 @@ def plot_curves(x, series: dict, xlabel: str, ylabel: str, path) -> Path:
     ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")  # tmp's own suffix is .tmp
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def write_json(obj, path, indent=1) -> Path:
+    """JSON output, written atomically (see gptfast.checkpoint.atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent), encoding="utf-8")
+    return Path(path)

@@ -8,7 +8,6 @@ state, and train the last block + final norm + head (or everything, or LoRA adap
 from __future__ import annotations
 
 import csv
-import json
 import random
 import sys
 from collections import Counter
@@ -20,11 +19,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from ..backends import BACKENDS, resolve_device
+from ..checkpoint import atomic_save, load_checkpoint, load_state_dict_checked
 from ..config import GPTConfig
 from ..model import GPTModel
 from ..tokenizer import EOT_ID, get_tokenizer
-from ..checkpoint import atomic_save, load_checkpoint, load_state_dict_checked
-from . import ASSETS, add_model_args, load_base_model, maybe_apply_lora, pick_device, plot_curves
+from . import ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, plot_curves, write_json
 
 SPAM_DATA = ASSETS / "SMSSpamCollection"
 
@@ -210,7 +210,7 @@ class Classifier:
             raise ValueError(f"{path} is not a gptfast classifier (save one with `gptfast finetune-classifier`)")
         model = make_classifier(GPTModel(GPTConfig.from_dict(ckpt["config"]), backend=backend), len(ckpt["labels"]))
         load_state_dict_checked(model, ckpt["model"], source=str(path))
-        return cls(model.to(pick_device(device)).eval(), ckpt["labels"], ckpt["max_length"], ckpt["pad_id"])
+        return cls(model.to(resolve_device(device)).eval(), ckpt["labels"], ckpt["max_length"], ckpt["pad_id"])
 
 
 # ---------------------------------------------------------------- command line
@@ -238,12 +238,14 @@ def add_parser(sub):
                        description="Print label and probability for each text (arguments, or stdin lines).")
     c.add_argument("text", nargs="*", help="texts to classify (default: read lines from stdin)")
     c.add_argument("--classifier", default="classifier.pt", help="file from `gptfast finetune-classifier`")
-    c.add_argument("--backend", default="auto", choices=["reference", "torch", "triton", "auto"])
+    c.add_argument("--backend", default="auto", choices=BACKENDS)
     c.add_argument("--device", default=None)
     c.set_defaults(func=run_classify)
 
 
 def run_finetune(args):
+    check_options(args, at_least={"epochs": 1, "batch_size": 1, "limit": 1, "max_length": 1, "eval_batches": 1,
+                                  "weight_decay": 0}, above={"lr": 0})
     if args.train_all and args.lora_rank:
         raise ValueError("--train-all and --lora-rank exclude each other (LoRA trains only the adapters)")
     examples, labels = read_labelled(args.data, args.labels)
@@ -266,7 +268,7 @@ def run_finetune(args):
     loaders = {"train": make_loader(train, max_length, args.batch_size, True, True, args.seed),
                "val": make_loader(val, max_length, args.batch_size),
                "test": make_loader(test, max_length, args.batch_size)}
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # seeds the new head, the LoRA initialisation and training
     make_classifier(model, len(labels), args.train_all)
     wrapped = maybe_apply_lora(model, args)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -275,7 +277,7 @@ def run_finetune(args):
     history = train_classifier(model, loaders, args.epochs, args.lr, args.weight_decay, args.eval_batches,
                                progress=not args.quiet)
     out = Classifier(model, labels, max_length).save(args.out)
-    out.with_name(f"{out.stem}-history.json").write_text(json.dumps(history, indent=1))
+    write_json(history, out.with_name(f"{out.stem}-history.json"))
     x = history["examples_seen"]
     for metric, ylabel in (("loss", "loss"), ("acc", "accuracy")):
         plot_curves(x, {f"{s} {ylabel}": history[f"{s}_{metric}"] for s in loaders}, "examples seen", ylabel,

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..tokenizer import EOT_ID, get_tokenizer
-from . import ASSETS, add_model_args, load_base_model, maybe_apply_lora, plot_curves
+from . import ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, plot_curves, write_json
 
 INSTRUCTION_DATA = ASSETS / "instruction-data.json"
 IGNORE_INDEX = -100
@@ -239,6 +239,8 @@ def add_parser(sub):
 
 
 def run_finetune(args):
+    check_options(args, at_least={"epochs": 1, "batch_size": 1, "limit": 1, "allowed_max_length": 1, "eval_freq": 1,
+                                  "eval_batches": 1, "max_new_tokens": 1, "weight_decay": 0}, above={"lr": 0})
     data = load_instruction_data(args.data)[: args.limit]
     train, val, test = split_data(data)
     if not (train and val and test):
@@ -251,23 +253,23 @@ def run_finetune(args):
     kw = dict(allowed_max_length=max_len, mask_prompt=args.mask_prompt)
     train_loader = make_loader(encode_records(train), args.batch_size, True, True, args.seed, **kw)
     val_loader = make_loader(encode_records(val), args.batch_size, **kw)
+    torch.manual_seed(args.seed)  # seeds the LoRA initialisation and training (dropout)
     # the vocabulary head stays frozen by default: it keeps the fused loss (no logits built)
     wrapped = maybe_apply_lora(model, args, default_exclude=["out_head"])
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"training {n_train:,} parameters" + (f" (LoRA on {len(wrapped)} layers)" if wrapped else ""))
-    torch.manual_seed(args.seed)
     history = train_instruct(model, train_loader, val_loader, args.epochs, args.lr, args.weight_decay,
                              args.eval_freq, args.eval_batches, progress=not args.quiet)
     out_dir = Path(args.out_dir)
     plot_curves(history["tokens_seen"], {"train loss": history["train_loss"], "val loss": history["val_loss"]},
                 "tokens seen", "loss", out_dir / "loss.png")
-    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    write_json(history, out_dir / "history.json")
     if wrapped:
         from ..lora import save_adapters
 
         save_adapters(model, out_dir / "lora.safetensors")
     answers = generate_responses(model, test, args.max_new_tokens, progress=not args.quiet)
-    (out_dir / "responses.json").write_text(json.dumps(answers, indent=4))
+    write_json(answers, out_dir / "responses.json", indent=4)
     _save_model(model, out_dir / "model.pt", wrapped)
     if args.judge_url:
         scores = judge_scores(answers, args.judge_url, args.judge_model, progress=not args.quiet)
@@ -276,7 +278,7 @@ def run_finetune(args):
         valid = [s for s in scores if s is not None]
         print(f"judge {args.judge_model}: mean score {sum(valid) / max(len(valid), 1):.1f} "
               f"over {len(valid)} of {len(scores)} answers")
-        (out_dir / "responses.json").write_text(json.dumps(answers, indent=4))
+        write_json(answers, out_dir / "responses.json", indent=4)
     print(f"final losses: train {history['train_loss'][-1]:.3f}, val {history['val_loss'][-1]:.3f}; "
           f"wrote {out_dir}/responses.json, loss.png, model.pt")
     return 0

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from .config import PRESETS, GPTConfig
 from .data import VERDICT, GPTDatasetV1, TokenFileLoader, read_text
+from .backends import resolve_device
 from .model import GPTModel
 from .tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
@@ -61,8 +62,13 @@ class TrainConfig:
             raise ValueError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "eval_freq", "eval_iter"):
+        for name in ("epochs", "batch_size", "grad_accum", "eval_freq", "eval_iter", "lr"):
             if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr}")
+        for name in ("max_steps", "save_every"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
@@ -82,12 +88,12 @@ class WindowBatches:
         # training drops the last partial batch, as the classic loader does; evaluation keeps it
         self.steps_per_epoch = len(dataset) // batch_size if drop_last else -(-len(dataset) // batch_size)
 
-    def batch(self, i: int, rank: int = 0, world: int = 1):
-        """Micro-batch number i (over all epochs); each rank takes its share of the rows."""
+    def batch(self, i: int):
+        """Micro-batch number i, counting over all epochs (and over all ranks under DDP)."""
         epoch, j = divmod(i, self.steps_per_epoch)
         order = (torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
                  if self.shuffle else torch.arange(len(self.dataset)))
-        rows = order[j * self.batch_size:(j + 1) * self.batch_size][rank::world].tolist()
+        rows = order[j * self.batch_size:(j + 1) * self.batch_size].tolist()
         x, y = zip(*(self.dataset[r] for r in rows))
         return torch.stack(x), torch.stack(y)
 
@@ -103,8 +109,8 @@ class TokenFileBatches:
         self.loader = TokenFileLoader(path, batch_size, context_length, seed)
         self.seed, self.steps_per_epoch = seed, steps_per_epoch
 
-    def batch(self, i: int, rank: int = 0, world: int = 1):
-        self.loader.generator.manual_seed(self.seed * 1_000_003 + i * world + rank)
+    def batch(self, i: int):
+        self.loader.generator.manual_seed(self.seed * 1_000_003 + i)
         return self.loader.next_batch()
 
     def __iter__(self):
@@ -121,7 +127,7 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     """AdamW, decaying only matrices (nanoGPT's groups); fused kernels where torch has them."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -191,13 +197,13 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        if device is None and self.world > 1 and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.train_batches, self.val_batches = train, val
-        self.optimizer = make_optimizer(model, cfg, self.device)
-        self.total_steps = cfg.epochs * train.steps_per_epoch // cfg.grad_accum
+        self.optimizer = make_optimizer(model, cfg)
+        self.total_steps = cfg.epochs * train.steps_per_epoch // (cfg.grad_accum * self.world)
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -228,7 +234,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.scheduler, self.step,
                         rng=rng, tokens_seen=self.tokens_seen, history=self.history,
-                        train=dataclasses.asdict(self.cfg))
+                        scaler=self.scaler.state_dict(), train=dataclasses.asdict(self.cfg))
 
     def resume(self, path):
         state = load_checkpoint(path, map_location=self.device)
@@ -237,6 +243,8 @@ class Trainer:
         load_state_dict_checked(self.model, state["model"], source=str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # fp16 runs only; an empty state means the scaler was off
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen, self.history = state["step"], state["tokens_seen"], state["history"]
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if "cuda" in state["rng"] and self.device.type == "cuda":
@@ -247,7 +255,8 @@ class Trainer:
     def train_step(self) -> float:
         cfg, loss_sum = self.cfg, 0.0
         for m in range(cfg.grad_accum):
-            x, y = self.train_batches.batch(self.step * cfg.grad_accum + m, self.rank, self.world)
+            # under DDP each rank takes its own micro-batch: the global batch is world x batch_size
+            x, y = self.train_batches.batch((self.step * cfg.grad_accum + m) * self.world + self.rank)
             x, y = x.to(self.device), y.to(self.device)
             sync = self.world == 1 or m == cfg.grad_accum - 1  # DDP: all-reduce on the last micro-batch
             with (contextlib.nullcontext() if sync else self.runner.no_sync()), autocast(self.device, cfg.dtype):
@@ -277,7 +286,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        steps_per_epoch = max(1, self.train_batches.steps_per_epoch // cfg.grad_accum)
+        steps_per_epoch = max(1, self.train_batches.steps_per_epoch // (cfg.grad_accum * self.world))
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * self.model.cfg.context_length
         flops = flops_per_token(self.model, self.model.cfg.context_length)
         peak = peak_flops(self.device)

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .checkpoint import atomic_file
 from .tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
 VERDICT = Path(__file__).parent / "assets" / "the-verdict.txt"
@@ -80,7 +81,9 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, chunk_chars: int = 1 << 
     tok = get_tokenizer()
     counts = {"train": 0, "val": 0}
     total = sum(p.stat().st_size for p in inputs)
-    with open(out_dir / "train.bin.tmp", "wb") as ftrain, open(out_dir / "val.bin.tmp", "wb") as fval, \
+    # both files appear only when both are complete (and never half-written)
+    with atomic_file(out_dir / "train.bin") as train_tmp, atomic_file(out_dir / "val.bin") as val_tmp, \
+            open(train_tmp, "wb") as ftrain, open(val_tmp, "wb") as fval, \
             tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for p in inputs:
             ids = []
@@ -92,8 +95,6 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, chunk_chars: int = 1 << 
             for split, f, part in (("train", ftrain, ids[:len(ids) - n_val]), ("val", fval, ids[len(ids) - n_val:])):
                 np.asarray(part, dtype=np.uint16).tofile(f)
                 counts[split] += len(part)
-    for split in ("train", "val"):  # rename only when both are complete
-        (out_dir / f"{split}.bin.tmp").replace(out_dir / f"{split}.bin")
     return counts
 
 

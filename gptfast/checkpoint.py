@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .backends import resolve_device
 from .config import GPTConfig
 from .model import GPTModel, upgrade_state_dict
 
@@ -89,4 +90,4 @@ def load_model(path, backend: str = "auto", device=None) -> GPTModel:
         raise RuntimeError(f"checkpoint {path} has no 'config' entry")
     model = GPTModel(GPTConfig.from_dict(state["config"]), backend=backend)
     load_state_dict_checked(model, state["model"], source=str(path))
-    return model.to(device or "cpu").eval()
+    return model.to(resolve_device(device) if device is not None else "cpu").eval()

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from gptfast import GPTConfig, GPTModel
+from gptfast.backends import resolve_device
 from gptfast.generate import Generator, generate
 from gptfast.quant import int8_supported
+from gptfast.weights import to_hf_state_dict
 
 from common import commit_id  # noqa: E402  (benchmarks/ is on sys.path)
 
@@ -28,27 +30,13 @@ PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
 
 
 def to_transformers(model: GPTModel):
-    """A GPT2LMHeadModel holding `model`'s weights (Conv1D layers store W transposed)."""
+    """A GPT2LMHeadModel holding `model`'s weights (gptfast's own export mapping)."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    cfg = model.cfg
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-                                    n_layer=cfg.n_layers, n_head=cfg.n_heads, activation_function="gelu_new",
-                                    layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                    tie_word_embeddings=True))
-    src = model.state_dict()
-    sd = {"transformer.wte.weight": src["tok_emb.weight"], "transformer.wpe.weight": src["pos_emb.weight"],
-          "transformer.ln_f.weight": src["final_norm.scale"], "transformer.ln_f.bias": src["final_norm.shift"],
-          "lm_head.weight": src["out_head.weight"]}
-    for i in range(cfg.n_layers):
-        o, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
-        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            sd[h + theirs + ".weight"], sd[h + theirs + ".bias"] = src[o + ours + ".scale"], src[o + ours + ".shift"]
-        for ours, theirs in (("att.qkv", "attn.c_attn"), ("att.out_proj", "attn.c_proj"),
-                             ("ff.layers.0", "mlp.c_fc"), ("ff.layers.2", "mlp.c_proj")):
-            sd[h + theirs + ".weight"] = src[o + ours + ".weight"].t()
-            sd[h + theirs + ".bias"] = src[o + ours + ".bias"]
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing), (missing, unexpected)
+    state, config = to_hf_state_dict(model)
+    hf = GPT2LMHeadModel(GPT2Config(**config))
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    # a tied head is left out of the export: transformers ties lm_head to wte itself
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return hf.eval()
 
 
@@ -90,7 +78,7 @@ def bench_transformers(hf, device, n):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--no-cache-tokens", type=int, default=200, help="fewer keeps the slow baseline short")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -98,7 +86,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, n = torch.device(args.device), args.new_tokens
+    device, n = resolve_device(args.device), args.new_tokens
     torch.manual_seed(123)
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").to(device).eval()
     hf = to_transformers(model).to(device)
@@ -134,7 +122,7 @@ def main():
     lines = [f"# Generation, GPT-2 124M random init, batch 1, greedy, 4-token prompt, {n} new tokens",
              f"device: {device.type} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}",
-             f"command: python benchmarks/bench_generate.py --device {args.device} --new-tokens {n} "
+             f"command: python benchmarks/bench_generate.py --device {device} --new-tokens {n} "
              f"--no-cache-tokens {args.no_cache_tokens}" + (f" --threads {args.threads}" if args.threads else ""),
              f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine)", "",
              "| engine | tokens | time to first token (ms) | tokens/s | vs no-cache | vs transformers fp32 "

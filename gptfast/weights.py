@@ -27,8 +27,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .backends import BACKENDS, resolve_device
+from .checkpoint import atomic_file
 from .config import GPTConfig
+from .data import VERDICT, read_text
 from .model import GPTModel
+from .quant import FLOAT_DTYPES
+from .train import WindowBatches, calc_loss_loader, split_text_batches
 
 SIZES = ("124M", "355M", "774M", "1558M")
 GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
@@ -39,7 +44,6 @@ DEFAULT_MODELS_DIR = "models"  # the same default as generate/finetune --models-
 CONVERTED_SUFFIX = "-gptfast"  # `gptfast convert models/124M` writes models/124M-gptfast
 WEIGHTS_FILE = "model.safetensors"
 HF_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +136,13 @@ def resolve_gpt2_path(path_or_size: str | Path, models_dir: str | Path | None = 
     name = str(path_or_size)
     if name in SIZES:
         root = Path(models_dir or DEFAULT_MODELS_DIR)
-        for candidate in (root / (name + CONVERTED_SUFFIX), root / name):
-            if candidate.exists():
-                return candidate
+        converted, openai = root / (name + CONVERTED_SUFFIX), root / name
+        # config.json is written last: without it the converted folder is an interrupted convert,
+        # used only when nothing else is there (the loader then says what is wrong)
+        if (converted / "config.json").is_file() or (converted.exists() and not openai.exists()):
+            return converted
+        if openai.exists():
+            return openai
         raise FileNotFoundError(f"GPT-2 {name} is not in {root}/: run `gptfast download-gpt2 {name} "
                                 f"--models-dir {root}` (or place OpenAI's files in {root / name}/)")
     path = Path(path_or_size)
@@ -165,9 +173,9 @@ def build_model(cfg: GPTConfig, state: dict, backend: str = "auto", dtype=None, 
     """A GPTModel holding `state`'s tensors themselves (no random init, no copy when the dtype
     already matches: memory-mapped tensors stay memory-mapped)."""
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(FLOAT_DTYPES)}")
+        dtype = FLOAT_DTYPES[dtype]
     state = dict(state)
     if cfg.tie_weights:
         state.setdefault("out_head.weight", state.get("tok_emb.weight"))
@@ -188,7 +196,7 @@ def build_model(cfg: GPTConfig, state: dict, backend: str = "auto", dtype=None, 
     model.load_state_dict(state, assign=True)
     if cfg.tie_weights:  # assign=True made two parameters; make them one again
         model.out_head.weight = model.tok_emb.weight
-    return model.to(device or "cpu").eval()
+    return model.to("cpu" if device is None else resolve_device(device)).eval()
 
 
 def _read_json(path: Path) -> dict:
@@ -218,6 +226,9 @@ def _read_hf(path: Path, config: dict | None) -> tuple[GPTConfig, dict]:
         if not found:
             raise FileNotFoundError(f"{path}: no GPT-2 weights found (expected {WEIGHTS_FILE}, "
                                     "pytorch_model.bin, or OpenAI's hparams.json + model.ckpt.*)")
+        if config is None:  # written last by every save: its absence means an interrupted one
+            raise FileNotFoundError(f"{path}: config.json is missing (an interrupted save or convert?); "
+                                    "write the model directory again")
         path = found[0]
     if path.suffix == ".safetensors":
         tensors = _read_safetensors(path)
@@ -352,12 +363,21 @@ def _to_gptfast(source: dict, hp: dict, naming, where: str) -> tuple[GPTConfig, 
 # Saving: gptfast's format and Hugging Face's
 # ---------------------------------------------------------------------------------------------
 
-def _save_safetensors(tensors: dict, path: Path) -> None:
+def _write_model_dir(out_dir: str | Path, tensors: dict, config: dict) -> Path:
+    """model.safetensors, then config.json, each written atomically. config.json goes first
+    on a rewrite and comes back last, so a folder without it (an interrupted save) is never
+    loaded as complete."""
     from safetensors.torch import save_file
 
-    # clone: safetensors refuses views and shared storage; "pt" is what transformers expects
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path),
-              metadata={"format": "pt"})
+    out_dir = Path(out_dir)
+    (out_dir / "config.json").unlink(missing_ok=True)
+    with atomic_file(out_dir / WEIGHTS_FILE) as tmp:
+        # clone: safetensors refuses views and shared storage; "pt" is what transformers expects
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt"})
+    with atomic_file(out_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
 
 
 def plain_state_dict(model: GPTModel, what: str) -> tuple[dict, bool]:
@@ -385,26 +405,21 @@ def save_gptfast(model: GPTModel, out_dir: str | Path, dtype=None) -> Path:
     """gptfast's own format: config.json {"gptfast": config} + model.safetensors in gptfast's
     layout (a tied head is stored once). `load_gpt2(out_dir)` memory-maps it back."""
     state, tied = plain_state_dict(model, "save_gptfast")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if tied:
         state.pop("out_head.weight")
     if dtype is not None:
-        state = {k: v.to(DTYPES[dtype] if isinstance(dtype, str) else dtype) for k, v in state.items()}
-    _save_safetensors(state, out_dir / WEIGHTS_FILE)
-    config = dict(model.cfg.to_dict(), tie_weights=tied)
-    (out_dir / "config.json").write_text(json.dumps({"gptfast": config}, indent=2) + "\n")
-    return out_dir
+        state = {k: v.to(FLOAT_DTYPES[dtype] if isinstance(dtype, str) else dtype) for k, v in state.items()}
+    return _write_model_dir(out_dir, state, {"gptfast": dict(model.cfg.to_dict(), tie_weights=tied)})
 
 
-def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
-    """A directory transformers loads with GPT2LMHeadModel.from_pretrained(out_dir).
+def to_hf_state_dict(model: GPTModel, what: str = "to_hf_state_dict") -> tuple[dict, dict]:
+    """(GPT2LMHeadModel state dict, its config.json as a dict) holding `model`'s weights.
 
-    LoRA adapters are merged in (the model itself is left as it is). Padded vocabulary rows are cut off; a model without qkv bias gets zero biases (the same
-    function); an untied head is written as lm_head.weight with tie_word_embeddings false."""
-    cfg, (state, tied) = model.cfg, plain_state_dict(model, "save_hf")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    LoRA adapters are merged in (the model itself is left as it is). Padded vocabulary rows
+    are cut off; a model without qkv bias gets zero biases (the same function); an untied head
+    is lm_head.weight with tie_word_embeddings false (a tied one is left out, as transformers
+    saves it). `what` names the caller in errors."""
+    cfg, (state, tied) = model.cfg, plain_state_dict(model, what)
     V, C = cfg.vocab_size, cfg.emb_dim
     t = {"transformer.wte.weight": state["tok_emb.weight"][:V], "transformer.wpe.weight": state["pos_emb.weight"]}
     convs = {"attn.c_attn": "att.qkv", "attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.layers.0", "mlp.c_proj": "ff.layers.2"}
@@ -422,7 +437,6 @@ def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
     t["transformer.ln_f.bias"] = state["final_norm.shift"]
     if not tied:
         t["lm_head.weight"] = state["out_head.weight"][:V]
-    _save_safetensors(t, out_dir / WEIGHTS_FILE)
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": V,
         "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_embd": C,
@@ -431,8 +445,13 @@ def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
         "attn_pdrop": cfg.drop_rate, "initializer_range": 0.02, "scale_attn_weights": True,
         "tie_word_embeddings": tied, "bos_token_id": 50256, "eos_token_id": 50256,
     }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out_dir
+    return t, config
+
+
+def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
+    """A directory transformers loads with GPT2LMHeadModel.from_pretrained(out_dir); the
+    weights are to_hf_state_dict's."""
+    return _write_model_dir(out_dir, *to_hf_state_dict(model, "save_hf"))
 
 
 def load_any(path: str | Path, models_dir=None, backend: str = "auto", device=None) -> GPTModel:
@@ -465,31 +484,21 @@ def convert(src: str | Path, out: str | Path | None = None, to_hf: bool = False,
 # The published check: GPT-2 124M on The Verdict
 # ---------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def evaluate_text_loss(model: GPTModel, text: str, context_length: int = 256, stride: int = 256,
                        train_ratio: float = 0.9, batch_size: int = 8) -> tuple[float, float]:
     """(train, val) mean next-token loss over `text` split by characters at `train_ratio`, in
     windows of `context_length` tokens every `stride` tokens (the classic set-up). OpenAI's
     GPT-2 124M gives about 3.75 / 3.56 on The Verdict with the defaults."""
-    from .tokenizer import get_tokenizer
-
-    tokenizer = get_tokenizer()
-    split = int(train_ratio * len(text))
+    # batch size 1 here: only the windows are used (the training batches would need >= batch_size)
+    splits = split_text_batches(text, context_length, stride, 1, seed=0, val_fraction=1 - train_ratio)
     device = model.tok_emb.weight.device
-    was_training = model.training
-    model.eval()
     losses = []
-    for part in (text[:split], text[split:]):
-        ids = torch.tensor(tokenizer.encode(part, allowed_special="all"))
-        starts = list(range(0, len(ids) - context_length, stride))
-        if not starts:
-            raise ValueError(f"text part of {len(ids)} tokens is too short for one window of {context_length}+1 tokens")
-        windows = torch.stack([ids[s: s + context_length + 1] for s in starts]).to(device)  # (N, ctx+1)
-        total = 0.0
-        for batch in windows.split(batch_size):  # equal-length windows: mean of means = token mean
-            total += model.loss(batch[:, :-1], batch[:, 1:]).item() * len(batch)
-        losses.append(total / len(windows))
-    model.train(was_training)
+    for split in splits:
+        n = len(split.dataset)
+        # every window once, in equal batches, so calc_loss_loader's mean of batch means is the
+        # mean over windows (the largest batch size <= batch_size that divides the window count)
+        size = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+        losses.append(calc_loss_loader(WindowBatches(split.dataset, size, seed=0, shuffle=False), model, device))
     return losses[0], losses[1]
 
 
@@ -508,14 +517,10 @@ def _cmd_convert(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-    model = load_any(args.model, args.models_dir, backend=args.backend, device=args.device)
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else _verdict()
+    model = load_any(args.model, args.models_dir, backend=args.backend, device=resolve_device(args.device))
+    text = read_text(args.text or VERDICT)
     train, val = evaluate_text_loss(model, text, args.context_length, args.stride, args.train_ratio, args.batch_size)
     print(f"train loss {train:.4f}   val loss {val:.4f}")
-
-
-def _verdict() -> str:
-    return (Path(__file__).parent / "assets" / "the-verdict.txt").read_text(encoding="utf-8")
 
 
 def add_parser(subparsers) -> None:
@@ -535,7 +540,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("src", help="a size (124M, ...), a directory or a file")
     p.add_argument("--out", help="output directory (default: beside SRC, named SRC-gptfast or SRC-hf)")
     p.add_argument("--to-hf", action="store_true", help="write a Hugging Face GPT-2 directory instead")
-    p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (gptfast format only)")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, help="store the weights in this dtype (gptfast format only)")
     p.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, help=models_help)
     p.set_defaults(func=_cmd_convert)
 
@@ -548,7 +553,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--context-length", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--stride", type=int, default=256, help="tokens between windows (default 256)")
     p.add_argument("--train-ratio", type=float, default=0.9, help="character split (default 0.9)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    p.add_argument("--backend", default="auto", choices=("reference", "torch", "triton", "auto"))
-    p.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="at most this many windows per forward pass (default 8)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend (default auto)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=_cmd_eval)

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from .backends import resolve_device
 from .kv_cache import make_caches
 from .quant import DTYPES, inference_copy
 from .sampling import sample_top_k
@@ -116,7 +117,7 @@ class Generator:
     mode while generating)."""
 
     def __init__(self, model, tokenizer=None, dtype="auto", device=None, context_size=None, cuda_graph=True):
-        device = torch.device(device) if device is not None else model.tok_emb.weight.device
+        device = resolve_device(device) if device is not None else model.tok_emb.weight.device
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float16"  # CPU: fastest measured, see benchmarks/
         elif dtype is not None and dtype not in DTYPES:
@@ -378,7 +379,7 @@ def add_parser(subparsers):
 
 
 def _load(args):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     if args.checkpoint:
         from .checkpoint import load_model
         return load_model(args.checkpoint, backend=args.backend, device=device), device

@@ -17,19 +17,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-_DECODE_KERNEL = []
-
-
-def decode_kernel():
-    """gptfast's Triton decode-attention kernel, or None. Imported on first CUDA use only:
-    importing Triton after TensorFlow aborts the process, and CPU runs never need it."""
-    if not _DECODE_KERNEL:
-        try:
-            from gptfast.kernels.attention import attention_decode
-        except Exception:  # Triton or the kernel missing: SDPA does the work
-            attention_decode = None
-        _DECODE_KERNEL.append(attention_decode)
-    return _DECODE_KERNEL[0]
+def decode_kernel(q):
+    """gptfast's Triton flash-decoding kernel for q, or None (SDPA does the work): CUDA only,
+    through the backends' guarded import (importing Triton after TensorFlow aborts the
+    process), and only for the head sizes and dtypes the kernel covers."""
+    if not q.is_cuda:
+        return None
+    from gptfast.backends import _triton_backend
+    backend, _ = _triton_backend()
+    return None if backend is None else backend.decode_kernel(q)
 
 
 class KVCache:
@@ -72,8 +68,9 @@ class KVCache:
             return self._static_decode(q)
         if not self.padded:
             if T == 1 and ops.name != "reference":  # one query in the last slot sees every key: no mask
-                if q.is_cuda and decode_kernel() is not None:
-                    return decode_kernel()(q, self.k, self.v, S)
+                kernel = decode_kernel(q)
+                if kernel is not None:
+                    return kernel(q, self.k, self.v, S)
                 return F.scaled_dot_product_attention(q, k, v)
             return ops.attention(q, k, v)
         # query slot t sees keys s <= t that are not padding; a padding query sees itself,
@@ -85,8 +82,9 @@ class KVCache:
 
     def _static_decode(self, q):
         """One query per row over the whole buffer; slots past write_pos are masked."""
-        if q.is_cuda and not self.padded and decode_kernel() is not None:
-            return decode_kernel()(q, self.k, self.v, (self.write_pos + 1).expand(q.shape[0]))
+        kernel = None if self.padded else decode_kernel(q)
+        if kernel is not None:
+            return kernel(q, self.k, self.v, (self.write_pos + 1).expand(q.shape[0]))
         slots = torch.arange(self.max_len, device=q.device)
         allowed = (slots <= self.write_pos) & self.key_valid  # (B, S)
         return masked_attention(q, self.k, self.v, allowed[:, None, None, :])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import re
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch.utils.benchmark as tbench
 from gptfast import sampling
 from gptfast.sampling import reference_sample_top_k, sample_top_k
 
-from common import commit_id  # noqa: E402  (benchmarks/ is on sys.path)
+from common import commit_id, device_name  # noqa: E402  (benchmarks/ is on sys.path)
 
 V, TEMPERATURE = 50257, 0.8
 BATCHES, KS = (1, 8, 64), (1, 50, 1000)
@@ -90,12 +89,6 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['device']} | {r['B']} | {r['k']} | {r['six-op']:.1f} | {r['op']:.1f} | {r['api']:.1f} "
                      f"| {r['six-op'] / r['op']:.2f}x | {r['six-op'] / r['api']:.2f}x |")
     return "\n".join(lines)
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
 
 
 # files whose change makes a result stale

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from kernel_checks import assert_within_2x  # noqa: E402,F401  (the tests' low-precision rule)
+from common import PeakMemory  # noqa: E402  (benchmarks/ is on sys.path)
 
 TOKENS, WIDTH, VOCAB, DTYPE = 16 * 1024, 768, 50257, torch.bfloat16  # GPT-2 124M, batch 16 x 1024
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -33,17 +34,6 @@ requires_cuda = pytest.mark.skipif(
 def time_ms(fn) -> float:
     import triton.testing
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def peak_mb(fn) -> float:
-    """Peak CUDA memory fn allocates beyond what is already allocated, in MiB."""
-    fn()  # warm-up: compilation and caching allocators settle first
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _as_tuple(out):
@@ -86,7 +76,10 @@ def run(benchmark, *, op, impl, pass_, fn, nbytes=None, flops=None, memory=False
     if flops:
         info["TFLOP/s"] = round(flops / ms / 1e9, 1)
     if memory:
-        info["peak_MiB"] = round(peak_mb(fn), 1)
+        fn()  # warm-up: compilation and caching allocators settle first
+        with PeakMemory("cuda") as mem:
+            fn()
+        info["peak_MiB"] = round(mem.mib, 1)
     if note:
         info["note"] = note
     RESULTS.append(info)

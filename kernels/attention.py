@@ -71,6 +71,27 @@ def _cast(x, dtype: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _head_ptrs(Q, K, V, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, H):
+    """Q, K, V advanced to this program's (batch, head), with program_id(1) = b * H + h."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh
+
+
+@triton.jit
+def _query_block(Q, stride_qt, T, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(start_m, offs_m, row_ok, q) of this program's block of queries. Causal work grows
+    with the query index, so program 0 takes the last block: the heaviest go first."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    return start_m, offs_m, row_ok, q
+
+
+@triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, S, diag,
                     qk_scale, seed, bh, p_drop,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
@@ -110,18 +131,10 @@ def _attn_fwd(Q, K, V, O, LSE, stride_qb, stride_qh, stride_qt, stride_kb, strid
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """O and lse for one block of BLOCK_M queries of one (batch, head); grid (T/BLOCK_M, B*H)."""
-    # causal work grows with the query index: launch the heaviest blocks first (shorter tail)
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    Q, K, V = _head_ptrs(Q, K, V, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, H)
+    start_m, offs_m, row_ok, q = _query_block(Q, stride_qt, T, BLOCK_M, HEAD_DIM)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
     diag = S - T  # row i sees keys j <= i + diag
     if CAUSAL:
@@ -177,11 +190,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stride
     """
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    Q, K, V = _head_ptrs(Q, K, V, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, H)
     DO += bh.to(tl.int64) * T * HEAD_DIM
     LSE += bh.to(tl.int64) * T
     DELTA += bh.to(tl.int64) * T
@@ -235,19 +244,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qt,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """dQ for one block of BLOCK_M queries, looping over the key blocks it sees."""
-    # causal work grows with the query index: launch the heaviest blocks first (shorter tail)
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    Q, K, V = _head_ptrs(Q, K, V, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, H)
+    start_m, offs_m, row_ok, q = _query_block(Q, stride_qt, T, BLOCK_M, HEAD_DIM)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
     row = bh.to(tl.int64) * T + offs_m  # DO, DQ contiguous (B*H, T, D); LSE, DELTA (B*H, T)
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + row, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from .checkpoint import atomic_file, load_checkpoint, load_state_dict_checked, save_checkpoint
 from .config import PRESETS, GPTConfig
 from .data import VERDICT, GPTDatasetV1, TokenFileLoader, read_text
 from .backends import resolve_device
@@ -362,8 +362,11 @@ class Trainer:
         axes[1].set_yscale("log")
         fig.tight_layout()
         path = self.out_dir / "loss.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            with atomic_file(path) as tmp:
+                fig.savefig(tmp, format="png", dpi=100)
+        finally:
+            plt.close(fig)
         return path
 
 

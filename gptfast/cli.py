@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (CLIError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (CLIError, ValueError, OSError, RuntimeError) as e:  # OSError: e.g. an output path that is a directory
         print(f"gptfast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -97,6 +97,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets=None, exclude=
     `targets`: name filters (e.g. ["att.qkv", "ff"]; all linear layers when None);
     `exclude`: filters for layers to leave alone. Returns the wrapped layers' names.
     """
+    if lora_layers(model):  # wrapping again would nest adapters inside adapters
+        raise ValueError(f"the model already has LoRA on {len(lora_layers(model))} layers; merge or unwrap them first")
     model.requires_grad_(False)
     chosen = [name for name, m in model.named_modules()
               if type(m) is nn.Linear and _matches(name, targets) and not (exclude and _matches(name, exclude))]
@@ -178,12 +180,18 @@ def load_adapters(model: nn.Module, path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA adapter file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "gptfast-lora":
-            raise ValueError(f"{path} is not a gptfast LoRA adapter file (no 'format: gptfast-lora' metadata)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # not safetensors, or damaged
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if meta.get("format") != "gptfast-lora" or not {"layers", "rank", "alpha"} <= set(meta):
+        raise ValueError(f"{path} is not a gptfast LoRA adapter file (no 'format: gptfast-lora' metadata)")
     names = json.loads(meta["layers"])
+    missing = [f"{n}.{k}" for n in names for k in ("lora_A", "lora_B") if f"{n}.{k}" not in tensors]
+    if missing:
+        raise ValueError(f"{path}: adapter tensor {missing[0]} is missing")
     layers = lora_layers(model)
     if not layers:
         apply_lora(model, int(meta["rank"]), float(meta["alpha"]), targets=names)

@@ -517,6 +517,11 @@ def _cmd_convert(args) -> None:
 
 
 def _cmd_eval(args) -> None:
+    for name in ("context_length", "stride", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.train_ratio < 1:
+        raise ValueError(f"--train-ratio must be in (0, 1), got {args.train_ratio}")
     model = load_any(args.model, args.models_dir, backend=args.backend, device=resolve_device(args.device))
     text = read_text(args.text or VERDICT)
     train, val = evaluate_text_loss(model, text, args.context_length, args.stride, args.train_ratio, args.batch_size)

@@ -97,6 +97,7 @@ def test_instruction_data_and_prompt_format():
     ("ham\thello\nspam\tbuy\nphish\tclick\n", ["ham", "spam"], r"bad\.tsv:3: unknown label 'phish'"),
     ("", None, r"bad\.tsv: no labelled examples \(empty file\)"),
     ("ham\tonly one class\n", None, "at least 2 classes"),
+    ("ham\thello\nspam\tbuy\n", ["ham", "ham", "spam"], "name a class twice"),
 ])
 def test_labelled_file_errors_name_the_line(tmp_path, content, labels, message):
     path = tmp_path / "bad.tsv"
@@ -267,3 +268,14 @@ def test_unreachable_judge_is_one_clear_error():
 
 def test_commands_are_registered():
     assert {"gptfast.finetune.classify", "gptfast.finetune.instruct"} <= set(cli.COMMANDS)
+
+
+def test_output_path_that_is_a_directory_is_one_line(tmp_path, capsys):
+    data = tmp_path / "d.tsv"
+    data.write_text("".join(f"{'ham' if i % 2 else 'spam'}\tmessage {i}\n" for i in range(40)))
+    (tmp_path / "out.pt").mkdir()
+    code = cli.main(["finetune-classifier", "--preset", "tiny", "--data", str(data), "--epochs", "1",
+                     "--out", str(tmp_path / "out.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("gptfast finetune-classifier: error:") and "out.pt" in err

@@ -200,3 +200,13 @@ def test_adapter_gradients_match_the_reference_backend(base, idx, backend):
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     for n, g in ref_grads.items():
         torch.testing.assert_close(grads[n], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_wrapping_twice_and_bad_adapter_files_are_clear_errors(base, tmp_path):
+    apply_lora(base, rank=2, alpha=2)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(base, rank=2, alpha=2)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="junk.safetensors is not a readable safetensors file"):
+        load_adapters(GPTModel(CFG), junk)

@@ -182,7 +182,7 @@ def test_save_hf_merges_lora_and_rejects_a_classifier_head(hf_dirs, tmp_path, ta
 
 def test_convert_to_gptfast_format_and_from_checkpoint(hf_dirs, tmp_path):
     hf, path, idx = hf_dirs["d16-ctx37"]
-    assert run_cli(["convert", str(path), "--out", str(tmp_path / "124M-gptfast")]) is None
+    run_cli(["convert", str(path), "--out", str(tmp_path / "124M-gptfast")])
     out = tmp_path / "124M-gptfast"
     assert "gptfast" in json.loads((out / "config.json").read_text())
     fast = load_gpt2("124M", models_dir=tmp_path, backend="reference")  # a size finds its converted dir
@@ -539,3 +539,12 @@ def test_download_resumes_verifies_and_falls_back(tmp_path, monkeypatch):
     assert ("b", "encoder.json", len(_Mirror.files["encoder.json"]) // 2) in _Mirror.ranges  # primary cut it off: backup resumed it
     assert ("b", "model.ckpt.meta", 0) in _Mirror.ranges  # primary lacks it
     assert not any(name == "vocab.bpe" for _, name, _ in _Mirror.ranges)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--train-ratio", "1.5"], r"--train-ratio must be in \(0, 1\), got 1.5"),
+])
+def test_eval_gpt2_option_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        run_cli(["eval-gpt2", "124M", "--models-dir", "/nonexistent", *argv])

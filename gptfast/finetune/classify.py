@@ -64,6 +64,8 @@ def read_labelled(path, labels=None) -> tuple[list[tuple[str, int]], list[str]]:
     if rows[0][1:] == ("label", "text"):  # a header row
         rows = rows[1:]
     names = list(labels) if labels else sorted({r[1] for r in rows})
+    if len(set(names)) != len(names):
+        raise ValueError(f"labels {names} name a class twice")
     index = {name: i for i, name in enumerate(names)}
     examples = []
     for n, label, text in rows:

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..tokenizer import EOT_ID, get_tokenizer
+from ..train import calc_loss_loader
 from . import ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, plot_curves, write_json
 
 INSTRUCTION_DATA = ASSETS / "instruction-data.json"
@@ -106,15 +107,9 @@ def make_loader(encoded, batch_size, shuffle=False, drop_last=False, seed=123, *
                                        collate_fn=lambda b: collate(b, **collate_kw))
 
 
-@torch.no_grad()
 def evaluate_loss(model, loader, max_batches=None) -> float:
-    was_training = model.training
-    model.eval()
-    device = model.tok_emb.weight.device
-    losses = [model.loss(x.to(device), y.to(device), ignore_index=IGNORE_INDEX).item()
-              for i, (x, y) in enumerate(loader) if max_batches is None or i < max_batches]
-    model.train(was_training)
-    return sum(losses) / len(losses) if losses else float("nan")
+    """Mean loss of the first `max_batches` batches (targets masked with IGNORE_INDEX)."""
+    return calc_loss_loader(loader, model, model.tok_emb.weight.device, max_batches)
 
 
 def train_instruct(model, train_loader, val_loader, epochs=2, lr=5e-5, weight_decay=0.1, eval_freq=5,

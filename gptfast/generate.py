@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
 import os
 import time
 import warnings
@@ -27,8 +28,8 @@ def check_sampling(max_new_tokens=0, temperature=0.0, top_k=None, top_p=None):
     for n in max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens]:
         if int(n) < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {n}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -48,6 +49,9 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     `context_size` tokens; a row stops at `eos_id` (not appended; with B > 1 finished rows are
     filled with eos_id until every row is done). `use_cache=False` is the reference path."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(context_size, int) or not 1 <= context_size <= model.cfg.context_length:
+        raise ValueError(f"context_size must be an integer in [1, {model.cfg.context_length}] (the model's "
+                         f"context), got {context_size!r}")
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be a non-empty (batch, tokens) tensor, got shape {tuple(idx.shape)}")
     if use_cache:
@@ -125,7 +129,7 @@ class Generator:
         self.dtype, self.device = dtype, device
         self.model = inference_copy(model, dtype, device)
         self.cfg = model.cfg
-        self.context_size = int(context_size or self.cfg.context_length)
+        self.context_size = self.cfg.context_length if context_size is None else int(context_size)
         if not 0 < self.context_size <= self.cfg.context_length:
             raise ValueError(f"context_size must be in [1, {self.cfg.context_length}] (the model's context), "
                              f"got {context_size}")
@@ -379,12 +383,9 @@ def add_parser(subparsers):
 
 
 def _load(args):
+    from .weights import load_any  # a checkpoint, a GPT-2 size, or a GPT-2 directory/file
     device = resolve_device(args.device)
-    if args.checkpoint:
-        from .checkpoint import load_model
-        return load_model(args.checkpoint, backend=args.backend, device=device), device
-    from .weights import load_gpt2  # lazily: only --gpt2 needs it
-    return load_gpt2(args.gpt2, models_dir=args.models_dir, backend=args.backend, device=device), device
+    return load_any(args.checkpoint or args.gpt2, args.models_dir, backend=args.backend, device=device), device
 
 
 def run_cli(args):

@@ -17,15 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-def decode_kernel(q):
-    """gptfast's Triton flash-decoding kernel for q, or None (SDPA does the work): CUDA only,
-    through the backends' guarded import (importing Triton after TensorFlow aborts the
-    process), and only for the head sizes and dtypes the kernel covers."""
-    if not q.is_cuda:
-        return None
-    from gptfast.backends import _triton_backend
-    backend, _ = _triton_backend()
-    return None if backend is None else backend.decode_kernel(q)
+def decode_kernel(ops, q):
+    """The triton backend's flash-decoding kernel for q, or None (SDPA does the work): only
+    when the model runs on that backend, on CUDA, for the head sizes and dtypes it covers."""
+    return ops.decode_kernel(q) if ops.name == "triton" and q.is_cuda else None
 
 
 class KVCache:
@@ -65,10 +60,10 @@ class KVCache:
         """Attention of the T new queries (the last T filled slots) over k, v (B, H, S, D)."""
         T, S = q.shape[-2], k.shape[-2]
         if self.static:
-            return self._static_decode(q)
+            return self._static_decode(q, ops)
         if not self.padded:
             if T == 1 and ops.name != "reference":  # one query in the last slot sees every key: no mask
-                kernel = decode_kernel(q)
+                kernel = decode_kernel(ops, q)
                 if kernel is not None:
                     return kernel(q, self.k, self.v, S)
                 return F.scaled_dot_product_attention(q, k, v)
@@ -80,9 +75,9 @@ class KVCache:
         allowed = (k_slot <= q_slot) & self.key_valid[:, None, :S] | (k_slot == q_slot)  # (B, T, S)
         return masked_attention(q, k, v, allowed[:, None], reference=ops.name == "reference")
 
-    def _static_decode(self, q):
+    def _static_decode(self, q, ops):
         """One query per row over the whole buffer; slots past write_pos are masked."""
-        kernel = None if self.padded else decode_kernel(q)
+        kernel = None if self.padded else decode_kernel(ops, q)
         if kernel is not None:
             return kernel(q, self.k, self.v, (self.write_pos + 1).expand(q.shape[0]))
         slots = torch.arange(self.max_len, device=q.device)

@@ -175,7 +175,9 @@ def test_reduced_precision_cpu(dtype):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
-    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
     (dict(top_k=0), "top_k must be a positive"),
     (dict(top_p=0.0), "top_p must be in"),
     (dict(top_p=1.5), "top_p must be in"),
@@ -201,6 +203,10 @@ def test_bad_prompts(text_model):
         engine.generate_ids([[1, 50257]])
     with pytest.raises(ValueError, match="non-empty"):
         generate(text_model, torch.zeros(1, 0, dtype=torch.long), 3, 64)
+    for bad in (0, -3, text_model.cfg.context_length + 1, 2.5):  # the classic generate, both paths
+        for use_cache in (True, False):
+            with pytest.raises(ValueError, match=r"context_size must be an integer in \[1, "):
+                generate(text_model, torch.tensor([[1, 2]]), 3, bad, use_cache=use_cache)
     with pytest.raises(ValueError, match="context_size must be in"):
         Generator(text_model, context_size=65)
     with pytest.raises(ValueError, match="unknown dtype"):

@@ -67,19 +67,24 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return state
 
 
-def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, source="checkpoint"):
-    """load_state_dict, but a config mismatch names the first differing tensor and both shapes."""
-    state_dict = upgrade_state_dict(model, state_dict)
-    expected = model.state_dict()
+def check_state_dict(expected: dict, state_dict: dict, source="checkpoint") -> None:
+    """A one-line error naming the first missing, unexpected or wrongly shaped tensor of
+    `state_dict` against `expected` (a model's state dict, real or on the meta device)."""
     for name, tensor in state_dict.items():
         if name in expected and expected[name].shape != tensor.shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)} but the model "
-                             f"expects {tuple(expected[name].shape)} (checkpoint of another config?)")
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected "
+                             f"{tuple(expected[name].shape)} (weights of another config?)")
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
         what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
         raise ValueError(f"{source}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, source="checkpoint"):
+    """load_state_dict, but a config mismatch is check_state_dict's one-line error."""
+    state_dict = upgrade_state_dict(model, state_dict)
+    check_state_dict(model.state_dict(), state_dict, source)
     model.load_state_dict(state_dict)
 
 

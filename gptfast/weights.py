@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backends import BACKENDS, resolve_device
-from .checkpoint import atomic_file
+from .checkpoint import atomic_file, check_state_dict
 from .config import GPTConfig
 from .data import VERDICT, read_text
 from .model import GPTModel
@@ -176,21 +176,12 @@ def build_model(cfg: GPTConfig, state: dict, backend: str = "auto", dtype=None, 
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(FLOAT_DTYPES)}")
         dtype = FLOAT_DTYPES[dtype]
-    state = dict(state)
-    if cfg.tie_weights:
-        state.setdefault("out_head.weight", state.get("tok_emb.weight"))
+    state = {k: v for k, v in state.items() if v is not None}
+    if cfg.tie_weights and "tok_emb.weight" in state:
+        state.setdefault("out_head.weight", state["tok_emb.weight"])
     with torch.device("meta"):  # skip the (slow, discarded) random initialisation
         model = GPTModel(cfg, backend=backend)
-    expected = model.state_dict()
-    for name, tensor in expected.items():
-        if name not in state or state[name] is None:
-            raise ValueError(f"{source}: missing tensor {name}")
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
-                             f"expected {tuple(tensor.shape)}")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise ValueError(f"{source}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected)")
+    check_state_dict(model.state_dict(), state, source)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
@@ -494,11 +485,10 @@ def evaluate_text_loss(model: GPTModel, text: str, context_length: int = 256, st
     device = model.tok_emb.weight.device
     losses = []
     for split in splits:
-        n = len(split.dataset)
-        # every window once, in equal batches, so calc_loss_loader's mean of batch means is the
-        # mean over windows (the largest batch size <= batch_size that divides the window count)
-        size = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
-        losses.append(calc_loss_loader(WindowBatches(split.dataset, size, seed=0, shuffle=False), model, device))
+        # every window once; the last batch may be short, so weight each batch mean by its size
+        batches = WindowBatches(split.dataset, batch_size, seed=0, shuffle=False, drop_last=False)
+        total = sum(calc_loss_loader([(x, y)], model, device) * len(x) for x, y in batches)
+        losses.append(total / len(split.dataset))
     return losses[0], losses[1]
 
 

@@ -36,7 +36,7 @@ def test_checkpoint_of_another_config_names_the_tensor(tmp_path):
     state = load_checkpoint(path)
     other = GPTModel(GPTConfig(vocab_size=120, context_length=16, emb_dim=48, n_heads=2, n_layers=2))
     from gptfast.checkpoint import load_state_dict_checked
-    with pytest.raises(ValueError, match=r"tensor tok_emb.weight has shape \(120, 32\) but the model expects \(120, 48\)"):
+    with pytest.raises(ValueError, match=r"tensor tok_emb.weight has shape \(120, 32\), expected \(120, 48\)"):
         load_state_dict_checked(other, state["model"])
     deeper = GPTModel(GPTConfig(vocab_size=120, context_length=16, emb_dim=32, n_heads=2, n_layers=3))
     with pytest.raises(ValueError, match="missing tensor trf_blocks.2"):

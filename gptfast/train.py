@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import atomic_file, load_checkpoint, load_state_dict_checked, save_checkpoint
+from .checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from .config import PRESETS, GPTConfig
 from .data import VERDICT, GPTDatasetV1, TokenFileLoader, read_text
 from .backends import resolve_device
 from .model import GPTModel
+from .plotting import figure
 from .tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
 
@@ -346,27 +347,18 @@ class Trainer:
         h = self.history
         if not h["steps"]:
             return None
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, fn, name in ((axes[0], lambda v: v, "loss"), (axes[1], lambda v: math.exp(min(v, 50)), "perplexity")):
-            ax.plot(h["steps"], [fn(v) for v in h["train_loss"]], label=f"train {name}")
-            ax.plot(h["steps"], [fn(v) for v in h["val_loss"]], linestyle="-.", label=f"val {name}")
-            ax.set_xlabel("step")
-            ax.set_ylabel(name)
-            ax.legend()
-            top = ax.twiny()  # tokens seen, aligned with the step axis
-            top.plot(h["tokens_seen"], [fn(v) for v in h["train_loss"]], alpha=0)
-            top.set_xlabel("tokens seen")
-        axes[1].set_yscale("log")
-        fig.tight_layout()
         path = self.out_dir / "loss.png"
-        try:
-            with atomic_file(path) as tmp:
-                fig.savefig(tmp, format="png", dpi=100)
-        finally:
-            plt.close(fig)
+        with figure(path, ncols=2, figsize=(11, 4)) as axes:
+            for ax, fn, name in ((axes[0], lambda v: v, "loss"), (axes[1], lambda v: math.exp(min(v, 50)), "perplexity")):
+                ax.plot(h["steps"], [fn(v) for v in h["train_loss"]], label=f"train {name}")
+                ax.plot(h["steps"], [fn(v) for v in h["val_loss"]], linestyle="-.", label=f"val {name}")
+                ax.set_xlabel("step")
+                ax.set_ylabel(name)
+                ax.legend()
+                top = ax.twiny()  # tokens seen, aligned with the step axis
+                top.plot(h["tokens_seen"], [fn(v) for v in h["train_loss"]], alpha=0)
+                top.set_xlabel("tokens seen")
+            axes[1].set_yscale("log")
         return path
 
 

@@ -2,7 +2,7 @@
 `instruct` (Alpaca-style instruction following), both optionally with LoRA.
 
 This module holds what both share: choosing the base model, LoRA options, option checks,
-atomic JSON output and plotting.
+atomic JSON output (plots: gptfast.plotting).
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from ..backends import BACKENDS, resolve_device
-from ..checkpoint import atomic_file, load_model
+from ..checkpoint import atomic_file
 from ..cli import CLIError
 from ..config import PRESETS, GPTConfig
 from ..model import GPTModel
-from ..weights import SIZES, load_gpt2
+from ..weights import SIZES, load_any
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -60,14 +60,10 @@ def check_options(args, at_least: dict, above: dict):
 def load_base_model(args) -> GPTModel:
     """The model named by --gpt2 / --checkpoint / --preset, on args.device."""
     device = resolve_device(args.device)
-    if args.gpt2:
-        model = load_gpt2(args.gpt2, models_dir=args.models_dir, backend=args.backend, device=device)
-    elif args.checkpoint:
-        model = load_model(args.checkpoint, backend=args.backend, device=device)
-    else:
-        torch.manual_seed(args.seed)
-        model = GPTModel(GPTConfig.from_preset(args.preset), backend=args.backend)
-    return model.to(device)
+    if args.gpt2 or args.checkpoint:
+        return load_any(args.gpt2 or args.checkpoint, args.models_dir, backend=args.backend, device=device)
+    torch.manual_seed(args.seed)
+    return GPTModel(GPTConfig.from_preset(args.preset), backend=args.backend).to(device)
 
 
 def maybe_apply_lora(model, args, default_exclude=None) -> list[str]:
@@ -80,28 +76,6 @@ def maybe_apply_lora(model, args, default_exclude=None) -> list[str]:
     alpha = args.lora_alpha if args.lora_alpha is not None else args.lora_rank
     exclude = None if args.lora_targets else default_exclude
     return apply_lora(model, args.lora_rank, alpha, targets=args.lora_targets, exclude=exclude)
-
-
-def plot_curves(x, series: dict, xlabel: str, ylabel: str, path) -> Path:
-    """One PNG with a line per series (matplotlib, headless Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for label, ys in series.items():
-        ax.plot(x[: len(ys)], ys, label=label, linestyle="-" if "train" in label else "-.")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend()
-    fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")  # tmp's own suffix is .tmp
-    finally:
-        plt.close(fig)
-    return Path(path)
 
 
 def write_json(obj, path, indent=1) -> Path:

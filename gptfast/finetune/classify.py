@@ -23,8 +23,9 @@ from ..backends import BACKENDS, resolve_device
 from ..checkpoint import atomic_save, load_checkpoint, load_state_dict_checked
 from ..config import GPTConfig
 from ..model import GPTModel
+from ..plotting import plot_curves
 from ..tokenizer import EOT_ID, get_tokenizer
-from . import ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, plot_curves, write_json
+from . import ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, write_json
 
 SPAM_DATA = ASSETS / "SMSSpamCollection"
 

@@ -18,8 +18,9 @@ import torch
 from tqdm import tqdm
 
 from ..tokenizer import EOT_ID, get_tokenizer
+from ..plotting import plot_curves
 from ..train import calc_loss_loader
-from . import ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, plot_curves, write_json
+from . import ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, write_json
 
 INSTRUCTION_DATA = ASSETS / "instruction-data.json"
 IGNORE_INDEX = -100

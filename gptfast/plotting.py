@@ -1,0 +1,37 @@
+"""PNG plots of training curves (matplotlib, headless), written atomically."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from .checkpoint import atomic_file
+
+
+@contextlib.contextmanager
+def figure(path, ncols: int = 1, figsize=(5, 3)):
+    """Yields a row of `ncols` axes; on exit the figure is saved to `path` (format from its
+    suffix, png by default) through a temporary file, so a crash never leaves half a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+    try:
+        yield list(axes[0])
+        fig.tight_layout()
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=100)  # tmp ends in .tmp
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(x, series: dict, xlabel: str, ylabel: str, path) -> Path:
+    """One PNG with a line per series (train solid, the others dash-dotted)."""
+    with figure(path) as (ax,):
+        for label, ys in series.items():
+            ax.plot(x[: len(ys)], ys, label=label, linestyle="-" if "train" in label else "-.")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    return Path(path)

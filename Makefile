@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 RUN    ?= runs/demo
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench gpu setup clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
@@ -29,6 +29,15 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
 bench: $(STAMP)
+	$(PY) benchmarks/report.py
+
+# Everything only a CUDA machine can show, in one command: _C rebuilt with its CUDA kernel
+# (a missing toolkit fails here instead of warning), the whole suite without Triton's
+# interpreter (the gpu-marked tests run), then every benchmark into benchmarks/results/.
+gpu: $(STAMP)
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu: no CUDA GPU visible to torch')"
+	GPTFAST_CUDA=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pytest -n 4 -rs tests
 	$(PY) benchmarks/report.py
 
 clean:

@@ -2,9 +2,10 @@
 torch.compile on CUDA), fp32 and bf16 autocast, side by side in one run.
 
     pytest benchmarks/bench_train.py --benchmark-only          # table at the end
-    GPTFAST_BENCH_PRESET=gpt2-small GPTFAST_BENCH_T=1024 GPTFAST_BENCH_B=16 pytest ...   # GPU sizes
+    GPTFAST_BENCH_PRESET=book-124m GPTFAST_BENCH_T=256 GPTFAST_BENCH_B=2 pytest ...   # other sizes
 
-Default shape: `book-124m`, batch 2 x 256 (the classic run). Each step is forward, backward
+Default shape: on CUDA GPT-2 124M (`gpt2-small`), batch 16 x 1024; on CPU `book-124m`, batch
+2 x 256 (the classic run). Each step is forward, backward
 and a fused-AdamW update. Correctness first: every variant's loss on the first batch must
 match the reference backend's before it is timed. Peak memory (from the first step on, so the
 optimizer state counts): CUDA's allocator peak, or on CPU the growth of resident memory.
@@ -22,15 +23,16 @@ from gptfast import GPTConfig, GPTModel
 from gptfast.train import TrainConfig, autocast, make_optimizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-PRESET = os.environ.get("GPTFAST_BENCH_PRESET", "book-124m")
-T = int(os.environ.get("GPTFAST_BENCH_T", "256"))
-B = int(os.environ.get("GPTFAST_BENCH_B", "2"))
+ON_GPU = DEVICE.type == "cuda"
+PRESET = os.environ.get("GPTFAST_BENCH_PRESET", "gpt2-small" if ON_GPU else "book-124m")
+T = int(os.environ.get("GPTFAST_BENCH_T", "1024" if ON_GPU else "256"))
+B = int(os.environ.get("GPTFAST_BENCH_B", "16" if ON_GPU else "2"))
 ROUNDS = int(os.environ.get("GPTFAST_BENCH_ROUNDS", "3"))
 RESULTS: list[dict] = []
 
 VARIANTS = [("reference", "fp32", False), ("torch", "fp32", False), ("reference", "bf16", False),
             ("torch", "bf16", False)]
-if DEVICE.type == "cuda":
+if ON_GPU:
     VARIANTS += [("triton", "bf16", False), ("torch", "bf16", True)]
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import platform
 import sys
+from importlib import metadata
 
 # modules with subcommands, in the order of `gptfast --help`
 COMMANDS = [
@@ -24,12 +27,59 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+def _version(*dists: str) -> str:
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return "not installed"
+
+
+def environment() -> dict[str, str]:
+    """What `gptfast info` prints: versions, the device, and which fast paths run here.
+    TensorFlow is looked up, never imported (importing it before triton would abort)."""
+    import torch
+
+    from . import sampling
+    from .backends import _triton_backend, get_backend, resolve_device, triton_interpreting
+
+    device = resolve_device(None)
+    _, why = _triton_backend()
+    if device.type != "cuda" and not triton_interpreting():
+        why = why or "needs a CUDA GPU (or TRITON_INTERPRET=1 for the interpreter)"
+    c_kernels = ", ".join(d for d in ("cpu", "cuda") if sampling.has_kernel(d)) or "none"
+    return {
+        "gptfast": _version("gptfast"),
+        "python": platform.python_version(),
+        "torch": f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        "triton": _version("triton"),
+        "tiktoken": _version("tiktoken"),
+        "transformers": _version("transformers"),
+        "tensorflow": _version("tensorflow", "tensorflow-cpu"),
+        "device": (f"{device} {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+                   else f"cpu ({os.cpu_count()} cores), no CUDA GPU"),
+        "backend auto": get_backend("auto", device).name,
+        "triton kernels": "usable" if why is None else f"not used: {why}",
+        "gptfast._C sample_top_k": f"kernels for {c_kernels}" + (f" ({sampling._C_ERROR})" if sampling._C_ERROR else ""),
+    }
+
+
+def _cmd_info(args) -> None:
+    for key, value in environment().items():
+        print(f"{key + ':':<25}{value}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptfast", description="GPT-2 from scratch, fast: tokenize, train, generate, load GPT-2, fine-tune.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)
+    info = sub.add_parser("info", help="versions, device, and which fast paths (backend, kernels, _C) run here",
+                          description="Print what a bug report needs: versions, the device, the backend "
+                          "'auto' picks, whether the Triton kernels and gptfast._C's kernels are usable.")
+    info.set_defaults(func=_cmd_info)
     return parser
 
 

@@ -1,0 +1,39 @@
+"""The command line: every subcommand's --help renders, and `gptfast info` reports what the
+library itself decides (backend, Triton, gptfast._C kernels) on this machine."""
+import importlib.metadata
+import os
+
+import pytest
+import torch
+
+from gptfast import cli, sampling
+from gptfast.backends import get_backend, resolve_device
+
+
+def subcommands():
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+@pytest.mark.parametrize("command", subcommands())
+def test_every_subcommand_help_renders(command, capsys):
+    # argparse formats help lazily: a stray '%' or a bad default only fails here
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert out.startswith(f"usage: gptfast {command}"), out[:200]
+
+
+def test_info_reports_what_the_library_decides(capsys):
+    assert cli.main(["info"]) == 0
+    lines = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    report = {k.strip(): v.strip() for k, v in lines.items()}
+    assert report["torch"].startswith(torch.__version__)
+    assert report["tiktoken"] == importlib.metadata.version("tiktoken")
+    assert report["backend auto"] == get_backend("auto", resolve_device(None)).name
+    built = [d for d in ("cpu", "cuda") if sampling.has_kernel(d)]
+    assert report["gptfast._C sample_top_k"].startswith(f"kernels for {', '.join(built) or 'none'}")
+    usable = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    assert report["triton kernels"].startswith("usable" if usable else "not used")

@@ -37,6 +37,7 @@ bench: $(STAMP)
 gpu: $(STAMP)
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu: no CUDA GPU visible to torch')"
 	GPTFAST_CUDA=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m gptfast.cli info
 	$(PY) -m pytest -n 4 -rs tests
 	$(PY) benchmarks/report.py
 

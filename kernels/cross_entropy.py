@@ -3,9 +3,14 @@
 One program per row of logits: a first sweep keeps the online-softmax running max and sum
 (fp32) over vocabulary blocks, so any vocabulary size (50257) works; a second sweep writes
 d loss / d logits = (softmax - onehot) / n_valid. Backward is then only a scale by the
-incoming gradient, applied in place (so backward can run once per forward). Targets equal to
-`ignore_index` give a zero loss and a zero gradient row; the mean is over the others, and
-with none left the loss is 0 (not NaN).
+incoming gradient, applied in place (so backward can run once per forward) by a kernel that
+reads the factor on the device and leaves the buffer alone when it is 1 (the usual
+loss.backward()): no host sync, and no second pass over the logits. fp16 is different:
+softmax / n_valid over a 50257 vocabulary falls below its smallest subnormal, and a
+GradScaler's 65536 is inf in it, so fp16 gradients are stored as (softmax - onehot) * 2**14
+(|value| <= 16384, few probabilities subnormal) and backward applies grad_output / (n_valid *
+2**14) in fp32. Targets equal to `ignore_index` give a zero loss and a zero
+gradient row; the mean is over the others, and with none left the loss is 0 (not NaN).
 
 `linear_cross_entropy(hidden, weight, targets)` is the output head + loss (Liger-Kernel's
 FusedLinearCrossEntropy design): tokens go through in chunks; each chunk's logits are
@@ -23,8 +28,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _cross_entropy_fwd(LOGITS, GRAD, TARGETS, LOSS, N_VALID, V, ignore_index,
-                       WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _cross_entropy_fwd(LOGITS, GRAD, TARGETS, LOSS, N_VALID, V, ignore_index, mult,
+                       WRITE_GRAD: tl.constexpr, DIVIDE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Loss of one row; with WRITE_GRAD its gradient times 1 / n_valid (DIVIDE) or times `mult`."""
     row = tl.program_id(0).to(tl.int64)
     x_row = LOGITS + row * V
     g_row = GRAD + row * V
@@ -49,13 +55,35 @@ def _cross_entropy_fwd(LOGITS, GRAD, TARGETS, LOSS, N_VALID, V, ignore_index,
     x_target = tl.load(x_row + target).to(tl.float32)
     tl.store(LOSS + row, m + tl.log(d) - x_target)
     if WRITE_GRAD:  # sweep 2: (softmax - onehot) / n_valid, safe in place (read before write)
-        scale = 1.0 / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0)
+        scale = mult
+        if DIVIDE:
+            scale = 1.0 / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0)
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
             x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
             p = tl.exp(x - m) / d
             p = tl.where(start + cols == target, p - 1.0, p)
             tl.store(g_row + start + cols, (p * scale).to(GRAD.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_grad(G, GRAD_OUT, N_VALID, numel, inv_mult, DIVIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """G *= grad_output * inv_mult (/ n_valid when the forward left that out), in fp32; a no-op
+    when the factor is exactly 1, decided on the device."""
+    factor = tl.load(GRAD_OUT).to(tl.float32) * inv_mult
+    if DIVIDE:
+        factor = factor / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0)
+    if factor != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(G + offs, (g * factor).to(G.dtype.element_ty), mask=mask)
+
+
+def _fp16_mult(dtype, mult: float):
+    """What the forward multiplies the gradient by instead of 1 / n_valid: `mult` for fp16
+    (the division then happens in backward, in fp32), None (divide in the forward) otherwise."""
+    return mult if dtype == torch.float16 else None
 
 
 def _block_v(V: int) -> tuple[int, int]:
@@ -82,37 +110,53 @@ def _check(dtype, M, V, device, targets, ignore_index, name="cross_entropy"):
     return valid.sum()
 
 
-def _launch(logits, grad, targets, loss_rows, n_valid, ignore_index, write_grad):
+def _launch(logits, grad, targets, loss_rows, n_valid, ignore_index, write_grad, mult):
     M, V = logits.shape
     if M == 0:
         return
     block, warps = _block_v(V)
     _cross_entropy_fwd[(M,)](logits, grad, targets, loss_rows, n_valid, V, ignore_index,
-                             WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=warps)
+                             1.0 if mult is None else float(mult), WRITE_GRAD=write_grad,
+                             DIVIDE=mult is None, BLOCK_V=block, num_warps=warps)
 
 
 def _mean(loss_rows, n_valid):
     return loss_rows.sum() / n_valid.clamp(min=1)
 
 
-def _scale(grads, grad_output):
-    """Scale the forward's gradients by grad_output in place. That bumps their version, so
-    autograd itself refuses a second backward through the same forward."""
-    return [g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in grads]
+def _scale(grads, grad_output, n_valid, mult):
+    """Scale the forward's gradients by grad_output (/ (n_valid * mult) if the forward
+    multiplied by `mult` instead of dividing by n_valid) in place, and bump
+    their version as an in-place torch op would, so autograd itself refuses a second backward
+    through the same forward (not traceable: skipped under torch.compile)."""
+    grad_output = grad_output.float().contiguous()
+    for g in grads:
+        if g is None or not g.numel():
+            continue
+        block = 4096
+        _scale_grad[(triton.cdiv(g.numel(), block),)](g, grad_output, n_valid, g.numel(),
+                                                      1.0 if mult is None else 1.0 / mult,
+                                                      DIVIDE=mult is not None, BLOCK=block, num_warps=8)
+        if not torch.compiler.is_compiling():
+            torch.autograd.graph.increment_version(g)
+    return grads
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, n_valid, ignore_index, inplace, write_grad):
-        grad = logits if inplace else torch.empty_like(logits)
+        # without a gradient to write, the kernel gets `logits` as its (unused) output
+        grad = logits if inplace or not write_grad else torch.empty_like(logits)
         loss_rows = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        _launch(logits, grad, targets, loss_rows, n_valid, ignore_index, write_grad)
-        ctx.save_for_backward(grad)
+        ctx.mult = _fp16_mult(logits.dtype, 2.0**14)
+        _launch(logits, grad, targets, loss_rows, n_valid, ignore_index, write_grad, ctx.mult)
+        ctx.save_for_backward(grad if write_grad else None, n_valid)
         return _mean(loss_rows, n_valid)
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = _scale(ctx.saved_tensors, grad_output)
+        grad, n_valid = ctx.saved_tensors  # grad exists: backward only runs when logits required grad
+        _scale([grad], grad_output, n_valid, ctx.mult)
         return grad, None, None, None, None, None
 
 
@@ -145,6 +189,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         M, H = hidden.shape
         V = weight.shape[0]
         loss_rows = torch.empty(M, dtype=torch.float32, device=hidden.device)
+        # fp16: the gradient unscaled (times 1) keeps the chunk's grad_weight product in range
+        ctx.mult = _fp16_mult(hidden.dtype, 1.0)
         dh = torch.empty_like(hidden) if need_dh else None
         # grad_weight adds up over chunks: accumulate in fp32, whatever the weight dtype
         dw = torch.zeros(V, H, dtype=torch.float32, device=weight.device) if need_dw else None
@@ -153,7 +199,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             h = hidden[start:start + chunk]  # (c, H)
             logits = h @ weight.T  # (c, V), becomes its own gradient below
             _launch(logits, logits, targets[start:start + chunk], loss_rows[start:start + chunk],
-                    n_valid, ignore_index, need_dh or need_dw)
+                    n_valid, ignore_index, need_dh or need_dw, ctx.mult)
             if need_dh:
                 torch.mm(logits, weight, out=dh[start:start + chunk])
             if need_dw:
@@ -161,15 +207,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     dw.addmm_(logits.T, h)
                 else:
                     dw += logits.T @ h
-        if need_dw:
-            dw = dw.to(weight.dtype)
-        ctx.save_for_backward(dh, dw)
+        ctx.save_for_backward(dh, dw, n_valid)  # dw stays fp32 until scaled (fp16: unscaled sums)
+        ctx.weight_dtype = weight.dtype
         return _mean(loss_rows, n_valid)
 
     @staticmethod
     def backward(ctx, grad_output):
-        dh, dw = _scale(ctx.saved_tensors, grad_output)
-        return dh, dw, None, None, None, None, None
+        dh, dw, n_valid = ctx.saved_tensors
+        _scale([dh, dw], grad_output, n_valid, ctx.mult)
+        return dh, dw if dw is None else dw.to(ctx.weight_dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):

@@ -51,6 +51,21 @@ def test_cross_entropy_low_precision_within_2x_of_torch(shape, V, dtype, device)
     assert_within_2x(ours[1], low_ref[1], truth[1], f"{shape}x{V} dlogits")
 
 
+def test_cross_entropy_fp16_under_a_grad_scaler(device):
+    """fp16 training multiplies the fp32 loss by a GradScaler's 65536 (inf in fp16), and
+    softmax / n_valid can fall below fp16's subnormals: each gradient element must be the
+    fp32 truth to fp16 rounding (relative 2**-10: two roundings; absolute: 2 subnormal steps)."""
+    logits, targets = _inputs((8,), 257, torch.float16, device, seed=5, ignore_every=4, spread=4.0)
+    for grad_scale in (1.0, 65536.0):
+        dlogits = _run(cross_entropy, [logits], targets, grad_scale=grad_scale)[1]
+        truth = _run(_reference, [logits.float()], targets, grad_scale=grad_scale)[1].double()
+        assert dlogits.dtype == torch.float16
+        err = (dlogits.double() - truth).abs() - (2**-10 * truth.abs() + 2 * 2**-24)
+        i = int(err.argmax())
+        assert err.max() <= 0, (f"grad_scale {grad_scale}: dlogits {dlogits.view(-1)[i].item():.6g} vs "
+                                f"truth {truth.view(-1)[i].item():.6g} at flat index {i}")
+
+
 def test_cross_entropy_all_ignored_is_zero_not_nan(device):
     logits, _ = _inputs((4,), 11, torch.float32, device)
     targets = torch.full((4,), -100, device=device)
@@ -145,6 +160,18 @@ def test_linear_cross_entropy_bf16_within_2x_of_torch(device):
     truth = _run(_reference_linear, [hidden.float(), weight.float()], targets)
     for name, a, lr, t in zip(("loss", "dhidden", "dweight"), ours, low_ref, truth):
         assert_within_2x(a.float(), lr.float(), t, name, atol=1e-4)
+
+
+def test_linear_cross_entropy_fp16_under_a_grad_scaler(device):
+    """fp16 autocast training: the fp32 loss times a GradScaler's 65536. PyTorch's path in that
+    dtype is fp16 logits, fp32 loss, fp16 linear backward (the reference backend's)."""
+    hidden, weight, targets = _linear_inputs(24, 16, 300, torch.float16, device, seed=4)
+    ours = _run(linear_cross_entropy, [hidden, weight], targets, grad_scale=65536.0)
+    low_ref = _run(lambda h, w, t: _reference(F.linear(h, w).float(), t), [hidden, weight], targets,
+                   grad_scale=65536.0)
+    truth = _run(_reference_linear, [hidden.float(), weight.float()], targets, grad_scale=65536.0)
+    for name, a, lr, t in zip(("loss", "dhidden", "dweight"), ours, low_ref, truth):
+        assert_within_2x(a.float(), lr.float(), t, name, atol=1e-3 * t.abs().max().item())
 
 
 def test_linear_cross_entropy_leading_dims_and_all_ignored(device):

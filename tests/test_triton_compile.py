@@ -95,14 +95,17 @@ def _gelu_variants():
 
 
 def _cross_entropy_variants():
-    from gptfast.kernels.cross_entropy import _block_v, _cross_entropy_fwd
+    from gptfast.kernels.cross_entropy import _block_v, _cross_entropy_fwd, _scale_grad
 
     block, warps = _block_v(GPT2_VOCAB)
-    for dt in DTYPES:
-        types = dict(LOGITS="*" + dt, GRAD="*" + dt, TARGETS="*i64", LOSS="*fp32", N_VALID="*i64")
+    for dt in DTYPES + ("fp16",):  # fp16: gradient times a constant, divided in backward
+        divide = dt != "fp16"
+        types = dict(LOGITS="*" + dt, GRAD="*" + dt, TARGETS="*i64", LOSS="*fp32", N_VALID="*i64", mult="fp32",
+                     G="*" + dt, GRAD_OUT="*fp32", inv_mult="fp32")
         for write_grad in (False, True):
             yield (f"{dt} V={GPT2_VOCAB}{' write_grad' if write_grad else ''}", _cross_entropy_fwd, types,
-                   dict(WRITE_GRAD=write_grad, BLOCK_V=block), warps, 3)
+                   dict(WRITE_GRAD=write_grad, DIVIDE=divide, BLOCK_V=block), warps, 3)
+        yield dt, _scale_grad, types, dict(DIVIDE=not divide, BLOCK=4096), 8, 3  # as _scale launches it
 
 
 def _broken_variants():

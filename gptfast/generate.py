@@ -23,17 +23,33 @@ from .quant import DTYPES, inference_copy
 from .sampling import sample_top_k
 
 
+def check_max_new_tokens(n):
+    if int(n) < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {n}")
+
+
+def check_temperature(t):
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t}")
+
+
+def check_top_k(k):
+    if k is not None and k <= 0:
+        raise ValueError(f"top_k must be a positive integer or None, got {k}")
+
+
+def check_top_p(p):
+    if p is not None and not 0 < p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+
+
 def check_sampling(max_new_tokens=0, temperature=0.0, top_k=None, top_p=None):
     """One-line ValueErrors for sampling settings out of range."""
     for n in max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens]:
-        if int(n) < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {n}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        check_max_new_tokens(n)
+    check_temperature(temperature)
+    check_top_k(top_k)
+    check_top_p(top_p)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -135,7 +151,7 @@ class Generator:
                              f"got {context_size}")
         self._tokenizer = tokenizer
         self.cuda_graph = cuda_graph and device.type == "cuda"
-        self._caches, self._graphs = None, {}
+        self._buffers = self._owner = None
         self.stats = {}
 
     @property
@@ -239,9 +255,15 @@ class Generator:
             self.model.train(was_training)
 
     def _loop(self, rows, requests, temperature, top_k, top_p, generator):
+        """One call's decode. Its state is local: `windows` (each row's token ids in the current
+        context), `slots` (cache slots filled, the same for every row: prompts are left-padded)
+        and `pos` (B, 1), each row's next position. The engine keeps only the static buffers."""
+        run = self._owner = object()  # the buffers now hold this call's cache
+        self.stats = {}
         t0 = time.perf_counter()
         windows = [row[-self.context_size:] for row in rows]
-        logits = self._prefill(windows)
+        buf = self._buffers_for(len(windows))
+        logits, slots, pos = self._prefill(buf, windows)
         n_tokens, n_first, ttft = 0, 0, None
         while True:
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -255,11 +277,15 @@ class Generator:
             yield
             if all(r.done for r in requests):
                 break
-            if self._slots == self.context_size:  # window full: slide it, recompute without the cache
+            if self._owner is not run:
+                raise RuntimeError("this stream was paused while another generate/stream call on the same "
+                                   "Generator reused its KV cache; start the stream again")
+            if slots == self.context_size:  # window full: slide it, recompute without the cache
                 windows = [w[-self.context_size:] for w in windows]
-                logits = self._prefill(windows)
+                logits, slots, pos = self._prefill(buf, windows)
             else:
-                logits = self._decode_step(nxt)
+                logits = self._decode_step(buf, nxt.view(-1, 1), slots, pos)
+                slots, pos = slots + 1, pos + 1
         total = time.perf_counter() - t0
         self.stats = dict(time_to_first_token_s=ttft, total_s=total, new_tokens=n_tokens,
                           tokens_per_s=n_tokens / total,
@@ -269,17 +295,17 @@ class Generator:
         """Logits (B, vocab) of the last position's hidden state only."""
         return self.model.out_head(h[:, -1])[..., : self.cfg.vocab_size].float()
 
-    def _get_caches(self, batch):
-        if self._caches is None or self._caches[0].k.shape[0] != batch:
-            dtype = self.model.tok_emb.weight.dtype
-            self._caches = make_caches(self.model, batch, self.context_size, dtype, self.device)
-            for c in self._caches[1:]:
-                c.write_pos = self._caches[0].write_pos
-            self._graphs = {}
-        return self._caches
+    def _buffers_for(self, batch):
+        """The static buffers for this batch size; those of another size are dropped (with
+        their graphs), which bounds memory to one batch size's cache."""
+        if self._buffers is None or self._buffers.batch != batch:
+            self._buffers = None  # free the old cache before allocating the new one
+            self._buffers = _Buffers(self.model, batch, self.context_size, self.device)
+        return self._buffers
 
-    def _prefill(self, windows):
-        """Run the (left-padded) prompts through the model in one forward; fill the caches."""
+    def _prefill(self, buf, windows):
+        """Run the (left-padded) windows through the model in one forward, refilling the cache.
+        Returns the last logits (B, V), the slots filled and each row's next position (B, 1)."""
         B, T = len(windows), max(map(len, windows))
         idx = torch.zeros(B, T, dtype=torch.long)
         valid = torch.zeros(B, T, dtype=torch.bool)
@@ -289,70 +315,84 @@ class Generator:
         # positions count real tokens only: a row padded by p starts at position 0 in slot p
         positions = (valid.cumsum(1) - 1).clamp(min=0)  # (B, T)
         padded = not bool(valid.all())
-        caches = self._get_caches(B)
-        valid_dev = valid.to(self.device) if padded else None
-        for c in caches:
-            c.static = False
-            c.reset(valid_dev)
-        self._slots = T
-        self._next_pos = positions[:, -1:].to(self.device) + 1  # (B, 1)
-        h = self.model.hidden_states(idx.to(self.device), caches,
+        buf.set_static(False)
+        for c in buf.caches:
+            c.reset(valid.to(self.device) if padded else None)
+        h = self.model.hidden_states(idx.to(self.device), buf.caches,
                                      positions=positions.to(self.device) if padded else None)
-        return self._logits(h)
+        return self._logits(h), T, positions[:, -1:].to(self.device) + 1
 
-    def _decode_step(self, nxt):
-        """One token per row at slot `self._slots`, attending over the cache."""
-        idx = nxt.view(-1, 1)  # (B, 1)
-        if self.cuda_graph:
-            logits = self._graph_step(idx)
-        else:
-            for c in self._caches:
-                c.static = False
-            h = self.model.hidden_states(idx, self._caches, positions=self._next_pos)
-            logits = self._logits(h)
-        self._slots += 1
-        self._next_pos = self._next_pos + 1
-        return logits
-
-    def _graph_step(self, idx):
-        """The decode step as one CUDA-graph replay (static shapes: the whole cache buffer)."""
-        B = idx.shape[0]
-        for c in self._caches:
-            c.static = True
-        self._caches[0].write_pos.fill_(self._slots)  # one tensor shared by every layer's cache
-        key = (B, self._caches[0].padded)  # padded rows take the masked path, not the decode kernel
-        graph = self._graphs.get(key)
+    def _decode_step(self, buf, idx, slot, pos):
+        """Logits (B, V) after one token per row, idx (B, 1) at positions pos (B, 1), written
+        to cache slot `slot`. Eager: attends over the filled prefix. CUDA: the static step
+        (whole-buffer cache, device write index) replayed from a graph."""
+        if not self.cuda_graph:
+            buf.set_static(False)
+            return self._logits(self.model.hidden_states(idx, buf.caches, positions=pos))
+        buf.set_static(True)
+        buf.write_pos.fill_(slot)  # in place: the graph reads this tensor
+        padded = buf.caches[0].padded  # padded rows take the masked path, not the decode kernel
+        graph = buf.graphs.get(padded)
         if graph is None:
-            graph = self._graphs[key] = self._capture(B)
+            graph = buf.graphs[padded] = self._capture(buf, pos)
         if graph is False:  # capture failed once: run the same static step eagerly
-            return self._static_forward(idx, self._next_pos)
-        g, idx_buf, pos_buf, out = graph
-        idx_buf.copy_(idx)
-        pos_buf.copy_(self._next_pos)
-        g.replay()
-        return out.clone()
+            return self._static_step(buf, idx, pos)
+        return graph.replay(idx, pos)
 
-    def _static_forward(self, idx, positions):
-        return self._logits(self.model.hidden_states(idx, self._caches, positions=positions))
+    def _static_step(self, buf, idx, pos):
+        """The step a CUDA graph captures: fixed shapes, every index a device tensor."""
+        return self._logits(self.model.hidden_states(idx, buf.caches, positions=pos))
 
-    def _capture(self, B):
-        idx_buf = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        pos_buf = self._next_pos.clone()
+    def _capture(self, buf, pos):
+        """A `_Graph` of the static step for buf's batch size, or False (with a warning) when
+        this model's ops cannot be captured. Warm-up runs write junk K/V at slot write_pos;
+        the replay (or the eager fallback) that follows overwrites that slot."""
+        idx_buf = torch.zeros(buf.batch, 1, dtype=torch.long, device=self.device)
+        pos_buf = pos.clone()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up (kernel autotuning, allocator) off the graph
+            with torch.cuda.stream(side):  # warm-up (Triton compiles, allocator) off the graph
                 for _ in range(2):
-                    self._static_forward(idx_buf, pos_buf)
+                    self._static_step(buf, idx_buf, pos_buf)
             torch.cuda.current_stream().wait_stream(side)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                out = self._static_forward(idx_buf, pos_buf)
-            return g, idx_buf, pos_buf, out
+                out = self._static_step(buf, idx_buf, pos_buf)
+            return _Graph(g, idx_buf, pos_buf, out)
         except Exception as e:  # a backend op that cannot be captured: stay correct, just slower
             warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs",
                           RuntimeWarning, stacklevel=2)
             return False
+
+
+class _Buffers:
+    """Static decode buffers for one batch size: every layer's KV cache, the (1,) device tensor
+    with the slot a static step writes (shared by all layers), and the CUDA graphs captured
+    over exactly these tensors (keyed by whether rows are padded), so no graph outlives them."""
+
+    def __init__(self, model, batch, context_size, device):
+        self.batch = batch
+        self.write_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.caches = make_caches(model, batch, context_size, model.tok_emb.weight.dtype, device, self.write_pos)
+        self.graphs = {}
+
+    def set_static(self, static: bool):
+        for c in self.caches:
+            c.static = static
+
+
+class _Graph:
+    """A captured static step: its input buffers are refreshed in place, then it is replayed."""
+
+    def __init__(self, graph, idx, pos, out):
+        self.graph, self.idx, self.pos, self.out = graph, idx, pos, out
+
+    def replay(self, idx, pos):
+        self.idx.copy_(idx)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites out
 
 
 # ---- CLI -------------------------------------------------------------------------------------
@@ -366,10 +406,13 @@ def add_parser(subparsers):
     p.add_argument("--models-dir", default=None, help="where GPT-2 weights are stored (with --gpt2; default ./models)")
     p.add_argument("--prompt", default="Every effort moves you", help="prompt text")
     p.add_argument("--batch-file", help="file with one prompt per line, generated as one batch")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--max-new-tokens", type=_arg(int, check_max_new_tokens), default=50,
+                   help="tokens to generate per prompt (>= 0)")
+    p.add_argument("--temperature", type=_arg(float, check_temperature), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=_arg(int, check_top_k), default=None,
+                   help="sample among the k most likely tokens (k >= 1)")
+    p.add_argument("--top-p", type=_arg(float, check_top_p), default=None,
+                   help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--eos", action="store_true", help="stop at <|endoftext|>")
@@ -382,6 +425,24 @@ def add_parser(subparsers):
     p.set_defaults(func=run_cli)
 
 
+def _arg(convert, check):
+    """An argparse `type=`: the text converted, then checked; argparse prints the one-line
+    error with the option's name ("argument --top-p: top_p must be in (0, 1], got 1.5")."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if convert is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    parse.__name__ = convert.__name__  # argparse names the type in some messages
+    return parse
+
+
 def _load(args):
     from .weights import load_any  # a checkpoint, a GPT-2 size, or a GPT-2 directory/file
     device = resolve_device(args.device)
@@ -390,11 +451,6 @@ def _load(args):
 
 def run_cli(args):
     from .tokenizer import EOT_ID
-    try:
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    except ValueError as e:
-        raise ValueError(str(e).replace("max_new_tokens", "--max-new-tokens").replace("top_k", "--top-k")
-                       .replace("top_p", "--top-p").replace("temperature", "--temperature")) from None
     if args.batch_file:
         if not os.path.isfile(args.batch_file):
             raise ValueError(f"--batch-file {args.batch_file} does not exist")

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+
 def decode_kernel(ops, q):
     """The triton backend's flash-decoding kernel for q, or None (SDPA does the work): only
     when the model runs on that backend, on CUDA, for the head sizes and dtypes it covers."""
@@ -24,7 +25,8 @@ def decode_kernel(ops, q):
 
 
 class KVCache:
-    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device,
+                 write_pos: torch.Tensor | None = None):
         shape = (batch, n_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -33,7 +35,9 @@ class KVCache:
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False: padding
         self.padded = False
         self.static = False
-        self.write_pos = torch.zeros(1, dtype=torch.long, device=device)  # static mode's slot
+        # static mode's slot: a device tensor (one per model, shared by its layers' caches) that
+        # the caller sets in place before each step, so a captured graph reads the current value
+        self.write_pos = torch.zeros(1, dtype=torch.long, device=device) if write_pos is None else write_pos
 
     def reset(self, key_valid: torch.Tensor | None = None):
         """Empty the cache; `key_valid` (B, T) marks the prompt's real (non-padding) slots."""
@@ -93,6 +97,8 @@ def masked_attention(q, k, v, allowed, reference=False):
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v  # (B, H, T, D)
 
 
-def make_caches(model, batch: int, max_len: int, dtype, device) -> list[KVCache]:
+def make_caches(model, batch: int, max_len: int, dtype, device, write_pos=None) -> list[KVCache]:
+    """One cache per layer; `write_pos` (a (1,) long tensor), when given, is shared by all of them."""
     cfg = model.cfg
-    return [KVCache(batch, cfg.n_heads, max_len, cfg.head_dim, dtype, device) for _ in range(cfg.n_layers)]
+    return [KVCache(batch, cfg.n_heads, max_len, cfg.head_dim, dtype, device, write_pos)
+            for _ in range(cfg.n_layers)]

@@ -7,14 +7,22 @@ import torch
 
 from gptfast import GPTConfig, GPTModel, get_tokenizer
 from gptfast.generate import Generator, _Request, generate
-from gptfast.quant import inference_copy, int8_supported
-from kernel_checks import assert_within_2x
+from gptfast.quant import Int8Linear, inference_copy, int8_supported
+from gptfast.sampling import sample_top_k
+from kernel_checks import assert_close, assert_within_2x
 
 
-def tiny(vocab=211, ctx=48, emb=32, heads=4, layers=2, backend="torch", seed=0, **kw):
+def tiny(vocab=211, ctx=48, emb=32, heads=4, layers=2, backend="torch", seed=0, tie_weights=False, **kw):
+    """A small random model. Untied: a tiny random model with a tied head greedily repeats its
+    last token forever, which would make every greedy comparison vacuous (see `varied`)."""
     torch.manual_seed(seed)
     return GPTModel(GPTConfig(vocab_size=vocab, context_length=ctx, emb_dim=emb, n_heads=heads, n_layers=layers,
-                              **kw), backend=backend).eval()
+                              tie_weights=tie_weights, **kw), backend=backend).eval()
+
+
+def varied(ids, at_least=8):
+    """Guard: a greedy comparison only tests something when the output depends on the context."""
+    assert len(set(ids)) >= at_least, f"degenerate model output {ids[:20]}...: the comparison would test nothing"
 
 
 def first_diff(a, b):
@@ -27,6 +35,19 @@ def reference_ids(model, prompt, n, ctx=None, eos_id=None):
     return out[0, len(prompt):].tolist()
 
 
+def static_engine(model, **kw):
+    """A Generator decoding through the static step, the function a CUDA graph captures
+    (whole-buffer cache, device write index), run eagerly: on CPU the capture fails and the
+    engine falls back to it with a warning, which is checked here."""
+    engine = Generator(model, dtype=None, **kw)
+    engine.cuda_graph = True
+    return engine
+
+
+def make_engine(model, static):
+    return static_engine(model) if static else Generator(model, dtype=None)
+
+
 @pytest.fixture(scope="module")
 def text_model():
     """Full GPT-2 vocabulary, so the tokenizer can decode its output."""
@@ -34,7 +55,7 @@ def text_model():
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-@pytest.mark.parametrize("cfg", [dict(), dict(qkv_bias=False, tie_weights=False, heads=2),
+@pytest.mark.parametrize("cfg", [dict(), dict(qkv_bias=False, heads=2),
                                  dict(ctx=40, emb=48, heads=3, layers=3, init="torch", pad_vocab=True)])
 def test_cache_greedy_equals_no_cache(backend, cfg):
     # 120 tokens from 5-token prompts overflow the context, so the sliding window is covered too
@@ -43,6 +64,8 @@ def test_cache_greedy_equals_no_cache(backend, cfg):
     ref = generate(model, idx, 120, model.cfg.context_length, use_cache=False)
     out = generate(model, idx, 120, model.cfg.context_length)
     assert out.shape == ref.shape == (2, 125)
+    for row in ref[:, 5:].tolist():
+        varied(row)
     bad = (out != ref).nonzero()
     assert bad.numel() == 0, f"first mismatch at {bad[0].tolist()}: {out[tuple(bad[0])]} vs {ref[tuple(bad[0])]}"
 
@@ -55,16 +78,15 @@ def test_context_size_smaller_than_model_context():
     assert torch.equal(out, ref), first_diff(out[0].tolist(), ref[0].tolist())
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-cache"])
-def test_batched_equals_one_at_a_time(static, monkeypatch):
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
+@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
+def test_batched_equals_one_at_a_time(static):
     model = tiny(ctx=32)
-    engine = Generator(model, dtype=None)
-    if static:  # the CUDA-graph decode step (whole-buffer cache, masked), run eagerly on CPU
-        engine.cuda_graph = True
-        monkeypatch.setattr(engine, "_capture", lambda B: False)
+    engine = make_engine(model, static)
     prompts = [[7], [1, 2, 3, 4, 5], list(range(10, 40))]  # the last fills the context almost at once
     budgets = [20, 35, 12]
     solo = [reference_ids(model, p, n) for p, n in zip(prompts, budgets)]
+    varied(sum(solo, []), 20)
     batched = engine.generate_ids(prompts, budgets)
     for i, (a, b) in enumerate(zip(batched, solo)):
         assert a == b, f"prompt {i}: first mismatch at token {first_diff(a, b)}"
@@ -84,23 +106,80 @@ def test_prompt_of_context_size_and_longer():
         assert engine.generate_ids([prompt], 10) == [reference_ids(model, prompt, 10)], length
 
 
+def reference_sampled_ids(model, prompt, n, seed, temperature, top_k, top_p):
+    """Sampled continuation built without Generator: a full no-cache forward per token and
+    gptfast.sampling drawing from a torch.Generator seeded as `Generator(seed=...)` promises."""
+    rng, ids, ctx = torch.Generator().manual_seed(seed), list(prompt), model.cfg.context_length
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[-ctx:]]))[:, -1]  # (1, V)
+        ids.append(int(sample_top_k(logits, top_k, temperature, top_p=top_p, generator=rng)))
+    return ids[len(prompt):]
+
+
 def test_seeded_sampling_reproducible():
     model = tiny()
+    kw = dict(temperature=1.5, top_k=50, top_p=0.9)
     engine = Generator(model, dtype=None)
-    kw = dict(max_new_tokens=30, temperature=1.5, top_k=50, top_p=0.9)
-    a = engine.generate_ids([[1, 2, 3]], seed=7, **kw)
-    assert a == engine.generate_ids([[1, 2, 3]], seed=7, **kw)
-    assert a != engine.generate_ids([[1, 2, 3]], seed=8, **kw)  # the seed matters
+    runs = {seed: engine.generate_ids([[1, 2, 3]], 60, seed=seed, **kw)[0] for seed in (7, 8, 9)}  # 60 > ctx: slides
+    # the seed alone decides the text: an independent draw, another Generator, after other calls
+    ref = reference_sampled_ids(model, [1, 2, 3], 60, 7, **kw)
+    assert runs[7] == ref, f"seeded sample differs from the reference draw at token {first_diff(runs[7], ref)}"
+    assert Generator(model, dtype=None).generate_ids([[1, 2, 3]], 60, seed=7, **kw)[0] == runs[7]
+    assert engine.generate_ids([[1, 2, 3]], 60, seed=7, **kw)[0] == runs[7]
+    # and it matters: 60 draws among ~dozens of candidates never coincide by chance
+    assert len({tuple(r) for r in runs.values()}) == 3, "different seeds gave the same text"
     # top_k=1 leaves one candidate: sampling must equal greedy
     assert engine.generate_ids([[1, 2, 3]], 30, temperature=1.0, top_k=1, seed=3) == engine.generate_ids([[1, 2, 3]], 30)
 
 
 def test_classic_generate_seeded_with_cache():
+    # the same generator state gives the same tokens with and without the cache
     model = tiny()
     idx = torch.tensor([[4, 2]])
-    runs = [generate(model, idx, 25, 48, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(5))
-            for _ in range(2)]
-    assert torch.equal(*runs)
+    a, b = (generate(model, idx, 60, 48, temperature=1.0, top_k=20, use_cache=c,
+                     generator=torch.Generator().manual_seed(5)) for c in (True, False))
+    assert torch.equal(a, b), first_diff(a[0].tolist(), b[0].tolist())
+    other = generate(model, idx, 60, 48, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(a, other), "the generator's seed had no effect"
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
+@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
+def test_consecutive_calls_share_no_state(static):
+    """One engine across calls with different batch sizes, prompt lengths and padding (the
+    static buffers are re-made or refilled, never read stale) equals the no-cache reference."""
+    model = tiny(ctx=32)
+    engine = make_engine(model, static)
+    calls = [([[7], [1, 2, 3, 4, 5], list(range(10, 30))], [20, 35, 12]),  # B=3, padded, sliding
+             ([[3, 1, 4], [1, 5, 9], [2, 6, 5]], [15, 15, 15]),  # B=3 again (same buffers), no padding
+             ([[9, 8, 7, 6]], [40]),  # B=1
+             ([[2] * 12, [8]], [25, 5]),  # B=2, row 1 padded over slots 0-10
+             ([[5], [6, 7]], [20, 20])]  # B=2, short prompts: slots 2-10 must not stay marked as padding
+    for c, (prompts, budgets) in enumerate(calls):
+        out = engine.generate_ids(prompts, budgets)
+        for i, (p, n) in enumerate(zip(prompts, budgets)):
+            ref = reference_ids(model, p, n)
+            varied(ref, min(n, 12) // 2)
+            assert out[i] == ref, f"call {c}, prompt {i}: first mismatch at token {first_diff(out[i], ref)}"
+    if static:  # the capture was tried, failed (no GPU here) and the static step ran instead
+        assert list(engine._buffers.graphs.values()) == [False]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
+@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
+def test_interrupted_stream_then_generate(text_model, static):
+    engine = make_engine(text_model, static)
+    fresh = make_engine(text_model, static)
+    paused = engine.stream("Every effort moves you", max_new_tokens=30)
+    head = [next(paused) for _ in range(3)]
+    prompts = ["Hello", "I HAD always thought Jack Gisburn rather a cheap genius"]
+    assert engine.generate(prompts, max_new_tokens=20) == fresh.generate(prompts, max_new_tokens=20)
+    with pytest.raises(RuntimeError, match="another generate/stream call"):
+        next(paused)  # its cache was overwritten: an error, never wrong text
+    full = "".join(engine.stream("Every effort moves you", max_new_tokens=30))
+    assert full == fresh.generate("Every effort moves you", max_new_tokens=30)
+    assert full.startswith("".join(head))
 
 
 def test_stop_strings_and_eos(text_model):
@@ -154,21 +233,60 @@ def test_stream_concat_equals_decode(text_model):
     assert len(pieces) > 1
 
 
+def fake_quant_copy(model):
+    """The int8 model's arithmetic in plain fp32 PyTorch: every linear weight replaced by its
+    dequantised int8 value (the same per-row scales), embeddings untouched (untied)."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.Linear):
+            q = Int8Linear(m)
+            m.weight = torch.nn.Parameter(q.weight_int8.float() * q.scale.float()[:, None], requires_grad=False)
+    return ref
+
+
+@pytest.mark.skipif(not int8_supported(), reason="this torch has no torch._weight_int8pack_mm on CPU")
+def test_int8_linear_error_bound():
+    # per-output-row symmetric quantisation: |w - s q| <= s / 2 with s = max|w_row| / 127, so
+    # |y_q - y| <= (s / 2) sum|x| + 3 u sum|x||w| (u = 2^-8: bf16 rounding of x, of s, of y)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96)
+    x = torch.randn(5, 256)
+    q = Int8Linear(lin)
+    with torch.no_grad():
+        y, yq = lin(x), q(x)
+        s = lin.weight.abs().amax(1) / 127
+        bound = x.abs().sum(1, keepdim=True) * s / 2 + 3 * 2**-8 * (x.abs() @ lin.weight.abs().t())  # (5, 96)
+    ratio = ((yq - y).abs() / bound).max().item()
+    assert ratio <= 1, f"int8 linear error {ratio:.3f} x the stated bound"
+    assert ratio > 0.05, f"bound is vacuous here (error only {ratio:.3f} x bound)"
+
+
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float16", "float32"])
 def test_reduced_precision_cpu(dtype):
+    """Stated bounds on the logits vs fp32: bf16/fp16 (flash-attention's rule): error <= 2x the
+    error of the reference model cast to that dtype (model.to(dtype)) + atol; int8: <= 2x the
+    error of the same per-row quantisation done in fp32 PyTorch (fake_quant_copy) + 1e-3 of
+    the logit scale; fp32 (weights re-laid out for CPU matmuls) only reorders sums: 1e-5."""
     if dtype == "int8" and not int8_supported():
         pytest.skip("this torch has no torch._weight_int8pack_mm on CPU")
     model = tiny(vocab=1000, ctx=64, emb=64, heads=4, layers=2, init="torch")
-    low = inference_copy(model, dtype, "cpu")
+    engine = Generator(model, dtype=dtype)
     idx = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ref, out = model(idx), low(idx).float()
-    # stated bound: max |logit error| <= 2% of max |logit| (measured: 0.3-0.5%); fp32 (weights
-    # re-laid out for CPU matmuls) only reorders sums: 1e-5
-    err, bound = (out - ref).abs().max().item(), (1e-5 if dtype == "float32" else 0.02) * ref.abs().max().item()
-    assert err <= bound, f"{dtype}: max logit error {err:.4f} > {bound:.4f}"
+        truth, ours = model(idx), engine.model(idx).float()
+        if dtype == "float32":
+            assert_close(ours, truth, 1e-5, "fp32 logits")
+        else:
+            if dtype == "int8":
+                low_ref, atol = fake_quant_copy(model), 1e-3 * truth.abs().max().item()
+            else:
+                low_ref, atol = copy.deepcopy(model).to(getattr(torch, dtype)), None
+                low_ref.backend = "reference"
+            assert_within_2x(ours.to(torch.float32 if dtype == "int8" else getattr(torch, dtype)),
+                             low_ref(idx), truth, f"{dtype} logits", atol)
     a = Generator(model, dtype="float32").generate_ids([[1, 2, 3]], 20)[0]
-    b = Generator(model, dtype=dtype).generate_ids([[1, 2, 3]], 20)[0]
+    b = engine.generate_ids([[1, 2, 3]], 20)[0]
+    varied(a, 10)
     assert a == b, f"{dtype}: greedy tokens differ from fp32 at {first_diff(a, b)}"
     assert model.trf_blocks[0].att.qkv.weight.dtype == torch.float32  # the caller's model is untouched
 
@@ -224,22 +342,40 @@ def test_cli(tmp_path, capsys):
     plain = capsys.readouterr().out
     assert main(base + ["--prompt", "Every effort moves you", "--stream"]) == 0
     streamed = capsys.readouterr().out
-    expected = Generator(model, dtype="float32").generate("Every effort moves you", 12, 0.9, 40, 0.95, seed=3)
+    tok = get_tokenizer()  # seeded: the reference draw, independent of Generator
+    expected = tok.decode(reference_sampled_ids(model, tok.encode("Every effort moves you"), 12, 3, 0.9, 40, 0.95))
     assert streamed == "Every effort moves you" + expected + "\n"
     assert plain.startswith(streamed) and "tokens/s" in plain[len(streamed):]
     # greedy output against the classic no-cache path, independent of Generator
     assert main(base[:7] + ["--prompt", "Every effort moves you"]) == 0
-    tok = get_tokenizer()
     ref = tok.decode(reference_ids(model, tok.encode("Every effort moves you"), 12))
     assert capsys.readouterr().out == "Every effort moves you" + ref + "\n"
+    # a batch file: every prompt's output equals its own no-cache greedy generation
+    prompts = ["Hello", "Every effort moves you", "I HAD always thought Jack Gisburn rather a cheap genius"]
     batch = tmp_path / "prompts.txt"
-    batch.write_text("Hello\nEvery effort moves you\n")
-    assert main(base[:-6] + ["--batch-file", str(batch)]) == 0
-    assert "=== Hello" in capsys.readouterr().out
-    assert main(base + ["--prompt", "x", "--top-p", "2"]) == 2
-    assert "--top-p must be in (0, 1]" in capsys.readouterr().err
+    batch.write_text(f"{prompts[0]}\n\n{prompts[1]}\n{prompts[2]}\n")  # blank lines are skipped
+    assert main(base[:7] + ["--batch-file", str(batch)]) == 0
+    expected = "".join(f"=== {p}\n{p}{tok.decode(reference_ids(model, tok.encode(p), 12))}\n\n" for p in prompts)
+    assert capsys.readouterr().out == expected
     assert main(base + ["--prompt", ""]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--top-p", "1.5", "top_p must be in (0, 1], got 1.5"),
+    ("--top-p", "0", "top_p must be in (0, 1], got 0.0"),
+    ("--max-new-tokens", "-1", "max_new_tokens must be >= 0, got -1"),
+    ("--temperature", "-1", "temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
+    ("--temperature", "nan", "temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    ("--top-k", "0", "top_k must be a positive integer or None, got 0"),
+    ("--top-k", "2.5", "expected an integer, got '2.5'"),
+])
+def test_cli_bad_sampling_args(flag, value, message, capsys):
+    from gptfast.cli import main
+    with pytest.raises(SystemExit) as exit_:  # argparse rejects it before any model is loaded
+        main(["generate", "--gpt2", "124M", flag, value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"gptfast generate: error: argument {flag}: {message}"
 
 
 @pytest.mark.gpu
@@ -249,7 +385,8 @@ def test_cuda_graph_decode_equals_no_cache(backend):
     prompts = [[7], [1, 2, 3, 4, 5], list(range(10, 30))]
     engine = Generator(model, dtype="float32")
     batched = engine.generate_ids(prompts, 100)  # overflows the context: graph decode, then sliding
-    assert all(g is not False for g in engine._graphs.values()) and engine._graphs, "no CUDA graph captured"
+    graphs = engine._buffers.graphs
+    assert graphs and all(g is not False for g in graphs.values()), "no CUDA graph captured"
     for i, p in enumerate(prompts):
         solo = engine.generate_ids([p], 100)[0]
         ref = reference_ids(model, p, 100)

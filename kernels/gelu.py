@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NUM_WARPS = 8  # 16 elements of a 4096-element tile per thread: few registers, many programs per SM
 
 
 @triton.jit
@@ -34,16 +35,20 @@ def _tanh_gelu_parts(z):
 
 @triton.jit
 def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Offsets, mask and columns of this program's (BLOCK_M, BLOCK_N) tile of an (M, N) array."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Offsets, mask, columns and row-block index of this program's (BLOCK_M, BLOCK_N) tile of
+    an (M, N) array. The grid is 1-D (grid y and z stop at 65535: a long 1-D x would pass that)."""
+    n_col_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // n_col_blocks
+    pid_n = tl.program_id(0) % n_col_blocks
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    return rows[:, None].to(tl.int64) * N + cols[None, :], mask, cols
+    return rows[:, None] * N + cols[None, :], mask, cols, pid_m
 
 
 @triton.jit
 def _bias_gelu_fwd(X, BIAS, Y, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs, mask, cols = _tile(M, N, BLOCK_M, BLOCK_N)
+    offs, mask, cols, _ = _tile(M, N, BLOCK_M, BLOCK_N)
     z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -54,7 +59,7 @@ def _bias_gelu_fwd(X, BIAS, Y, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constex
 @triton.jit
 def _bias_gelu_bwd(DY, X, BIAS, DX, DBIAS_PART, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr):
-    offs, mask, cols = _tile(M, N, BLOCK_M, BLOCK_N)
+    offs, mask, cols, pid_m = _tile(M, N, BLOCK_M, BLOCK_N)
     z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -64,14 +69,15 @@ def _bias_gelu_bwd(DY, X, BIAS, DX, DBIAS_PART, M, N, HAS_BIAS: tl.constexpr, BL
     dz = tl.where(mask, dy * (s + z * ds), 0.0)
     tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
     if HAS_BIAS:  # this tile's column sums of dz: one fp32 row of dbias partials per row block
-        tl.store(DBIAS_PART + tl.program_id(0) * N + cols, tl.sum(dz, axis=0), mask=cols < N)
+        tl.store(DBIAS_PART + pid_m * N + cols, tl.sum(dz, axis=0), mask=cols < N)
 
 
 def _tiles(M: int, N: int):
-    """(grid, BLOCK_M, BLOCK_N): tiles of 4096 elements, rows 256 wide at most."""
+    """(row blocks, grid, BLOCK_M, BLOCK_N): tiles of 4096 elements, rows 256 wide at most."""
     block_n = min(triton.next_power_of_2(max(N, 1)), 256)
     block_m = min(4096 // block_n, 64)
-    return (triton.cdiv(M, block_m), triton.cdiv(N, block_n)), block_m, block_n
+    row_blocks = triton.cdiv(M, block_m)
+    return row_blocks, (row_blocks * triton.cdiv(N, block_n),), block_m, block_n
 
 
 class BiasGeluFunction(torch.autograd.Function):
@@ -82,9 +88,9 @@ class BiasGeluFunction(torch.autograd.Function):
         N = x.shape[-1]
         M = x.numel() // max(N, 1)  # x as (M, N)
         if x.numel():
-            grid, bm, bn = _tiles(M, N)
+            _, grid, bm, bn = _tiles(M, N)
             _bias_gelu_fwd[grid](x, bias if bias is not None else x, y, M, N, HAS_BIAS=bias is not None,
-                                 BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+                                 BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS)
         ctx.save_for_backward(x, bias)
         return y
 
@@ -95,12 +101,12 @@ class BiasGeluFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         N = x.shape[-1]
         M = x.numel() // max(N, 1)  # x as (M, N)
-        grid, bm, bn = _tiles(M, N)
+        row_blocks, grid, bm, bn = _tiles(M, N)
         has_bias = bias is not None
-        part = torch.zeros(grid[0] if has_bias else 1, N, dtype=torch.float32, device=x.device)
+        part = torch.zeros(row_blocks if has_bias else 1, N, dtype=torch.float32, device=x.device)
         if x.numel():
             _bias_gelu_bwd[grid](dy, x, bias if has_bias else x, dx, part, M, N, HAS_BIAS=has_bias,
-                                 BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+                                 BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS)
         dbias = part.sum(0).to(bias.dtype) if has_bias and ctx.needs_input_grad[1] else None
         return dx, dbias
 

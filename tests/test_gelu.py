@@ -90,3 +90,13 @@ def test_bias_gelu_rejects_bad_input(device):
         bias_gelu(x, torch.zeros(7, device=device))
     with pytest.raises(ValueError, match="dtype"):
         gelu(x.double())
+
+
+@pytest.mark.gpu
+def test_gelu_long_1d_input_on_gpu():
+    """One row of 2**24 + 3 elements: more 256-wide column tiles than a grid's y dimension takes."""
+    x, _, dy = _inputs((2**24 + 3,), torch.float32, "cuda", seed=5)
+    ours = _run(gelu, (x,), dy)
+    ref = _run(reference_gelu, (x,), dy)
+    for name, a, r in zip(("y", "dx"), ours, ref):
+        assert_close(a, r, 1e-5, name)

@@ -81,9 +81,9 @@ def _layer_norm_variants():
 
 
 def _gelu_variants():
-    from gptfast.kernels.gelu import _bias_gelu_bwd, _bias_gelu_fwd, _tiles
+    from gptfast.kernels.gelu import NUM_WARPS, _bias_gelu_bwd, _bias_gelu_fwd, _tiles
 
-    _, block_m, block_n = _tiles(8 * 1024, 4 * GPT2_WIDTH)  # the feed-forward hidden layer
+    _, _, block_m, block_n = _tiles(8 * 1024, 4 * GPT2_WIDTH)  # the feed-forward hidden layer
     for dt in DTYPES:
         ptr = "*" + dt
         types = dict(X=ptr, BIAS=ptr, Y=ptr, DY=ptr, DX=ptr, DBIAS_PART="*fp32")
@@ -91,7 +91,7 @@ def _gelu_variants():
             consts = dict(HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_N=block_n)
             tag = f"{dt} N={4 * GPT2_WIDTH}{' bias' if bias else ''}"
             for fn in (_bias_gelu_fwd, _bias_gelu_bwd):
-                yield tag, fn, types, consts, 4, 3  # BiasGeluFunction launches with 4 warps
+                yield tag, fn, types, consts, NUM_WARPS, 3
 
 
 def _cross_entropy_variants():

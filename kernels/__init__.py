@@ -67,16 +67,19 @@ class TritonBackend(TorchBackend):
         h = F.linear(x, weight)  # the bias add is fused into the GELU kernel
         return gelu(h) if bias is None else bias_gelu(h, bias)
 
+    def _attention_covers(self, q, *kv) -> bool:
+        """Whether the attention kernels take q's head size, batch x heads and the dtypes."""
+        mod = self._attention
+        return (mod is not None and q.shape[-1] in mod.HEAD_DIMS and q.shape[0] * q.shape[1] <= mod.MAX_BATCH_HEADS
+                and _fused(q, *kv))
+
     def decode_kernel(self, q):
         """The flash-decoding kernel when it covers q's head size and dtype, else None."""
-        mod = self._attention
-        if mod is None or q.shape[-1] not in mod.HEAD_DIMS or not _fused(q):
-            return None
-        return mod.attention_decode
+        return self._attention.attention_decode if self._attention_covers(q) else None
 
     def attention(self, q, k, v, dropout_p=0.0, training=False):
         mod = self._attention
-        if mod is None or q.shape[-1] not in mod.HEAD_DIMS or not _fused(q, k, v):
+        if not self._attention_covers(q, k, v):
             return super().attention(q, k, v, dropout_p, training)
         p = dropout_p if training else 0.0
         T, S = q.shape[-2], k.shape[-2]

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 HEAD_DIMS = (16, 32, 64, 128)
+MAX_BATCH_HEADS = 65535  # B * H is the grid's y dimension, which CUDA caps there
 _LOG2E = 1.4426950408889634
 
 
@@ -404,6 +405,9 @@ def _check_qkv(q, k, v):
         raise ValueError(f"attention: head_dim {q.shape[3]} is not supported; use one of {HEAD_DIMS}")
     if not 1 <= q.shape[2] <= k.shape[2]:
         raise ValueError(f"attention: need 1 <= T <= S, got T={q.shape[2]}, S={k.shape[2]}")
+    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
+        raise ValueError(f"attention: batch x heads = {q.shape[0] * q.shape[1]} is over the kernels' "
+                         f"limit of {MAX_BATCH_HEADS}")
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:

@@ -225,6 +225,7 @@ def test_decode_per_row_cache_len(dtype, device):
     (((1, 2, 8, 16), (1, 3, 8, 16)), {}, "shapes"),
     (((2, 8, 16), (2, 8, 16)), {}, "4-D"),
     (((1, 2, 8, 16), (1, 2, 8, 16)), {"dropout_p": 1.0}, "dropout_p"),
+    (((65536, 1, 1, 16), (65536, 1, 1, 16)), {}, "batch x heads"),
 ])
 def test_bad_input_is_rejected(shapes, kwargs, match, device):
     q = torch.randn(*shapes[0], device=device)

@@ -140,3 +140,13 @@ def test_missing_attention_kernel_falls_back_to_torch_with_a_warning(monkeypatch
     x = torch.randn(2, 16, generator=g).to(device)
     assert_close(backend.layer_norm(x, torch.ones(16, device=device), torch.zeros(16, device=device)),
                  torch.nn.functional.layer_norm(x, (16,)), 1e-5, "layer_norm still on Triton")
+
+
+def test_attention_past_the_grid_limit_goes_to_torch(device):
+    """B * H over the kernels' grid limit (65535): torch's attention, and no decode kernel."""
+    backend = get_backend("triton", device)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(65536, 1, n, 16, generator=g).to(device) for n in (1, 3, 3))
+    assert backend.decode_kernel(q) is None
+    assert_close(backend.attention(q, k, v), reference_attention(q, k, v), 1e-5, "attention")
+    assert backend.decode_kernel(q[:2]) is not None

@@ -331,10 +331,12 @@ class Generator:
             return self._logits(self.model.hidden_states(idx, buf.caches, positions=pos))
         buf.set_static(True)
         buf.write_pos.fill_(slot)  # in place: the graph reads this tensor
-        padded = buf.caches[0].padded  # padded rows take the masked path, not the decode kernel
-        graph = buf.graphs.get(padded)
+        # what the captured ops depend on: padded rows take the masked path, not the decode
+        # kernel; the backend may be switched between calls (the model can be the caller's)
+        key = (buf.caches[0].padded, self.model.backend)
+        graph = buf.graphs.get(key)
         if graph is None:
-            graph = buf.graphs[padded] = self._capture(buf, pos)
+            graph = buf.graphs[key] = self._capture(buf, pos)
         if graph is False:  # capture failed once: run the same static step eagerly
             return self._static_step(buf, idx, pos)
         return graph.replay(idx, pos)
@@ -369,7 +371,7 @@ class Generator:
 class _Buffers:
     """Static decode buffers for one batch size: every layer's KV cache, the (1,) device tensor
     with the slot a static step writes (shared by all layers), and the CUDA graphs captured
-    over exactly these tensors (keyed by whether rows are padded), so no graph outlives them."""
+    over exactly these tensors (keyed by padding and backend), so no graph outlives them."""
 
     def __init__(self, model, batch, context_size, device):
         self.batch = batch

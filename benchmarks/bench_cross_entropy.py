@@ -83,7 +83,7 @@ def test_cross_entropy(benchmark, checked, op, impl, pass_):
     if pass_ == "bwd":  # forward+backward minus forward (see the module docstring)
         fwd, both = pass_fn(forward, args, (None,), "fwd"), pass_fn(forward, args, (None,), "fwd+bwd")
         both(), fwd()  # compile first
-        ms = time_ms(both) - time_ms(fwd)
+        ms = max(time_ms(both) - time_ms(fwd), 0.0)  # ours: ~0 (the gradient exists after the forward)
     step = pass_fn(forward, args, (None,), "fwd+bwd" if pass_ == "bwd" else pass_)
     M, V = TOKENS, VOCAB
     if op == "cross_entropy":

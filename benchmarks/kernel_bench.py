@@ -71,9 +71,9 @@ def run(benchmark, *, op, impl, pass_, fn, nbytes=None, flops=None, memory=False
         raise
     ms = time_ms(fn) if ms is None else ms
     info = {"op": op, "pass": pass_, "impl": impl, "ms": round(ms, 4)}
-    if nbytes:
+    if nbytes and ms > 0:  # a pass derived by difference can come out ~0
         info["GB/s"] = round(nbytes / ms / 1e6, 1)
-    if flops:
+    if flops and ms > 0:
         info["TFLOP/s"] = round(flops / ms / 1e9, 1)
     if memory:
         fn()  # warm-up: compilation and caching allocators settle first

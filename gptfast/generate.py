@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import math
 import os
 import time
@@ -133,8 +134,8 @@ class Generator:
     `stream`. `dtype`: "auto" (bfloat16 on CUDA; float16 on CPU, where torch's fp16 matrix-vector
     kernel beat int8 weight-only and bf16 — benchmarks/results/generate_cpu.md), "float32",
     "bfloat16", "float16", "int8" (weight-only), or None to use the model as it is.
-    A converted copy is made when needed; the caller's model is never modified (it runs in eval
-    mode while generating)."""
+    A converted copy is made when needed; the caller's model is never modified (each forward
+    runs in eval mode; its train/eval mode is restored at once)."""
 
     def __init__(self, model, tokenizer=None, dtype="auto", device=None, context_size=None, cuda_graph=True):
         device = resolve_device(device) if device is not None else model.tok_emb.weight.device
@@ -185,8 +186,8 @@ class Generator:
     def generate_ids(self, prompts, max_new_tokens=50, temperature=0.0, top_k=None, top_p=None, eos_id=None,
                      seed=None, generator=None):
         """New token ids (eos excluded) for each prompt in a list of token-id lists."""
-        requests = [_Request(None, n, eos_id, []) for n in self._per_row(max_new_tokens, len(prompts))]
         check_sampling(max_new_tokens, temperature, top_k, top_p)
+        requests = [_Request(None, n, eos_id, []) for n in self._per_row(max_new_tokens, len(prompts))]
         self._decode(self._check_ids(prompts), requests, temperature, top_k, top_p,
                      generator or self._rng(seed))
         return [r.ids for r in requests]
@@ -245,14 +246,21 @@ class Generator:
     @torch.inference_mode()
     def _steps(self, rows, requests, temperature, top_k, top_p, generator):
         """Decode until every request is done; yields after each token (for streaming)."""
-        if all(r.done for r in requests):
+        if not all(r.done for r in requests):
+            yield from self._loop(rows, requests, temperature, top_k, top_p, generator)
+
+    @contextlib.contextmanager
+    def _eval(self):
+        """Eval mode around one forward only, never across a yield: a paused stream must
+        neither leave the caller's model in eval nor switch it back during another call."""
+        if not self.model.training:
+            yield
             return
-        was_training = self.model.training
         self.model.eval()
         try:
-            yield from self._loop(rows, requests, temperature, top_k, top_p, generator)
+            yield
         finally:
-            self.model.train(was_training)
+            self.model.train()
 
     def _loop(self, rows, requests, temperature, top_k, top_p, generator):
         """One call's decode. Its state is local: `windows` (each row's token ids in the current
@@ -318,9 +326,11 @@ class Generator:
         buf.set_static(False)
         for c in buf.caches:
             c.reset(valid.to(self.device) if padded else None)
-        h = self.model.hidden_states(idx.to(self.device), buf.caches,
-                                     positions=positions.to(self.device) if padded else None)
-        return self._logits(h), T, positions[:, -1:].to(self.device) + 1
+        with self._eval():
+            h = self.model.hidden_states(idx.to(self.device), buf.caches,
+                                         positions=positions.to(self.device) if padded else None)
+            logits = self._logits(h)
+        return logits, T, positions[:, -1:].to(self.device) + 1
 
     def _decode_step(self, buf, idx, slot, pos):
         """Logits (B, V) after one token per row, idx (B, 1) at positions pos (B, 1), written
@@ -328,18 +338,20 @@ class Generator:
         (whole-buffer cache, device write index) replayed from a graph."""
         if not self.cuda_graph:
             buf.set_static(False)
-            return self._logits(self.model.hidden_states(idx, buf.caches, positions=pos))
+            with self._eval():
+                return self._logits(self.model.hidden_states(idx, buf.caches, positions=pos))
         buf.set_static(True)
         buf.write_pos.fill_(slot)  # in place: the graph reads this tensor
         # what the captured ops depend on: padded rows take the masked path, not the decode
         # kernel; the backend may be switched between calls (the model can be the caller's)
         key = (buf.caches[0].padded, self.model.backend)
         graph = buf.graphs.get(key)
-        if graph is None:
-            graph = buf.graphs[key] = self._capture(buf, pos)
-        if graph is False:  # capture failed once: run the same static step eagerly
-            return self._static_step(buf, idx, pos)
-        return graph.replay(idx, pos)
+        with self._eval():  # the graph is captured (and replayed) with dropout off
+            if graph is None:
+                graph = buf.graphs[key] = self._capture(buf, pos)
+            if graph is False:  # capture failed once: run the same static step eagerly
+                return self._static_step(buf, idx, pos)
+            return graph.replay(idx, pos)
 
     def _static_step(self, buf, idx, pos):
         """The step a CUDA graph captures: fixed shapes, every index a device tensor."""

@@ -1,6 +1,7 @@
 """Generation engine: KV cache vs the classic no-cache `generate` (the reference), batching,
 sampling, stop rules, streaming, reduced precision, bad input, CLI. Tiny random models."""
 import copy
+import gc
 
 import pytest
 import torch
@@ -104,6 +105,24 @@ def test_prompt_of_context_size_and_longer():
     for length in (16, 23):
         prompt = [(5 * i + 3) % 211 for i in range(length)]
         assert engine.generate_ids([prompt], 10) == [reference_ids(model, prompt, 10)], length
+
+
+def test_callers_training_mode_kept(text_model):
+    # dtype=None decodes with the caller's own model: dropout must be off in every forward, and
+    # a paused (or abandoned) stream must leave the model's train/eval mode alone
+    model = copy.deepcopy(text_model).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5  # any forward in train mode changes the output
+    engine = Generator(model, dtype=None)
+    expected = Generator(text_model, dtype=None).generate("Hello", max_new_tokens=15)
+    paused = engine.stream("Every effort moves you", max_new_tokens=15)
+    next(paused)
+    assert model.training, "train mode lost while a stream is paused"
+    assert engine.generate("Hello", max_new_tokens=15) == expected
+    del paused
+    gc.collect()
+    assert model.training
 
 
 def reference_sampled_ids(model, prompt, n, seed, temperature, top_k, top_p):

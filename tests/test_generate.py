@@ -275,9 +275,11 @@ def test_int8_linear_error_bound():
         y, yq = lin(x), q(x)
         s = lin.weight.abs().amax(1) / 127
         bound = x.abs().sum(1, keepdim=True) * s / 2 + 3 * 2**-8 * (x.abs() @ lin.weight.abs().t())  # (5, 96)
-    ratio = ((yq - y).abs() / bound).max().item()
-    assert ratio <= 1, f"int8 linear error {ratio:.3f} x the stated bound"
-    assert ratio > 0.05, f"bound is vacuous here (error only {ratio:.3f} x bound)"
+    ratio = (yq - y).abs() / bound  # (5, 96)
+    worst = divmod(int(ratio.argmax()), 96)
+    assert ratio.max() <= 1, f"int8 linear error {ratio.max():.3f} x the stated bound at {worst}"
+    # a worst case (errors of 256 terms all of one sign): here ~7% of it is reached
+    assert ratio.max() > 0.02, f"the bound tests nothing here (error at most {ratio.max():.3f} x bound)"
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float16", "float32"])

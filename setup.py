@@ -49,7 +49,9 @@ def _extensions():
     if reason is None:
         ext = cpp_extension.CUDAExtension(
             "gptfast._C", sources + ["csrc/sampling_cuda.cu"],
-            extra_compile_args={**flags, "nvcc": ["-O3", "--std=c++17"]})
+            # no -std here: torch appends the standard its headers need (an explicit one
+            # would clash with it: nvcc warns and takes the last)
+            extra_compile_args={**flags, "nvcc": ["-O3"]})
         _say("building gptfast._C with the C++ (CPU) and CUDA kernels")
     else:
         if wanted == "1":

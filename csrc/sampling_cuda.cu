@@ -361,24 +361,32 @@ void launch(const at::Tensor& logits, int64_t k, double temperature, double top_
             at::Tensor& indices, bool return_topk, cudaStream_t stream) {
   const int64_t B = logits.size(0), V = logits.size(1);
   const bool greedy = is_greedy(k, temperature);
-  // Stage the row in shared memory when it fits this device's opt-in limit (per device,
-  // raised once per kernel instantiation); otherwise every pass reads global memory (L2).
+  // Stage the row in shared memory when it fits this device's opt-in limit next to the
+  // kernel's static shared memory as the compiler laid it out (more than sizeof(Shared):
+  // the dynamic array's alignment pads it); otherwise every pass reads global memory (L2).
+  // Per device and kernel instantiation, the opt-in is raised to the largest row seen.
   constexpr int kMaxDevices = 64;
-  static int optin[kMaxDevices] = {}, raised[kMaxDevices] = {};
+  static int optin[kMaxDevices] = {}, static_smem[kMaxDevices] = {}, raised[kMaxDevices] = {};
   const int dev = logits.get_device();
   TORCH_CHECK(dev >= 0 && dev < kMaxDevices, "sample_top_k: CUDA device index ", dev, " out of range");
   if (optin[dev] == 0) {
-    cudaError_t e = cudaDeviceGetAttribute(&optin[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    TORCH_CHECK(e == cudaSuccess, "sample_top_k: cudaDeviceGetAttribute failed: ", cudaGetErrorString(e));
+    int limit = 0;
+    cudaFuncAttributes attr{};
+    cudaError_t e = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, sample_top_k_kernel<T>);
+    TORCH_CHECK(e == cudaSuccess, "sample_top_k: reading shared-memory limits failed: ", cudaGetErrorString(e));
+    static_smem[dev] = static_cast<int>(attr.sharedSizeBytes);
+    optin[dev] = limit;
   }
   const size_t row_bytes = static_cast<size_t>(V) * sizeof(T);
-  const bool staged = row_bytes + sizeof(Shared) <= static_cast<size_t>(optin[dev]);
+  // a greedy draw without top-k outputs reads the row once: nothing to stage
+  const bool staged = !(greedy && !return_topk) && row_bytes + static_smem[dev] <= static_cast<size_t>(optin[dev]);
   const int smem = staged ? static_cast<int>(row_bytes) : 0;
   if (smem > raised[dev]) {
-    cudaError_t e = cudaFuncSetAttribute(sample_top_k_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(optin[dev] - sizeof(Shared)));
-    TORCH_CHECK(e == cudaSuccess, "sample_top_k: cudaFuncSetAttribute failed: ", cudaGetErrorString(e));
-    raised[dev] = static_cast<int>(optin[dev] - sizeof(Shared));
+    cudaError_t e = cudaFuncSetAttribute(sample_top_k_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    TORCH_CHECK(e == cudaSuccess, "sample_top_k: cudaFuncSetAttribute(", smem,
+                " B dynamic shared memory) failed: ", cudaGetErrorString(e));
+    raised[dev] = smem;
   }
   sample_top_k_kernel<T><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
       logits.data_ptr<T>(), V, staged, k, greedy ? 0.f : static_cast<float>(1.0 / temperature), greedy,

@@ -5,7 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from torch.utils.cpp_extension import include_paths
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NVCC = shutil.which("nvcc")
@@ -15,7 +15,7 @@ SOURCES = sorted(CSRC.glob("*.cu"))
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: CUDA sources not compiled on this machine")
 @pytest.mark.parametrize("source", SOURCES, ids=[s.name for s in SOURCES])
 def test_cuda_source_compiles(source, tmp_path):
-    cmd = [NVCC, "-c", "--std=c++17", "--threads", "0",
+    cmd = [NVCC, "-c", "--std=c++17", "--threads", "0", *COMMON_NVCC_FLAGS,  # the flags setup.py's build gets
            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
            # torch 2.13's headers use C++20 bit-field initializers; harmless warnings under C++17
            "-diag-suppress", "3306", "-Xcompiler", "-Wno-c++20-extensions",

@@ -33,10 +33,62 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 def nucleus_mask(logits, k, temperature, top_p):
     """(B, V) bool: the tokens the op may return (top-k, then the top-p prefix)."""
     V = logits.shape[-1]
-    vals, idx = torch.topk(logits.float(), min(k, V), dim=-1)
+    vals, idx = torch.sort(logits.float(), dim=-1, descending=True, stable=True)  # ties: lowest ids kept
+    vals, idx = vals[:, :min(k, V)], idx[:, :min(k, V)]
     p = torch.softmax(vals / temperature, dim=-1)
     keep = (p.cumsum(-1) - p) < top_p * (1 + 1e-5)  # rounding slack only widens the set
     return torch.zeros(logits.shape, dtype=torch.bool).scatter_(-1, idx, keep)
+
+
+M64 = 2**64 - 1
+
+
+def _mix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def row_uniform(seed: int, offset: int, row: int) -> float:
+    """Python port of csrc/sampling_common.h's per-row uniform (splitmix64, 24 bits)."""
+    return (_mix64(_mix64(_mix64(seed & M64) ^ (offset & M64)) ^ row) >> 40) / 2**24
+
+
+def predicted_ids(logits, k, temperature, top_p, seed, offset, tol=1e-4):
+    """The op's documented draw (csrc/sampling_common.h) evaluated in float64: (ids (B,),
+    robust (B,) bool). A row is robust when u lies more than tol (+ the mass of tokens whose
+    top-p membership is within tol of flipping) from every cumulative boundary: there any
+    fp32 summation order (CPU sequential, CUDA block-parallel, ~1e-5 off) must give this id."""
+    x = logits.float()  # (B, V)
+    B, V = x.shape
+    kk = min(k or V, V)
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :kk]  # (B, kk) kept order
+    xs = x.gather(1, order)
+    z = (xs - xs[:, :1]) * torch.tensor(1 / temperature, dtype=torch.float32)  # fp32, as both kernels
+    w = z.double().exp()  # (B, kk)
+    flip = torch.zeros(B, dtype=torch.float64)
+    if top_p is not None and top_p < 1:  # token j kept iff the mass before it < top_p * total
+        before, total = w.cumsum(-1) - w, w.sum(-1, keepdim=True)
+        need = float(torch.tensor(top_p, dtype=torch.float32)) * total
+        flip = torch.where((before - need).abs() <= tol * total, w, 0.0).sum(-1) / total.squeeze(-1)
+        w = torch.where(before < need, w, 0.0)
+    ids, perm = order.sort(-1)  # the draw walks kept tokens in increasing id order
+    w = w.gather(1, perm)
+    cdf = w.cumsum(-1) / w.sum(-1, keepdim=True)  # (B, kk)
+    u = torch.tensor([row_uniform(seed, offset, r) for r in range(B)], dtype=torch.float64)[:, None]
+    pos = (cdf <= u).sum(-1, keepdim=True).clamp(max=kk - 1)  # first id whose cdf exceeds u
+    gap = (cdf - u).abs().min(-1).values
+    return ids.gather(1, pos).squeeze(1), gap > tol + flip
+
+
+def assert_ids_predicted(logits, k, temperature, top_p, seed, offset, **ids_by_backend):
+    want, robust = predicted_ids(logits, k, temperature, top_p, seed, offset)
+    assert robust.sum() >= len(robust) // 5, "too few robust rows: the check would have no power"
+    for who, ids in ids_by_backend.items():
+        wrong = ((ids.cpu() != want) & robust).nonzero().flatten()
+        assert not len(wrong), (f"{who}: rows {wrong.tolist()[:8]} drew {ids.cpu()[wrong].tolist()[:8]}, "
+                                f"u selects {want[wrong].tolist()[:8]}")
 
 
 def draws(logits_row, n, **kw):
@@ -108,7 +160,8 @@ def _logits_row(V=40, seed=0):
     return torch.randn(V, generator=torch.Generator().manual_seed(seed)) * 1.5
 
 
-@pytest.mark.parametrize("sampler", [pytest.param("op", marks=needs_c), "reference"])
+@pytest.mark.parametrize("sampler", [pytest.param("op", marks=needs_c), "reference",
+                                     pytest.param("cuda", marks=[needs_c, pytest.mark.gpu])])
 @pytest.mark.parametrize("V,k,T,top_p", [(40, 10, 0.7, None), (40, None, 1.3, None), (40, 10**6, 0.9, None),
                                           (40, 12, 1.0, 0.8), (300, 100, 2.0, None)])  # k > 64: histogram select
 def test_chi_square_matches_softmax(V, k, T, top_p, sampler):
@@ -119,8 +172,8 @@ def test_chi_square_matches_softmax(V, k, T, top_p, sampler):
         p = torch.where(p.cumsum(-1) - p < top_p, p, 0)
         p = p / p.sum()
     probs = torch.zeros(V, dtype=torch.float64).scatter_(0, idx, p)
-    if sampler == "op":
-        ids = draws(row, n, k=k, temperature=T, top_p=top_p, seed=2024)
+    if sampler != "reference":
+        ids = draws(row.to("cuda" if sampler == "cuda" else "cpu"), n, k=k, temperature=T, top_p=top_p, seed=2024).cpu()
     else:
         ids = reference_sample_top_k(row.expand(n, -1), k, T, top_p, torch.Generator().manual_seed(7))
     counts = torch.bincount(ids, minlength=V).double()
@@ -148,6 +201,18 @@ def test_same_seed_same_ids_and_offsets_differ():
     assert torch.equal(b, sample_top_k(logits, 100, 1.0))
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     assert torch.equal(sample_top_k(logits, 100, 1.0, generator=g1), sample_top_k(logits, 100, 1.0, generator=g2))
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,top_p", [(1000, None), (None, None), (50, 0.6), (None, 0.9)])
+def test_ids_follow_the_documented_draw(dtype, k, top_p):
+    """Same u, same id: the CPU op against the documented draw in float64 (also the check the
+    CUDA test applies), wherever fp32 rounding cannot move the id."""
+    logits = (torch.randn(64, 50257, generator=torch.Generator().manual_seed(4)) * 2).to(dtype)
+    logits[4:8, ::3] = -math.inf
+    ids = sample_top_k(logits, k, 0.8, top_p=top_p, seed=(11, 3))
+    assert_ids_predicted(logits, k, 0.8, top_p, 11, 3, cpu=ids)
 
 
 @pytest.mark.parametrize("sampler", [pytest.param(sample_top_k, marks=needs_c), reference_sample_top_k],
@@ -223,48 +288,115 @@ def test_fallback_warns_once_and_samples(monkeypatch):
 
 @needs_c
 @pytest.mark.gpu
+@pytest.mark.parametrize("V", [50257, 100003])  # an fp32 row of 100003 does not fit shared memory
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,top_p", [(1, None), (50, None), (1000, None), (50, 0.6), (None, None), (None, 0.9)])
-def test_cuda_matches_cpu(dtype, k, top_p):
+def test_cuda_matches_cpu(dtype, k, top_p, V):
     assert sampling.has_kernel("cuda"), "gptfast._C was built without its CUDA kernel"
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(256, 50257, generator=g) * 2).to(dtype)
+    logits = (torch.randn(256, V, generator=g) * 2).to(dtype)
     logits[:4, 7:20] = logits[:4, 6:7]  # ties, also at the max
-    cpu = sample_top_k(logits, k, 0.8, top_p=top_p, seed=(11, 3), return_topk=k is not None)
-    gpu = sample_top_k(logits.cuda(), k, 0.8, top_p=top_p, seed=(11, 3), return_topk=k is not None)
-    cpu, gpu = (cpu, gpu) if k is not None else ((cpu,), (gpu,))
-    for a, b in zip(cpu[1:], gpu[1:]):
-        assert torch.equal(a, b.cpu())  # top-k values and (tie-broken) indices exactly
-    mismatched = (cpu[0] != gpu[0].cpu()).sum().item()
-    # same uniform per row; a differing id needs u within fp32 rounding of a boundary
-    assert mismatched <= 1, f"{mismatched}/256 ids differ between CPU and CUDA"
-    allowed = nucleus_mask(logits, k or 50257, 0.8, top_p or 1.0)
-    assert allowed.gather(1, gpu[0].cpu()[:, None]).all()
+    logits[4:8, ::3] = -math.inf
+    padded = torch.zeros(256, V + 5, dtype=dtype, device="cuda")
+    padded[:, :V] = logits.cuda()
+    on_gpu = padded[:, :V]  # (B, V) non-contiguous
+    kw = {"top_p": top_p, "seed": (11, 3)}
+    cpu = sample_top_k(logits, k, 0.8, return_topk=True, **kw)
+    gpu = [t.cpu() for t in sample_top_k(on_gpu, k, 0.8, return_topk=True, **kw)]
+    assert gpu[0].dtype == torch.int64 and gpu[0].shape == (256,)
+    for name, a, b in zip(("values", "indices"), cpu[1:], gpu[1:]):  # exactly, ties broken alike
+        assert torch.equal(a, b), f"top-k {name} differ in rows {(a != b).any(-1).nonzero().flatten().tolist()[:8]}"
+    assert torch.equal(gpu[0], sample_top_k(on_gpu, k, 0.8, **kw).cpu()), "ids depend on return_topk"
+    # same u per row: both give the id u selects wherever fp32 summation order cannot move it
+    assert_ids_predicted(logits, k, 0.8, top_p, 11, 3, cpu=cpu[0], cuda=gpu[0])
+    allowed = nucleus_mask(logits, k or V, 0.8, top_p or 1.0)
+    assert allowed.gather(1, gpu[0][:, None]).all(), "a CUDA id left the top-k / nucleus"
 
 
 @needs_c
 @pytest.mark.gpu
-def test_cuda_graph_with_seed_tensor():
+@pytest.mark.parametrize("k,top_p", [(1, None), (50, None), (1000, 0.5), (None, None), (None, 0.3)])
+def test_cuda_equals_cpu_exactly_on_unit_weights(k, top_p):
+    """Logits in {0, -inf}: every weight is exactly 1 or 0, every sum an exact integer, so CPU
+    and CUDA must agree on every row (ties at the k-th value, masked tokens, top-p ties)."""
+    g = torch.Generator().manual_seed(1)
+    masked = torch.rand(256, 50257, generator=g) < torch.linspace(0, 0.9995, 256)[:, None]
+    logits = torch.zeros(256, 50257).masked_fill(masked, -math.inf)
+    logits[:, -1] = 0  # no row is all -inf
+    for dtype in DTYPES:
+        x = logits.to(dtype)
+        cpu = sample_top_k(x, k, 0.8, top_p=top_p, seed=(7, 1), return_topk=True)
+        gpu = sample_top_k(x.cuda(), k, 0.8, top_p=top_p, seed=(7, 1), return_topk=True)
+        for name, a, b in zip(("ids", "values", "indices"), cpu, gpu):
+            assert torch.equal(a, b.cpu()), f"{dtype} {name}: rows {(a != b.cpu()).reshape(256, -1).any(-1).nonzero().flatten().tolist()[:8]}"
+
+
+@needs_c
+@pytest.mark.gpu
+def test_cuda_kernel_flags_bad_rows():
+    """The op alone (the eager Python check skipped, as in a CUDA graph): a NaN, +inf or all
+    -inf row draws id -1; the other rows are untouched."""
+    logits = torch.randn(4, 50257, device="cuda")
+    logits[1, 100], logits[2, 50256], logits[3] = math.nan, math.inf, -math.inf
+    for k, T in [(50, 1.0), (1, 1.0), (50, 0.0)]:
+        ids = op(logits, k, T, 1.0, torch.tensor([1, 0]), False)[0].cpu()
+        assert ids[1:].tolist() == [-1, -1, -1], (k, T, ids.tolist())
+        assert ids[0] in torch.topk(logits[0].cpu(), k).indices
+
+
+@needs_c
+@pytest.mark.gpu
+def test_cuda_runs_on_the_current_stream():
+    logits = torch.randn(64, 50257, device="cuda")
+    want = sample_top_k(logits, 50, 1.0, seed=2, return_topk=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # the input below exists only after this on `side`
+        got = sample_top_k(logits.clone(), 50, 1.0, seed=2, return_topk=True)
+    side.synchronize()
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+
+
+@needs_c
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs to check the device guard on cuda:1")
+def test_cuda_second_device():
+    logits = torch.randn(8, 50257)
+    want = sample_top_k(logits.cuda(0), 50, 1.0, seed=3, return_topk=True)
+    got = sample_top_k(logits.to("cuda:1"), 50, 1.0, seed=3, return_topk=True)
+    assert all(t.device == torch.device("cuda:1") for t in got)
+    for a, b in zip(want, got):
+        assert torch.equal(a.cpu(), b.cpu())
+
+
+@needs_c
+@pytest.mark.gpu
+@pytest.mark.parametrize("return_topk,top_p", [(False, None), (True, 0.9)])
+def test_cuda_graph_with_seed_tensor(return_topk, top_p):
     logits = torch.randn(8, 50257, device="cuda")
     seed = torch.tensor([5, 0], device="cuda")
-    static = torch.empty(8, dtype=torch.long, device="cuda")
-    sample_top_k(logits, 50, 1.0, seed=seed)  # warm-up outside capture
+    run = lambda s: sample_top_k(logits, 50, 1.0, top_p=top_p, seed=s, return_topk=return_topk)  # noqa: E731
+    run(seed)  # warm-up outside capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static.copy_(sample_top_k(logits, 50, 1.0, seed=seed))
+        static = run(seed)
     for offset in range(3):
         seed[1] = offset
         graph.replay()
-        assert torch.equal(static, sample_top_k(logits, 50, 1.0, seed=(5, offset)))
+        for a, b in zip(static if return_topk else (static,), run((5, offset)) if return_topk else (run((5, offset)),)):
+            assert torch.equal(a, b)
 
 
 @needs_c
 @pytest.mark.gpu
-def test_cuda_chi_square():
-    row, n = _logits_row().cuda(), 20_000
-    ids = draws(row, n, k=10, temperature=0.7, seed=99)
-    vals, idx = torch.topk(row.cpu(), 10)
-    probs = torch.softmax(vals.double() / 0.7, -1)
-    counts = torch.bincount(ids.cpu(), minlength=row.numel()).double()
-    assert counts.sum() == counts[idx].sum()
-    assert chi2_pvalue(counts[idx], probs) > 1e-3
+def test_cuda_fake_impl_and_compile():
+    logits, seed = torch.randn(4, 50257, device="cuda", dtype=torch.bfloat16), torch.tensor([3, 0], device="cuda")
+    torch.library.opcheck(op, (logits, 20, 0.9, 0.95, seed, True))
+    fn = torch.compile(lambda x, s: sample_top_k(x, 20, 0.9, top_p=0.95, seed=s, return_topk=True),
+                       backend="aot_eager", fullgraph=True)
+    for offset in range(3):
+        seed[1] = offset
+        for a, b in zip(fn(logits, seed), sample_top_k(logits, 20, 0.9, top_p=0.95, seed=(3, offset), return_topk=True)):
+            assert torch.equal(a, b)

@@ -435,10 +435,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_top_k_cuda(
   }
   const cudaError_t err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "sample_top_k: CUDA launch failed: ", cudaGetErrorString(err));
-  if (return_topk) {  // gathered unsorted: order by id, then stable by value desc (torch.topk order)
+  if (return_topk) {  // gathered unsorted: order by id, then stable by value desc (torch.topk order);
+    // the value keys fold -0 into +0 (equal, as in the kernel and the CPU op) whatever sort does
     auto [by_id, perm] = at::sort(indices, 1);
-    auto [sorted_values, order] = at::sort(values.gather(1, perm), /*stable=*/true, 1, /*descending=*/true);
-    values = sorted_values;
+    const at::Tensor by_id_values = values.gather(1, perm);
+    const at::Tensor order = std::get<1>(at::sort(by_id_values.add(0), /*stable=*/true, 1, /*descending=*/true));
+    values = by_id_values.gather(1, order);
     indices = by_id.gather(1, order);
   }
   return {ids, values, indices};

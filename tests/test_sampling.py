@@ -317,11 +317,13 @@ def test_cuda_matches_cpu(dtype, k, top_p, V):
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,top_p", [(1, None), (50, None), (1000, 0.5), (None, None), (None, 0.3)])
 def test_cuda_equals_cpu_exactly_on_unit_weights(k, top_p):
-    """Logits in {0, -inf}: every weight is exactly 1 or 0, every sum an exact integer, so CPU
-    and CUDA must agree on every row (ties at the k-th value, masked tokens, top-p ties)."""
+    """Logits in {+0, -0, -inf}: every weight is exactly 1 or 0, every sum an exact integer, so
+    CPU and CUDA must agree on every row (ties at the k-th value, signed zeros equal, masked
+    tokens, top-p ties)."""
     g = torch.Generator().manual_seed(1)
     masked = torch.rand(256, 50257, generator=g) < torch.linspace(0, 0.9995, 256)[:, None]
-    logits = torch.zeros(256, 50257).masked_fill(masked, -math.inf)
+    logits = torch.zeros(256, 50257).masked_fill(torch.rand(256, 50257, generator=g) < 0.5, -0.0)
+    logits = logits.masked_fill(masked, -math.inf)
     logits[:, -1] = 0  # no row is all -inf
     for dtype in DTYPES:
         x = logits.to(dtype)

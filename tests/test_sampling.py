@@ -1,5 +1,6 @@
 """gptfast.sampling: the fused top-k sampler (gptfast._C) against torch.topk / softmax, and
 the pure-PyTorch reference path. CPU here; the CUDA kernel's tests are marked gpu."""
+import functools
 import math
 import warnings
 
@@ -14,6 +15,16 @@ needs_c = pytest.mark.skipif(not sampling.has_kernel("cpu"), reason=(
     f"gptfast._C did not load ({sampling._C_ERROR})" if sampling._C_ERROR else "gptfast._C has no CPU kernel"))
 op = torch.ops.gptfast.sample_top_k if sampling._C_ERROR is None else None
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def cuda_test(fn):
+    """A test of the CUDA kernel: skipped (with the reason) without a GPU; on a GPU it fails
+    if gptfast._C lacks the kernel rather than testing the reference fallback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        assert sampling.has_kernel("cuda"), "gptfast._C was built without its CUDA kernel (see setup.py's output)"
+        return fn(*args, **kwargs)
+    return needs_c(pytest.mark.gpu(wrapper))
 
 
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -172,6 +183,8 @@ def test_chi_square_matches_softmax(V, k, T, top_p, sampler):
         p = torch.where(p.cumsum(-1) - p < top_p, p, 0)
         p = p / p.sum()
     probs = torch.zeros(V, dtype=torch.float64).scatter_(0, idx, p)
+    if sampler == "cuda":
+        assert sampling.has_kernel("cuda"), "gptfast._C was built without its CUDA kernel"
     if sampler != "reference":
         ids = draws(row.to("cuda" if sampler == "cuda" else "cpu"), n, k=k, temperature=T, top_p=top_p, seed=2024).cpu()
     else:
@@ -286,13 +299,11 @@ def test_fallback_warns_once_and_samples(monkeypatch):
         sample_top_k(torch.full((1, 3), math.nan), 2, 1.0)
 
 
-@needs_c
-@pytest.mark.gpu
+@cuda_test
 @pytest.mark.parametrize("V", [50257, 100003])  # an fp32 row of 100003 does not fit shared memory
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,top_p", [(1, None), (50, None), (1000, None), (50, 0.6), (None, None), (None, 0.9)])
 def test_cuda_matches_cpu(dtype, k, top_p, V):
-    assert sampling.has_kernel("cuda"), "gptfast._C was built without its CUDA kernel"
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(256, V, generator=g) * 2).to(dtype)
     logits[:4, 7:20] = logits[:4, 6:7]  # ties, also at the max
@@ -313,8 +324,7 @@ def test_cuda_matches_cpu(dtype, k, top_p, V):
     assert allowed.gather(1, gpu[0][:, None]).all(), "a CUDA id left the top-k / nucleus"
 
 
-@needs_c
-@pytest.mark.gpu
+@cuda_test
 @pytest.mark.parametrize("k,top_p", [(1, None), (50, None), (1000, 0.5), (None, None), (None, 0.3)])
 def test_cuda_equals_cpu_exactly_on_unit_weights(k, top_p):
     """Logits in {+0, -0, -inf}: every weight is exactly 1 or 0, every sum an exact integer, so
@@ -333,8 +343,7 @@ def test_cuda_equals_cpu_exactly_on_unit_weights(k, top_p):
             assert torch.equal(a, b.cpu()), f"{dtype} {name}: rows {(a != b.cpu()).reshape(256, -1).any(-1).nonzero().flatten().tolist()[:8]}"
 
 
-@needs_c
-@pytest.mark.gpu
+@cuda_test
 def test_cuda_kernel_flags_bad_rows():
     """The op alone (the eager Python check skipped, as in a CUDA graph): a NaN, +inf or all
     -inf row draws id -1; the other rows are untouched."""
@@ -346,8 +355,7 @@ def test_cuda_kernel_flags_bad_rows():
         assert ids[0] in torch.topk(logits[0].cpu(), k).indices
 
 
-@needs_c
-@pytest.mark.gpu
+@cuda_test
 def test_cuda_runs_on_the_current_stream():
     logits = torch.randn(64, 50257, device="cuda")
     want = sample_top_k(logits, 50, 1.0, seed=2, return_topk=True)
@@ -361,8 +369,7 @@ def test_cuda_runs_on_the_current_stream():
         assert torch.equal(a, b)
 
 
-@needs_c
-@pytest.mark.gpu
+@cuda_test
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs to check the device guard on cuda:1")
 def test_cuda_second_device():
     logits = torch.randn(8, 50257)
@@ -373,8 +380,7 @@ def test_cuda_second_device():
         assert torch.equal(a.cpu(), b.cpu())
 
 
-@needs_c
-@pytest.mark.gpu
+@cuda_test
 @pytest.mark.parametrize("return_topk,top_p", [(False, None), (True, 0.9)])
 def test_cuda_graph_with_seed_tensor(return_topk, top_p):
     logits = torch.randn(8, 50257, device="cuda")
@@ -391,8 +397,7 @@ def test_cuda_graph_with_seed_tensor(return_topk, top_p):
             assert torch.equal(a, b)
 
 
-@needs_c
-@pytest.mark.gpu
+@cuda_test
 def test_cuda_fake_impl_and_compile():
     logits, seed = torch.randn(4, 50257, device="cuda", dtype=torch.bfloat16), torch.tensor([3, 0], device="cuda")
     torch.library.opcheck(op, (logits, 20, 0.9, 0.95, seed, True))

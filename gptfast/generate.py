@@ -324,8 +324,9 @@ class Generator:
         positions = (valid.cumsum(1) - 1).clamp(min=0)  # (B, T)
         padded = not bool(valid.all())
         buf.set_static(False)
+        valid_dev = valid.to(self.device) if padded else None  # one copy for every layer's cache
         for c in buf.caches:
-            c.reset(valid.to(self.device) if padded else None)
+            c.reset(valid_dev)
         with self._eval():
             h = self.model.hidden_states(idx.to(self.device), buf.caches,
                                          positions=positions.to(self.device) if padded else None)

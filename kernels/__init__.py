@@ -74,7 +74,7 @@ class TritonBackend(TorchBackend):
                 and _fused(q, *kv))
 
     def decode_kernel(self, q):
-        """The flash-decoding kernel when it covers q's head size and dtype, else None."""
+        """The flash-decoding kernel when it covers q's head size, batch x heads and dtype, else None."""
         return self._attention.attention_decode if self._attention_covers(q) else None
 
     def attention(self, q, k, v, dropout_p=0.0, training=False):

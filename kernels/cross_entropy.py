@@ -9,7 +9,8 @@ loss.backward()): no host sync, and no second pass over the logits. fp16 is diff
 softmax / n_valid over a 50257 vocabulary falls below its smallest subnormal, and a
 GradScaler's 65536 is inf in it, so fp16 gradients are stored as (softmax - onehot) * 2**14
 (|value| <= 16384, few probabilities subnormal) and backward applies grad_output / (n_valid *
-2**14) in fp32. Targets equal to `ignore_index` give a zero loss and a zero
+2**14) in fp32 (linear_cross_entropy keeps its fp16 chunks unscaled, times 1, so their
+grad_weight products stay in range). Targets equal to `ignore_index` give a zero loss and a zero
 gradient row; the mean is over the others, and with none left the loss is 0 (not NaN).
 
 `linear_cross_entropy(hidden, weight, targets)` is the output head + loss (Liger-Kernel's

@@ -140,7 +140,6 @@ def _scale(grads, grad_output, n_valid, mult):
                                                       DIVIDE=mult is not None, BLOCK=block, num_warps=8)
         if not torch.compiler.is_compiling():
             torch.autograd.graph.increment_version(g)
-    return grads
 
 
 class CrossEntropyFunction(torch.autograd.Function):

@@ -189,10 +189,45 @@ __device__ void pick_mass_bin(Shared& sh, int shift, float need) {
   sh.mass_left = need - before;
 }
 
+// Sum of x over each lane's peers (lanes with the same bit set in `peers`, from
+// __match_any_sync), valid in the lowest peer: a tree over the peers in lane order, about
+// log2(peers) shuffle rounds (Westphal, "Voting and Shuffling to Optimize Atomic Operations").
+// All 32 lanes must call it.
+__device__ __forceinline__ float reduce_peers(unsigned peers, float x) {
+  const int lane = threadIdx.x & 31;
+  unsigned rel = __popc(peers & ((1u << lane) - 1));  // my rank among my peers
+  peers &= 0xfffffffeu << lane;                       // peers above me still to be added
+  while (__any_sync(kFull, peers)) {
+    const int next = __ffs(peers);  // the next peer above (1-based; 0: none)
+    const float t = __shfl_sync(kFull, x, next - 1);
+    if (next) x += t;
+    peers &= ~__ballot_sync(kFull, rel & 1);  // odd ranks were just added below: drop them
+    rel >>= 1;
+  }
+  return x;
+}
+
+// Adds the lanes with `ok` to their bins: count += 1 (and mass += w, kMass). In the first
+// radix pass nearly every logit falls in the few bins of its top exponent bits, so per-lane
+// shared atomics would serialise ~32-way on one address; instead each warp's lanes with the
+// same bin are combined and their lowest lane adds once. Mass stays a float sum in no fixed
+// order (a tree per warp, then float atomics across warps: see sampling_common.h).
+// All 32 lanes must call it.
+template <bool kMass>
+__device__ __forceinline__ void add_to_bin(Shared& sh, bool ok, int b, float w) {
+  const unsigned peers = __match_any_sync(kFull, ok ? b : 256);
+  if (kMass) w = reduce_peers(peers, w);
+  if (ok && (threadIdx.x & 31) == __ffs(peers) - 1) {
+    atomicAdd(&sh.count[b], static_cast<uint32_t>(__popc(peers)));
+    if (kMass) atomicAdd(&sh.mass[b], w);
+  }
+}
+
 // Radix select over kept tokens (Cut `within`): the largest key whose cumulative count
 // (or mass, kMass) from the top reaches `need`. Leaves prefix/bin_count/remaining|mass_left.
 template <bool kMass, typename T>
 __device__ void radix_select(const T* x, int64_t V, Cut within, float vmax, float inv_t, float need, Shared& sh) {
+  const int lane = threadIdx.x & 31;
   uint32_t mask = 0;
   if (threadIdx.x == 0) sh.prefix = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -202,14 +237,13 @@ __device__ void radix_select(const T* x, int64_t V, Cut within, float vmax, floa
     }
     __syncthreads();
     const uint32_t prefix = sh.prefix;
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      const float f = static_cast<float>(x[i]);
+    // warp-aligned bases: all 32 lanes run every iteration, as add_to_bin needs
+    for (int64_t i0 = threadIdx.x - lane; i0 < V; i0 += kThreads) {
+      const int64_t i = i0 + lane;
+      const float f = i < V ? static_cast<float>(x[i]) : 0.f;
       const uint32_t key = key_of(f);
-      if ((key & mask) == prefix && within.keeps(key, i)) {
-        const int b = (key >> shift) & 255;
-        atomicAdd(&sh.count[b], 1u);
-        if (kMass) atomicAdd(&sh.mass[b], expf((f - vmax) * inv_t));
-      }
+      const bool ok = i < V && (key & mask) == prefix && within.keeps(key, i);
+      add_to_bin<kMass>(sh, ok, (key >> shift) & 255, ok && kMass ? expf((f - vmax) * inv_t) : 0.f);
     }
     __syncthreads();
     if (kMass && threadIdx.x == 0) pick_mass_bin(sh, shift, need);

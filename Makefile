@@ -34,12 +34,12 @@ bench: $(STAMP)
 # Everything only a CUDA machine can show, in one command: _C rebuilt with its CUDA kernel
 # (a missing toolkit fails here instead of warning), the whole suite without Triton's
 # interpreter (the gpu-marked tests run), then every benchmark into benchmarks/results/.
-gpu: $(STAMP)
-	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu: no CUDA GPU visible to torch')"
-	GPTFAST_CUDA=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	$(PY) -m gptfast.cli info
-	$(PY) -m pytest -n 4 -rs tests
-	$(PY) benchmarks/report.py
-
-clean:
-	rm -rf $(VENV) build *.egg-info runs
+# Nothing is downloaded: it uses .venv when `make setup` made one, else python3, which must
+# hold a CUDA torch and the test dependencies (GPU images usually do; override with GPU_PY=).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu:
+	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu: no CUDA GPU visible to torch')"
+	GPTFAST_CUDA=1 $(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(GPU_PY) -m gptfast.cli info
+	$(GPU_PY) -m pytest -n 4 -rs tests
+	$(GPU_PY) benchmarks/report.py

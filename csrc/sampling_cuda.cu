@@ -215,12 +215,19 @@ __device__ __forceinline__ float reduce_peers(unsigned peers, float x) {
 // All 32 lanes must call it.
 template <bool kMass>
 __device__ __forceinline__ void add_to_bin(Shared& sh, bool ok, int b, float w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700  // no __match_any_sync before Volta
+  if (ok) {
+    atomicAdd(&sh.count[b], 1u);
+    if (kMass) atomicAdd(&sh.mass[b], w);
+  }
+#else
   const unsigned peers = __match_any_sync(kFull, ok ? b : 256);
   if (kMass) w = reduce_peers(peers, w);
   if (ok && (threadIdx.x & 31) == __ffs(peers) - 1) {
     atomicAdd(&sh.count[b], static_cast<uint32_t>(__popc(peers)));
     if (kMass) atomicAdd(&sh.mass[b], w);
   }
+#endif
 }
 
 // Radix select over kept tokens (Cut `within`): the largest key whose cumulative count

@@ -415,12 +415,13 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, causal, p, seed):
+def _forward(q, k, v, causal, p, seed, blocks=None):
+    """blocks: the forward's (BLOCK_M, BLOCK_N, num_warps, num_stages); None takes _blocks' (the tuner sets it)."""
     B, H, T, D = q.shape
     S = k.shape[2]
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages = _blocks(D, q.dtype)[0]
+    block_m, block_n, warps, stages = blocks or _blocks(D, q.dtype)[0]
     sm_scale = 1.0 / math.sqrt(D)
     _attn_fwd[(triton.cdiv(T, block_m), B * H)](
         q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, T, S,
@@ -429,7 +430,8 @@ def _forward(q, k, v, causal, p, seed):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, p, seed):
+def _backward(do, q, k, v, o, lse, causal, p, seed, blocks=None):
+    """blocks: (dK/dV config, dQ config) as in _blocks; None takes _blocks' (the tuner sets it)."""
     B, H, T, D = q.shape
     S = k.shape[2]
     do = do.contiguous()  # same (B*H, T, D) layout as o
@@ -438,7 +440,7 @@ def _backward(do, q, k, v, o, lse, causal, p, seed):
     dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, S, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, S, D), dtype=v.dtype, device=q.device)
-    _, (m1, n1, w1, s1), (m2, n2, w2, s2) = _blocks(D, q.dtype)
+    (m1, n1, w1, s1), (m2, n2, w2, s2) = blocks or _blocks(D, q.dtype)[1:]
     sm_scale = 1.0 / math.sqrt(D)
     common = dict(HEAD_DIM=D, CAUSAL=causal, DROPOUT=p > 0, PREC=_precision(q.dtype))
     args = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, T, S, sm_scale, sm_scale * _LOG2E, seed, p)

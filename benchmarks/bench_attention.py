@@ -159,7 +159,7 @@ def sweep_shape(B, H, T, D, grid, device):
             except AssertionError as e:  # runs, but wrong: never a candidate
                 rows[cfg] = None, f"WRONG: {str(e).splitlines()[0]}"
             except Exception as e:  # e.g. out of shared memory or registers: cannot launch
-                why = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+                why = (str(e).strip().splitlines() or [""])[0][:120]
                 rows[cfg] = None, f"skipped, cannot launch: {type(e).__name__}: {why}"
         if rows[dflt][0] is None:
             raise SystemExit(f"{kernel}: the default config {dflt} failed: {rows[dflt][1]}")
@@ -170,7 +170,8 @@ def sweep_shape(B, H, T, D, grid, device):
 
 def print_table(title, rows, dflt, fl):
     print(f"\n{title}  (vs default: default ms / ms, > 1 is faster)")
-    print(f"{'rank':>4} {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'ms':>9} {'TFLOP/s':>8} {'vs default':>10}")
+    print(f"{'rank':>4} {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'ms':>9} {'TFLOP/s':>8} "
+          f"{'vs default':>10}")
     ranked = sorted((ms, cfg) for cfg, (ms, _) in rows.items() if ms is not None)
     for rank, (ms, cfg) in enumerate(ranked, 1):
         mark = "  <- current default" if cfg == dflt else ""

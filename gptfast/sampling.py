@@ -52,6 +52,8 @@ def _validate(logits, k, temperature, top_p):
         raise ValueError(f"sample_top_k: logits must be 2-D (B, V), got shape {tuple(logits.shape)}")
     if logits.dtype not in _DTYPES:
         raise ValueError(f"sample_top_k: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.shape[1] == 0:  # else the reference path would call it an all -inf row
+        raise ValueError(f"sample_top_k: logits must have V >= 1 columns, got shape {tuple(logits.shape)}")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"sample_top_k: k must be an int >= 1 or None, got {k!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -82,7 +84,7 @@ def _seed_tensor(seed, generator) -> torch.Tensor:
     if seed is None:  # one draw from the generator (torch.manual_seed governs the default one)
         device = generator.device if generator is not None else "cpu"
         return torch.tensor([torch.randint(0, 2**62, (), generator=generator, device=device).item(), 0])
-    pair = (seed, 0) if isinstance(seed, int) else tuple(seed)
+    pair = (seed, 0) if isinstance(seed, int) else tuple(seed) if isinstance(seed, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in pair):
         raise ValueError(f"sample_top_k: seed must be an int, an (seed, offset) pair or a tensor, got {seed!r}")
     return torch.tensor([(s + 2**63) % 2**64 - 2**63 for s in pair])  # wrap into int64

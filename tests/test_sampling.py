@@ -255,6 +255,8 @@ def test_neg_inf_logits_never_sampled(sampler):
     (torch.zeros(5), {}, "2-D"),
     (torch.zeros(1, 2, 5), {}, "2-D"),
     (torch.zeros(2, 5), {"seed": "x"}, "seed"),
+    (torch.zeros(2, 5), {"seed": 1.5}, "seed"),
+    (torch.zeros(2, 0), {}, "V >= 1"),
 ])
 def test_bad_input_raises_clear_error(logits, kw, match):
     args = {"k": 3, "temperature": 1.0, **kw}

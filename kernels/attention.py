@@ -93,6 +93,21 @@ def _query_block(Q, stride_qt, T, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr)
 
 
 @triton.jit
+def _key_range(start_m, T, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(diag, full_end, hi) for the query block at start_m (forward and dQ): row i sees keys
+    j <= i + diag; keys [0, full_end) are visible to every row of the block (no mask), keys
+    [full_end, hi) need the per-element mask (causal diagonal, keys past S), keys >= hi no row sees."""
+    diag = S - T
+    if CAUSAL:
+        full_end = (start_m + diag + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(S, start_m + BLOCK_M + diag)
+    else:
+        full_end = S // BLOCK_N * BLOCK_N
+        hi = S
+    return diag, full_end, hi
+
+
+@triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, S, diag,
                     qk_scale, seed, bh, p_drop,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
@@ -137,15 +152,7 @@ def _attn_fwd(Q, K, V, O, LSE, stride_qb, stride_qh, stride_qt, stride_kb, strid
     start_m, offs_m, row_ok, q = _query_block(Q, stride_qt, T, BLOCK_M, HEAD_DIM)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    diag = S - T  # row i sees keys j <= i + diag
-    if CAUSAL:
-        # keys [0, full_end) are visible to every row of the block (j <= start_m + diag);
-        # keys [full_end, hi) need the per-element mask, keys >= hi are seen by no row
-        full_end = (start_m + diag + 1) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(S, start_m + BLOCK_M + diag)
-    else:
-        full_end = S // BLOCK_N * BLOCK_N
-        hi = S
+    diag, full_end, hi = _key_range(start_m, T, S, BLOCK_M, BLOCK_N, CAUSAL)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -255,13 +262,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qt,
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    diag = S - T
-    if CAUSAL:  # same block split as the forward
-        full_end = (start_m + diag + 1) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(S, start_m + BLOCK_M + diag)
-    else:
-        full_end = S // BLOCK_N * BLOCK_N
-        hi = S
+    diag, full_end, hi = _key_range(start_m, T, S, BLOCK_M, BLOCK_N, CAUSAL)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < S

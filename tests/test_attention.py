@@ -51,6 +51,17 @@ def assert_rel_close(name, got, want, rtol):
 NAMES = ("out", "dq", "dk", "dv")
 
 
+def assert_within_2x_of(low_ref, q, k, v, do):
+    """Flash-attention's rule on the output and each gradient: |ours - fp32 reference| <=
+    2 |low_ref run in q's dtype - fp32 reference| + atol."""
+    ours = run(attention, q, k, v, do)
+    low = run(low_ref, q, k, v, do)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    exact = run(reference_attention, q32, k32, v32, do.float())
+    for name, got, lo, ex in zip(NAMES, ours, low, exact):
+        assert_within_2x(got, lo, ex, name, atol=1e-3)
+
+
 @pytest.mark.parametrize("T", [1, 17, 67])
 @pytest.mark.parametrize("D", [16, 32, 64])
 def test_fp32_matches_reference_and_sdpa(T, D, device):
@@ -98,12 +109,7 @@ def test_low_precision_within_twice_reference_error(dtype, device):
     """Flash-attention's rule: |fused - fp32 ref| <= 2 |ref in dtype - fp32 ref| + atol."""
     q, k, v = make_qkv(1, 2, 67, 67, 64, dtype=dtype, device=device, seed=11)
     do = torch.randn(1, 2, 67, 64, device=device, dtype=dtype)
-    ours = run(attention, q, k, v, do)
-    low = run(reference_attention, q, k, v, do)
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    exact = run(reference_attention, q32, k32, v32, do.float())
-    for name, got, lo, ex in zip(NAMES, ours, low, exact):
-        assert_within_2x(got, lo, ex, name, atol=1e-3)
+    assert_within_2x_of(reference_attention, q, k, v, do)
 
 
 # ---------------------------------------------------------------------------- dropout
@@ -252,9 +258,4 @@ def test_gpt2_scale_bf16_on_gpu(T):
     """GPT-2 124M attention shapes, bf16, against an fp32 reference (2x rule)."""
     q, k, v = make_qkv(2, 12, T, T, 64, dtype=torch.bfloat16, device="cuda", seed=T)
     do = torch.randn(2, 12, T, 64, device="cuda", dtype=torch.bfloat16)
-    ours = run(attention, q, k, v, do)
-    low = run(causal_sdpa, q, k, v, do)
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    exact = run(reference_attention, q32, k32, v32, do.float())
-    for name, got, lo, ex in zip(NAMES, ours, low, exact):
-        assert_within_2x(got, lo, ex, name, atol=1e-3)
+    assert_within_2x_of(causal_sdpa, q, k, v, do)

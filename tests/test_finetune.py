@@ -95,13 +95,14 @@ def test_instruction_data_and_prompt_format():
 @pytest.mark.parametrize("content, labels, message", [
     ("ham\thello\nspam\tbuy now\nno tab here\n", None, r"bad\.tsv:3: expected 'label<TAB>text'"),
     ("ham\thello\nspam\tbuy\nphish\tclick\n", ["ham", "spam"], r"bad\.tsv:3: unknown label 'phish'"),
-    ("", None, r"bad\.tsv: no labelled examples \(empty file\)"),
+    ("", None, r"bad\.tsv is empty"),
+    ("ham\thello\n\xff\n", None, r"bad\.tsv is not UTF-8"),
     ("ham\tonly one class\n", None, "at least 2 classes"),
     ("ham\thello\nspam\tbuy\n", ["ham", "ham", "spam"], "name a class twice"),
 ])
 def test_labelled_file_errors_name_the_line(tmp_path, content, labels, message):
     path = tmp_path / "bad.tsv"
-    path.write_text(content)
+    path.write_bytes(content.encode("latin-1"))  # \xff: a byte that is not UTF-8
     with pytest.raises(ValueError, match=message):
         classify.read_labelled(path, labels)
 
@@ -110,17 +111,21 @@ def test_csv_with_quotes_header_and_three_classes(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('label,text\nb,"hello, world"\na,plain\nc,"say ""hi"""\n')
     assert classify.read_labelled(path) == ([("hello, world", 1), ("plain", 0), ('say "hi"', 2)], ["a", "b", "c"])
+    path.write_text('a,x\n,no label\n')  # an empty label is an error, as in TSV
+    with pytest.raises(ValueError, match=r"d\.csv:2: expected 'label,text'"):
+        classify.read_labelled(path)
 
 
 @pytest.mark.parametrize("content, message", [
     ('[{"instruction": "a", "output": "b"}, {"instruction": "c", "input": ""}]', r"record 1 has no string 'output'"),
-    ("", "empty file"),
+    ("", r"bad\.json is empty"),
+    ('[{"instruction": "\xff"}]', r"bad\.json is not UTF-8"),
     ("{not json", "not valid JSON"),
     ("[]", "non-empty JSON list"),
 ])
 def test_instruction_file_errors_name_the_record(tmp_path, content, message):
     path = tmp_path / "bad.json"
-    path.write_text(content)
+    path.write_bytes(content.encode("latin-1"))  # \xff: a byte that is not UTF-8
     with pytest.raises(ValueError, match=message):
         instruct.load_instruction_data(path)
 

@@ -8,6 +8,7 @@ state, and train the last block + final norm + head (or everything, or LoRA adap
 from __future__ import annotations
 
 import csv
+import io
 import random
 import sys
 from collections import Counter
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from ..backends import BACKENDS, resolve_device
 from ..checkpoint import atomic_save, load_checkpoint, load_state_dict_checked
 from ..config import GPTConfig
+from ..data import read_text
 from ..model import GPTModel
 from ..plotting import plot_curves
 from ..tokenizer import EOT_ID, get_tokenizer
@@ -39,29 +41,27 @@ def read_labelled(path, labels=None) -> tuple[list[tuple[str, int]], list[str]]:
     `labels`: the allowed labels in class order; by default every label in the file, sorted.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+    f = io.StringIO(read_text(path), newline="")  # a missing, empty or non-UTF-8 file is an error
     rows = []  # (line number, label, text)
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix.lower() == ".csv":
-            reader = csv.reader(f)
-            for row in reader:
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if len(row) != 2:
-                    raise ValueError(f"{path}:{reader.line_num}: expected 2 columns 'label,text', got {len(row)}")
-                rows.append((reader.line_num, row[0].strip(), row[1]))
-        else:
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                label, tab, text = line.partition("\t")
-                if not tab or not label.strip():
-                    raise ValueError(f"{path}:{n}: expected 'label<TAB>text', got {line[:60]!r}")
-                rows.append((n, label.strip(), text))
+    if path.suffix.lower() == ".csv":
+        reader = csv.reader(f)
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if len(row) != 2 or not row[0].strip():
+                raise ValueError(f"{path}:{reader.line_num}: expected 'label,text', got {row!r:.60}")
+            rows.append((reader.line_num, row[0].strip(), row[1]))
+    else:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            label, tab, text = line.partition("\t")
+            if not tab or not label.strip():
+                raise ValueError(f"{path}:{n}: expected 'label<TAB>text', got {line[:60]!r}")
+            rows.append((n, label.strip(), text))
     if not rows:
-        raise ValueError(f"{path}: no labelled examples (empty file)")
+        raise ValueError(f"{path}: no labelled examples")
     if rows[0][1:] == ("label", "text"):  # a header row
         rows = rows[1:]
     names = list(labels) if labels else sorted({r[1] for r in rows})

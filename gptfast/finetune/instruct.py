@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..data import read_text
 from ..tokenizer import EOT_ID, get_tokenizer
 from ..plotting import plot_curves
 from ..train import calc_loss_loader
@@ -38,13 +39,8 @@ def format_input(entry: dict) -> str:
 def load_instruction_data(path) -> list[dict]:
     """Records with string `instruction` and `output` (and optional `input`); errors name the record."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"instruction data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"{path}: empty file (expected a JSON list of records)")
     try:
-        data = json.loads(text)
+        data = json.loads(read_text(path))  # a missing, empty or non-UTF-8 file is an error
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list) or not data:

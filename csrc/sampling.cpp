@@ -5,14 +5,12 @@
 // only the k survivors. Rows run in parallel.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <type_traits>
 #include <limits>
 #include <vector>
@@ -41,14 +39,6 @@ struct RowStats {
   int64_t argmax = 0;
   bool bad = false;  // NaN or +inf seen
 };
-
-// Order-preserving float -> uint32 (larger float, larger key), -0 folded into +0.
-inline uint32_t key_of(float f) {
-  f += 0.0f;
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 
 // One pass over the row: max/argmax, the NaN/+inf check, the row as floats into `as_float`
 // (when given), and (when heap_k > 0) a heap of the heap_k best candidates whose front is
@@ -191,11 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_top_k_cpu(
   TORCH_CHECK(seed.device().is_cpu(), "sample_top_k: seed must be a CPU tensor for CPU logits");
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor seed_c = seed.contiguous();
-  const int64_t B = logits.size(0), kk = std::min(k, logits.size(1));
-  at::Tensor ids = at::empty({B}, logits.options().dtype(at::kLong));
-  const std::vector<int64_t> topk_shape = return_topk ? std::vector<int64_t>{B, kk} : std::vector<int64_t>{0};
-  at::Tensor values = at::empty(topk_shape, logits.options());
-  at::Tensor indices = at::empty(values.sizes(), logits.options().dtype(at::kLong));
+  auto [ids, values, indices] = empty_outputs(logits, std::min(k, logits.size(1)), return_topk);
   const uint64_t s = static_cast<uint64_t>(seed_c.data_ptr<int64_t>()[0]);
   const uint64_t off = static_cast<uint64_t>(seed_c.data_ptr<int64_t>()[1]);
   switch (logits.scalar_type()) {

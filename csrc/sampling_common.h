@@ -1,5 +1,5 @@
 // Shared by the CPU (sampling.cpp) and CUDA (sampling_cuda.cu) top-k samplers: the
-// per-row uniform and the op's documented semantics, so both backends draw the same u.
+// per-row uniform, the float key they order on, and the op's documented semantics.
 //
 // Semantics of gptfast::sample_top_k (both backends):
 //  1. kept set = the k largest logits of the row, ordered (value desc, index asc): ties at
@@ -17,6 +17,7 @@
 // (within fp32 rounding) its cut, and then the id, can also vary from run to run.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define GPTFAST_HD __host__ __device__ __forceinline__
@@ -38,6 +39,15 @@ GPTFAST_HD uint64_t mix64(uint64_t z) {
 GPTFAST_HD float row_uniform(uint64_t seed, uint64_t offset, uint64_t row) {
   uint64_t h = mix64(mix64(mix64(seed) ^ offset) ^ row);
   return static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
+}
+
+// Order-preserving float -> uint32 (larger float, larger key), -0 folded into +0 so equal
+// floats are equal keys: both backends select the top-k and break ties on these keys.
+GPTFAST_HD uint32_t key_of(float f) {
+  f += 0.0f;
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 }  // namespace gptfast

@@ -11,7 +11,6 @@
 // A kept token is one with (key, id) >= (cut_key, cut_id) in (key desc, id asc) order.
 // Only c10/ATen core headers: this file compiles with nvcc against CPU builds of torch too.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/gather.h>
 #include <ATen/ops/sort.h>
 #include <c10/core/DeviceGuard.h>
@@ -23,7 +22,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "sampling_common.h"
 #include "sampling_op.h"
@@ -36,12 +34,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 8;  // global loads in flight per thread while staging
 constexpr unsigned kFull = 0xffffffffu;
 
-// Order-preserving map float -> uint32 (larger float, larger key); -0 is folded into +0
-// so that equal floats are equal keys, as on the CPU.
-__device__ __forceinline__ uint32_t key_of(float f) {
-  const uint32_t u = __float_as_uint(f + 0.0f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
+// The inverse of key_of (sampling_common.h).
 __device__ __forceinline__ float value_of(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
@@ -442,10 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_top_k_cuda(
   c10::DeviceGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1), kk = std::min(k, V);
-  at::Tensor ids = at::empty({B}, logits.options().dtype(at::kLong));
-  const std::vector<int64_t> topk_shape = return_topk ? std::vector<int64_t>{B, kk} : std::vector<int64_t>{0};
-  at::Tensor values = at::empty(topk_shape, logits.options());
-  at::Tensor indices = at::empty(topk_shape, logits.options().dtype(at::kLong));
+  auto [ids, values, indices] = empty_outputs(logits, kk, return_topk);
   if (B == 0) return {ids, values, indices};
 
   // A CUDA seed is read by the kernel (graph-safe); a CPU one is passed by value.

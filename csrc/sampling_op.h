@@ -1,9 +1,12 @@
-// Argument checks of gptfast::sample_top_k shared by the CPU and CUDA kernels
+// Host code shared by the CPU and CUDA kernels of gptfast::sample_top_k: argument checks, outputs
 // (torch headers only from c10/ATen core, so nvcc compiles it against any torch build).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <cmath>
+#include <tuple>
+#include <vector>
 
 namespace gptfast {
 
@@ -25,6 +28,16 @@ inline void check_sample_args(const at::Tensor& logits, int64_t k, double temper
 // Greedy (argmax) draws: temperature 0, k = 1, or a temperature so small 1/T overflows fp32.
 inline bool is_greedy(int64_t k, double temperature) {
   return temperature == 0 || k == 1 || std::isinf(static_cast<float>(1.0 / temperature));
+}
+
+// The op's outputs, uninitialised: ids (B,) int64 and the top-k values (B, kk) (logits'
+// dtype) and indices (B, kk) int64 when return_topk, else both (0,) (as the fake kernel).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& logits, int64_t kk,
+                                                                    bool return_topk) {
+  const int64_t B = logits.size(0);
+  const std::vector<int64_t> topk_shape = return_topk ? std::vector<int64_t>{B, kk} : std::vector<int64_t>{0};
+  return {at::empty({B}, logits.options().dtype(at::kLong)), at::empty(topk_shape, logits.options()),
+          at::empty(topk_shape, logits.options().dtype(at::kLong))};
 }
 
 }  // namespace gptfast

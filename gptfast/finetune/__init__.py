@@ -78,6 +78,14 @@ def maybe_apply_lora(model, args, default_exclude=None) -> list[str]:
     return apply_lora(model, args.lora_rank, alpha, targets=args.lora_targets, exclude=exclude)
 
 
+def report_trainable(model, wrapped) -> None:
+    """Print how much of the model trains (and on how many layers LoRA sits)."""
+    from ..lora import count_trainable
+
+    print(f"training {count_trainable(model):,} of {model.num_parameters():,} parameters"
+          + (f" (LoRA on {len(wrapped)} layers)" if wrapped else ""))
+
+
 def write_json(obj, path, indent=1) -> Path:
     """JSON output, written atomically (see gptfast.checkpoint.atomic_file)."""
     with atomic_file(path) as tmp:

@@ -27,7 +27,8 @@ from ..data import read_text
 from ..model import GPTModel
 from ..plotting import plot_curves
 from ..tokenizer import EOT_ID, get_tokenizer
-from . import ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, write_json
+from . import (ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, report_trainable,
+               write_json)
 
 SPAM_DATA = ASSETS / "SMSSpamCollection"
 
@@ -274,9 +275,7 @@ def run_finetune(args):
     torch.manual_seed(args.seed)  # seeds the new head, the LoRA initialisation and training
     make_classifier(model, len(labels), args.train_all)
     wrapped = maybe_apply_lora(model, args)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"training {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters"
-          + (f" (LoRA on {len(wrapped)} layers)" if wrapped else ""))
+    report_trainable(model, wrapped)
     history = train_classifier(model, loaders, args.epochs, args.lr, args.weight_decay, args.eval_batches,
                                progress=not args.quiet)
     out = Classifier(model, labels, max_length).save(args.out)

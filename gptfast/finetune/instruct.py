@@ -21,7 +21,8 @@ from ..data import read_text
 from ..tokenizer import EOT_ID, get_tokenizer
 from ..plotting import plot_curves
 from ..train import calc_loss_loader
-from . import ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, write_json
+from . import (ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, report_trainable,
+               write_json)
 
 INSTRUCTION_DATA = ASSETS / "instruction-data.json"
 IGNORE_INDEX = -100
@@ -248,8 +249,7 @@ def run_finetune(args):
     torch.manual_seed(args.seed)  # seeds the LoRA initialisation and training (dropout)
     # the vocabulary head stays frozen by default: it keeps the fused loss (no logits built)
     wrapped = maybe_apply_lora(model, args, default_exclude=["out_head"])
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"training {n_train:,} parameters" + (f" (LoRA on {len(wrapped)} layers)" if wrapped else ""))
+    report_trainable(model, wrapped)
     history = train_instruct(model, train_loader, val_loader, args.epochs, args.lr, args.weight_decay,
                              args.eval_freq, args.eval_batches, progress=not args.quiet)
     out_dir = Path(args.out_dir)

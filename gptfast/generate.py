@@ -12,6 +12,8 @@ import argparse
 import codecs
 import contextlib
 import math
+import numbers
+import operator
 import os
 import time
 import warnings
@@ -24,30 +26,30 @@ from .quant import DTYPES, inference_copy
 from .sampling import sample_top_k
 
 
+# Type checks too: a float budget or a string setting is a one-line error, never truncated
+# silently nor a TypeError deep in the decode loop.
 def check_max_new_tokens(n):
-    if int(n) < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {n}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}")
 
 
 def check_temperature(t):
-    if not math.isfinite(t) or t < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t}")
+    if not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
 
 
 def check_top_k(k):
-    if k is not None and k <= 0:
-        raise ValueError(f"top_k must be a positive integer or None, got {k}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):  # int: as sample_top_k
+        raise ValueError(f"top_k must be a positive integer or None, got {k!r}")
 
 
 def check_top_p(p):
-    if p is not None and not 0 < p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    if p is not None and not (isinstance(p, numbers.Real) and 0 < p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
 
 
-def check_sampling(max_new_tokens=0, temperature=0.0, top_k=None, top_p=None):
+def check_sampling(temperature=0.0, top_k=None, top_p=None):
     """One-line ValueErrors for sampling settings out of range."""
-    for n in max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens]:
-        check_max_new_tokens(n)
     check_temperature(temperature)
     check_top_k(top_k)
     check_top_p(top_p)
@@ -65,12 +67,14 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     """The classic `generate`: token ids (B, T) -> (B, T + new). Each step conditions on the last
     `context_size` tokens; a row stops at `eos_id` (not appended; with B > 1 finished rows are
     filled with eos_id until every row is done). `use_cache=False` is the reference path."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_max_new_tokens(max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
     if not isinstance(context_size, int) or not 1 <= context_size <= model.cfg.context_length:
         raise ValueError(f"context_size must be an integer in [1, {model.cfg.context_length}] (the model's "
                          f"context), got {context_size!r}")
-    if idx.dim() != 2 or idx.shape[1] == 0:
-        raise ValueError(f"idx must be a non-empty (batch, tokens) tensor, got shape {tuple(idx.shape)}")
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0 or idx.is_floating_point():
+        got = f"shape {tuple(idx.shape)}, {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"idx must be a non-empty (batch, tokens) tensor of token ids, got {got}")
     if use_cache:
         engine = Generator(model, dtype=None, device=idx.device, context_size=context_size)
         new = engine.generate_ids(idx.tolist(), max_new_tokens, temperature, top_k, top_p, eos_id,
@@ -186,21 +190,21 @@ class Generator:
     def generate_ids(self, prompts, max_new_tokens=50, temperature=0.0, top_k=None, top_p=None, eos_id=None,
                      seed=None, generator=None):
         """New token ids (eos excluded) for each prompt in a list of token-id lists."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
-        requests = [_Request(None, n, eos_id, []) for n in self._per_row(max_new_tokens, len(prompts))]
-        self._decode(self._check_ids(prompts), requests, temperature, top_k, top_p,
-                     generator or self._rng(seed))
+        check_sampling(temperature, top_k, top_p)
+        rows = self._check_ids(prompts)
+        requests = [_Request(None, n, eos_id, []) for n in self._per_row(max_new_tokens, len(rows))]
+        self._drain(self._steps(rows, requests, temperature, top_k, top_p, generator or self._rng(seed)))
         return [r.ids for r in requests]
 
     # ---- request handling ---------------------------------------------------------------
     def _run(self, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, stop, seed, stream):
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not s for s in stop):
-            raise ValueError("stop strings must be non-empty")
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+        stop = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        check_sampling(temperature, top_k, top_p)
         ids = self._check_ids([self.tokenizer.encode(p, allowed_special={"<|endoftext|>"}) for p in prompts])
         requests = [_Request(self.tokenizer, n, eos_id, stop) for n in self._per_row(max_new_tokens, len(ids))]
         steps = self._steps(ids, requests, temperature, top_k, top_p, self._rng(seed))
@@ -210,9 +214,6 @@ class Generator:
         else:
             self._drain(steps)
         yield requests  # final: streaming flushes text held back for stop strings
-
-    def _decode(self, ids, requests, temperature, top_k, top_p, generator):
-        self._drain(self._steps(ids, requests, temperature, top_k, top_p, generator))
 
     @staticmethod
     def _drain(steps):
@@ -224,11 +225,18 @@ class Generator:
         if isinstance(max_new_tokens, (list, tuple)):
             if len(max_new_tokens) != n:
                 raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {n} prompts")
-            return list(max_new_tokens)
-        return [max_new_tokens] * n
+            budgets = list(max_new_tokens)
+        else:
+            budgets = [max_new_tokens] * n
+        for b in budgets:
+            check_max_new_tokens(b)
+        return budgets
 
     def _check_ids(self, prompts):
-        rows = [list(map(int, p)) for p in prompts]
+        try:  # operator.index: ints (or integer tensors), never a float silently truncated
+            rows = [list(map(operator.index, p)) for p in prompts]
+        except TypeError:
+            raise ValueError("prompts must be a list of lists of integer token ids") from None
         if not rows:
             raise ValueError("no prompts given")
         for i, row in enumerate(rows):
@@ -468,9 +476,13 @@ def run_cli(args):
     from .tokenizer import EOT_ID
     if args.batch_file:
         if not os.path.isfile(args.batch_file):
-            raise ValueError(f"--batch-file {args.batch_file} does not exist")
-        with open(args.batch_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+            raise ValueError(f"--batch-file {args.batch_file} does not exist or is not a file")
+        try:
+            with open(args.batch_file, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--batch-file {args.batch_file} is not UTF-8 text ({e.reason} at byte {e.start})"
+                             ) from None
         if not prompts:
             raise ValueError(f"--batch-file {args.batch_file} has no prompts")
     elif not args.prompt:

@@ -313,7 +313,11 @@ def test_reduced_precision_cpu(dtype):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0"),  # never truncated silently
+    (dict(temperature="1"), "temperature must be a finite number >= 0"),
+    (dict(top_k=2.5), "top_k must be a positive integer"),
+    (dict(top_p="0.5"), "top_p must be in"),
     (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
     (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
     (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
@@ -337,7 +341,18 @@ def test_bad_prompts(text_model):
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         engine.generate("")
     with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate(["Hello", ""])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
         engine.generate_ids([[1], []])
+    with pytest.raises(ValueError, match="prompt must be a string or a non-empty list of strings"):
+        engine.generate(None)
+    with pytest.raises(ValueError, match="stop must be a non-empty string"):
+        engine.generate("Hello", stop=5)
+    for ids in ([[1.7]], [1, 2]):  # a float id, a flat list
+        with pytest.raises(ValueError, match="integer token ids"):
+            engine.generate_ids(ids)
+    with pytest.raises(ValueError, match="tensor of token ids"):
+        generate(text_model, torch.tensor([[1.0, 2.0]]), 3, 64, use_cache=False)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.generate_ids([[1, 50257]])
     with pytest.raises(ValueError, match="non-empty"):
@@ -380,12 +395,23 @@ def test_cli(tmp_path, capsys):
     assert capsys.readouterr().out == expected
     assert main(base + ["--prompt", ""]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
+    batch.write_bytes(b"Hello\n\xff\xfe\n")
+    assert main(base[:7] + ["--batch-file", str(batch)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"gptfast generate: error: --batch-file {batch} is not UTF-8 "
+                                                    "text (invalid start byte at byte 6)"]
+
+
+def test_int8_unsupported_is_one_line_error(monkeypatch):
+    # a torch (or device) without the int8 matmul: refused up front, not at the first forward
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    with pytest.raises(ValueError, match="dtype 'int8' needs torch._weight_int8pack_mm on cpu"):
+        Generator(tiny(), dtype="int8")
 
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--top-p", "1.5", "top_p must be in (0, 1], got 1.5"),
     ("--top-p", "0", "top_p must be in (0, 1], got 0.0"),
-    ("--max-new-tokens", "-1", "max_new_tokens must be >= 0, got -1"),
+    ("--max-new-tokens", "-1", "max_new_tokens must be an integer >= 0, got -1"),
     ("--temperature", "-1", "temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
     ("--temperature", "nan", "temperature must be a finite number >= 0 (0 = greedy), got nan"),
     ("--top-k", "0", "top_k must be a positive integer or None, got 0"),

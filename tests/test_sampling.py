@@ -266,11 +266,24 @@ def test_bad_input_raises_clear_error(logits, kw, match):
 
 
 @needs_c
-def test_op_checks_its_own_arguments():
-    with pytest.raises(RuntimeError, match="top_p must be in"):
-        op(torch.zeros(1, 4), 2, 1.0, 0.0, torch.tensor([0, 0]), False)
-    with pytest.raises(RuntimeError, match="seed must be an int64 tensor"):
-        op(torch.zeros(1, 4), 2, 1.0, 1.0, torch.tensor([0]), False)
+@pytest.mark.parametrize("logits,k,temperature,top_p,seed,match", [
+    (torch.zeros(1, 4), 2, 1.0, 0.0, [0, 0], "top_p must be in"),
+    (torch.zeros(1, 4), 2, 1.0, math.nan, [0, 0], "top_p must be in"),
+    (torch.zeros(1, 4), 2, 1.0, 1.0, [0], "seed must be an int64 tensor"),
+    (torch.zeros(1, 4), 0, 1.0, 1.0, [0, 0], "k must be >= 1"),
+    (torch.zeros(1, 4), 2, -1.0, 1.0, [0, 0], "temperature must be"),
+    (torch.zeros(1, 4), 2, math.inf, 1.0, [0, 0], "temperature must be"),
+    (torch.zeros(4), 2, 1.0, 1.0, [0, 0], "2-D"),
+    (torch.zeros(1, 4, dtype=torch.int32), 2, 1.0, 1.0, [0, 0], "float32, float16 or bfloat16"),
+    (torch.zeros(1, 0), 2, 1.0, 1.0, [0, 0], "V >= 1"),
+    (torch.tensor([[0.0, math.nan]]), 2, 1.0, 1.0, [0, 0], "NaN"),
+    (torch.full((1, 3), -math.inf), 2, 1.0, 1.0, [0, 0], "all -inf"),
+])
+def test_op_checks_its_own_arguments(logits, k, temperature, top_p, seed, match):
+    """The raw op (no Python _validate in front) still fails with a one-line error."""
+    with pytest.raises(RuntimeError, match=match) as e:
+        op(logits, k, temperature, top_p, torch.tensor(seed), False)
+    assert "\n" not in str(e.value).strip()
 
 
 @needs_c

@@ -207,6 +207,11 @@ class Trainer:
         self.total_steps = cfg.epochs * train.steps_per_epoch // (cfg.grad_accum * self.world)
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        if self.total_steps == 0:
+            raise ValueError(f"{cfg.epochs} epoch(s) of {train.steps_per_epoch} micro-batches make no optimizer step "
+                             f"of {cfg.grad_accum * self.world} micro-batches; lower --grad-accum or raise --epochs")
+        if self.is_main:  # an unusable output folder fails now, not at the first checkpoint
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_at(s, self.total_steps, cfg) / cfg.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "fp16")
@@ -335,7 +340,6 @@ class Trainer:
         rec = {"step": self.step, "tokens_seen": self.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
                "train_ppl": math.exp(min(train_loss, 50)), "val_ppl": math.exp(min(val_loss, 50)),
                "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tok_s, "mfu": mfu}
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         mfu_txt = f", MFU {mfu:.1%}" if mfu is not None else ""
@@ -406,7 +410,8 @@ def add_parser(sub):
 
 def run_cli(args) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    overrides = {"context_length": args.context_length} if args.context_length else {}
+    # `is not None`: an explicit 0 is an error below, not the preset's value
+    overrides = {"context_length": args.context_length} if args.context_length is not None else {}
     model_cfg = GPTConfig.from_preset(args.preset, **overrides)
     torch.manual_seed(cfg.seed)
     model = GPTModel(model_cfg, backend=args.backend)
@@ -415,7 +420,8 @@ def run_cli(args) -> int:
         train = TokenFileBatches(Path(args.tokens) / "train.bin", cfg.batch_size, T, cfg.seed)
         val = TokenFileBatches(Path(args.tokens) / "val.bin", cfg.batch_size, T, cfg.seed + 1, cfg.eval_iter)
     else:
-        train, val = split_text_batches(read_text(args.data), T, args.stride or T, cfg.batch_size, cfg.seed)
+        train, val = split_text_batches(read_text(args.data), T, T if args.stride is None else args.stride,
+                                         cfg.batch_size, cfg.seed)
     trainer = Trainer(model, train, val, cfg, args.out, device=args.device)
     if args.resume:
         trainer.resume(args.resume)

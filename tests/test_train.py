@@ -166,3 +166,18 @@ def test_short_run_on_the_verdict_learns_it(tmp_path):
     losses = trainer.fit()["step_loss"]
     train_loss, val_loss = trainer.evaluate()
     assert losses[0] > 10.0 and train_loss < 1.0, (losses[0], train_loss)
+
+
+def test_settings_that_make_no_step_fail_before_training(tmp_path):
+    # 1 epoch of the Verdict's few dozen micro-batches cannot fill one 10,000-micro-batch step
+    with pytest.raises(ValueError, match="make no optimizer step of 10000 micro-batches"):
+        make_trainer(tmp_path, grad_accum=10_000)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("flag, message", [("--context-length", "context_length must be positive"),
+                                           ("--stride", "stride must be positive")])
+def test_zero_window_settings_are_errors_not_defaults(tmp_path, capsys, flag, message):
+    from gptfast import cli
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path), flag, "0"]) == 2
+    assert message in capsys.readouterr().err

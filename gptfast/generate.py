@@ -24,6 +24,7 @@ from .backends import resolve_device
 from .kv_cache import make_caches
 from .quant import DTYPES, inference_copy
 from .sampling import sample_top_k
+from .tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
 
 # Type checks too: a float budget or a string setting is a one-line error, never truncated
@@ -48,6 +49,13 @@ def check_top_p(p):
         raise ValueError(f"top_p must be in (0, 1], got {p!r}")
 
 
+def check_eos_id(eos_id, vocab_size):
+    """An eos id the model cannot produce would silently never stop generation."""
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
+                               or not 0 <= eos_id < vocab_size):
+        raise ValueError(f"eos_id must be a token id in [0, {vocab_size}) or None, got {eos_id!r}")
+
+
 def check_sampling(temperature=0.0, top_k=None, top_p=None):
     """One-line ValueErrors for sampling settings out of range."""
     check_temperature(temperature)
@@ -69,6 +77,7 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     filled with eos_id until every row is done). `use_cache=False` is the reference path."""
     check_max_new_tokens(max_new_tokens)
     check_sampling(temperature, top_k, top_p)
+    check_eos_id(eos_id, model.cfg.vocab_size)
     if not isinstance(context_size, int) or not 1 <= context_size <= model.cfg.context_length:
         raise ValueError(f"context_size must be an integer in [1, {model.cfg.context_length}] (the model's "
                          f"context), got {context_size!r}")
@@ -162,7 +171,6 @@ class Generator:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .tokenizer import get_tokenizer
             self._tokenizer = get_tokenizer()
         return self._tokenizer
 
@@ -191,6 +199,7 @@ class Generator:
                      seed=None, generator=None):
         """New token ids (eos excluded) for each prompt in a list of token-id lists."""
         check_sampling(temperature, top_k, top_p)
+        check_eos_id(eos_id, self.cfg.vocab_size)
         rows = self._check_ids(prompts)
         requests = [_Request(None, n, eos_id, []) for n in self._per_row(max_new_tokens, len(rows))]
         self._drain(self._steps(rows, requests, temperature, top_k, top_p, generator or self._rng(seed)))
@@ -205,7 +214,8 @@ class Generator:
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         check_sampling(temperature, top_k, top_p)
-        ids = self._check_ids([self.tokenizer.encode(p, allowed_special={"<|endoftext|>"}) for p in prompts])
+        check_eos_id(eos_id, self.cfg.vocab_size)
+        ids = self._check_ids([self.tokenizer.encode(p, allowed_special={EOT_TOKEN}) for p in prompts])
         requests = [_Request(self.tokenizer, n, eos_id, stop) for n in self._per_row(max_new_tokens, len(ids))]
         steps = self._steps(ids, requests, temperature, top_k, top_p, self._rng(seed))
         if stream:
@@ -473,7 +483,6 @@ def _load(args):
 
 
 def run_cli(args):
-    from .tokenizer import EOT_ID
     if args.batch_file:
         if not os.path.isfile(args.batch_file):
             raise ValueError(f"--batch-file {args.batch_file} does not exist or is not a file")

@@ -351,6 +351,11 @@ def test_bad_prompts(text_model):
     for ids in ([[1.7]], [1, 2]):  # a float id, a flat list
         with pytest.raises(ValueError, match="integer token ids"):
             engine.generate_ids(ids)
+    for bad in (text_model.cfg.vocab_size, -1, "x"):  # an eos the model never emits would never stop it
+        with pytest.raises(ValueError, match=r"eos_id must be a token id in \[0, 50257\) or None"):
+            engine.generate("Hello", eos_id=bad)
+        with pytest.raises(ValueError, match="eos_id must be a token id"):
+            generate(text_model, torch.tensor([[1, 2]]), 3, 64, eos_id=bad, use_cache=False)
     with pytest.raises(ValueError, match="tensor of token ids"):
         generate(text_model, torch.tensor([[1.0, 2.0]]), 3, 64, use_cache=False)
     with pytest.raises(ValueError, match="outside the vocabulary"):

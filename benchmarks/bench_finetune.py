@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from gptfast import GPTConfig, GPTModel
 from gptfast.backends import get_backend
+from gptfast.finetune import make_adamw
 from gptfast.finetune.classify import class_logits, make_classifier
 from gptfast.finetune.instruct import IGNORE_INDEX, collate
 from gptfast.lora import apply_lora, count_trainable
@@ -73,7 +74,7 @@ def sync(device):
 
 def measure(model, task, batch, steps, warmup, device):
     """(examples/s over `steps` AdamW steps after `warmup` ones, peak MiB added by all of them)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1)
+    opt = make_adamw(model, lr=1e-5, weight_decay=0.1)
     x, y = (t.to(device) for t in batch)
 
     def step():

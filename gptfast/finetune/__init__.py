@@ -78,6 +78,11 @@ def maybe_apply_lora(model, args, default_exclude=None) -> list[str]:
     return apply_lora(model, args.lora_rank, alpha, targets=args.lora_targets, exclude=exclude)
 
 
+def make_adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The classic fine-tuning optimiser: plain AdamW over the trainable parameters."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
 def report_trainable(model, wrapped) -> None:
     """Print how much of the model trains (and on how many layers LoRA sits)."""
     from ..lora import count_trainable

@@ -27,8 +27,8 @@ from ..data import read_text
 from ..model import GPTModel
 from ..plotting import plot_curves
 from ..tokenizer import EOT_ID, get_tokenizer
-from . import (ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, report_trainable,
-               write_json)
+from . import (ASSETS, add_model_args, check_options, load_base_model, make_adamw, maybe_apply_lora,
+               report_trainable, write_json)
 
 SPAM_DATA = ASSETS / "SMSSpamCollection"
 
@@ -152,8 +152,7 @@ def evaluate(model, loader, max_batches=None) -> tuple[float, float]:
 def train_classifier(model, loaders: dict, epochs=5, lr=5e-5, weight_decay=0.1, eval_batches=None,
                      progress=True) -> dict:
     """AdamW on the trainable parameters; after each epoch, loss and accuracy on every split."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = make_adamw(model, lr, weight_decay)
     device = model.tok_emb.weight.device
     history = {f"{s}_{m}": [] for s in loaders for m in ("loss", "acc")}
     history["examples_seen"] = []

@@ -21,8 +21,8 @@ from ..data import read_text
 from ..tokenizer import EOT_ID, get_tokenizer
 from ..plotting import plot_curves
 from ..train import calc_loss_loader
-from . import (ASSETS, add_model_args, check_options, load_base_model, maybe_apply_lora, report_trainable,
-               write_json)
+from . import (ASSETS, add_model_args, check_options, load_base_model, make_adamw, maybe_apply_lora,
+               report_trainable, write_json)
 
 INSTRUCTION_DATA = ASSETS / "instruction-data.json"
 IGNORE_INDEX = -100
@@ -114,8 +114,7 @@ def train_instruct(model, train_loader, val_loader, epochs=2, lr=5e-5, weight_de
                    eval_batches=5, progress=True) -> dict:
     """AdamW on `model.loss` (the fused cross-entropy on the triton backend); train and
     validation loss every `eval_freq` steps and at the end."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = make_adamw(model, lr, weight_decay)
     device = model.tok_emb.weight.device
     history = {"step": [], "tokens_seen": [], "train_loss": [], "val_loss": []}
     step, tokens = 0, 0

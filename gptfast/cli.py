@@ -90,6 +90,9 @@ def main(argv=None) -> int:
     except (CLIError, ValueError, OSError, RuntimeError) as e:  # OSError: e.g. an output path that is a directory
         print(f"gptfast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (train saves its checkpoint first)
+        print(f"gptfast {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

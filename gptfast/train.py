@@ -428,9 +428,7 @@ def run_cli(args) -> int:
     print(f"model {args.preset}: {model.num_parameters():,} parameters, backend {model.ops(trainer.device).name}, "
           f"device {trainer.device}, {trainer.total_steps} steps")
     try:
-        trainer.fit()
-    except KeyboardInterrupt:
-        return 130
+        trainer.fit()  # Ctrl-C: fit saves a checkpoint, then gptfast.cli reports it (exit 130)
     except TrainingDiverged as e:
         print(f"gptfast train: error: {e}")
         return 3

@@ -37,3 +37,13 @@ def test_info_reports_what_the_library_decides(capsys):
     assert report["gptfast._C sample_top_k"].startswith(f"kernels for {', '.join(built) or 'none'}")
     usable = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
     assert report["triton kernels"].startswith("usable" if usable else "not used")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    import gptfast.data
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gptfast.data, "prepare", interrupted)
+    assert cli.main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "gptfast prepare: interrupted\n"

@@ -193,17 +193,26 @@ def load_adapters(model: nn.Module, path) -> list[str]:
     if missing:
         raise ValueError(f"{path}: adapter tensor {missing[0]} is missing")
     layers = lora_layers(model)
+    if layers and sorted(layers) != sorted(names):
+        odd = sorted(set(layers) ^ set(names))[0]
+        raise ValueError(f"{path}: adapters are for {len(names)} layers, the model has LoRA on {len(layers)} "
+                         f"(they differ at {odd})")
+    # every check before the model changes: a failed load leaves it as it was
+    modules = dict(model.named_modules())
+    for n in names:
+        m = modules.get(n)
+        if type(m) is not nn.Linear and not isinstance(m, LoRALinear):
+            raise ValueError(f"{path}: adapters for {n}, which is not a linear layer of this model "
+                             "(adapters of another model?)")
+        r = m.rank if isinstance(m, LoRALinear) else int(meta["rank"])
+        for k, want in (("lora_A", (r, m.in_features)), ("lora_B", (m.out_features, r))):
+            if tuple(tensors[f"{n}.{k}"].shape) != want:
+                raise ValueError(f"{path}: {n}.{k} has shape {tuple(tensors[f'{n}.{k}'].shape)}, the model "
+                                 f"expects {want} (adapters of another model or rank?)")
     if not layers:
         apply_lora(model, int(meta["rank"]), float(meta["alpha"]), targets=names)
-        layers = lora_layers(model)
-    if sorted(layers) != sorted(names):
-        raise ValueError(f"{path}: adapters are for layers {names}, the model has LoRA on {list(layers)}")
-    for n, m in layers.items():
-        for k in ("lora_A", "lora_B"):
-            t = tensors[f"{n}.{k}"]
-            if t.shape != getattr(m, k).shape:
-                raise ValueError(f"{path}: {n}.{k} has shape {tuple(t.shape)}, the model expects "
-                                 f"{tuple(getattr(m, k).shape)}")
-            with torch.no_grad():
-                getattr(m, k).copy_(t)
+    with torch.no_grad():
+        for n, m in lora_layers(model).items():
+            m.lora_A.copy_(tensors[f"{n}.lora_A"])
+            m.lora_B.copy_(tensors[f"{n}.lora_B"])
     return names

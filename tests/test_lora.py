@@ -210,3 +210,11 @@ def test_wrapping_twice_and_bad_adapter_files_are_clear_errors(base, tmp_path):
     junk.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="junk.safetensors is not a readable safetensors file"):
         load_adapters(GPTModel(CFG), junk)
+    # adapters of another model: one short line, and the model is left unwrapped
+    path = save_adapters(base, tmp_path / "a.safetensors")
+    for other, message in ((dataclasses.replace(CFG, n_layers=1), r"trf_blocks\.1\.att\.qkv, which is not a linear"),
+                           (dataclasses.replace(CFG, emb_dim=64), r"qkv\.lora_A has shape \(2, 32\), the model expects \(2, 64\)")):
+        model = GPTModel(other)
+        with pytest.raises(ValueError, match=message) as e:
+            load_adapters(model, path)
+        assert len(str(e.value)) < 200 and not lora_layers(model), str(e.value)

@@ -93,6 +93,9 @@ def load_model(path, backend: str = "auto", device=None) -> GPTModel:
     state = load_checkpoint(path)
     if "config" not in state:
         raise RuntimeError(f"checkpoint {path} has no 'config' entry")
+    if state.get("format") == "gptfast-classifier":
+        raise RuntimeError(f"checkpoint {path} is a classifier (from finetune-classifier), not a language "
+                           "model; use it with `gptfast classify`")
     model = GPTModel(GPTConfig.from_dict(state["config"]), backend=backend)
     load_state_dict_checked(model, state["model"], source=str(path))
     return model.to(resolve_device(device) if device is not None else "cpu").eval()

@@ -55,3 +55,13 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, model, step=2)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+def test_classifier_checkpoint_is_named_as_one(tmp_path):
+    from gptfast.finetune.classify import Classifier, make_classifier
+
+    model = make_classifier(GPTModel(GPTConfig.from_preset("tiny", n_layers=1)), 2)
+    path = Classifier(model, ["ham", "spam"], 16).save(tmp_path / "clf.pt")
+    Classifier.load(path, "torch", "cpu")  # it is a fine classifier
+    with pytest.raises(RuntimeError, match="is a classifier .* use it with `gptfast classify`"):
+        load_model(path)

@@ -81,6 +81,8 @@ setup(
                       "tqdm", "matplotlib"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "transformers"],
+        # benchmarks only: the CTranslate2 peer of benchmarks/bench_generate.py
+        "bench": ["ctranslate2", "transformers"],
         "tf": ["tensorflow-cpu; platform_machine == 'x86_64'", "tensorflow; platform_machine != 'x86_64'"],
     },
     entry_points={"console_scripts": ["gptfast=gptfast.cli:main"]},

@@ -166,9 +166,9 @@ def bench_rows(M, weights, args, paths, floor):
         mb, err = info[fmt, name]
         base = [min(t) for (f, k), t in times.items() if f == fmt and k.startswith("torch")]
         gbs = mb / min(ts) / 1e9
+        vs = f"{min(base) / min(ts):.2f}x" if base else "-"
         out.append(f"| {fmt} | {name} | {err:.1e} | {mb / 1e6:.0f} | {1e3 * min(ts):.2f} | "
-                   f"{1e3 * statistics.median(ts):.2f} | {gbs:.1f} | {100 * gbs / best_floor:.0f}% | "
-                   f"{min(base) / min(ts):.2f}x |" if base else "- |")
+                   f"{1e3 * statistics.median(ts):.2f} | {gbs:.1f} | {100 * gbs / best_floor:.0f}% | {vs} |")
     return out
 
 

@@ -14,7 +14,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -22,27 +25,49 @@
 
 namespace gptfast {
 
-// Row n of W as fp32 (without the I8 row scale).
+// Row n of a float-format W as fp32.
 static void dequant_row(const Weight& w, int64_t n, float* out) {
   const uint8_t* r = row_ptr(w, n);
   switch (w.fmt) {
     case WFormat::F32: std::copy_n(reinterpret_cast<const float*>(r), w.K, out); return;
     case WFormat::BF16: std::copy_n(reinterpret_cast<const c10::BFloat16*>(r), w.K, out); return;
     case WFormat::F16: std::copy_n(reinterpret_cast<const c10::Half*>(r), w.K, out); return;
-    case WFormat::I8: std::copy_n(reinterpret_cast<const int8_t*>(r), w.K, out); return;
-    case WFormat::I4:
-      for (int64_t k = 0; k < w.K; ++k) out[k] = weight_at(w, n, k);
-      return;
+    case WFormat::I8:
+    case WFormat::I4: break;  // integer paths
   }
 }
 
-void rows_portable(const Weight& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy,
-                   int64_t n0, int64_t n1) {
+void rows_portable(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   std::vector<float> row(w.K);
   for (int64_t n = n0; n < n1; ++n) {
+    if (w.fmt == WFormat::I8) {  // exact integer sums, as every path computes them
+      const int8_t* q = reinterpret_cast<const int8_t*>(row_ptr(w, n));
+      for (int64_t m = 0; m < in.M; ++m) {
+        int64_t s = 0;
+        for (int64_t k = 0; k < w.K; ++k) s += int64_t{q[k]} * in.xq[m * in.ld + k];
+        y[m * ldy + n] = static_cast<float>(s);
+      }
+      continue;
+    }
+    if (w.fmt == WFormat::I4) {  // exact integer sums per group, then s * sum + m * sum(x)
+      const int64_t G = w.K / w.group;
+      const c10::Half* sm = w.group_scale + 2 * n * G;
+      for (int64_t m = 0; m < in.M; ++m) {
+        float s = 0.f, mt = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+          int32_t part = 0;
+          for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k)
+            part += static_cast<int32_t>(weight_q4(w, n, k)) * in.xq[m * in.ld + k];
+          s += static_cast<float>(part) * static_cast<float>(sm[2 * g]);
+          mt += static_cast<float>(sm[2 * g + 1]) * in.x_group_sum[m * G + g];
+        }
+        y[m * ldy + n] = s + mt;
+      }
+      continue;
+    }
     dequant_row(w, n, row.data());
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * ldx;
+    for (int64_t m = 0; m < in.M; ++m) {
+      const float* xm = in.x + m * in.ld;
       float s = 0.f;
       for (int64_t k = 0; k < w.K; ++k) s += row[k] * xm[k];
       y[m * ldy + n] = s;
@@ -52,7 +77,7 @@ void rows_portable(const Weight& w, const float* x, int64_t M, int64_t ldx, floa
 
 namespace {
 
-using RowsFn = void (*)(const Weight&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+using RowsFn = void (*)(const Weight&, const Input&, float*, int64_t, int64_t, int64_t);
 
 struct Path {
   const char* name;
@@ -109,7 +134,8 @@ Weight weight_view(const at::Tensor& x, const at::Tensor& weight, const c10::opt
     default: TORCH_CHECK(false, "gptfast linear: unsupported weight dtype ", weight.scalar_type());
   }
   if (w.fmt == WFormat::I4) {
-    TORCH_CHECK(group > 0 && group % 16 == 0, "gptfast linear: int4 group size must be a positive multiple of 16, got ", group);
+    TORCH_CHECK(group > 0 && group % 32 == 0 && group <= 256,
+                "gptfast linear: int4 group size must be a multiple of 32 up to 256, got ", group);
     w.group = group;
     w.K = (K + group - 1) / group * group;  // rows padded to whole groups
     TORCH_CHECK(weight.size(1) * 2 == w.K, "gptfast linear: packed int4 weight has ", weight.size(1),
@@ -130,6 +156,44 @@ Weight weight_view(const at::Tensor& x, const at::Tensor& weight, const c10::opt
     TORCH_CHECK(!scale.has_value(), "gptfast linear: a ", weight.scalar_type(), " weight takes no scale");
   }
   return w;
+}
+
+// x (M, K) rounded to int16 per row (see Input); a row with a non-finite value gets a NaN scale
+// (its outputs are NaN, as fp32 arithmetic would make them). group > 0: also the groups' sums.
+void quantize_x(const at::Tensor& xf, int64_t group, at::Tensor& xq, at::Tensor& x_scale, at::Tensor& group_sum) {
+  const int64_t M = xf.size(0), K = xf.size(1);
+  xq = at::empty({M, K}, xf.options().dtype(at::kShort));
+  x_scale = at::empty({M}, xf.options());
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = xf.data_ptr<float>() + m * K;
+    int16_t* q = xq.data_ptr<int16_t>() + m * K;
+    float big = 0.f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      finite &= std::isfinite(x[k]);
+      big = std::max(big, std::fabs(x[k]));
+    }
+    if (!finite) {
+      x_scale.data_ptr<float>()[m] = std::numeric_limits<float>::quiet_NaN();
+      std::fill_n(q, K, int16_t{0});
+      continue;
+    }
+    const float s = big > 0.f ? big / 32767.f : 1.f, inv = big > 0.f ? 32767.f / big : 0.f;
+    x_scale.data_ptr<float>()[m] = s;
+    // round to nearest even by the 1.5 * 2^23 trick (|x * inv| <= 32767.x): plain adds that
+    // vectorise at the baseline ISA, where std::nearbyint is a library call per element
+    constexpr float kMagic = 12582912.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float r = (x[k] * inv + kMagic) - kMagic;
+      q[k] = static_cast<int16_t>(std::clamp(r, -32767.f, 32767.f));
+    }
+  }
+  if (group == 0) return;
+  group_sum = at::empty({M, K / group}, xf.options());
+  float* gs = group_sum.data_ptr<float>();
+  const int16_t* q = xq.data_ptr<int16_t>();
+  for (int64_t i = 0; i < M * (K / group); ++i)  // exact: |sum| < 2^24 for groups of <= 256
+    gs[i] = static_cast<float>(std::accumulate(q + i * group, q + (i + 1) * group, int32_t{0}));
 }
 
 }  // namespace
@@ -155,20 +219,24 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "gptfast linear: bias must have shape (", N, ")");
     b = bias->to(at::kFloat).contiguous();
   }
-  at::Tensor y = at::empty({M, N}, xf.options());
-  const float* xp = xf.data_ptr<float>();
+  at::Tensor y = at::empty({M, N}, xf.options()), xq, x_scale, group_sum;
+  if (w.fmt == WFormat::I8 || w.fmt == WFormat::I4) quantize_x(xf, w.group, xq, x_scale, group_sum);
+  const Input in{xf.data_ptr<float>(), xq.defined() ? xq.data_ptr<int16_t>() : nullptr,
+                 x_scale.defined() ? x_scale.data_ptr<float>() : nullptr,
+                 group_sum.defined() ? group_sum.data_ptr<float>() : nullptr, M, w.K};
   float* yp = y.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  // blocks of 4 rows (the vector tiles' height), at least ~64 KB of weights per task
-  const int64_t blocks = (N + 3) / 4, grain = std::max<int64_t>(1, 65536 / (4 * w.row_bytes));
+  // whole row blocks, at least ~64 KB of weights per task
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  const int64_t grain = std::max<int64_t>(1, 65536 / (kRowBlock * w.row_bytes));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t n0 = 4 * b0, n1 = std::min(N, 4 * b1);
-    p.rows(w, xp, M, w.K, yp, N, n0, n1);
-    if (w.row_scale == nullptr && bp == nullptr) return;
+    const int64_t n0 = kRowBlock * b0, n1 = std::min(N, kRowBlock * b1);
+    p.rows(w, in, yp, N, n0, n1);
+    if (in.x_scale == nullptr && bp == nullptr) return;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = n0; n < n1; ++n) {
         float v = yp[m * N + n];
-        if (w.row_scale) v *= w.row_scale[n];
+        if (in.x_scale) v *= w.row_scale ? w.row_scale[n] * in.x_scale[m] : in.x_scale[m];
         yp[m * N + n] = bp ? v + bp[n] : v;
       }
   });

@@ -1,7 +1,9 @@
 """Weight-only CPU matmuls for decoding: `torch.ops.gptfast.linear` (csrc/linear_cpu.cpp) and
 the weight formats it reads, with their quantisers and a plain PyTorch reference.
 
-Formats (weight tensor, scale tensor):
+Formats (weight tensor, scale tensor); for int8 and int4 the kernel rounds x to int16 per row
+(x_scale = max |x_row| / 32767, an error of at most 2^-16 of the row's largest value) and sums
+the integer products exactly:
 - float32 / bfloat16 / float16: the weight (N, K) itself, no scale;
 - int8: int8 q (N, K) and a float32 scale (N,) per output row, w = scale * q (symmetric,
   |w - w_q| <= scale / 2);
@@ -67,17 +69,17 @@ def quantize_int4(weight: torch.Tensor, group: int):
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (N, K) in 0..15, K a multiple of 16 -> (N, K / 2) uint8: in each 16 inputs, byte i holds
-    input i (low nibble) and input i + 8 (high nibble)."""
+    """q (N, K) in 0..15, K a multiple of 32 -> (N, K / 2) uint8: in each 32 inputs, byte i holds
+    input i (low nibble) and input i + 16 (high nibble)."""
     N, K = q.shape
-    q = q.to(torch.uint8).view(N, K // 16, 2, 8)  # (N, blocks, halves, 8)
+    q = q.to(torch.uint8).view(N, K // 32, 2, 16)  # (N, blocks, halves, 16)
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(N, K // 2)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_int4: (N, K / 2) uint8 -> q (N, K) uint8 in 0..15."""
     N, half = packed.shape
-    b = packed.view(N, half // 8, 1, 8)  # (N, blocks, 1, 8)
+    b = packed.view(N, half // 16, 1, 16)  # (N, blocks, 1, 16)
     return torch.cat([b & 0xF, b >> 4], dim=2).reshape(N, 2 * half)
 
 
@@ -94,10 +96,20 @@ def dequantize(weight, scale=None, group=0, in_features=None) -> torch.Tensor:
     return weight.float()
 
 
+def round_x(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) rounded as the integer kernels read it: to int16 steps of max |x_row| / 32767."""
+    big = x.abs().amax(dim=-1, keepdim=True)  # (M, 1)
+    steps = torch.round(x * torch.where(big > 0, 32767 / big, 0)).clamp(-32767, 32767)
+    return steps * torch.where(big > 0, big / 32767, 1)
+
+
 def reference_linear(x, weight, scale=None, bias=None, group=0):
-    """What the op computes, in PyTorch: x (M, K) @ dequantize(weight)^T + bias, in fp32, cast
-    back to x's dtype."""
-    y = F.linear(x.float(), dequantize(weight, scale, group, x.shape[-1]), None if bias is None else bias.float())
+    """What the op computes, in PyTorch: x (M, K) @ dequantize(weight)^T + bias in fp32 (int8 and
+    int4: x rounded by round_x first), cast back to x's dtype."""
+    xf = x.float()
+    if weight.dtype in (torch.int8, torch.uint8):
+        xf = round_x(xf)
+    y = F.linear(xf, dequantize(weight, scale, group, x.shape[-1]), None if bias is None else bias.float())
     return y.to(x.dtype)
 
 

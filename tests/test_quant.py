@@ -12,6 +12,7 @@ from gptfast.quant import (DTYPES, FloatLinear, Int4Linear, Int8Linear, KernelLi
                            int8_supported)
 
 from kernel_checks import assert_close, assert_within_2x
+from test_cpu_linear import check_fp32
 from test_generate import first_diff, tiny, varied
 
 U32 = 2.0**-24  # fp32 unit roundoff
@@ -48,9 +49,17 @@ def test_layer_error_bound(make):
     assert ratio.max() > 0.02, f"the bound tests nothing here (error at most {ratio.max():.3f} x bound)"
 
 
+class RoundedInputLinear(torch.nn.Linear):
+    """nn.Linear whose input is first rounded as gptfast's int8/int4 kernel rounds it."""
+
+    def forward(self, x):
+        return super().forward(cpu_linear.round_x(x.reshape(-1, x.shape[-1])).view(x.shape))
+
+
 def fake_quant_copy(model, dtype, head=None):
     """The quantised model's arithmetic in plain fp32 PyTorch: each linear weight replaced by
-    the fp32 value its inference layer stores, the reference backend everywhere."""
+    the fp32 value its inference layer stores (int8/int4: the input rounded to int16 steps as
+    the kernel does), the reference backend everywhere."""
     ref = copy.deepcopy(model)
     ref.backend = "reference"
     stored = [m for m in inference_copy(model, dtype, "cpu", head=head).modules() if isinstance(m, KernelLinear)]
@@ -58,23 +67,28 @@ def fake_quant_copy(model, dtype, head=None):
     assert len(stored) == len(linears)
     for lin, q in zip(linears, stored):  # both in module order: qkv, out_proj, up, down, ..., head
         lin.weight = torch.nn.Parameter(q.dequantized(), requires_grad=False)
+        if q.weight.dtype in (torch.int8, torch.uint8):
+            lin.__class__ = RoundedInputLinear
     return ref
 
 
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != "float32"])
 def test_quantised_model_cpu(dtype):
-    """(1) the quantised model computes what its stored weights imply: its logits equal the
-    fake-quantised fp32 model's to fp32 rounding; (2) against the fp32 model, the 2x rule with
-    the fake-quantised model as the low-precision reference (its error is the quantisation's
-    own) + 1e-3 of the logit scale; (3) greedy tokens equal the fake-quantised model's, and
-    for int8 and the floats also the fp32 model's."""
+    """(1) float formats compute what their stored weights imply: logits equal the
+    fake-quantised fp32 model's to fp32 rounding (int8/int4 round each layer's input to int16
+    steps, a discontinuity that turns last-bit differences upstream into whole steps: their
+    layers are checked one by one in test_cpu_linear.py and test_layer_error_bound); (2)
+    against the fp32 model, the 2x rule with the fake-quantised model as the low-precision
+    reference (its error is the quantisation's own) + 1e-3 of the logit scale; (3) greedy
+    tokens equal the fake-quantised model's, and for int8 and the floats also fp32's."""
     model = tiny(vocab=1000, ctx=64, emb=64, heads=4, layers=2, init="torch")
     engine = Generator(model, dtype=dtype)
     ref = fake_quant_copy(model, dtype)
     idx = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         truth, ours, low = model(idx), engine.model(idx), ref(idx)
-    assert_close(ours, low, 1e-5, f"{dtype} logits vs its fake-quantised fp32 model")
+    if dtype in ("bfloat16", "float16"):
+        assert_close(ours, low, 1e-5, f"{dtype} logits vs its fake-quantised fp32 model")
     assert_within_2x(ours, low, truth, f"{dtype} logits", atol=1e-3 * truth.abs().max().item())
     ids = engine.generate_ids([[1, 2, 3]], 20)[0]
     varied(ids)
@@ -106,19 +120,21 @@ def test_head_kept_in_higher_precision():
         truth = model(idx)
         err_head32 = (copy_(idx) - truth).abs().max()
         err_all4 = (inference_copy(model, "int4", "cpu")(idx) - truth).abs().max()
-        assert_close(copy_(idx), fake_quant_copy(model, "int4", head="float32")(idx), 1e-5, "int4 + fp32 head")
     assert err_head32 < err_all4, f"fp32 head error {err_head32:.3g} >= all-int4 error {err_all4:.3g}"
 
 
-def test_quantised_model_without_kernel(monkeypatch):
-    # no gptfast._C: the same layers compute through PyTorch (dequantised weights)
-    model = tiny(vocab=1000, ctx=64, emb=64, heads=4, layers=2, init="torch")
-    engine = Generator(model, dtype="int4")
-    idx = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("make", [Int8Linear, Int4Linear, lambda l: FloatLinear(l, torch.bfloat16)],
+                         ids=["int8", "int4", "bf16"])
+def test_layer_without_kernel(make, monkeypatch):
+    # no gptfast._C: the same layer computes through PyTorch (cpu_linear.reference_linear)
+    torch.manual_seed(4)
+    q, x = make(torch.nn.Linear(96, 40)), torch.randn(3, 96)
     with torch.no_grad():
-        fast = engine.model(idx)
+        fast = q(x)
         monkeypatch.setattr(cpu_linear, "_HAS_OP", False)
-        assert_close(engine.model(idx), fast, 1e-5, "int4 logits without the kernel")
+        check_fp32(q(x), cpu_linear.round_x(x) if q.weight.dtype in (torch.int8, torch.uint8) else x,
+                   q.dequantized(), q.bias)
+        check_fp32(fast, x, q.dequantized(), q.bias, x_rounded=q.weight.dtype in (torch.int8, torch.uint8))
 
 
 def test_long_prefill_takes_the_gemm_path():

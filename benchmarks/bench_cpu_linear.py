@@ -116,6 +116,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (best and median reported)")
     ap.add_argument("--steps", type=int, default=3, help="decode steps per kernel per round (mean taken)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--crossover", action="store_true",
+                    help="instead: the kernel vs dequantise + F.linear at prefill sizes (sets MAX_KERNEL_ROWS)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_linear.md"))
     args = ap.parse_args()
     if args.threads:
@@ -124,6 +126,8 @@ def main():
     if not paths:
         print("gptfast._C has no CPU linear kernel (not built): only PyTorch's kernels are timed")
     weights = model_weights()
+    if args.crossover:
+        return crossover(weights[:-1], args)
     floor = ReadFloor()
     lines = [f"# CPU decode matmuls: GPT-2 124M linear layers (48 + head) per decode step",
              f"device: {device_name('cpu')}, torch {torch.__version__}, kernel paths {paths}, "
@@ -170,6 +174,36 @@ def bench_rows(M, weights, args, paths, floor):
         out.append(f"| {fmt} | {name} | {err:.1e} | {mb / 1e6:.0f} | {1e3 * min(ts):.2f} | "
                    f"{1e3 * statistics.median(ts):.2f} | {gbs:.1f} | {100 * gbs / best_floor:.0f}% | {vs} |")
     return out
+
+
+def crossover(weights, args):
+    """ms per pass over the 48 block layers at M rows: gptfast's kernel vs what cpu_linear.linear
+    does above MAX_KERNEL_ROWS (dequantise, then F.linear), interleaved."""
+    fns = {}
+    for fmt in ("fp32", "int8", "int4-g32"):
+        packed = [_stored(fmt, w) for w in weights]
+        for M in (16, 32, 64, 128, 256):
+            xs = [torch.randn(M, w.shape[1]) for w in weights]
+            fns[fmt, M, "kernel"] = lambda p=packed, xs=xs: _time(
+                decode_step([lambda x, q=q: torch.ops.gptfast.linear(x, *q) for q in p], xs), 1)
+            fns[fmt, M, "dequantise + F.linear"] = lambda p=packed, xs=xs: _time(
+                decode_step([lambda x, q=q: cl.reference_linear(x, *q) for q in p], xs), 1)
+    times = interleaved(fns, args.rounds)
+    lines = ["| format | M | gptfast kernel ms | dequantise + F.linear ms |", "|---|---|---|---|"]
+    for fmt, M, _ in list(times)[::2]:
+        lines.append(f"| {fmt} | {M} | {1e3 * min(times[fmt, M, 'kernel']):.1f} | "
+                     f"{1e3 * min(times[fmt, M, 'dequantise + F.linear']):.1f} |")
+    print("\n".join(lines))
+
+
+def _stored(fmt, w):
+    """(weight, scale, bias, group) operands of gptfast's op for fmt."""
+    if fmt == "int8":
+        return (*cl.quantize_int8(w), None, 0)
+    if fmt.startswith("int4"):
+        group = int(fmt.split("-g")[1])
+        return (*cl.quantize_int4(w, group), None, group)
+    return (w, None, None, 0)
 
 
 def _time(step, n):

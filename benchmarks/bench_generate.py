@@ -58,6 +58,7 @@ def check_fp32(built, model, prompt, ref, device):
 
 
 def speed_table(batch, times, bytes_of, floor):
+    """Markdown lines for one batch size: {engine: [(ttft s, decode tokens/s) per round]}."""
     med = {name: statistics.median(r[1] for r in runs) for name, runs in times.items()}
     lines = [f"### batch {batch}", "", "| engine | weights MB | time to first token ms: best / median "
              "| decode tokens/s: best / median | x CTranslate2 float32 | x CTranslate2 int8 "
@@ -66,11 +67,11 @@ def speed_table(batch, times, bytes_of, floor):
         ttft, tps = [r[0] * 1e3 for r in runs], [r[1] for r in runs]
         vs = [f"{med[name] / med[p]:.2f}x" if p in med else "-" for p in ("ct2-float32", "ct2-int8")]
         mb = bytes_of.get(name)
-        share = f"{100 * med[name] / batch * mb / (floor * 1e9):.0f}%" if mb and batch == 1 else "-"
-        lines.append(f"| {engines.label(name)} | {mb / 1e6:.0f} | {min(ttft):.1f} / {statistics.median(ttft):.1f} "
-                     f"| {max(tps):.1f} / {statistics.median(tps):.1f} | {vs[0]} | {vs[1]} | {share} |"
-                     if mb else f"| {engines.label(name)} | - | {min(ttft):.1f} / {statistics.median(ttft):.1f} "
-                     f"| {max(tps):.1f} / {statistics.median(tps):.1f} | {vs[0]} | {vs[1]} | - |")
+        # at batch 1 each token reads every weight once: tokens/s x bytes is the bandwidth used
+        share = f"{100 * med[name] * mb / (floor * 1e9):.0f}%" if mb and batch == 1 else "-"
+        lines.append(f"| {engines.label(name)} | {f'{mb / 1e6:.0f}' if mb else '-'} | {min(ttft):.1f} / "
+                     f"{statistics.median(ttft):.1f} | {max(tps):.1f} / {statistics.median(tps):.1f} | {vs[0]} "
+                     f"| {vs[1]} | {share} |")
     return lines
 
 

@@ -22,7 +22,8 @@ from gptfast.tokenizer import get_tokenizer
 from gptfast.train import split_text_batches
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-# `make demo`'s run: The Verdict learned in 20 epochs (train loss ~0.1; validation at its plateau)
+# `make demo`'s run for mini: 20 epochs, the validation loss past its minimum (6.09 at step 100
+# of 180, 6.26 at the end; training loss 2.6)
 TRAIN_ARGS = {"mini": ["--epochs", "20", "--batch-size", "4", "--lr", "1e-3", "--eval-freq", "10"],
               "book-124m": ["--epochs", "10", "--batch-size", "2", "--lr", "4e-4", "--eval-freq", "10"]}
 PROMPTS = ["Every effort moves you", "I had always thought Jack Gisburn", "The sketch of the donkey",

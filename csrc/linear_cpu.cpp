@@ -123,7 +123,7 @@ const Path& choose_path(const std::string& requested) {
 Weight weight_view(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
                    int64_t group) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "gptfast linear: weight must be a contiguous 2-D tensor");
-  const int64_t N = weight.size(0), K = x.size(1);
+  const int64_t N = weight.size(0), K = x.size(-1);
   Weight w{WFormat::F32, weight.data_ptr(), N, K, weight.size(1) * weight.element_size(), nullptr, nullptr, 0};
   switch (weight.scalar_type()) {
     case at::kFloat: w.fmt = WFormat::F32; break;
@@ -200,18 +200,20 @@ void quantize_x(const at::Tensor& xf, int64_t group, at::Tensor& xq, at::Tensor&
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
                       const c10::optional<at::Tensor>& bias, int64_t group_size, c10::string_view path) {
-  TORCH_CHECK(x.dim() == 2, "gptfast linear: x must be 2-D (M, K), got ", x.dim(), "-D");
+  TORCH_CHECK(x.dim() >= 1, "gptfast linear: x must have at least 1 dimension (..., K)");
   const auto xt = x.scalar_type();
   TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf,
               "gptfast linear: x must be float32, bfloat16 or float16, got ", xt);
   const Weight w = weight_view(x, weight, scale, group_size);
   const Path& p = choose_path(std::string(path));
-  const int64_t M = x.size(0), N = w.N;
-  // fp32 x; int4 rows padded with zeros to whole groups (the padding's weights then add nothing)
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  if (w.K != x.size(1)) {
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.N;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  // fp32 x (M, K); int4 rows padded with zeros to whole groups (the padding's weights add nothing)
+  at::Tensor xf = x.to(at::kFloat).reshape({M, K}).contiguous();
+  if (w.K != K) {
     at::Tensor padded = at::zeros({M, w.K}, xf.options());
-    padded.narrow(1, 0, x.size(1)).copy_(xf);
+    padded.narrow(1, 0, K).copy_(xf);
     xf = padded;
   }
   at::Tensor b;
@@ -240,6 +242,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
         yp[m * N + n] = bp ? v + bp[n] : v;
       }
   });
+  y = y.view(out_shape);  // (..., N)
   return xt == at::kFloat ? y : y.to(xt);
 }
 

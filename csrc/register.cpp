@@ -11,7 +11,7 @@ TORCH_LIBRARY(gptfast, m) {
   // values/indices: the sorted top-k (B, min(k, V)) when return_topk, else empty (0,).
   m.def("sample_top_k(Tensor logits, int k, float temperature, float top_p, Tensor seed, "
         "bool return_topk) -> (Tensor ids, Tensor values, Tensor indices)");
-  // y = x W^T (* row scale) (+ bias) for decode's few rows; W float32/bfloat16/float16, int8
+  // y (..., N) = x (..., K) W^T (* row scale) (+ bias) for decode's few rows; W float32/bfloat16/float16, int8
   // with a float32 scale (N,), or packed int4 (uint8) with float16 (scale, min) (N, groups, 2).
   // path: "" = the best for this CPU (or GPTFAST_CPU_KERNEL), else one of linear_paths().
   m.def("linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int group_size, str path=\"\") -> Tensor");

@@ -31,7 +31,7 @@ MAX_KERNEL_ROWS = 64  # beyond, dequantise + F.linear (benchmarks/bench_cpu_line
 if _HAS_OP:
     @torch.library.register_fake("gptfast::linear")
     def _linear_fake(x, weight, scale, bias, group_size, path=""):
-        return x.new_empty((x.shape[0], weight.shape[0]))
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def has_kernel() -> bool:
@@ -97,14 +97,14 @@ def dequantize(weight, scale=None, group=0, in_features=None) -> torch.Tensor:
 
 
 def round_x(x: torch.Tensor) -> torch.Tensor:
-    """x (M, K) rounded as the integer kernels read it: to int16 steps of max |x_row| / 32767."""
-    big = x.abs().amax(dim=-1, keepdim=True)  # (M, 1)
+    """x (..., K) rounded as the integer kernels read it: to int16 steps of max |x_row| / 32767."""
+    big = x.abs().amax(dim=-1, keepdim=True)  # (..., 1)
     steps = torch.round(x * torch.where(big > 0, 32767 / big, 0)).clamp(-32767, 32767)
     return steps * torch.where(big > 0, big / 32767, 1)
 
 
 def reference_linear(x, weight, scale=None, bias=None, group=0):
-    """What the op computes, in PyTorch: x (M, K) @ dequantize(weight)^T + bias in fp32 (int8 and
+    """What the op computes, in PyTorch: x (..., K) @ dequantize(weight)^T + bias in fp32 (int8 and
     int4: x rounded by round_x first), cast back to x's dtype."""
     xf = x.float()
     if weight.dtype in (torch.int8, torch.uint8):
@@ -114,11 +114,12 @@ def reference_linear(x, weight, scale=None, bias=None, group=0):
 
 
 def linear(x, weight, scale=None, bias=None, group=0, path=""):
-    """y (M, N) = x (M, K) W^T + bias (see the module docstring). On CPU, up to
+    """y (..., N) = x (..., K) W^T + bias (see the module docstring). On CPU, up to
     MAX_KERNEL_ROWS rows run gptfast's kernel; more rows (the prefill of a long prompt) or no
     kernel: the dequantised weight through F.linear (torch's GEMM blocks for cache, where the
     kernel's matrix-vector tiles would re-read x). int8 on CUDA: torch's `_weight_int8pack_mm`."""
-    if _HAS_OP and x.device.type == "cpu" and x.shape[0] <= MAX_KERNEL_ROWS:
+    if _HAS_OP and x.device.type == "cpu" and (x.dim() == 0 or x.numel() <= MAX_KERNEL_ROWS * x.shape[-1]):
+        # (a 0-d x goes to the op too, which names the problem)
         return torch.ops.gptfast.linear(x, weight, scale, bias, group, path)
     if x.is_cuda and weight.dtype == torch.int8:
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale.to(torch.bfloat16)).to(x.dtype)

@@ -52,9 +52,8 @@ class KernelLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().contiguous())
 
-    def forward(self, x):
-        y = cpu_linear.linear(x.reshape(-1, x.shape[-1]), self.weight, self.scale, self.bias, self.group)
-        return y.view(*x.shape[:-1], -1)  # (..., out)
+    def forward(self, x):  # (..., in) -> (..., out)
+        return cpu_linear.linear(x, self.weight, self.scale, self.bias, self.group)
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight (out, in) this layer multiplies by."""

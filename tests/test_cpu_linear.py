@@ -75,6 +75,17 @@ def test_rows_independent_of_batch(path, fmt):
 
 
 @needs_c
+def test_leading_dimensions():
+    # x (..., K) -> y (..., N), the same as the rows flattened
+    gen = torch.Generator().manual_seed(8)
+    weight, scale, group = stored("int4-g32", torch.randn(10, 64, generator=gen))
+    x = torch.randn(2, 3, 64, generator=gen)
+    y = cl.linear(x, weight, scale, None, group)
+    assert y.shape == (2, 3, 10) and torch.equal(y.view(6, 10), cl.linear(x.view(6, 64), weight, scale, None, group))
+    assert cl.linear(x[0, 0], weight, scale, None, group).shape == (10,)
+
+
+@needs_c
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_x(path, dtype):
@@ -135,7 +146,7 @@ def test_int4_bad_group():
 
 @needs_c
 @pytest.mark.parametrize("args, message", [
-    (lambda x, w: (x[0], w, None), "x must be 2-D"),
+    (lambda x, w: (x[0, 0], w, None), "x must have at least 1 dimension"),
     (lambda x, w: (x.double(), w, None), "x must be float32, bfloat16 or float16"),
     (lambda x, w: (x, w[:, :-1].contiguous(), None), "x has 64 inputs but weight has 63"),
     (lambda x, w: (x, w.to(torch.int8), None), "int8 needs a contiguous float32 scale"),

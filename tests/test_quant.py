@@ -53,7 +53,7 @@ class RoundedInputLinear(torch.nn.Linear):
     """nn.Linear whose input is first rounded as gptfast's int8/int4 kernel rounds it."""
 
     def forward(self, x):
-        return super().forward(cpu_linear.round_x(x.reshape(-1, x.shape[-1])).view(x.shape))
+        return super().forward(cpu_linear.round_x(x))
 
 
 def fake_quant_copy(model, dtype, head=None):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptfast import cli
-from gptfast.config import GPTConfig
+from gptfast.config import GPTConfig, OptionError
 from gptfast.finetune import classify, instruct
 from gptfast.model import GPTModel
 from gptfast.tokenizer import EOT_ID, get_tokenizer
@@ -230,7 +230,7 @@ def test_instruct_cli_writes_responses_and_a_loadable_model(tmp_path, monkeypatc
 ])
 def test_out_of_range_options_are_one_line_errors_before_any_work(tmp_path, argv, message):
     # a data file that does not exist: the option check must come first
-    with pytest.raises(cli.CLIError) as e:
+    with pytest.raises(OptionError) as e:
         _run_cli(argv + ["--preset", "tiny", "--data", str(tmp_path / "missing"), "--device", "cpu"])
     assert str(e.value) == message
 

@@ -145,7 +145,7 @@ def test_grad_accumulation_equals_a_bigger_batch(tmp_path):
     b = make_trainer(tmp_path / "b", model_kw=no_drop, batch_size=2, grad_accum=2, max_steps=1, grad_clip=None)
     a.train_batches = WindowBatches(a.train_batches.dataset, 4, a.cfg.seed, shuffle=False)
     b.train_batches = WindowBatches(a.train_batches.dataset, 2, a.cfg.seed, shuffle=False)
-    assert a.train_step() == pytest.approx(b.train_step(), rel=1e-5)  # the mean loss, not the sum
+    assert a.train_step().item() == pytest.approx(b.train_step().item(), rel=1e-5)  # the mean loss, not the sum
     for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
         ma, mb = a.optimizer.state[pa]["exp_avg"], b.optimizer.state[pb]["exp_avg"]
         torch.testing.assert_close(ma, mb, rtol=1e-4, atol=1e-9, msg=lambda m: f"{name} gradient: {m}")

@@ -203,7 +203,7 @@ class Trainer:
                             tokens_seen=self.tokens_seen, history=self.history, best_val=self.best_val,
                             scaler=self.scaler.state_dict(), train=dataclasses.asdict(self.cfg))
             self._kept = (path, self.step)
-        self._say(f"saved {path} (step {self.step}) in {time.perf_counter() - t0:.1f} s", always=not best)
+        self._say(f"saved {path} (step {self.step}) in {time.perf_counter() - t0:.1f} s", always=True)
 
     def resume(self, path):
         state = load_checkpoint(path, map_location=self.device)

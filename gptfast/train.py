@@ -38,10 +38,10 @@ from .data import VERDICT, read_text
 from .evaluation import autocast, calc_loss_loader, eval_mode, mean_over_batches  # noqa: F401 (API)
 from .generate import generate
 from .model import GPTModel
-from .plotting import figure
+from .plotting import plot_losses
 from .tokenizer import text_to_token_ids, token_ids_to_text
-from .train_config import (FLOAT, INT, TrainConfig, add_config_args, check_options, flops_per_token, lr_at,  # noqa: F401
-                           make_optimizer, peak_flops)
+from .train_config import (FLOAT, INT, TrainConfig, add_config_args, check_options,  # noqa: F401 (API)
+                           flops_per_token, lr_at, make_optimizer, peak_flops)
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,6 +53,11 @@ class TrainingDiverged(RuntimeError):
 def lm_loss(runner, x, y):
     """Mean next-token loss, through the model's forward (DDP and torch.compile see it)."""
     return runner(x, targets=y)
+
+
+def lm_metrics(model, x, y):
+    """The mean next-token loss of an evaluation batch."""
+    return model(x, targets=y)
 
 
 def count_tokens(x, y) -> int:
@@ -69,7 +74,7 @@ class Task:
     after step 1; `example_weighted`: a short last evaluation batch counts by its size (the
     classic accuracy) instead of as a whole batch (the classic loss)."""
     loss: Callable = lm_loss
-    metrics: Callable = lambda model, x, y: model(x, targets=y)  # noqa: E731
+    metrics: Callable = lm_metrics
     metric_names: tuple = ("loss",)
     count: Callable = count_tokens
     perplexity: bool = True
@@ -152,7 +157,9 @@ class Trainer:
         self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
         self.history = {"steps": [], "tokens_seen": [], "step_loss": [],
                         **{f"{s}_{m}": [] for s in self.evals for m in task.metric_names}}
-        self._flops_6n = flops_per_token(model, 0)  # + attention's share, per micro-batch's T
+        # FLOPs per token: 6N, plus attention's share per token of context (a micro-batch's T)
+        self._flops_6n = flops_per_token(model, 0)
+        self._flops_per_t = flops_per_token(model, 1) - self._flops_6n
         self._pending = []  # per-step losses still on the device
         self._kept = None  # (path, step) of the last checkpoint known good
         self._resumed = self._stop = self._in_step = self._updating = False
@@ -181,8 +188,7 @@ class Trainer:
 
     def _check_weights(self) -> None:
         """No save ever writes non-finite weights (one host sync; at saves only)."""
-        params = [p for p in self.model.parameters()]
-        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
             raise TrainingDiverged(self._diverged(f"the weights became non-finite by step {self.step}"))
 
     def _diverged(self, what: str) -> str:
@@ -235,8 +241,7 @@ class Trainer:
             x, y = self.train_batches.batch((self.step * cfg.grad_accum + m) * self.world + self.rank)
             count += self.task.count(x, y)
             self._work["tokens"] += x.numel()
-            self._work["flops"] += x.numel() * (self._flops_6n + 12 * self.model.cfg.n_layers
-                                                * self.model.cfg.emb_dim * x.shape[-1])
+            self._work["flops"] += x.numel() * (self._flops_6n + self._flops_per_t * x.shape[-1])
             x, y = x.to(self.device), y.to(self.device)
             sync = self.world == 1 or m == cfg.grad_accum - 1  # DDP: all-reduce on the last micro-batch
             with (contextlib.nullcontext() if sync else self.runner.no_sync()), autocast(self.device, cfg.dtype):
@@ -445,19 +450,8 @@ class Trainer:
         h = self.history
         if not h["steps"] or "train_loss" not in h or "val_loss" not in h:
             return None
-        path = self.files.path("loss.png")
-        with figure(path, ncols=2, figsize=(11, 4)) as axes:
-            for ax, fn, name in ((axes[0], lambda v: v, "loss"), (axes[1], lambda v: math.exp(min(v, 50)), "perplexity")):
-                ax.plot(h["steps"], [fn(v) for v in h["train_loss"]], label=f"train {name}")
-                ax.plot(h["steps"], [fn(v) for v in h["val_loss"]], linestyle="-.", label=f"val {name}")
-                ax.set_xlabel("step")
-                ax.set_ylabel(name)
-                ax.legend()
-                top = ax.twiny()  # tokens seen, aligned with the step axis
-                top.plot(h["tokens_seen"], [fn(v) for v in h["train_loss"]], alpha=0)
-                top.set_xlabel("tokens seen")
-            axes[1].set_yscale("log")
-        return path
+        return plot_losses(h["steps"], h["tokens_seen"], h["train_loss"], h["val_loss"],
+                           self.files.path("loss.png"))
 
 
 def _metric_text(metric: str, value: float, perplexity: bool) -> str:

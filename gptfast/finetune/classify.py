@@ -215,8 +215,9 @@ def add_parser(sub):
     p.add_argument("--train-all", action="store_true", help="train every layer (default: last block, final norm, head)")
     p.add_argument("--eval-batches", type=int, default=None,
                    help="evaluate on at most N batches per split after each epoch (default: all)")
-    p.add_argument("--out", default="classifier.pt", help="classifier file; its loss/accuracy plots, history and "
-                   "training log (OUT-metrics.jsonl; OUT-checkpoint.pt on Ctrl-C) go beside it (default: classifier.pt)")
+    p.add_argument("--out", default="classifier.pt", help="classifier file; its loss/accuracy plots, history "
+                   "and training log (OUT-metrics.jsonl; OUT-checkpoint.pt on Ctrl-C) go beside it "
+                   "(default: classifier.pt)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     add_training_args(p, {"epochs": 5})
     add_model_args(p)

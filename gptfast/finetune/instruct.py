@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..batches import IndexedBatches
 from ..data import read_text
 from ..evaluation import calc_loss_loader
-from ..generate import generate
+from ..generate import Generator
 from ..plotting import plot_curves
 from ..tokenizer import EOT_ID, get_tokenizer
 from ..train import INT, Task, Trainer, TrainConfig
@@ -140,18 +140,15 @@ def train_instruct(model, train_loader, val_loader, epochs=2, lr=RECIPE["lr"], w
 
 
 def generate_responses(model, data, max_new_tokens=256, progress=True) -> list[dict]:
-    """Greedy answers for each record (a copy with `model_response` added)."""
+    """Greedy answers for each record (a copy with `model_response` added), through one
+    generation engine (its buffers made once) on the model as it is."""
     tokenizer = get_tokenizer()
-    device = model.tok_emb.weight.device
-    model.eval()
+    engine = Generator(model, tokenizer, dtype=None)
     out = []
     for rec in tqdm(data, desc="answering", disable=not progress):
         prompt = tokenizer.encode(format_input(rec))
-        idx = torch.tensor([prompt], device=device)
-        ids = generate(model, idx, max_new_tokens, model.cfg.context_length, temperature=0.0, top_k=None,
-                       eos_id=EOT_ID)
-        text = tokenizer.decode([t for t in ids[0, len(prompt):].tolist() if t != EOT_ID])
-        out.append({**rec, "model_response": text.replace("### Response:", "").strip()})
+        new, = engine.generate_ids([prompt], max_new_tokens, eos_id=EOT_ID)
+        out.append({**rec, "model_response": tokenizer.decode(new).replace("### Response:", "").strip()})
     return out
 
 

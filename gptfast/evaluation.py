@@ -16,13 +16,16 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # "fp32": no autoc
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
-    """`model` in eval mode (dropout off) inside the block; its previous mode after."""
-    was_training = model.training
+    """`model` in eval mode (dropout off) inside the block; its previous mode after. A model
+    already in eval mode is left alone (no walk over its modules: cheap per decode step)."""
+    if not model.training:
+        yield model
+        return
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        model.train()
 
 
 def autocast(device: torch.device, dtype: str):

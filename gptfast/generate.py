@@ -425,7 +425,7 @@ def add_parser(subparsers):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint file written by `gptfast train`")
     src.add_argument("--gpt2", metavar="SIZE", help="GPT-2 weights: 124M, 355M, 774M, 1558M or a path (gptfast.weights)")
-    p.add_argument("--models-dir", default=None, help="where GPT-2 weights are stored (with --gpt2; default ./models)")
+    p.add_argument("--models-dir", default="models", help="where GPT-2 weights are stored (with --gpt2)")
     p.add_argument("--prompt", default="Every effort moves you", help="prompt text")
     p.add_argument("--batch-file", help="file with one prompt per line, generated as one batch")
     p.add_argument("--max-new-tokens", type=_arg(int, check_max_new_tokens), default=50,
@@ -441,7 +441,8 @@ def add_parser(subparsers):
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="weights: auto = bfloat16 on CUDA, float16 on CPU; int8 = weight-only int8 linears")
-    p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"))
+    p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"),
+                   help="compute backend (auto: triton on CUDA, else torch)")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; None = cuda when available")
     p.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     p.set_defaults(func=run_cli)

@@ -48,6 +48,11 @@ class TrainingDiverged(RuntimeError):
     exit_code = 3  # gptfast.cli exits with it
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 writes files."""
+    return int(os.environ.get("RANK", "0"))
+
+
 # ---- what is trained: pretraining's task; fine-tuning brings its own ------------------------
 
 def lm_loss(runner, x, y):
@@ -135,7 +140,7 @@ class Trainer:
         self.cfg, self.task, self.log, self.progress = cfg, task, log, progress
         self.files = RunFiles(Path(out_dir)) if isinstance(out_dir, (str, os.PathLike)) else out_dir
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.rank = process_rank()
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if device is None and self.world > 1 and torch.cuda.is_available():

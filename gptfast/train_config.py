@@ -38,7 +38,7 @@ class TrainConfig:
     weight_decay: float = _opt(0.1, "AdamW weight decay", (FLOAT, ">=", 0))
     grad_clip: float | None = _opt(1.0, "clip the gradient norm to this (0: off)", (FLOAT, ">=", 0))
     eval_freq: int = _opt(5, "evaluate every N steps", (INT, ">=", 1))
-    eval_iter: int | None = _opt(5, "batches per evaluation (None: all)", (INT, ">=", 1))
+    eval_iter: int | None = _opt(5, "batches per evaluation", (INT, ">=", 1))  # None: all
     log_every: int = _opt(10, "read the loss back from the device (progress bar, NaN check) every N steps",
                           (INT, ">=", 1))
     dtype: str = _opt("fp32", "fp32, or bf16 / fp16 autocast", choices=("fp32", "bf16", "fp16"))

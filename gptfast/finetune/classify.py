@@ -28,7 +28,7 @@ from ..data import read_text
 from ..model import GPTModel
 from ..plotting import plot_curves
 from ..tokenizer import EOT_ID, get_tokenizer
-from ..train import INT, Task, Trainer, TrainConfig
+from ..train import INT, Task, Trainer, TrainConfig, process_rank
 from . import (ASSETS, RECIPE, add_model_args, add_training_args, check_finetune_options, load_base_model,
                maybe_apply_lora, report_trainable, run_files, train_config, write_json)
 
@@ -271,6 +271,8 @@ def run_finetune(args):
     wrapped = maybe_apply_lora(model, args)
     report_trainable(model, wrapped)
     history = train_classifier(model, loaders, progress=not args.quiet, cfg=cfg, files=files, resume=args.resume)
+    if process_rank() != 0:  # under torchrun, rank 0 writes the outputs
+        return 0
     Classifier(model, labels, max_length).save(outputs["model"])
     write_json(history, outputs["history"])
     for metric, ylabel in (("loss", "loss"), ("acc", "accuracy")):

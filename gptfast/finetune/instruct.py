@@ -23,7 +23,7 @@ from ..evaluation import calc_loss_loader
 from ..generate import Generator
 from ..plotting import plot_curves
 from ..tokenizer import EOT_ID, get_tokenizer
-from ..train import INT, Task, Trainer, TrainConfig
+from ..train import INT, Task, Trainer, TrainConfig, process_rank
 from . import (ASSETS, RECIPE, TRAIN_OPTIONS, add_model_args, add_training_args, check_finetune_options,
                load_base_model, maybe_apply_lora, report_trainable, run_files, train_config, write_json)
 
@@ -251,6 +251,8 @@ def run_finetune(args):
     report_trainable(model, wrapped)
     history = train_instruct(model, train_loader, val_loader, progress=not args.quiet, cfg=cfg, files=files,
                              resume=args.resume)
+    if process_rank() != 0:  # under torchrun, rank 0 writes the outputs
+        return 0
     plot_curves(history["tokens_seen"], {"train loss": history["train_loss"], "val loss": history["val_loss"]},
                 "tokens seen", "loss", outputs["loss.png"])
     write_json(history, outputs["history.json"])

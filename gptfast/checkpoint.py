@@ -45,6 +45,18 @@ def atomic_save(obj, path) -> Path:
     return Path(path)
 
 
+def check_writable(path) -> Path:
+    """Fail before any work, not at the first save: `path` must not be a folder, and its folder
+    must be creatable and writable (a file is created and removed there)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path.parent):
+        pass
+    return path
+
+
 def save_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None, step: int = 0, **extra) -> Path:
     state = {"config": model.cfg.to_dict(), "model": model.state_dict(), "step": step, **extra}
     if optimizer is not None:

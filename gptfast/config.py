@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 GPT2_VOCAB_SIZE = 50257
@@ -81,3 +83,23 @@ PRESETS: dict[str, GPTConfig] = {
     "mini": GPTConfig(context_length=128, emb_dim=256, n_heads=4, n_layers=4, drop_rate=0.1,
                       qkv_bias=False, tie_weights=True),
 }
+
+
+class OptionError(ValueError):
+    """A setting out of range: one line naming the setting, the rule and the value."""
+
+
+def check_number(name: str, value, integer: bool = False, op: str | None = None, bound=None,
+                 optional: bool = False) -> None:
+    """`value` must be a number (an int when `integer`; never a bool, NaN or infinity) with
+    `value op bound` (op one of ">=", ">"); None passes when `optional`. Raises OptionError."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionError(f"{name} must be a number, got {value!r}")
+    if integer and not isinstance(value, numbers.Integral):
+        raise OptionError(f"{name} must be an integer, got {value!r}")
+    if not math.isfinite(value):
+        raise OptionError(f"{name} must be a finite number, got {value!r}")
+    if op is not None and not (value >= bound if op == ">=" else value > bound):
+        raise OptionError(f"{name} must be {op} {bound}, got {value!r}")

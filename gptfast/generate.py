@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
 import math
 import numbers
 import operator
@@ -21,6 +20,7 @@ import warnings
 import torch
 
 from .backends import resolve_device
+from .evaluation import eval_mode
 from .kv_cache import make_caches
 from .quant import DTYPES, inference_copy
 from .sampling import sample_top_k
@@ -267,19 +267,6 @@ class Generator:
         if not all(r.done for r in requests):
             yield from self._loop(rows, requests, temperature, top_k, top_p, generator)
 
-    @contextlib.contextmanager
-    def _eval(self):
-        """Eval mode around one forward only, never across a yield: a paused stream must
-        neither leave the caller's model in eval nor switch it back during another call."""
-        if not self.model.training:
-            yield
-            return
-        self.model.eval()
-        try:
-            yield
-        finally:
-            self.model.train()
-
     def _loop(self, rows, requests, temperature, top_k, top_p, generator):
         """One call's decode. Its state is local: `windows` (each row's token ids in the current
         context), `slots` (cache slots filled, the same for every row: prompts are left-padded)
@@ -345,7 +332,9 @@ class Generator:
         valid_dev = valid.to(self.device) if padded else None  # one copy for every layer's cache
         for c in buf.caches:
             c.reset(valid_dev)
-        with self._eval():
+        # eval mode around each forward, never across a yield: a paused stream must neither leave
+        # the caller's model in eval nor switch it back during another call
+        with eval_mode(self.model):
             h = self.model.hidden_states(idx.to(self.device), buf.caches,
                                          positions=positions.to(self.device) if padded else None)
             logits = self._logits(h)
@@ -357,7 +346,7 @@ class Generator:
         (whole-buffer cache, device write index) replayed from a graph."""
         if not self.cuda_graph:
             buf.set_static(False)
-            with self._eval():
+            with eval_mode(self.model):
                 return self._logits(self.model.hidden_states(idx, buf.caches, positions=pos))
         buf.set_static(True)
         buf.write_pos.fill_(slot)  # in place: the graph reads this tensor
@@ -365,7 +354,7 @@ class Generator:
         # kernel; the model's op modules may be switched between calls (it can be the caller's)
         key = (buf.caches[0].padded, self.model.active_backend)
         graph = buf.graphs.get(key)
-        with self._eval():  # the graph is captured (and replayed) with dropout off
+        with eval_mode(self.model):  # the graph is captured (and replayed) with dropout off
             if graph is None:
                 graph = buf.graphs[key] = self._capture(buf, pos)
             if graph is False:  # capture failed once: run the same static step eagerly
@@ -436,7 +425,7 @@ def add_parser(subparsers):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint file written by `gptfast train`")
     src.add_argument("--gpt2", metavar="SIZE", help="GPT-2 weights: 124M, 355M, 774M, 1558M or a path (gptfast.weights)")
-    p.add_argument("--models-dir", default=None, help="where GPT-2 weights are stored (with --gpt2; default ./models)")
+    p.add_argument("--models-dir", default="models", help="where GPT-2 weights are stored (with --gpt2)")
     p.add_argument("--prompt", default="Every effort moves you", help="prompt text")
     p.add_argument("--batch-file", help="file with one prompt per line, generated as one batch")
     p.add_argument("--max-new-tokens", type=_arg(int, check_max_new_tokens), default=50,
@@ -452,7 +441,8 @@ def add_parser(subparsers):
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="weights: auto = bfloat16 on CUDA, float16 on CPU; int8 = weight-only int8 linears")
-    p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"))
+    p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"),
+                   help="compute backend (auto: triton on CUDA, else torch)")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; None = cuda when available")
     p.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     p.set_defaults(func=run_cli)

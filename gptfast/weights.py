@@ -31,9 +31,9 @@ from .backends import BACKENDS, resolve_device
 from .checkpoint import atomic_file, check_state_dict
 from .config import GPTConfig
 from .data import VERDICT, read_text
+from .evaluation import evaluate_text_loss
 from .model import GPTModel
 from .quant import FLOAT_DTYPES
-from .train import WindowBatches, calc_loss_loader, split_text_batches
 
 SIZES = ("124M", "355M", "774M", "1558M")
 GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
@@ -469,27 +469,6 @@ def convert(src: str | Path, out: str | Path | None = None, to_hf: bool = False,
         raise ValueError(f"{src_path} is already in gptfast's format (converting would overwrite it)")
     model = load_any(src_path, backend="reference")
     return save_hf(model, out) if to_hf else save_gptfast(model, out, dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# The published check: GPT-2 124M on The Verdict
-# ---------------------------------------------------------------------------------------------
-
-def evaluate_text_loss(model: GPTModel, text: str, context_length: int = 256, stride: int = 256,
-                       train_ratio: float = 0.9, batch_size: int = 8) -> tuple[float, float]:
-    """(train, val) mean next-token loss over `text` split by characters at `train_ratio`, in
-    windows of `context_length` tokens every `stride` tokens (the classic set-up). OpenAI's
-    GPT-2 124M gives about 3.75 / 3.56 on The Verdict with the defaults."""
-    # batch size 1 here: only the windows are used (the training batches would need >= batch_size)
-    splits = split_text_batches(text, context_length, stride, 1, seed=0, val_fraction=1 - train_ratio)
-    device = model.tok_emb.weight.device
-    losses = []
-    for split in splits:
-        # every window once; the last batch may be short, so weight each batch mean by its size
-        batches = WindowBatches(split.dataset, batch_size, seed=0, shuffle=False, drop_last=False)
-        total = sum(calc_loss_loader([(x, y)], model, device) * len(x) for x, y in batches)
-        losses.append(total / len(split.dataset))
-    return losses[0], losses[1]
 
 
 # ---------------------------------------------------------------------------------------------

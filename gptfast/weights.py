@@ -140,8 +140,8 @@ def resolve_gpt2_path(path_or_size: str | Path, models_dir: str | Path | None = 
     if name in SIZES:
         root = Path(models_dir or DEFAULT_MODELS_DIR)
         converted, openai = root / (name + CONVERTED_SUFFIX), root / name
-        # config.json is written last: without it the converted folder is an interrupted convert,
-        # used only when nothing else is there (the loader then says what is wrong)
+        # a converted folder without config.json is incomplete (an older version's interrupted
+        # convert, or a copy), used only when nothing else is there (the loader says what is wrong)
         if (converted / "config.json").is_file() or (converted.exists() and not openai.exists()):
             return converted
         if openai.exists():
@@ -212,7 +212,7 @@ def _read_hf(path: Path, config: dict | None) -> tuple[GPTConfig, dict]:
         if not found:
             raise FileNotFoundError(f"{path}: no GPT-2 weights found (expected {WEIGHTS_FILE}, "
                                     "pytorch_model.bin, or OpenAI's hparams.json + model.ckpt.*)")
-        if config is None:  # written last by every save: its absence means an interrupted one
+        if config is None:  # saves swap in whole folders: a folder without it is incomplete
             raise FileNotFoundError(f"{path}: config.json is missing (an interrupted save or convert?); "
                                     "write the model directory again")
         path = found[0]

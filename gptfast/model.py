@@ -123,6 +123,17 @@ def upgrade_state_dict(model: nn.Module, state_dict: dict) -> dict:
     return state_dict
 
 
+def _refuse_untied_weights(module, state_dict, prefix, *_):
+    """Loading distinct embedding and head weights into one tied parameter would keep only
+    the head's, silently (the classic model's head is its own)."""
+    if getattr(module.out_head, "weight", None) is not module.tok_emb.weight:  # a replaced head: not tied
+        return
+    emb, head = state_dict.get(prefix + "tok_emb.weight"), state_dict.get(prefix + "out_head.weight")
+    if emb is not None and head is not None and emb is not head and not torch.equal(emb, head):
+        raise ValueError("the state dict has distinct tok_emb.weight and out_head.weight, but this model ties "
+                         "them (tie_weights=True); build it with tie_weights=False (the classic model's setting)")
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + att(norm1(x)), then + ff(norm2(.)), with dropout on each branch."""
 
@@ -163,6 +174,9 @@ class GPTModel(nn.Module):
 
     def __init__(self, cfg: GPTConfig, backend: str = "auto"):
         super().__init__()
+        if not isinstance(cfg, GPTConfig):  # e.g. the classic code's dict: GPTConfig.from_dict reads it
+            raise TypeError(f"GPTModel takes a GPTConfig, got {type(cfg).__name__}; "
+                            "use GPTModel(GPTConfig.from_dict(cfg)) for a config dict")
         self.cfg = cfg
         vocab = cfg.padded_vocab_size
         self.tok_emb = nn.Embedding(vocab, cfg.emb_dim)
@@ -179,6 +193,7 @@ class GPTModel(nn.Module):
                     nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+            self.register_load_state_dict_pre_hook(_refuse_untied_weights)
         self.set_backend(backend)
 
     @staticmethod

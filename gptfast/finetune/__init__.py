@@ -18,7 +18,7 @@ from ..checkpoint import atomic_file, check_writable
 from ..config import PRESETS, GPTConfig
 from ..model import GPTModel
 from ..train import FLOAT, INT, RunFiles, TrainConfig, add_config_args, check_options
-from ..weights import SIZES, load_any
+from ..weights import SIZES, load_source
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -27,8 +27,9 @@ def add_model_args(p):
     """Base-model options shared by the fine-tuning commands."""
     g = p.add_argument_group("base model (choose one)")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--gpt2", metavar="SIZE", choices=SIZES,
-                     help="OpenAI GPT-2 weights of this size from --models-dir (see `gptfast download-gpt2`)")
+    src.add_argument("--gpt2", metavar="SIZE_OR_PATH",
+                     help=f"GPT-2 weights: a size ({', '.join(SIZES)}) from --models-dir (see `gptfast download-gpt2`), "
+                     "or a path (OpenAI, Hugging Face or `gptfast convert` folder)")
     src.add_argument("--checkpoint", metavar="PATH", help="a gptfast checkpoint (from `gptfast train`)")
     src.add_argument("--preset", metavar="NAME", choices=list(PRESETS),
                      help="a randomly initialised model (tests and demos): " + ", ".join(PRESETS))
@@ -85,7 +86,7 @@ def load_base_model(args) -> GPTModel:
     """The model named by --gpt2 / --checkpoint / --preset, on args.device."""
     device = resolve_device(args.device)
     if args.gpt2 or args.checkpoint:
-        return load_any(args.gpt2 or args.checkpoint, args.models_dir, backend=args.backend, device=device)
+        return load_source(args.checkpoint, args.gpt2, args.models_dir, backend=args.backend, device=device)
     torch.manual_seed(args.seed)
     return GPTModel(GPTConfig.from_preset(args.preset), backend=args.backend).to(device)
 

@@ -1,4 +1,7 @@
 """cross_entropy / linear_cross_entropy (Triton) against F.cross_entropy (and F.linear), loss and grads."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,8 +124,8 @@ def test_cross_entropy_backward_twice_is_an_error(device):
 
 def test_cross_entropy_rejects_bad_targets(device):
     logits, targets = _inputs((4,), 10, torch.float32, device)
-    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
-        cross_entropy(logits, torch.tensor([0, 1, 10, 2], device=device))
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):  # CPU tensors: checked at once
+        cross_entropy(logits.cpu(), torch.tensor([0, 1, 10, 2]))
     with pytest.raises(ValueError, match="targets have 3 elements"):
         cross_entropy(logits, targets[:3])
     with pytest.raises(ValueError, match="targets have dtype"):
@@ -234,3 +237,53 @@ def test_linear_cross_entropy_memory_a_quarter_of_torch():
     ours = run(linear_cross_entropy)
     torch_peak = run(lambda h, w, t: F.cross_entropy(F.linear(h, w), t))
     assert ours <= torch_peak / 4, f"peak {ours / 2**20:.0f} MiB vs torch {torch_peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_on_padded_rows(dtype, device):
+    """Logits sliced from a wider head (pad_vocab: rows of 64, kernel rows 16-aligned): same
+    loss and gradient as on contiguous rows, and the caller's padding columns are left alone."""
+    full, targets = _inputs((6,), 64, dtype, device, seed=7)
+    full.requires_grad_()
+    V = 57  # rows padded to 64 (a multiple of 16: the kernel reads up to 64 but counts 57)
+    loss = cross_entropy(full[:, :V], targets)
+    (grad,) = torch.autograd.grad(loss, full)
+    ref_loss, ref_grad = _run(_reference, [full.detach()[:, :V].float()], targets)
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(grad[:, :V].float(), ref_grad, 1e-5 if dtype == torch.float32 else 1e-2, "dlogits")
+    assert (grad[:, V:] == 0).all(), "padding columns must get no gradient"
+
+
+def test_cross_entropy_padding_is_never_counted(device):
+    """The padding of a wider buffer may hold anything (here +inf and NaN): never counted."""
+    full, targets = _inputs((4,), 48, torch.float32, device, seed=8)
+    full[:, 40:44], full[:, 44:] = float("inf"), float("nan")
+    ours = _run(lambda x, t: cross_entropy(x[:, :40], t), [full], targets)
+    ref = _run(lambda x, t: _reference(x[:, :40], t), [full], targets)
+    for name, a, r in zip(("loss", "dlogits"), ours, ref):
+        assert_close(a[..., :40] if a.dim() else a, r[..., :40] if r.dim() else r, 1e-5, name)
+
+
+def test_cross_entropy_kernel_gives_nan_for_a_target_out_of_range(device):
+    """On CUDA the range check runs on the device (no host sync); the kernel itself must then
+    never read outside the row for such a target: its loss is NaN, the other rows are exact."""
+    from gptfast.kernels.cross_entropy import _launch
+    logits, _ = _inputs((3,), 20, torch.float32, device, seed=9)
+    targets = torch.tensor([4, 20, -7], device=device)  # 20 and -7 lie outside [0, 20)
+    loss_rows = torch.zeros(3, device=device)
+    _launch(logits, logits, targets, loss_rows, torch.tensor(3, device=device), -100, False, None)
+    assert torch.isnan(loss_rows[1:]).all(), f"out-of-range targets gave losses {loss_rows[1:].tolist()}"
+    want = F.cross_entropy(logits[:1], targets[:1], reduction="none")
+    assert_close(loss_rows[:1], want, 1e-5, "in-range row")
+
+
+@pytest.mark.gpu
+def test_cross_entropy_bad_target_fails_on_the_device():
+    """CUDA: no host sync, so a target out of range trips a device-side assertion (which ends
+    the CUDA context, hence a subprocess), as F.cross_entropy's own check does."""
+    code = ("import torch; from gptfast.kernels.cross_entropy import cross_entropy; "
+            "x = torch.randn(4, 10, device='cuda'); "
+            "cross_entropy(x, torch.tensor([0, 1, 10, 2], device='cuda')); torch.cuda.synchronize()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "device-side assert" in proc.stderr, (
+        f"exit {proc.returncode}, stderr:\n{proc.stderr[-2000:]}")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast.kernels.cross_entropy import cross_entropy, linear_cross_entropy
-from kernel_checks import assert_close, assert_within_2x
+from kernel_checks import assert_close, assert_each_within_2x, assert_within_2x, scale_device, scale_params
 
 
 def _inputs(shape, V, dtype, device, seed=0, ignore_every=3, spread=2.0):
@@ -287,3 +287,44 @@ def test_cross_entropy_bad_target_fails_on_the_device():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "device-side assert" in proc.stderr, (
         f"exit {proc.returncode}, stderr:\n{proc.stderr[-2000:]}")
+
+
+# ------------------------------------------------------------------- GPT-2 scale (make gpu-check)
+
+def _device_targets(M, V, device, seed):
+    targets = torch.randint(0, V, (M,), device=device, generator=torch.Generator(device).manual_seed(seed))
+    targets[::7] = -100
+    return targets
+
+
+@pytest.mark.parametrize("rows", ["contiguous", "padded"])
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_cross_entropy_at_gpt2_scale(size, dtype, rows, device):
+    """16 x 1024 tokens over GPT-2's 50257 logits, as a plain head gives them (contiguous rows)
+    and as a pad_vocab head does (rows 50304 apart): loss and dlogits within 2x of
+    F.cross_entropy's error in that dtype, against fp64."""
+    dev = scale_device(size, device)
+    M, V = (16 * 1024, 50257) if size == "gpt2" else (6, 257)
+    width = -(-V // 64) * 64 if rows == "padded" else V
+    full = 2 * torch.randn(M, width, device=dev, generator=torch.Generator(dev).manual_seed(31))
+    logits, targets = full.to(dtype)[:, :V], _device_targets(M, V, dev, 32)
+    ours = _run(cross_entropy, [logits], targets)
+    low_ref = _run(_reference, [logits], targets)
+    truth = _run(_reference, [logits.double()], targets)
+    assert_each_within_2x(["loss", "dlogits"], ours, low_ref, truth, dtype)
+
+
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_linear_cross_entropy_at_gpt2_scale(size, dtype, device):
+    """GPT-2 124M output head + loss (16 x 1024 tokens, 768 -> 50257): loss, dhidden, dweight
+    within 2x of F.linear + F.cross_entropy's error in that dtype, against fp64."""
+    dev = scale_device(size, device)
+    M, H, V = (16 * 1024, 768, 50257) if size == "gpt2" else (40, 32, 1000)
+    g = torch.Generator(dev).manual_seed(33)
+    hidden = torch.randn(M, H, device=dev, generator=g).to(dtype)
+    weight = (torch.randn(V, H, device=dev, generator=g) / H**0.5).to(dtype)
+    targets = _device_targets(M, V, dev, 34)
+    ours = _run(linear_cross_entropy, [hidden, weight], targets)
+    low_ref = _run(_reference_linear, [hidden, weight], targets)
+    truth = _run(_reference_linear, [hidden.double(), weight.double()], targets)
+    assert_each_within_2x(["loss", "dhidden", "dweight"], ours, low_ref, truth, dtype)

@@ -375,7 +375,9 @@ def test_cli(tmp_path, capsys):
     from gptfast.cli import main
     model = tiny(vocab=50257, ctx=32, emb=32, layers=1)
     path = save_checkpoint(tmp_path / "ck.pt", model)
-    base = ["generate", "--checkpoint", str(path), "--max-new-tokens", "12", "--dtype", "float32",
+    # on the CPU on every machine: the expected text comes from CPU references (a GPU's fp32 can
+    # split a near tie of this tiny model's logits the other way)
+    base = ["generate", "--checkpoint", str(path), "--device", "cpu", "--max-new-tokens", "12", "--dtype", "float32",
             "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "3"]
     assert main(base + ["--prompt", "Every effort moves you", "--verbose"]) == 0
     plain = capsys.readouterr().out
@@ -386,20 +388,20 @@ def test_cli(tmp_path, capsys):
     assert streamed == "Every effort moves you" + expected + "\n"
     assert plain.startswith(streamed) and "tokens/s" in plain[len(streamed):]
     # greedy output against the classic no-cache path, independent of Generator
-    assert main(base[:7] + ["--prompt", "Every effort moves you"]) == 0
+    assert main(base[:9] + ["--prompt", "Every effort moves you"]) == 0
     ref = tok.decode(reference_ids(model, tok.encode("Every effort moves you"), 12))
     assert capsys.readouterr().out == "Every effort moves you" + ref + "\n"
     # a batch file: every prompt's output equals its own no-cache greedy generation
     prompts = ["Hello", "Every effort moves you", "I HAD always thought Jack Gisburn rather a cheap genius"]
     batch = tmp_path / "prompts.txt"
     batch.write_text(f"{prompts[0]}\n\n{prompts[1]}\n{prompts[2]}\n")  # blank lines are skipped
-    assert main(base[:7] + ["--batch-file", str(batch)]) == 0
+    assert main(base[:9] + ["--batch-file", str(batch)]) == 0
     expected = "".join(f"=== {p}\n{p}{tok.decode(reference_ids(model, tok.encode(p), 12))}\n\n" for p in prompts)
     assert capsys.readouterr().out == expected
     assert main(base + ["--prompt", ""]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
     batch.write_bytes(b"Hello\n\xff\xfe\n")
-    assert main(base[:7] + ["--batch-file", str(batch)]) == 2
+    assert main(base[:9] + ["--batch-file", str(batch)]) == 2
     assert capsys.readouterr().err.splitlines() == [f"gptfast generate: error: --batch-file {batch} is not UTF-8 "
                                                     "text (invalid start byte at byte 6)"]
 

@@ -105,13 +105,20 @@ def bench_stages(py: str, scratch: str) -> list[Stage]:
 
 # ------------------------------------------------------------------------------- running
 
+def stage_env(stage: Stage) -> dict:
+    """The environment a stage runs in: this one, less what would change how its tests run (the
+    interpreter: a GPU run compiles the kernels; an outer pytest-xdist's worker variables, which
+    would make pytest-benchmark think it runs under xdist), plus the stage's own."""
+    env = {k: v for k, v in os.environ.items()
+           if k != "TRITON_INTERPRET" and not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST"))}
+    return {**env, **stage.env, "PYTHONUNBUFFERED": "1"}
+
+
 def run_stage(stage: Stage, log, limit_s: float) -> dict:
     """Run one stage, its output copied live to stdout and to `log`; kill its whole process
     group at the limit. Returns its record (status ok / failed / timeout, seconds, output)."""
-    env = {**os.environ, **stage.env, "PYTHONUNBUFFERED": "1"}
-    env.pop("TRITON_INTERPRET", None)  # a GPU run compiles the kernels
     start = time.monotonic()
-    proc = subprocess.Popen(stage.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(stage.argv, cwd=ROOT, env=stage_env(stage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True)
     lines: list[str] = []
 
@@ -240,7 +247,8 @@ def collect(stage: Stage) -> tuple[int, str]:
     out, cwd, env = io.StringIO(), os.getcwd(), dict(os.environ)
     try:
         os.chdir(ROOT)
-        os.environ.update(stage.env)
+        os.environ.clear()
+        os.environ.update(stage_env(stage))
         with contextlib.redirect_stdout(out):
             code = pytest.main(argv + ["--collect-only"])
     finally:

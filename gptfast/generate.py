@@ -366,8 +366,8 @@ class Generator:
             with self._eval():
                 return self._static_step(buf, idx, pos)
         # what the captured ops depend on: padded rows take the masked path, not the decode
-        # kernel; the backend may be switched between calls (the model can be the caller's)
-        key = (buf.caches[0].padded, self.model.backend)
+        # kernel; the model's op modules may be switched between calls (it can be the caller's)
+        key = (buf.caches[0].padded, self.model.active_backend)
         graph = buf.graphs.get(key)
         with self._eval():  # the graph is captured (and replayed) with dropout off
             if graph is None:
@@ -409,7 +409,7 @@ class Generator:
 class _Buffers:
     """Static decode buffers for one batch size: every layer's KV cache, the (1,) device tensor
     with the slot a static step writes (shared by all layers), and the CUDA graphs captured
-    over exactly these tensors (keyed by padding and backend), so no graph outlives them."""
+    over exactly these tensors (keyed by padding and the model's backend), so no graph outlives them."""
 
     def __init__(self, model, batch, context_size, device):
         self.batch = batch

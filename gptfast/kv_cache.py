@@ -1,27 +1,29 @@
 """Static, preallocated key/value cache for generation, one object per attention layer.
 
-`GPTModel` calls `cache.update(k, v)` with the new (B, H, T_new, D) keys/values and attends
-over what it returns; when the cache has an `attention` method the model lets it attend,
-so the cache owns the two things only it knows: which slots hold padding (batched prompts
-of different lengths are left-padded) and, in static mode, how far the buffer is filled.
+The cache stores keys and values and knows which slots a query may see; how to attend is the
+attention module's choice (gptfast.model.CausalAttention and its backend variants). Its
+interface to attention, for T new queries of every row:
+
+- `update(k, v)` stores the new (B, H, T, D) keys/values and returns the keys and values to
+  attend over, (B, H, S, D) — slot s of them is cache slot s;
+- `mask(T)`: None when the plain causal rule holds (the T queries are the last T of the S slots
+  and each sees every slot up to its own), else a bool mask broadcasting to (B, H, T, S),
+  True where query t may see slot s;
+- `lengths()`: for one query per row, how many leading slots each row sees — an int for every
+  row or a (B,) device tensor (the flash-decoding kernel takes either) — or None when what a
+  row sees is not a prefix of the slots (padding).
+
+Batched prompts of different lengths are left-padded: `reset(key_valid)` marks the padding.
 
 - eager mode: `update` writes at the Python offset `length` and returns views of the
-  filled prefix (B, H, length, D); attention goes to the model's backend when no row is padded.
+  filled prefix (B, H, length, D).
 - static mode (CUDA graphs): `update` writes at the device tensor `write_pos` and returns the
-  whole buffer, so every decode step has the same shapes and can be replayed as one graph.
+  whole buffer, so every decode step has the same shapes and can be replayed as one graph;
+  the slots past `write_pos` are masked.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
-
-
-def decode_kernel(ops, q):
-    """The triton backend's flash-decoding kernel for q, or None (SDPA does the work): only
-    when the model runs on that backend, on CUDA, for the head sizes and dtypes it covers."""
-    return ops.decode_kernel(q) if ops.name == "triton" and q.is_cuda else None
 
 
 class KVCache:
@@ -60,41 +62,26 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def attention(self, q, k, v, ops):
-        """Attention of the T new queries (the last T filled slots) over k, v (B, H, S, D)."""
-        T, S = q.shape[-2], k.shape[-2]
-        if self.static:
-            return self._static_decode(q, ops)
+    def mask(self, T: int) -> torch.Tensor | None:
+        """Which of the slots `update` returned each of the T new queries sees (see above)."""
+        if self.static:  # one query per row, in slot write_pos
+            slots = torch.arange(self.max_len, device=self.k.device)
+            return ((slots <= self.write_pos) & self.key_valid)[:, None, None, :]  # (B, 1, 1, S)
         if not self.padded:
-            if T == 1 and ops.name != "reference":  # one query in the last slot sees every key: no mask
-                kernel = decode_kernel(ops, q)
-                if kernel is not None:
-                    return kernel(q, self.k, self.v, S)
-                return F.scaled_dot_product_attention(q, k, v)
-            return ops.attention(q, k, v)
-        # query slot t sees keys s <= t that are not padding; a padding query sees itself,
+            return None
+        # query slot t sees slots s <= t that are not padding; a padding query sees itself,
         # so no row is fully masked (that would give NaNs that leak through 0 * NaN)
-        q_slot = torch.arange(S - T, S, device=q.device)[:, None]  # (T, 1)
-        k_slot = torch.arange(S, device=q.device)[None, :]  # (1, S)
+        S = self.length
+        q_slot = torch.arange(S - T, S, device=self.k.device)[:, None]  # (T, 1)
+        k_slot = torch.arange(S, device=self.k.device)[None, :]  # (1, S)
         allowed = (k_slot <= q_slot) & self.key_valid[:, None, :S] | (k_slot == q_slot)  # (B, T, S)
-        return masked_attention(q, k, v, allowed[:, None], reference=ops.name == "reference")
+        return allowed[:, None]  # (B, 1, T, S)
 
-    def _static_decode(self, q, ops):
-        """One query per row over the whole buffer; slots past write_pos are masked."""
-        kernel = None if self.padded else decode_kernel(ops, q)
-        if kernel is not None:
-            return kernel(q, self.k, self.v, (self.write_pos + 1).expand(q.shape[0]))
-        slots = torch.arange(self.max_len, device=q.device)
-        allowed = (slots <= self.write_pos) & self.key_valid  # (B, S)
-        return masked_attention(q, self.k, self.v, allowed[:, None, None, :])
-
-
-def masked_attention(q, k, v, allowed, reference=False):
-    """softmax(q k^T / sqrt(D) where allowed) v; `allowed` broadcasts to (B, H, T, S)."""
-    if not reference:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, H, T, S)
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v  # (B, H, T, D)
+    def lengths(self) -> int | torch.Tensor | None:
+        """For one query per row: the leading slots each row sees (None: padding)."""
+        if self.padded:
+            return None
+        return (self.write_pos + 1).expand(self.k.shape[0]) if self.static else self.length
 
 
 def make_caches(model, batch: int, max_len: int, dtype, device, write_pos=None) -> list[KVCache]:

@@ -111,7 +111,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--new-tokens", type=int, default=200)
-    ap.add_argument("--no-cache-tokens", type=int, default=200, help="fewer keeps the slow baseline short")
+    ap.add_argument("--no-cache-tokens", type=int, default=200, help="fewer keeps the slow baseline short; 0 skips it")
+    ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16", "int8"], default=None,
+                    help="engines' dtypes (default: all; gptfast fp32 always runs: the greedy reference)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median reported)")
@@ -130,14 +132,19 @@ def main():
     print(f"max |logits(gptfast) - logits(transformers)| = {diff:.2e} (fp32)")
     assert diff < 1e-3, diff
 
+    wanted = set(args.dtypes or ["float32", "bfloat16", "float16", "int8"])
     rows = {}  # label -> (ids, ttft, tokens/s, dtype)
-    rows["classic generate, no cache (fp32)"] = (*bench_no_cache(model, device, args.no_cache_tokens), "float32")
-    rows["transformers generate (fp32)"] = (*bench_transformers(hf, device, n, reps), "float32")
-    if device.type == "cuda":
+    if args.no_cache_tokens:
+        rows["classic generate, no cache (fp32)"] = (*bench_no_cache(model, device, args.no_cache_tokens), "float32")
+    if "float32" in wanted:
+        rows["transformers generate (fp32)"] = (*bench_transformers(hf, device, n, reps), "float32")
+    if device.type == "cuda" and "bfloat16" in wanted:
         rows["transformers generate (bf16)"] = (*bench_transformers(hf.to(torch.bfloat16), device, n, reps),
                                                 "bfloat16")
     rows["gptfast Generator (fp32)"] = (*bench_ours(model, "float32", device, n, reps), "float32")
     for dtype in dict.fromkeys([reduced, "bfloat16", "float16"] + ["int8"] * int8_supported(device)):
+        if dtype not in wanted:
+            continue
         label = f"gptfast Generator ({dtype}{', the default' if dtype == reduced else ''})"
         rows[label] = (*bench_ours(model, dtype, device, n, reps), dtype)
 
@@ -145,22 +152,25 @@ def main():
     agree = {label: (check_greedy(model, ids, ref, label, device) if dtype == "float32" else
                      f"{next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), len(ids))}/{len(ids)}")
              for label, (ids, _, _, dtype) in rows.items()}
-    base_nc = rows["classic generate, no cache (fp32)"][2]
+    base_nc = rows["classic generate, no cache (fp32)"][2] if args.no_cache_tokens else None
     base_hf = {d: r[2] for label, r in rows.items() if label.startswith("transformers") for d in [r[3]]}
     threads = f" --threads {args.threads}" if args.threads else ""
     lines = [f"# Generation, GPT-2 124M random init, batch 1, greedy, 4-token prompt, {n} new tokens",
              f"device: {device.type} ({device_name(device)}), torch {torch.__version__}, "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
              f"command: python benchmarks/bench_generate.py --device {device} --new-tokens {n} "
-             f"--no-cache-tokens {args.no_cache_tokens} --repeats {reps}{threads}",
+             f"--no-cache-tokens {args.no_cache_tokens} --repeats {reps}{threads}"
+             + (f" --dtypes {' '.join(args.dtypes)}" if args.dtypes else ""),
              f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}", "",
              "| engine | tokens | time to first token (ms) | tokens/s | vs no-cache | vs transformers fp32 "
              "| vs transformers, same dtype | greedy tokens equal to gptfast fp32 |",
              "|---|---|---|---|---|---|---|---|"]
     for label, (ids, ttft, tps, dtype) in rows.items():
         same = f"{tps / base_hf[dtype]:.2f}x" if dtype in base_hf else "-"
-        lines.append(f"| {label} | {len(ids)} | {1000 * ttft:.1f} | {tps:.1f} | {tps / base_nc:.1f}x "
-                     f"| {tps / base_hf['float32']:.2f}x | {same} | {agree[label]} |")
+        vs_nc = f"{tps / base_nc:.1f}x" if base_nc else "-"
+        vs_fp32 = f"{tps / base_hf['float32']:.2f}x" if "float32" in base_hf else "-"
+        lines.append(f"| {label} | {len(ids)} | {1000 * ttft:.1f} | {tps:.1f} | {vs_nc} | {vs_fp32} | {same} "
+                     f"| {agree[label]} |")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out) / f"generate_{device.type}.md"

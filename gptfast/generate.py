@@ -186,7 +186,8 @@ class Generator:
             raise ValueError(f"context_size must be in [1, {self.cfg.context_length}] (the model's context), "
                              f"got {context_size}")
         self._tokenizer = tokenizer
-        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.cuda_graph = cuda_graph and device.type == "cuda"  # decided here: graphs record CUDA work only
+        self.static_step = self.cuda_graph  # decode through the step a graph captures (tests set it on CPU)
         self._buffers = self._owner = None
         self.stats = {}
 
@@ -366,12 +367,15 @@ class Generator:
         """Logits (B, V) after one token per row, idx (B, 1) at positions pos (B, 1), written
         to cache slot `slot`. Eager: attends over the filled prefix. CUDA: the static step
         (whole-buffer cache, device write index) replayed from a graph."""
-        if not self.cuda_graph:
+        if not self.static_step:
             buf.set_static(False)
             with eval_mode(self.model):
                 return self._logits(self.model.hidden_states(idx, buf.caches, positions=pos))
         buf.set_static(True)
         buf.write_pos.fill_(slot)  # in place: the graph reads this tensor
+        if not self.cuda_graph:  # the static step itself, without a graph
+            with self._eval():
+                return self._static_step(buf, idx, pos)
         # what the captured ops depend on: padded rows take the masked path, not the decode
         # kernel; the model's op modules may be switched between calls (it can be the caller's)
         key = (buf.caches[0].padded, self.model.active_backend)
@@ -391,6 +395,9 @@ class Generator:
         """A `_Graph` of the static step for buf's batch size, or False (with a warning) when
         this model's ops cannot be captured. Warm-up runs write junk K/V at slot write_pos;
         the replay (or the eager fallback) that follows overwrites that slot."""
+        if self.device.type != "cuda":  # a capture of CPU work records nothing: replays would be stale
+            raise RuntimeError(f"CUDA graphs need a model on a CUDA device; this Generator's is on {self.device} "
+                               "(construct it there, or set cuda_graph=False)")
         idx_buf = torch.zeros(buf.batch, 1, dtype=torch.long, device=self.device)
         pos_buf = pos.clone()
         try:

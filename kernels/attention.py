@@ -380,9 +380,15 @@ def _blocks(head_dim: int, dtype: torch.dtype):
         # small, unequal tiles: cheap on the CPU interpreter, and even tiny test shapes cross
         # several block boundaries with BLOCK_M != BLOCK_N
         return (32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)
-    # picked from ptxas register/spill reports for sm_90 with Triton 3.6 (not yet timed on a GPU)
+    # picked from ptxas register/spill reports for sm_90 (tests/test_triton_compile.py, which
+    # compiles with the JIT's divisibility hints at GPT-2 shapes: none spills with Triton 3.6 or
+    # 3.9); not yet timed on a GPU
     if dtype == torch.float32:  # twice the bytes per element: smaller tiles, fewer stages
-        return (64, 32, 8, 2), (32, 32 if head_dim == 128 else 64, 8, 2), (64, 32, 8, 2)
+        # fp32 dots run on FMA units: at D=128 the pipelined (64, 32) forward and dQ tiles spill,
+        # and (32, 64) dK/dV tiles do at D=64
+        if head_dim == 128:
+            return (32, 64, 8, 1), (32, 32, 8, 2), (64, 32, 8, 1)
+        return (64, 32, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2)
     if head_dim == 128:
         return (128, 64, 8, 3), (32, 64, 8, 2), (64, 64, 8, 3)
     # query-major forward/dQ tiles, key-major dK/dV tiles (as in FlashAttention-2)

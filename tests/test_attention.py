@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast.kernels.attention import attention, attention_decode, attention_dropout_mask, attention_ref
-from kernel_checks import assert_within_2x
+from kernel_checks import assert_each_within_2x, assert_within_2x, scale_device, scale_params
 
 
 @pytest.fixture(autouse=True)
@@ -258,3 +258,86 @@ def test_gpt2_scale_bf16_on_gpu(T):
     q, k, v = make_qkv(2, 12, T, T, 64, dtype=torch.bfloat16, device="cuda", seed=T)
     do = torch.randn(2, 12, T, 64, device="cuda", dtype=torch.bfloat16)
     assert_within_2x_of(causal_sdpa, q, k, v, do)
+
+
+def fused_qkv(B, H, T, D, dtype, device, seed):
+    """q, k, v (B, H, T, D) as the model makes them: strided views of one fused projection."""
+    g = torch.Generator(device).manual_seed(seed)
+    qkv = torch.randn(B, T, 3, H, D, device=device, generator=g).to(dtype)
+    return [t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).detach()]  # each (B, H, T, D)
+
+
+def causal_flash(q, k, v):
+    """PyTorch's fused attention (flash on CUDA for fp16/bf16): the reference in the low dtype."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def check_attention_within_2x(shape, dtype, device, seed):
+    B, H, T, D = shape
+    q, k, v = fused_qkv(B, H, T, D, dtype, device, seed)
+    do = torch.randn(B, H, T, D, device=device, generator=torch.Generator(device).manual_seed(seed + 1)).to(dtype)
+    ours = run(attention, q, k, v, do)
+    low = run(causal_flash, q, k, v, do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    truth = run(attention_ref, *leaves, do.double())
+    assert_each_within_2x([f"{shape} {n}" for n in NAMES], ours, low, truth, dtype)
+
+
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_attention_at_gpt2_scale(size, dtype, device):
+    """GPT-2 124M training shape (16 x 12 heads x 1024 x 64): output and dq, dk, dv within 2x of
+    SDPA's error in that dtype, against fp64."""
+    shape = (16, 12, 1024, 64) if size == "gpt2" else (1, 1, 40, 64)
+    check_attention_within_2x(shape, dtype, scale_device(size, device), seed=21)
+
+
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_attention_long_context_head_dim_128(size, dtype, device):
+    """T = 4096 with head_dim 128 (6 heads of GPT-2's 768): the other launch configs."""
+    shape = (1, 6, 4096, 128) if size == "gpt2" else (1, 1, 40, 128)
+    check_attention_within_2x(shape, dtype, scale_device(size, device), seed=22)
+
+
+@pytest.mark.parametrize("size", ["small", pytest.param("gpt2", marks=pytest.mark.gpu)])
+def test_attention_dropout_at_gpt2_scale(size, device):
+    """Dropout over B x H x T = 16 x 12 x 1024 (bf16, as in training): the kernels' mask is
+    attention_dropout_mask's (output and gradients within 2x of the masked reference in bf16,
+    against fp64 with the same mask), and the keep-rate is 1 - p."""
+    dev = scale_device(size, device)
+    B, H, T, D = (16, 12, 1024, 64) if size == "gpt2" else (1, 1, 17, 16)
+    p, seed = 0.1, 4321
+    q, k, v = fused_qkv(B, H, T, D, torch.bfloat16, dev, seed=23)
+    do = torch.randn(B, H, T, D, device=dev, generator=torch.Generator(dev).manual_seed(24)).to(torch.bfloat16)
+    keep = attention_dropout_mask(seed, B * H, T, T, p, device=dev).view(B, H, T, T)
+    visible = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+
+    def masked_reference(q, k, v):
+        s = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~visible, float("-inf"))
+        return (torch.softmax(s, -1) * keep / (1 - p)).to(q.dtype) @ v
+
+    ours = run(lambda q, k, v: attention(q, k, v, dropout_p=p, seed=seed), q, k, v, do)
+    low = run(masked_reference, q, k, v, do)
+    truth = run(masked_reference, *(t.detach().double().requires_grad_() for t in (q, k, v)), do.double())
+    assert_each_within_2x([f"dropout {n}" for n in NAMES], ours, low, truth, torch.bfloat16)
+    n = visible.sum().item() * B * H
+    rate = keep[..., visible].float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), f"keep rate {rate:.5f}, expected {1 - p}"
+
+
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_attention_decode_at_gpt2_scale(size, dtype, device):
+    """Flash-decoding for a batch of 16 x 12 heads against 1024-slot caches of different lengths
+    (the CUDA-graph path's length tensor) and one common length: within 2x of the reference."""
+    dev = scale_device(size, device)
+    B, H, L, D = (16, 12, 1024, 64) if size == "gpt2" else (2, 1, 40, 32)
+    q, k, v = (t.detach() for t in fused_qkv(B, H, L, D, dtype, dev, seed=25))
+    q = q[:, :, :1]  # (B, H, 1, D)
+    lens = torch.randint(1, L + 1, (B,), device=dev, generator=torch.Generator(dev).manual_seed(26))
+    lens[0] = L
+    for cache_len in (lens, int(lens[1])):
+        got = attention_decode(q, k, v, cache_len)
+        for b in range(B):
+            n = int(lens[b]) if isinstance(cache_len, torch.Tensor) else cache_len
+            args = (q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
+            assert_each_within_2x([f"decode row {b} of {n}"], [got[b:b + 1]], [attention_ref(*args)],
+                                  [attention_ref(*(t.double() for t in args))], dtype)

@@ -1,11 +1,15 @@
 """cross_entropy / linear_cross_entropy (Triton) against F.cross_entropy (and F.linear), loss and grads."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gptfast.kernels.cross_entropy import (cross_entropy, cross_entropy_ref, linear_cross_entropy,
                                            linear_cross_entropy_ref)
-from kernel_checks import assert_close, assert_within_2x
+from kernel_checks import (SCALE_ATOL, assert_close, assert_each_within_2x, assert_within_2x, scale_device,
+                           scale_params)
 
 
 def _inputs(shape, V, dtype, device, seed=0, ignore_every=3, spread=2.0):
@@ -118,8 +122,8 @@ def test_cross_entropy_backward_twice_is_an_error(device):
 
 def test_cross_entropy_rejects_bad_targets(device):
     logits, targets = _inputs((4,), 10, torch.float32, device)
-    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
-        cross_entropy(logits, torch.tensor([0, 1, 10, 2], device=device))
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):  # CPU tensors: checked at once
+        cross_entropy(logits.cpu(), torch.tensor([0, 1, 10, 2]))
     with pytest.raises(ValueError, match="targets have 3 elements"):
         cross_entropy(logits, targets[:3])
     with pytest.raises(ValueError, match="targets have dtype"):
@@ -227,3 +231,122 @@ def test_linear_cross_entropy_memory_a_quarter_of_torch():
     ours = run(linear_cross_entropy)
     torch_peak = run(lambda h, w, t: F.cross_entropy(F.linear(h, w), t))
     assert ours <= torch_peak / 4, f"peak {ours / 2**20:.0f} MiB vs torch {torch_peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_on_padded_rows(dtype, device):
+    """Logits sliced from a wider head (pad_vocab: rows of 64, kernel rows 16-aligned): same
+    loss and gradient as on contiguous rows, and the caller's padding columns are left alone."""
+    full, targets = _inputs((6,), 64, dtype, device, seed=7)
+    full.requires_grad_()
+    V = 57  # rows padded to 64 (a multiple of 16: the kernel reads up to 64 but counts 57)
+    loss = cross_entropy(full[:, :V], targets)
+    (grad,) = torch.autograd.grad(loss, full)
+    ref_loss, ref_grad = _run(cross_entropy_ref, [full.detach()[:, :V].float()], targets)
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(grad[:, :V].float(), ref_grad, 1e-5 if dtype == torch.float32 else 1e-2, "dlogits")
+    assert (grad[:, V:] == 0).all(), "padding columns must get no gradient"
+
+
+def test_cross_entropy_padding_is_never_counted(device):
+    """The padding of a wider buffer may hold anything (here +inf and NaN): never counted."""
+    full, targets = _inputs((4,), 48, torch.float32, device, seed=8)
+    full[:, 40:44], full[:, 44:] = float("inf"), float("nan")
+    ours = _run(lambda x, t: cross_entropy(x[:, :40], t), [full], targets)
+    ref = _run(lambda x, t: cross_entropy_ref(x[:, :40], t), [full], targets)
+    for name, a, r in zip(("loss", "dlogits"), ours, ref):
+        assert_close(a[..., :40] if a.dim() else a, r[..., :40] if r.dim() else r, 1e-5, name)
+
+
+def test_cross_entropy_kernel_gives_nan_for_a_target_out_of_range(device):
+    """On CUDA the range check runs on the device (no host sync); the kernel itself must then
+    never read outside the row for such a target: its loss is NaN, the other rows are exact."""
+    from gptfast.kernels.cross_entropy import _launch
+    logits, _ = _inputs((3,), 20, torch.float32, device, seed=9)
+    targets = torch.tensor([4, 20, -7], device=device)  # 20 and -7 lie outside [0, 20)
+    loss_rows = torch.zeros(3, device=device)
+    _launch(logits, logits, targets, loss_rows, torch.tensor(3, device=device), -100, False, None)
+    assert torch.isnan(loss_rows[1:]).all(), f"out-of-range targets gave losses {loss_rows[1:].tolist()}"
+    want = F.cross_entropy(logits[:1], targets[:1], reduction="none")
+    assert_close(loss_rows[:1], want, 1e-5, "in-range row")
+
+
+@pytest.mark.gpu
+def test_cross_entropy_bad_target_fails_on_the_device():
+    """CUDA: no host sync, so a target out of range trips a device-side assertion (which ends
+    the CUDA context, hence a subprocess), as F.cross_entropy's own check does."""
+    code = ("import torch; from gptfast.kernels.cross_entropy import cross_entropy; "
+            "x = torch.randn(4, 10, device='cuda'); "
+            "cross_entropy(x, torch.tensor([0, 1, 10, 2], device='cuda')); torch.cuda.synchronize()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "device-side assert" in proc.stderr, (
+        f"exit {proc.returncode}, stderr:\n{proc.stderr[-2000:]}")
+
+
+# ------------------------------------------------------------------- GPT-2 scale (make gpu-check)
+
+def _device_targets(M, V, device, seed):
+    targets = torch.randint(0, V, (M,), device=device, generator=torch.Generator(device).manual_seed(seed))
+    targets[::7] = -100
+    return targets
+
+
+def _grad(fn, logits, targets):
+    """(loss, dlogits) of fn without copying the logits (none of the functions writes them)."""
+    x = logits.detach().requires_grad_()
+    loss = fn(x, targets)
+    return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+
+def _fp64_errors(logits, targets, results, rows=2048):
+    """Worst |loss - truth| and |dlogits - truth| of each (loss, dlogits) in results, the true loss
+    and the truth's largest |dlogits|: F.cross_entropy in fp64, computed a few thousand rows at a time
+    (16 x 1024 x 50257 fp64 would be 6.6 GB a tensor)."""
+    n_valid = (targets != -100).sum()
+    loss, grad_err, scale = 0.0, [0.0] * len(results), 0.0
+    for start in range(0, logits.shape[0], rows):
+        x = logits[start:start + rows].double().requires_grad_()
+        part = F.cross_entropy(x, targets[start:start + rows], reduction="sum") / n_valid
+        (truth,) = torch.autograd.grad(part, x)
+        loss += part.item()
+        scale = max(scale, truth.abs().max().item())
+        for i, (_, g) in enumerate(results):
+            grad_err[i] = max(grad_err[i], (g[start:start + rows].double() - truth).abs().max().item())
+    return [abs(r[0].item() - loss) for r in results], grad_err, loss, scale
+
+
+@pytest.mark.parametrize("rows", ["contiguous", "padded"])
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_cross_entropy_at_gpt2_scale(size, dtype, rows, device):
+    """16 x 1024 tokens over GPT-2's 50257 logits, as a plain head gives them (contiguous rows)
+    and as a pad_vocab head does (rows 50304 apart): loss and dlogits within 2x of
+    F.cross_entropy's error in that dtype, against fp64."""
+    dev = scale_device(size, device)
+    M, V = (16 * 1024, 50257) if size == "gpt2" else (6, 257)
+    width = -(-V // 64) * 64 if rows == "padded" else V
+    full = 2 * torch.randn(M, width, device=dev, generator=torch.Generator(dev).manual_seed(31))
+    logits, targets = full.to(dtype)[:, :V], _device_targets(M, V, dev, 32)
+    del full
+    results = [_grad(cross_entropy, logits, targets), _grad(cross_entropy_ref, logits, targets)]  # ours, torch's
+    (loss_ours, loss_low), (grad_ours, grad_low), loss, scale = _fp64_errors(logits, targets, results)
+    atol = SCALE_ATOL[dtype]
+    assert loss_ours <= 2 * loss_low + atol * loss, (f"loss error {loss_ours:.3g} > 2 x {loss_low:.3g} (torch) + "
+                                                     f"{atol} x {loss:.3g}")
+    assert grad_ours <= 2 * grad_low + atol * scale, (f"dlogits error {grad_ours:.3g} > 2 x {grad_low:.3g} "
+                                                      f"(torch) + {atol} x {scale:.3g}")
+
+
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_linear_cross_entropy_at_gpt2_scale(size, dtype, device):
+    """GPT-2 124M output head + loss (16 x 1024 tokens, 768 -> 50257): loss, dhidden, dweight
+    within 2x of F.linear + F.cross_entropy's error in that dtype, against fp64."""
+    dev = scale_device(size, device)
+    M, H, V = (16 * 1024, 768, 50257) if size == "gpt2" else (40, 32, 1000)
+    g = torch.Generator(dev).manual_seed(33)
+    hidden = torch.randn(M, H, device=dev, generator=g).to(dtype)
+    weight = (torch.randn(V, H, device=dev, generator=g) / H**0.5).to(dtype)
+    targets = _device_targets(M, V, dev, 34)
+    ours = _run(linear_cross_entropy, [hidden, weight], targets)
+    low_ref = _run(linear_cross_entropy_ref, [hidden, weight], targets)
+    truth = _run(linear_cross_entropy_ref, [hidden.double(), weight.double()], targets)
+    assert_each_within_2x(["loss", "dhidden", "dweight"], ours, low_ref, truth, dtype)

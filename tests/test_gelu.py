@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gptfast.kernels.gelu import bias_gelu, bias_gelu_ref, gelu
-from kernel_checks import assert_close, assert_within_2x
+from kernel_checks import (assert_close, assert_each_within_2x, assert_within_2x, scale_device,
+                           scale_params)
 
 
 def _inputs(shape, dtype, device, seed=0, spread=3.0):
@@ -96,3 +97,22 @@ def test_gelu_long_1d_input_on_gpu():
     ref = _run(bias_gelu_ref, (x,), dy)
     for name, a, r in zip(("y", "dx"), ours, ref):
         assert_close(a, r, 1e-5, name)
+
+
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_gelu_at_gpt2_scale(size, dtype, device):
+    """bias_gelu and gelu on GPT-2 124M's feed-forward hidden layer (16 x 1024 tokens x 3072):
+    output and every gradient within 2x of torch's error in that dtype, against fp64."""
+    dev = scale_device(size, device)
+    shape = (16 * 1024, 3072) if size == "gpt2" else (5, 3072)
+    g = torch.Generator(dev).manual_seed(12)
+    x, dy = 3 * torch.randn(shape, device=dev, generator=g), torch.randn(shape, device=dev, generator=g)
+    bias = torch.randn(shape[-1], device=dev, generator=g)
+    for name, ours_fn, ref_fn, args in (("bias_gelu", bias_gelu, bias_gelu_ref, (x, bias)),
+                                        ("gelu", gelu, bias_gelu_ref, (x,))):
+        low = [t.to(dtype) for t in args]
+        ours = _run(ours_fn, low, dy.to(dtype))
+        low_ref = _run(ref_fn, low, dy.to(dtype))
+        truth = _run(ref_fn, [t.double() for t in low], dy.double())
+        names = [f"{name} {n}" for n in ("y", "dx", "dbias")[:len(ours)]]
+        assert_each_within_2x(names, ours, low_ref, truth, dtype)

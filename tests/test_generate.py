@@ -38,10 +38,11 @@ def reference_ids(model, prompt, n, ctx=None, eos_id=None):
 
 def static_engine(model, **kw):
     """A Generator decoding through the static step, the function a CUDA graph captures
-    (whole-buffer cache, device write index), run eagerly: on CPU the capture fails and the
-    engine falls back to it with a warning, which is checked here."""
+    (whole-buffer cache, device write index), run eagerly (no graph: the model is on CPU, on
+    every machine)."""
     engine = Generator(model, dtype=None, **kw)
-    engine.cuda_graph = True
+    assert not engine.cuda_graph, "a CPU model never gets CUDA graphs"
+    engine.static_step = True
     return engine
 
 
@@ -80,7 +81,6 @@ def test_context_size_smaller_than_model_context():
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
-@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
 def test_batched_equals_one_at_a_time(static):
     model = tiny(ctx=32)
     engine = make_engine(model, static)
@@ -164,7 +164,6 @@ def test_classic_generate_seeded_with_cache():
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
-@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
 def test_consecutive_calls_share_no_state(static):
     """One engine across calls with different batch sizes, prompt lengths and padding (the
     static buffers are re-made or refilled, never read stale) equals the no-cache reference."""
@@ -181,12 +180,11 @@ def test_consecutive_calls_share_no_state(static):
             ref = reference_ids(model, p, n)
             varied(ref, min(n, 12) // 2)
             assert out[i] == ref, f"call {c}, prompt {i}: first mismatch at token {first_diff(out[i], ref)}"
-    if static:  # the capture was tried, failed (no GPU here) and the static step ran instead
-        assert list(engine._buffers.graphs.values()) == [False]
+    if static:  # the static step ran without a graph: no capture was even tried
+        assert engine._buffers.graphs == {}
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
-@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
 def test_interrupted_stream_then_generate(text_model, static):
     engine = make_engine(text_model, static)
     fresh = make_engine(text_model, static)
@@ -377,7 +375,9 @@ def test_cli(tmp_path, capsys):
     from gptfast.cli import main
     model = tiny(vocab=50257, ctx=32, emb=32, layers=1)
     path = save_checkpoint(tmp_path / "ck.pt", model)
-    base = ["generate", "--checkpoint", str(path), "--max-new-tokens", "12", "--dtype", "float32",
+    # on the CPU on every machine: the expected text comes from CPU references (a GPU's fp32 can
+    # split a near tie of this tiny model's logits the other way)
+    base = ["generate", "--checkpoint", str(path), "--device", "cpu", "--max-new-tokens", "12", "--dtype", "float32",
             "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "3"]
     assert main(base + ["--prompt", "Every effort moves you", "--verbose"]) == 0
     plain = capsys.readouterr().out
@@ -388,20 +388,20 @@ def test_cli(tmp_path, capsys):
     assert streamed == "Every effort moves you" + expected + "\n"
     assert plain.startswith(streamed) and "tokens/s" in plain[len(streamed):]
     # greedy output against the classic no-cache path, independent of Generator
-    assert main(base[:7] + ["--prompt", "Every effort moves you"]) == 0
+    assert main(base[:9] + ["--prompt", "Every effort moves you"]) == 0
     ref = tok.decode(reference_ids(model, tok.encode("Every effort moves you"), 12))
     assert capsys.readouterr().out == "Every effort moves you" + ref + "\n"
     # a batch file: every prompt's output equals its own no-cache greedy generation
     prompts = ["Hello", "Every effort moves you", "I HAD always thought Jack Gisburn rather a cheap genius"]
     batch = tmp_path / "prompts.txt"
     batch.write_text(f"{prompts[0]}\n\n{prompts[1]}\n{prompts[2]}\n")  # blank lines are skipped
-    assert main(base[:7] + ["--batch-file", str(batch)]) == 0
+    assert main(base[:9] + ["--batch-file", str(batch)]) == 0
     expected = "".join(f"=== {p}\n{p}{tok.decode(reference_ids(model, tok.encode(p), 12))}\n\n" for p in prompts)
     assert capsys.readouterr().out == expected
     assert main(base + ["--prompt", ""]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
     batch.write_bytes(b"Hello\n\xff\xfe\n")
-    assert main(base[:7] + ["--batch-file", str(batch)]) == 2
+    assert main(base[:9] + ["--batch-file", str(batch)]) == 2
     assert capsys.readouterr().err.splitlines() == [f"gptfast generate: error: --batch-file {batch} is not UTF-8 "
                                                     "text (invalid start byte at byte 6)"]
 
@@ -428,6 +428,51 @@ def test_cli_bad_sampling_args(flag, value, message, capsys):
         main(["generate", "--gpt2", "124M", flag, value])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"gptfast generate: error: argument {flag}: {message}"
+
+
+def test_cuda_graph_capture_refuses_a_model_not_on_cuda():
+    """Graphs record CUDA work only: a capture of a CPU model would replay stale logits. The
+    engine decides up front (no graphs off CUDA), and a capture forced anyway is an error."""
+    engine = Generator(tiny(), dtype=None)
+    assert not engine.cuda_graph and not engine.static_step
+    engine.cuda_graph = engine.static_step = True
+    with pytest.raises(RuntimeError, match="CUDA graphs need a model on a CUDA device; this Generator's is on cpu"):
+        engine.generate_ids([[1, 2, 3]], 5)
+
+
+def assert_same_greedy(model, prompt, got, want, label):
+    """got == want token for token; a divergence is accepted only where the fp32 logits that
+    chose want's token have a near tie (top-2 gap <= 1e-5 of their scale: engines that differ
+    in summation order alone can split such a tie), and is printed."""
+    i = first_diff(got, want)
+    if i is None and len(got) == len(want):
+        return
+    assert i is not None, f"{label}: {len(got)} tokens vs {len(want)}"
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + want[:i]], device=model.tok_emb.weight.device))[0, -1].float()
+    top2 = logits.topk(2).values
+    gap, scale = float(top2[0] - top2[1]), float(logits.abs().max())
+    assert gap <= 1e-5 * scale, f"{label}: tokens differ at step {i} (top-2 gap {gap:.3g} of {scale:.3g}: no tie)"
+    print(f"{label}: tokens diverge at step {i}, a near tie (top-2 gap {gap:.2e})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_decode_equals_eager_decode(backend):
+    """200 greedy tokens through CUDA-graph replays equal eager decoding (no graph, prefix-only
+    cache) token for token: at batch 1 and in a left-padded batch of 4 (fp32)."""
+    model = tiny(vocab=1000, ctx=256, emb=128, heads=4, layers=2, backend=backend, init="torch").cuda()
+    prompts = [[7, 8, 9], [1], list(range(40, 52)), list(range(100, 130))]  # lengths 3, 1, 12, 30
+    graphed = Generator(model, dtype="float32")
+    eager = Generator(model, dtype="float32", cuda_graph=False)
+    assert graphed.cuda_graph and not eager.cuda_graph
+    for batch in ([prompts[0]], prompts):
+        got, want = graphed.generate_ids(batch, 200), eager.generate_ids(batch, 200)
+        padded = len(batch) > 1
+        assert graphed._buffers.graphs.get((padded, backend)) not in (None, False), "no CUDA graph was captured"
+        for i, (p, g, w) in enumerate(zip(batch, got, want)):
+            varied(w)
+            assert_same_greedy(model, p, g, w, f"{backend} batch {len(batch)} row {i}")
 
 
 @pytest.mark.gpu

@@ -191,17 +191,18 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_adapter_gradients_match_the_reference_backend(base, idx, backend):
-    """Adapters through each backend's modules (triton runs in its interpreter on CPU) get the
-    reference backend's loss and gradients."""
+def test_adapter_gradients_match_the_reference_backend(base, idx, backend, device):
+    """Adapters through each backend's modules (triton runs in its interpreter on CPU, on the GPU
+    where there is one) get the reference backend's loss and gradients."""
     model = copy.deepcopy(base)
     apply_lora(model, rank=4, alpha=8)
     _randomise_adapters(model)
+    idx = idx.to(device)
     results = {}
     for name in ("reference", backend):
-        m = copy.deepcopy(model)
+        m = copy.deepcopy(model).to(device)
         m.backend = name
-        assert m.active_backend == name, f"backend {name} unavailable here; got {m.active_backend}"
+        assert m.active_backend == name, f"backend {name} unavailable on {device}; got {m.active_backend}"
         loss = m.loss(idx[:, :-1], idx[:, 1:])
         loss.backward()
         results[name] = loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}

@@ -52,17 +52,23 @@ def test_tiny_gpt_triton_matches_reference_loss_and_every_gradient(overrides, de
         assert_close(grads[name], ref_grads[name], 1e-4, f"grad {name}")
 
 
-def test_tiny_gpt_triton_under_bf16_autocast(device):
-    """Mixed precision as the trainer runs it: bf16 matmuls and an fp32 residual stream meet in
-    add_layer_norm / bias_gelu / linear_cross_entropy. The 2x rule: the error against the fp32
-    truth is at most twice the reference backend's under the same autocast (+ a small atol)."""
-    model = _tiny_model().to(device)
+@pytest.mark.parametrize("size", ["tiny", pytest.param("gpt2", marks=pytest.mark.gpu)])
+def test_training_step_triton_vs_torch_under_bf16_autocast(size, device):
+    """One training step's loss and gradients in mixed precision as the trainer runs it (bf16
+    matmuls and an fp32 residual stream meet in add_layer_norm / bias_gelu / linear_cross_entropy):
+    the triton backend's error against the fp32 truth is at most twice the torch backend's under
+    the same autocast (+ a small atol). "gpt2": GPT-2 124M on 4 x 1024 tokens (make gpu-check)."""
+    if size == "gpt2":
+        device, B, T = "cuda", 4, 1024
+        torch.manual_seed(0)
+        model = GPTModel(GPTConfig.from_preset("gpt2-small", drop_rate=0.0), backend="reference").to(device)
+    else:
+        B, T, model = 2, 16, _tiny_model().to(device)
     g = torch.Generator().manual_seed(7)
-    idx = torch.randint(0, 97, (2, 16), generator=g).to(device)
-    targets = torch.randint(0, 97, (2, 16), generator=g).to(device)
+    idx, targets = (torch.randint(0, model.cfg.vocab_size, (B, T), generator=g).to(device) for _ in range(2))
     truth_loss, truth = _loss_and_grads(model, "reference", idx, targets)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        low_loss, low = _loss_and_grads(model, "reference", idx, targets)
+        low_loss, low = _loss_and_grads(model, "torch", idx, targets)
         loss, grads = _loss_and_grads(model, "triton", idx, targets)
     assert loss.dtype == torch.float32
     assert_within_2x(loss, low_loss, truth_loss, "loss under autocast", atol=1e-4)

@@ -102,3 +102,64 @@ def make_caches(model, batch: int, max_len: int, dtype, device, write_pos=None) 
     cfg = model.cfg
     return [KVCache(batch, cfg.n_heads, max_len, cfg.head_dim, dtype, device, write_pos)
             for _ in range(cfg.n_layers)]
+
+
+class RowState:
+    """What every layer's `RowKVCache` needs to know about the current forward, set once per
+    forward by the engine (gptfast.runner): a prefill of some rows (windows of one length), or
+    a decode step of rows [0, n)."""
+
+    def __init__(self):
+        self.prefill_rows: torch.Tensor | None = None
+        self.lengths: torch.Tensor | None = None  # (n,) filled slots per row = where its new key goes
+        self.span = 0  # keys each decode query may look at: max(lengths) + 1, or the whole buffer
+        self.allowed: torch.Tensor | None = None  # (n, 1, 1, span): slot s <= the row's length
+
+    def prefill(self, rows: torch.Tensor):
+        self.prefill_rows = rows
+
+    def decode(self, lengths: torch.Tensor, span: int):
+        self.prefill_rows, self.lengths, self.span = None, lengths, span
+        slots = torch.arange(span, device=lengths.device)
+        self.allowed = (slots[None, :] <= lengths[:, None])[:, None, None, :]  # (n, 1, 1, span)
+
+
+class RowKVCache:
+    """One layer's cache for continuous batching: row r holds one sequence, filled from slot 0
+    to its own length, so rows at different lengths decode in one step. Its `state` (shared
+    by every layer) says what the forward does: prefill writes rows' first T slots and
+    attends causally over them; decode writes each row's new key at its own length (device
+    indices: a CUDA graph can replay it) and attends over that row's filled slots."""
+
+    def __init__(self, rows: int, n_heads: int, max_len: int, head_dim: int, dtype, device, state: RowState):
+        shape = (rows, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.state = state
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        st = self.state
+        if st.prefill_rows is not None:  # k, v (B, H, T, D) for rows prefill_rows (B,)
+            self.k[st.prefill_rows, :, : k.shape[2]] = k
+            self.v[st.prefill_rows, :, : k.shape[2]] = v
+            return k, v
+        n = k.shape[0]  # k, v (n, H, 1, D); row i's new key goes to slot lengths[i]
+        rows = torch.arange(n, device=k.device)
+        self.k[rows, :, st.lengths] = k[:, :, 0]
+        self.v[rows, :, st.lengths] = v[:, :, 0]
+        return self.k[:n, :, : st.span], self.v[:n, :, : st.span]
+
+    def attention(self, q, k, v, ops):
+        st = self.state
+        if st.prefill_rows is not None:
+            return ops.attention(q, k, v)  # the rows' own windows: plain causal attention
+        kernel = decode_kernel(ops, q)
+        if kernel is not None:
+            n = q.shape[0]
+            return kernel(q, self.k[:n], self.v[:n], st.lengths + 1)
+        return masked_attention(q, k, v, st.allowed, reference=ops.name == "reference")
+
+
+def make_row_caches(model, rows: int, max_len: int, dtype, device, state: RowState) -> list[RowKVCache]:
+    cfg = model.cfg
+    return [RowKVCache(rows, cfg.n_heads, max_len, cfg.head_dim, dtype, device, state) for _ in range(cfg.n_layers)]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gptfast import GPTConfig, GPTModel, get_tokenizer
-from gptfast.generate import Generator, _Request, generate
+from gptfast.engine import TextOutput
+from gptfast.generate import Generator, generate
 from gptfast.quant import Int8Linear, inference_copy, int8_supported
 from gptfast.sampling import sample_top_k
 from kernel_checks import assert_close, assert_within_2x
@@ -38,10 +39,10 @@ def reference_ids(model, prompt, n, ctx=None, eos_id=None):
 
 def static_engine(model, **kw):
     """A Generator decoding through the static step, the function a CUDA graph captures
-    (whole-buffer cache, device write index), run eagerly: on CPU the capture fails and the
-    engine falls back to it with a warning, which is checked here."""
+    (batch padded to a fixed size, whole-buffer cache, device indices), run eagerly: on CPU
+    the capture is refused with a warning (checked here) and the same step runs eagerly."""
     engine = Generator(model, dtype=None, **kw)
-    engine.cuda_graph = True
+    engine.engine.runner.static = True
     return engine
 
 
@@ -80,7 +81,7 @@ def test_context_size_smaller_than_model_context():
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
-@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
+@pytest.mark.filterwarnings("ignore:CUDA graphs need a model on CUDA")
 def test_batched_equals_one_at_a_time(static):
     model = tiny(ctx=32)
     engine = make_engine(model, static)
@@ -127,12 +128,12 @@ def test_callers_training_mode_kept(text_model):
 
 def reference_sampled_ids(model, prompt, n, seed, temperature, top_k, top_p):
     """Sampled continuation built without Generator: a full no-cache forward per token and
-    gptfast.sampling drawing from a torch.Generator seeded as `Generator(seed=...)` promises."""
-    rng, ids, ctx = torch.Generator().manual_seed(seed), list(prompt), model.cfg.context_length
-    for _ in range(n):
+    gptfast.sampling drawing with the op's (seed, offset) = (seed, step), as `seed=` promises."""
+    ids, ctx = list(prompt), model.cfg.context_length
+    for step in range(n):
         with torch.no_grad():
             logits = model(torch.tensor([ids[-ctx:]]))[:, -1]  # (1, V)
-        ids.append(int(sample_top_k(logits, top_k, temperature, top_p=top_p, generator=rng)))
+        ids.append(int(sample_top_k(logits, top_k, temperature, top_p=top_p, seed=(seed, step))))
     return ids[len(prompt):]
 
 
@@ -164,7 +165,7 @@ def test_classic_generate_seeded_with_cache():
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
-@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
+@pytest.mark.filterwarnings("ignore:CUDA graphs need a model on CUDA")
 def test_consecutive_calls_share_no_state(static):
     """One engine across calls with different batch sizes, prompt lengths and padding (the
     static buffers are re-made or refilled, never read stale) equals the no-cache reference."""
@@ -181,24 +182,24 @@ def test_consecutive_calls_share_no_state(static):
             ref = reference_ids(model, p, n)
             varied(ref, min(n, 12) // 2)
             assert out[i] == ref, f"call {c}, prompt {i}: first mismatch at token {first_diff(out[i], ref)}"
-    if static:  # the capture was tried, failed (no GPU here) and the static step ran instead
-        assert list(engine._buffers.graphs.values()) == [False]
+    if static:  # the capture was refused (no GPU here) and the static step ran instead
+        graphs = engine.engine.runner.graphs
+        assert graphs and all(g is False for g in graphs.values())
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
-@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
+@pytest.mark.filterwarnings("ignore:CUDA graphs need a model on CUDA")
 def test_interrupted_stream_then_generate(text_model, static):
+    # a paused stream keeps its own cache rows: calls made meanwhile neither disturb it nor see it
     engine = make_engine(text_model, static)
     fresh = make_engine(text_model, static)
     paused = engine.stream("Every effort moves you", max_new_tokens=30)
     head = [next(paused) for _ in range(3)]
     prompts = ["Hello", "I HAD always thought Jack Gisburn rather a cheap genius"]
     assert engine.generate(prompts, max_new_tokens=20) == fresh.generate(prompts, max_new_tokens=20)
-    with pytest.raises(RuntimeError, match="another generate/stream call"):
-        next(paused)  # its cache was overwritten: an error, never wrong text
-    full = "".join(engine.stream("Every effort moves you", max_new_tokens=30))
+    full = "".join(head) + "".join(paused)
     assert full == fresh.generate("Every effort moves you", max_new_tokens=30)
-    assert full.startswith("".join(head))
+    assert "".join(engine.stream("Every effort moves you", max_new_tokens=30)) == full
 
 
 def test_stop_strings_and_eos(text_model):
@@ -224,7 +225,7 @@ def test_stream_utf8_split_across_tokens():
     tok = get_tokenizer()
     text = "h\u00e9llo \u20ac \U0001F600!"
     ids = [tok.encode_single_token(bytes([b])) for b in text.encode()]
-    request = _Request(tok, len(ids), None, [])
+    request = TextOutput(tok, len(ids), None, [])
     pieces = []
     for t in ids:
         request.push(t)
@@ -366,7 +367,7 @@ def test_bad_prompts(text_model):
         for use_cache in (True, False):
             with pytest.raises(ValueError, match=r"context_size must be an integer in \[1, "):
                 generate(text_model, torch.tensor([[1, 2]]), 3, bad, use_cache=use_cache)
-    with pytest.raises(ValueError, match="context_size must be in"):
+    with pytest.raises(ValueError, match=r"context_size must be an integer in \[1, 64\]"):
         Generator(text_model, context_size=65)
     with pytest.raises(ValueError, match="unknown dtype"):
         Generator(text_model, dtype="int4")

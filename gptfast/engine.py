@@ -35,7 +35,7 @@ from .sampling import SamplingParams, sample, seed_tensor
 
 
 class QueueFull(RuntimeError):
-    """The engine's queue holds max_queue requests already; try again later."""
+    """The engine's queue holds max_queue prompts already; try again later."""
 
 
 # ---- input checks (one place: the Generator, the classic generate and the server use them) ----
@@ -214,7 +214,7 @@ def private_model(model):
 class Engine:
     """The continuous-batching loop over one model (run as `private_model(model)`).
     `max_batch` sequences run at once (the cache grows to it on demand); `max_queue` bounds the
-    requests waiting (None: no bound); `cuda_graph` decodes through captured graphs on CUDA.
+    prompts waiting (None: no bound); `cuda_graph` decodes through captured graphs on CUDA.
     `observer`, when given, hears about steps, tokens and finished requests (gptfast.serve)."""
 
     def __init__(self, model, context_size: int | None = None, max_batch: int = 32, max_queue: int | None = None,
@@ -233,6 +233,7 @@ class Engine:
                              static=cuda_graph and self.device.type == "cuda")
         self._lock = threading.Lock()
         self._queue: deque[_Group] = deque()
+        self._waiting = 0  # prompts in the queue
         self._live: list[_Group] = []
         self._free = list(range(max_batch))  # a heap: the lowest free row first keeps batches short
         self._thread = None
@@ -256,7 +257,10 @@ class Engine:
         seed = params.seed
         if seed is None and not draw_each_step and not params.greedy:  # torch.manual_seed governs it
             seed = int(seed_tensor(None, generator)[0])
-        chunks = [range(i, min(i + self.max_batch, len(rows))) for i in range(0, len(rows), self.max_batch)]
+        # greedy prompts need nothing from each other: each joins the batch on its own; sampled
+        # ones share one draw per step, so they run together (a request over max_batch in chunks)
+        size = 1 if params.greedy else self.max_batch
+        chunks = [range(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
         now = time.perf_counter()
         groups = [_Group(handle, [_Seq(i - c.start, i, rows[i][-self.context_size:],
                                        TextOutput(tokenizer, budgets[i], eos_id, list(stop))) for i in c],
@@ -265,16 +269,18 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
-            if self.max_queue is not None and len(self._queue) + len(groups) > self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are waiting (max_queue {self.max_queue})")
+            if self.max_queue is not None and self._waiting + len(rows) > self.max_queue:
+                raise QueueFull(f"{self._waiting} prompts are waiting (max_queue {self.max_queue})")
             self._queue.extend(groups)
+            self._waiting += len(rows)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="gptfast-engine", daemon=True)
                 self._thread.start()
         return handle
 
     def waiting(self) -> int:
-        return len(self._queue)
+        """Prompts queued, not yet in the batch."""
+        return self._waiting
 
     def running(self) -> int:
         return sum(len(g.running()) for g in self._live)
@@ -315,11 +321,13 @@ class Engine:
             g = self._queue[0]
             if g.handle.cancelled:
                 dropped.append(self._queue.popleft())
+                self._waiting -= len(g.seqs)
                 continue
             need = len(g.running())
             if need > len(self._free):
                 break
             self._queue.popleft()
+            self._waiting -= len(g.seqs)
             for s in g.running():
                 s.slot = heapq.heappop(self._free)
             admitted.append(g)

@@ -6,35 +6,12 @@ import gc
 import pytest
 import torch
 
-from gptfast import GPTConfig, GPTModel, get_tokenizer
+from generation_checks import first_diff, reference_ids, reference_sampled_ids, tiny, varied
+from gptfast import get_tokenizer
 from gptfast.engine import TextOutput
 from gptfast.generate import Generator, generate
 from gptfast.quant import Int8Linear, inference_copy, int8_supported
-from gptfast.sampling import sample_top_k
 from kernel_checks import assert_close, assert_within_2x
-
-
-def tiny(vocab=211, ctx=48, emb=32, heads=4, layers=2, backend="torch", seed=0, tie_weights=False, **kw):
-    """A small random model. Untied: a tiny random model with a tied head greedily repeats its
-    last token forever, which would make every greedy comparison vacuous (see `varied`)."""
-    torch.manual_seed(seed)
-    return GPTModel(GPTConfig(vocab_size=vocab, context_length=ctx, emb_dim=emb, n_heads=heads, n_layers=layers,
-                              tie_weights=tie_weights, **kw), backend=backend).eval()
-
-
-def varied(ids, at_least=8):
-    """Guard: a greedy comparison only tests something when the output depends on the context."""
-    assert len(set(ids)) >= at_least, f"degenerate model output {ids[:20]}...: the comparison would test nothing"
-
-
-def first_diff(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-
-
-def reference_ids(model, prompt, n, ctx=None, eos_id=None):
-    idx = torch.tensor([prompt], device=model.tok_emb.weight.device)
-    out = generate(model, idx, n, ctx or model.cfg.context_length, eos_id=eos_id, use_cache=False)
-    return out[0, len(prompt):].tolist()
 
 
 def static_engine(model, **kw):
@@ -123,18 +100,7 @@ def test_callers_training_mode_kept(text_model):
     assert engine.generate("Hello", max_new_tokens=15) == expected
     del paused
     gc.collect()
-    assert model.training
-
-
-def reference_sampled_ids(model, prompt, n, seed, temperature, top_k, top_p):
-    """Sampled continuation built without Generator: a full no-cache forward per token and
-    gptfast.sampling drawing with the op's (seed, offset) = (seed, step), as `seed=` promises."""
-    ids, ctx = list(prompt), model.cfg.context_length
-    for step in range(n):
-        with torch.no_grad():
-            logits = model(torch.tensor([ids[-ctx:]]))[:, -1]  # (1, V)
-        ids.append(int(sample_top_k(logits, top_k, temperature, top_p=top_p, seed=(seed, step))))
-    return ids[len(prompt):]
+    assert all(m.training for m in model.modules()), "the engine switched a module of the caller's model"
 
 
 def test_seeded_sampling_reproducible():
@@ -477,3 +443,29 @@ def _check_bf16_greedy(model, prompt, fp32_ids):
         assert i >= first_tie, (f"bf16 greedy differs from fp32 at step {i}, before any near tie "
                                 f"(first at {first_tie}; gap {float(top2[i, 0] - top2[i, 1]):.3g}, "
                                 f"bf16 error {float(err[i]):.3g})")
+
+
+def test_generator_shared_by_threads(text_model):
+    """Issue 13.2: one Generator called from several threads at once (generate, stream,
+    generate_ids; greedy and seeded sampling) gives every call what it gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+    engine = Generator(text_model, dtype=None)
+    texts = ["Every effort moves you", "Hello", "I HAD always thought Jack Gisburn", "The", "cheap genius"]
+    calls = [(kind, texts[i % 5], 4 + 5 * (i % 4), dict(temperature=1.2, top_k=40, seed=i) if i % 3 == 0 else {})
+             for i, kind in enumerate(["generate", "stream", "ids"] * 8)]
+    tok = get_tokenizer()
+
+    def run(call):
+        kind, text, n, kw = call
+        if kind == "generate":
+            return engine.generate(text, max_new_tokens=n, **kw)
+        if kind == "stream":
+            return "".join(engine.stream(text, max_new_tokens=n, **kw))
+        return engine.generate_ids([tok.encode(text)], n, **kw)[0]
+
+    alone = [run(c) for c in calls]
+    varied([t for a in alone if isinstance(a, list) for t in a], 12)
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(run, calls))
+    wrong = [i for i, (a, b) in enumerate(zip(together, alone)) if a != b]
+    assert not wrong, f"{len(wrong)} of {len(calls)} concurrent calls differ from the same call alone, e.g. {calls[wrong[0]]}"

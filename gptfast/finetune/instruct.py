@@ -18,8 +18,10 @@ import torch
 from tqdm import tqdm
 
 from ..data import read_text
+from ..engine import Engine
 from ..tokenizer import EOT_ID, get_tokenizer
 from ..plotting import plot_curves
+from ..sampling import SamplingParams
 from ..train import calc_loss_loader
 from . import (ASSETS, add_model_args, check_options, load_base_model, make_adamw, maybe_apply_lora,
                report_trainable, write_json)
@@ -141,22 +143,23 @@ def train_instruct(model, train_loader, val_loader, epochs=2, lr=5e-5, weight_de
     return history
 
 
-def generate_responses(model, data, max_new_tokens=256, progress=True) -> list[dict]:
-    """Greedy answers for each record (a copy with `model_response` added)."""
-    from ..generate import generate  # the generation engine (KV cache)
-
+def generate_responses(model, data, max_new_tokens=256, progress=True, batch_size=16) -> list[dict]:
+    """Greedy answers for each record (a copy with `model_response` added), generated together
+    through one engine (up to `batch_size` at a time; each answer as if generated alone)."""
     tokenizer = get_tokenizer()
-    device = model.tok_emb.weight.device
-    model.eval()
-    out = []
-    for rec in tqdm(data, desc="answering", disable=not progress):
-        prompt = tokenizer.encode(format_input(rec))
-        idx = torch.tensor([prompt], device=device)
-        ids = generate(model, idx, max_new_tokens, model.cfg.context_length, temperature=0.0, top_k=None,
-                       eos_id=EOT_ID)
-        text = tokenizer.decode([t for t in ids[0, len(prompt):].tolist() if t != EOT_ID])
-        out.append({**rec, "model_response": text.replace("### Response:", "").strip()})
-    return out
+    engine = Engine(model, max_batch=batch_size)
+    handle = engine.submit([tokenizer.encode(format_input(rec)) for rec in data], max_new_tokens, SamplingParams(),
+                           eos_id=EOT_ID)
+    answers = [[] for _ in data]
+    with tqdm(total=len(data), desc="answering", disable=not progress) as bar:
+        for batch in handle.updates():
+            for u in batch:
+                if u.error is not None:
+                    raise RuntimeError(f"generating record {u.index}'s response failed: {u.error}")
+                answers[u.index] += u.ids  # eos excluded
+                bar.update(u.finish is not None)
+    return [{**rec, "model_response": tokenizer.decode(ids).replace("### Response:", "").strip()}
+            for rec, ids in zip(data, answers)]
 
 
 # ---------------------------------------------------------------- judge

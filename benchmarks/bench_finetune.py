@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import GPTConfig, GPTModel
-from gptfast.backends import get_backend
 from gptfast.finetune import make_adamw
 from gptfast.finetune.classify import class_logits, make_classifier
 from gptfast.finetune.instruct import IGNORE_INDEX, collate
@@ -135,10 +134,10 @@ def main(argv=None) -> int:
     cfg = GPTConfig.from_preset(preset, drop_rate=0.0)
     inst_len = min(args.inst_len, cfg.context_length)
     backends = ["reference", "torch"] + (["triton"] if device.type == "cuda" else [])
-    if "triton" in backends and get_backend("triton", device).name != "triton":
-        backends.remove("triton")  # get_backend warned why
     torch.manual_seed(0)
     base = GPTModel(cfg, backend="reference").to(device)
+    if "triton" in backends and GPTModel(cfg, backend="triton").to("meta").active_backend != "triton":
+        backends.remove("triton")  # the model warned why
     cls_batch, inst_batch = batches(cfg, args.batch_size, args.cls_len, inst_len)
     workloads = [("classify", cls_batch, ["default", "all layers", "LoRA r16"]),
                  ("instruct", inst_batch, ["all layers", "LoRA r16"])]

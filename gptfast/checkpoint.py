@@ -3,6 +3,9 @@
 A checkpoint is one torch file: {"config": GPTConfig dict, "model": state dict, and for
 training runs "optimizer", "scheduler", "step", "rng", "train"}. Nothing in it needs
 pickle beyond tensors and plain containers, so `weights_only=True` always loads it.
+
+The model is imported only by the functions that build or upgrade one, so the modules that
+just write files atomically (data, plotting, lora) do not pull it in.
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import torch
 
 from .backends import resolve_device
 from .config import GPTConfig
-from .model import GPTModel, upgrade_state_dict
 
 
 @contextlib.contextmanager
@@ -43,7 +45,7 @@ def atomic_save(obj, path) -> Path:
     return Path(path)
 
 
-def save_checkpoint(path, model: GPTModel, optimizer=None, scheduler=None, step: int = 0, **extra) -> Path:
+def save_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None, step: int = 0, **extra) -> Path:
     state = {"config": model.cfg.to_dict(), "model": model.state_dict(), "step": step, **extra}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
@@ -83,13 +85,17 @@ def check_state_dict(expected: dict, state_dict: dict, source="checkpoint") -> N
 
 def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, source="checkpoint"):
     """load_state_dict, but a config mismatch is check_state_dict's one-line error."""
+    from .model import upgrade_state_dict
+
     state_dict = upgrade_state_dict(model, state_dict)
     check_state_dict(model.state_dict(), state_dict, source)
     model.load_state_dict(state_dict)
 
 
-def load_model(path, backend: str = "auto", device=None) -> GPTModel:
+def load_model(path, backend: str = "auto", device=None):
     """A GPTModel rebuilt from a checkpoint's config and weights, in eval mode."""
+    from .model import GPTModel
+
     state = load_checkpoint(path)
     if "config" not in state:
         raise RuntimeError(f"checkpoint {path} has no 'config' entry")

@@ -42,10 +42,11 @@ def environment() -> dict[str, str]:
     import torch
 
     from . import sampling
-    from .backends import _triton_backend, get_backend, resolve_device, triton_interpreting
+    from .backends import resolve_device, triton_interpreting
+    from .model import choose_backend, triton_modules
 
     device = resolve_device(None)
-    _, why = _triton_backend()
+    _, why = triton_modules()
     if device.type != "cuda" and not triton_interpreting():
         why = why or "needs a CUDA GPU (or TRITON_INTERPRET=1 for the interpreter)"
     c_kernels = ", ".join(d for d in ("cpu", "cuda") if sampling.has_kernel(d)) or "none"
@@ -59,7 +60,7 @@ def environment() -> dict[str, str]:
         "tensorflow": _version("tensorflow", "tensorflow-cpu"),
         "device": (f"{device} {torch.cuda.get_device_name(device)}" if device.type == "cuda"
                    else f"cpu ({os.cpu_count()} cores), no CUDA GPU"),
-        "backend auto": get_backend("auto", device).name,
+        "backend auto": choose_backend("auto", device)[0],
         "triton kernels": "usable" if why is None else f"not used: {why}",
         "gptfast._C sample_top_k": f"kernels for {c_kernels}" + (f" ({sampling._C_ERROR})" if sampling._C_ERROR else ""),
     }

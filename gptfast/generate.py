@@ -41,7 +41,7 @@ def _engine_for(model, device, context_size) -> Engine:
     made again when what it was built on changes: device, context, backend, or parameters
     replaced or moved (their storage). Dropped with the model (a weak key; the engine holds
     only the parameters)."""
-    key = (str(device), context_size, getattr(model, "backend", None), tuple(p.data_ptr() for p in model.parameters()))
+    key = (str(device), context_size, model.active_backend, tuple(p.data_ptr() for p in model.parameters()))
     with _ENGINES_LOCK:
         entry = _ENGINES.get(model)
         if entry is None or entry[0] != key:

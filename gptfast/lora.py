@@ -4,9 +4,9 @@ A wrapped layer computes  y = x W^T + b + (alpha / rank) * (x A^T) B^T  with the
 frozen, A (rank, in) random and B (out, rank) zero, so a freshly wrapped model computes
 exactly what the base model does. Only A and B train; only A and B are saved.
 
-`LoRALinear.weight` is the effective weight W + (alpha / rank) B A, so code that reads a
-layer's weight directly (GPTModel's fused FeedForward, the fused output-head loss) sees the
-adapted layer too.
+A wrapped layer is a plain module swap: it only has `forward` (two thin matmuls beside the
+frozen layer), and the model's fused paths take it as any layer that is not an nn.Linear (the
+feed-forward runs its layers, the loss builds the head's logits), on every backend.
 """
 from __future__ import annotations
 
@@ -50,14 +50,9 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The effective weight (differentiable in A and B)."""
+    def effective_weight(self) -> torch.Tensor:
+        """W + (alpha / rank) B A (differentiable in A and B)."""
         return self.linear.weight if self.merged else self.linear.weight + self.delta_weight()
-
-    @property
-    def bias(self):
-        return self.linear.bias
 
     def forward(self, x):
         y = self.linear(x)
@@ -142,9 +137,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         p = f"{name}." if name else ""
         for key in ("lora_A", "lora_B"):
             del sd[p + key]
-        sd[p + "weight"] = m.weight.detach().clone()
+        sd[p + "weight"] = m.effective_weight().detach().clone()
         del sd[p + "linear.weight"]
-        if m.bias is not None:
+        if m.linear.bias is not None:
             sd[p + "bias"] = sd.pop(p + "linear.bias")
     return sd
 

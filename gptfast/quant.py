@@ -12,7 +12,6 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPES = (*FLOAT_DTYPES, "int8")
@@ -64,18 +63,6 @@ class InputMajorLinear(nn.Module):
         return y.view(*x.shape[:-1], -1)  # (..., out)
 
 
-class SwappedFeedForward(nn.Module):
-    """FeedForward on replacement linear layers (the model's own reads `.weight` for its fused
-    linear+GELU, which these layers do not have)."""
-
-    def __init__(self, ff: nn.Module, layer):
-        super().__init__()
-        self.up, self.down = layer(ff.layers[0]), layer(ff.layers[2])
-
-    def forward(self, x, ops=None):
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
-
-
 def inference_copy(model: nn.Module, dtype: str | None, device) -> nn.Module:
     """`model` on `device` in `dtype` ("float32", "bfloat16", "float16", "int8"; None keeps its
     weights and layout): the model itself when nothing changes, else a converted copy in eval mode."""
@@ -91,9 +78,9 @@ def inference_copy(model: nn.Module, dtype: str | None, device) -> nn.Module:
     if dtype == "int8" and not int8_supported(device):
         raise ValueError(f"dtype 'int8' needs torch._weight_int8pack_mm on {device.type}; this torch lacks it")
     out = copy.deepcopy(model).to(device=device, dtype=torch.float32 if dtype == "int8" else want)
-    if layer is not None:
+    if layer is not None:  # plain module swaps: the copy keeps the model's backend
         for block in out.trf_blocks:
             block.att.qkv, block.att.out_proj = layer(block.att.qkv), layer(block.att.out_proj)
-            block.ff = SwappedFeedForward(block.ff, layer)
+            block.ff.layers[0], block.ff.layers[2] = layer(block.ff.layers[0]), layer(block.ff.layers[2])
         out.out_head = layer(out.out_head)
     return out.eval()

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from .kv_cache import RowState, make_row_caches
+from .kv_cache import CacheStep, make_caches
 from .sampling import SamplingParams, sample
 
 
@@ -34,7 +34,7 @@ class Runner:
         self.sizes = batch_sizes(max_batch)
         self.static = static  # decode through the fixed-shape step (captured as a graph on CUDA)
         self.dtype = model.tok_emb.weight.dtype
-        self.state = RowState()
+        self.step = CacheStep()
         self.rows, self.caches = 0, []
         self.graphs, self.buffers = {}, {}
 
@@ -44,7 +44,7 @@ class Runner:
         size = next(s for s in self.sizes if s >= rows)
         if size <= self.rows:
             return
-        new = make_row_caches(model, size, self.context_size, self.dtype, self.device, self.state)
+        new = make_caches(model, size, self.context_size, self.dtype, self.device, self.step)
         for old, c in zip(self.caches, new):
             c.k[: self.rows], c.v[: self.rows] = old.k, old.v
         self.rows, self.caches, self.graphs, self.buffers = size, new, {}, {}
@@ -57,7 +57,7 @@ class Runner:
     def prefill(self, model, rows: list[int], windows: list[list[int]]) -> torch.Tensor:
         """Run sequences' windows (one length, at most context_size ids) into cache rows `rows`
         from slot 0: logits (B, V)."""
-        self.state.prefill(torch.tensor(rows, device=self.device))
+        self.step.prefill(torch.tensor(rows, device=self.device), len(windows[0]))
         return self._forward(model, torch.tensor(windows, device=self.device))
 
     def decode(self, model, tokens: list[int], lengths: list[int], params: SamplingParams | None = None,
@@ -68,7 +68,7 @@ class Runner:
         n = len(tokens)
         if not self.static:
             lengths_t = torch.tensor(lengths, device=self.device)
-            self.state.decode(lengths_t, max(lengths) + 1)
+            self.step.decode(lengths_t, max(lengths) + 1)
             logits = self._forward(model, torch.tensor(tokens, device=self.device).view(n, 1), lengths_t.view(n, 1))
             return logits, (logits.argmax(-1) if params is None else sample(logits, params, seed))
         size = next(s for s in self.sizes if s >= n)
@@ -76,7 +76,7 @@ class Runner:
         if buf is None:
             buf = self.buffers[size] = _StepBuffers(size, self.device)
         buf.fill(tokens, lengths, seed)
-        key = (size, None if params is None else dataclasses.replace(params, seed=None), getattr(model, "backend", None))
+        key = (size, None if params is None else dataclasses.replace(params, seed=None), model.active_backend)
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._capture(model, buf, key[1])
@@ -89,7 +89,7 @@ class Runner:
 
     def _static_step(self, model, buf, params):
         """The step a CUDA graph captures: fixed shapes, the whole cache, device indices."""
-        self.state.decode(buf.pos.view(-1), self.context_size)
+        self.step.decode(buf.pos.view(-1), self.context_size)
         logits = self._forward(model, buf.idx, buf.pos)
         return logits, (logits.argmax(-1) if params is None else sample(logits, params, buf.seed))
 

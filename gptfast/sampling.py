@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .backends import FUSED_DTYPES
 
 try:
     from gptfast import _C  # noqa: F401  (loading it registers torch.ops.gptfast.sample_top_k)
@@ -95,7 +95,7 @@ def _validate(logits, k, temperature, top_p):
         raise TypeError(f"sample_top_k: logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"sample_top_k: logits must be 2-D (B, V), got shape {tuple(logits.shape)}")
-    if logits.dtype not in _DTYPES:
+    if logits.dtype not in FUSED_DTYPES:
         raise ValueError(f"sample_top_k: logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if logits.shape[1] == 0:  # else the reference path would call it an all -inf row
         raise ValueError(f"sample_top_k: logits must have V >= 1 columns, got shape {tuple(logits.shape)}")

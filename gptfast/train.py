@@ -425,7 +425,7 @@ def run_cli(args) -> int:
     trainer = Trainer(model, train, val, cfg, args.out, device=args.device)
     if args.resume:
         trainer.resume(args.resume)
-    print(f"model {args.preset}: {model.num_parameters():,} parameters, backend {model.ops(trainer.device).name}, "
+    print(f"model {args.preset}: {model.num_parameters():,} parameters, backend {model.active_backend}, "
           f"device {trainer.device}, {trainer.total_steps} steps")
     try:
         trainer.fit()  # Ctrl-C: fit saves a checkpoint, then gptfast.cli reports it (exit 130)

@@ -18,14 +18,34 @@ FusedLinearCrossEntropy design): tokens go through in chunks; each chunk's logit
 computed with a torch matmul, overwritten in place with their gradient by the kernel, and
 folded into grad_hidden and grad_weight right away, so the [tokens x vocab] logits never
 exist at once.
+
+`LinearCrossEntropyLoss` is the "triton" backend's LM-head loss module (see gptfast.backends);
+`cross_entropy_ref` / `linear_cross_entropy_ref` are the references the tests and benchmarks
+check these kernels against.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from gptfast.backends import FUSED_DTYPES, fused_dtypes
+
+
+def cross_entropy_ref(logits, targets, ignore_index: int = -100, upcast: bool = False):
+    """F.cross_entropy of logits (..., V) against targets (...), in the logits' dtype (or in fp32
+    with `upcast`, as the model's reference loss computes it)."""
+    logits = logits.flatten(0, -2)  # (M, V)
+    return F.cross_entropy(logits.float() if upcast else logits, targets.flatten(), ignore_index=ignore_index)
+
+
+def linear_cross_entropy_ref(hidden, weight, targets, ignore_index: int = -100, upcast: bool = False):
+    """cross_entropy_ref of the logits hidden @ weight.T, built in full (in fp32 with `upcast`)."""
+    if upcast:
+        hidden, weight = hidden.float(), weight.float()
+    return cross_entropy_ref(F.linear(hidden, weight), targets, ignore_index)
 
 
 @triton.jit
@@ -94,7 +114,7 @@ def _block_v(V: int) -> tuple[int, int]:
 
 def _check(dtype, M, V, device, targets, ignore_index, name="cross_entropy"):
     """Validate M rows of V logits and their targets (M,); returns the count of non-ignored targets."""
-    if dtype not in DTYPES:
+    if dtype not in FUSED_DTYPES:
         raise ValueError(f"{name}: logits would have dtype {dtype}; expected one of fp32, fp16, bf16")
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name}: targets have dtype {targets.dtype}; expected int64 or int32")
@@ -242,3 +262,20 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):
     with torch.autocast(dev, enabled=False):
         return LinearCrossEntropyFunction.apply(hidden2, weight2, targets, n_valid, ignore_index,
                                                 grad and hidden.requires_grad, grad and weight.requires_grad)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """The LM-head loss on these kernels (the module `gptfast.model.LMLoss` becomes): a plain
+    bias-free nn.Linear head goes through linear_cross_entropy, so its logits never exist at
+    once; any other head (a classifier, LoRA, int8) through cross_entropy on its logits; dtypes
+    the kernels do not take (fp64) through cross_entropy_ref."""
+    op = "loss"
+
+    def forward(self, hidden, head, targets, ignore_index=-100):
+        V = self.vocab_size
+        if type(head) is nn.Linear and head.bias is None and fused_dtypes(hidden, head.weight):
+            return linear_cross_entropy(hidden, head.weight[:V], targets, ignore_index)
+        logits = head(hidden)[..., :V]  # the padding rows are never a class
+        if not fused_dtypes(logits):
+            return cross_entropy_ref(logits, targets, ignore_index, upcast=True)
+        return cross_entropy(logits, targets, ignore_index)

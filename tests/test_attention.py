@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfast.backends import reference_attention
-from gptfast.kernels.attention import attention, attention_decode, attention_dropout_mask
+from gptfast.kernels.attention import attention, attention_decode, attention_dropout_mask, attention_ref
 from kernel_checks import assert_within_2x
 
 
@@ -57,7 +56,7 @@ def assert_within_2x_of(low_ref, q, k, v, do):
     ours = run(attention, q, k, v, do)
     low = run(low_ref, q, k, v, do)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    exact = run(reference_attention, q32, k32, v32, do.float())
+    exact = run(attention_ref, q32, k32, v32, do.float())
     for name, got, lo, ex in zip(NAMES, ours, low, exact):
         assert_within_2x(got, lo, ex, name, atol=1e-3)
 
@@ -69,7 +68,7 @@ def test_fp32_matches_reference_and_sdpa(T, D, device):
     q, k, v = make_qkv(B, H, T, T, D, device=device, seed=T * D)
     do = torch.randn(B, H, T, D, device=device)
     ours = run(attention, q, k, v, do)
-    for name, got, ref, sdpa in zip(NAMES, ours, run(reference_attention, q, k, v, do), run(causal_sdpa, q, k, v, do)):
+    for name, got, ref, sdpa in zip(NAMES, ours, run(attention_ref, q, k, v, do), run(causal_sdpa, q, k, v, do)):
         assert_rel_close(f"{name} vs reference", got, ref, 1e-4)
         assert_rel_close(f"{name} vs sdpa", got, sdpa, 1e-4)
 
@@ -80,7 +79,7 @@ def test_fewer_queries_than_keys(T, S, D, device):
     q, k, v = make_qkv(2, 2, T, S, D, device=device, seed=S + T)
     do = torch.randn(2, 2, T, D, device=device)
     ours = run(attention, q, k, v, do)
-    for name, got, ref, sdpa in zip(NAMES, ours, run(reference_attention, q, k, v, do), run(causal_sdpa, q, k, v, do)):
+    for name, got, ref, sdpa in zip(NAMES, ours, run(attention_ref, q, k, v, do), run(causal_sdpa, q, k, v, do)):
         assert_rel_close(f"{name} vs reference", got, ref, 1e-4)
         assert_rel_close(f"{name} vs sdpa", got, sdpa, 1e-4)
 
@@ -100,7 +99,7 @@ def test_strided_views_of_fused_qkv(device):
     q, k, v = (t.requires_grad_() for t in qkv.detach().unbind(0))
     assert not q.is_contiguous()
     do = torch.randn(B, H, T, D, device=device)
-    for name, got, want in zip(NAMES, run(attention, q, k, v, do), run(reference_attention, q, k, v, do)):
+    for name, got, want in zip(NAMES, run(attention, q, k, v, do), run(attention_ref, q, k, v, do)):
         assert_rel_close(name, got, want, 1e-4)
 
 
@@ -109,7 +108,7 @@ def test_low_precision_within_twice_reference_error(dtype, device):
     """Flash-attention's rule: |fused - fp32 ref| <= 2 |ref in dtype - fp32 ref| + atol."""
     q, k, v = make_qkv(1, 2, 67, 67, 64, dtype=dtype, device=device, seed=11)
     do = torch.randn(1, 2, 67, 64, device=device, dtype=dtype)
-    assert_within_2x_of(reference_attention, q, k, v, do)
+    assert_within_2x_of(attention_ref, q, k, v, do)
 
 
 # ---------------------------------------------------------------------------- dropout
@@ -193,7 +192,7 @@ def test_decode_matches_reference_on_prefix(cache_len, num_splits, device):
     B, H, L_max, D = 2, 2, 80, 64
     q, k, v = (t.detach() for t in make_qkv(B, H, 1, L_max, D, device=device, seed=cache_len))
     got = attention_decode(q, k, v, cache_len, num_splits=num_splits)
-    want = reference_attention(q, k[:, :, :cache_len], v[:, :, :cache_len])
+    want = attention_ref(q, k[:, :, :cache_len], v[:, :, :cache_len])
     assert_rel_close("decode", got, want, 1e-4)
 
 
@@ -202,7 +201,7 @@ def test_decode_cache_len_as_expanded_device_tensor(device):
     B, H, L_max, D = 2, 2, 48, 16
     q, k, v = (t.detach() for t in make_qkv(B, H, 1, L_max, D, device=device, seed=4))
     lens = (torch.tensor([39], device=device) + 1).expand(B)
-    want = reference_attention(q, k[:, :, :40], v[:, :, :40])
+    want = attention_ref(q, k[:, :, :40], v[:, :, :40])
     assert_rel_close("decode", attention_decode(q, k, v, lens), want, 1e-4)
 
 
@@ -214,11 +213,11 @@ def test_decode_per_row_cache_len(dtype, device):
     got = attention_decode(q, k, v, lens, num_splits=4)
     for b, n in enumerate(lens.tolist()):
         args = (q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
-        exact = reference_attention(*(t.float() for t in args))
+        exact = attention_ref(*(t.float() for t in args))
         if dtype == torch.float32:
             assert_rel_close(f"decode row {b}", got[b:b + 1], exact, 1e-4)
         else:
-            ref_err = (reference_attention(*args).float() - exact).abs().max().item()
+            ref_err = (attention_ref(*args).float() - exact).abs().max().item()
             ours_err = (got[b:b + 1].float() - exact).abs().max().item()
             assert ours_err <= 2 * ref_err + 1e-3, f"row {b}: err {ours_err:.3g} vs reference {ref_err:.3g}"
 

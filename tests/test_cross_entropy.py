@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfast.kernels.cross_entropy import cross_entropy, linear_cross_entropy
+from gptfast.kernels.cross_entropy import (cross_entropy, cross_entropy_ref, linear_cross_entropy,
+                                           linear_cross_entropy_ref)
 from kernel_checks import assert_close, assert_within_2x
 
 
@@ -17,10 +18,6 @@ def _inputs(shape, V, dtype, device, seed=0, ignore_every=3, spread=2.0):
     return logits, targets.to(device)
 
 
-def _reference(logits, targets, ignore_index=-100):
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
-
-
 def _run(fn, leaves, *args, grad_scale=1.0, **kw):
     leaves = [t.detach().clone().requires_grad_() for t in leaves]
     loss = fn(*leaves, *args, **kw)
@@ -32,7 +29,7 @@ def _run(fn, leaves, *args, grad_scale=1.0, **kw):
 def test_cross_entropy_fp32_matches_torch(shape, V, device):
     logits, targets = _inputs(shape, V, torch.float32, device, ignore_every=3 if shape != (1,) else 0)
     ours = _run(cross_entropy, [logits], targets, grad_scale=2.5)
-    ref = _run(_reference, [logits], targets, grad_scale=2.5)
+    ref = _run(cross_entropy_ref, [logits], targets, grad_scale=2.5)
     assert ours[0].dtype == torch.float32
     for name, a, r in zip(("loss", "dlogits"), ours, ref):
         assert_close(a, r, 1e-5, f"{shape}x{V} {name}")
@@ -43,8 +40,8 @@ def test_cross_entropy_fp32_matches_torch(shape, V, device):
 def test_cross_entropy_low_precision_within_2x_of_torch(shape, V, dtype, device):
     logits, targets = _inputs(shape, V, dtype, device, seed=1)
     ours = _run(cross_entropy, [logits], targets)
-    low_ref = _run(_reference, [logits], targets)
-    truth = _run(_reference, [logits.float()], targets)
+    low_ref = _run(cross_entropy_ref, [logits], targets)
+    truth = _run(cross_entropy_ref, [logits.float()], targets)
     assert ours[1].dtype == dtype
     # loss: fp32 in both; dlogits: one ulp of atol, as the interpreter truncates fp32 -> bf16 stores
     assert_within_2x(ours[0], low_ref[0].float(), truth[0], f"{shape}x{V} loss", atol=1e-4)
@@ -58,7 +55,7 @@ def test_cross_entropy_fp16_under_a_grad_scaler(device):
     logits, targets = _inputs((8,), 257, torch.float16, device, seed=5, ignore_every=4, spread=4.0)
     for grad_scale in (1.0, 65536.0):
         dlogits = _run(cross_entropy, [logits], targets, grad_scale=grad_scale)[1]
-        truth = _run(_reference, [logits.float()], targets, grad_scale=grad_scale)[1].double()
+        truth = _run(cross_entropy_ref, [logits.float()], targets, grad_scale=grad_scale)[1].double()
         assert dlogits.dtype == torch.float16
         err = (dlogits.double() - truth).abs() - (2**-10 * truth.abs() + 2 * 2**-24)
         i = int(err.argmax())
@@ -72,14 +69,14 @@ def test_cross_entropy_all_ignored_is_zero_not_nan(device):
     loss, dlogits = _run(cross_entropy, [logits], targets)
     assert loss.item() == 0.0, f"loss {loss.item()} with every target ignored"
     assert torch.isfinite(dlogits).all() and (dlogits == 0).all(), "gradient must be all zero"
-    assert torch.isnan(_reference(logits, targets)), "F.cross_entropy's NaN here is why ours defines 0"
+    assert torch.isnan(cross_entropy_ref(logits, targets)), "F.cross_entropy's NaN here is why ours defines 0"
 
 
 def test_cross_entropy_custom_ignore_index(device):
     logits, targets = _inputs((9,), 13, torch.float32, device, seed=2, ignore_every=0)
     targets[::2] = 5  # ignore class 5
     ours = _run(cross_entropy, [logits], targets, ignore_index=5)
-    ref = _run(_reference, [logits], targets, ignore_index=5)
+    ref = _run(cross_entropy_ref, [logits], targets, ignore_index=5)
     for name, a, r in zip(("loss", "dlogits"), ours, ref):
         assert_close(a, r, 1e-5, name)
 
@@ -92,14 +89,14 @@ def test_cross_entropy_extreme_logits(dtype, device):
     logits[1, 7] = 0.0
     targets[1] = 7  # a target far below the max: loss ~1e4
     ours = _run(cross_entropy, [logits], targets)
-    truth = _run(_reference, [logits.double()], targets)
+    truth = _run(cross_entropy_ref, [logits.double()], targets)
     assert_close(ours[0].double(), truth[0], 1e-6, "loss")
     assert_close(ours[1].double(), truth[1], 1e-2 if dtype == torch.bfloat16 else 1e-6, "dlogits")
 
 
 def test_cross_entropy_inplace_overwrites_logits_with_gradient(device):
     logits, targets = _inputs((5,), 50, torch.float32, device, seed=4)
-    ref_loss, ref_grad = _run(_reference, [logits], targets)
+    ref_loss, ref_grad = _run(cross_entropy_ref, [logits], targets)
     work = logits.clone().requires_grad_()
     buf = work.detach()  # same storage: receives the gradient during the forward
     loss = cross_entropy(work, targets, inplace=True)
@@ -138,17 +135,13 @@ def _linear_inputs(M, H, V, dtype, device, seed=0):
     return hidden, weight, targets.to(device)
 
 
-def _reference_linear(hidden, weight, targets, ignore_index=-100):
-    return _reference(F.linear(hidden, weight), targets, ignore_index)
-
-
 @pytest.mark.parametrize("M,H,V", [(37, 16, 101), (6, 32, 50257), (1, 8, 5)])
 def test_linear_cross_entropy_fp32_matches_torch(M, H, V, device):
     hidden, weight, targets = _linear_inputs(M, H, V, torch.float32, device)
     if M == 1:
         targets[:] = 3
     ours = _run(linear_cross_entropy, [hidden, weight], targets, grad_scale=0.5)
-    ref = _run(_reference_linear, [hidden, weight], targets, grad_scale=0.5)
+    ref = _run(linear_cross_entropy_ref, [hidden, weight], targets, grad_scale=0.5)
     for name, a, r in zip(("loss", "dhidden", "dweight"), ours, ref):
         assert_close(a, r, 1e-5, f"{M}x{H}x{V} {name}")
 
@@ -156,8 +149,8 @@ def test_linear_cross_entropy_fp32_matches_torch(M, H, V, device):
 def test_linear_cross_entropy_bf16_within_2x_of_torch(device):
     hidden, weight, targets = _linear_inputs(40, 32, 1000, torch.bfloat16, device, seed=1)
     ours = _run(linear_cross_entropy, [hidden, weight], targets)
-    low_ref = _run(_reference_linear, [hidden, weight], targets)
-    truth = _run(_reference_linear, [hidden.float(), weight.float()], targets)
+    low_ref = _run(linear_cross_entropy_ref, [hidden, weight], targets)
+    truth = _run(linear_cross_entropy_ref, [hidden.float(), weight.float()], targets)
     for name, a, lr, t in zip(("loss", "dhidden", "dweight"), ours, low_ref, truth):
         assert_within_2x(a.float(), lr.float(), t, name, atol=1e-4)
 
@@ -167,9 +160,9 @@ def test_linear_cross_entropy_fp16_under_a_grad_scaler(device):
     dtype is fp16 logits, fp32 loss, fp16 linear backward (the reference backend's)."""
     hidden, weight, targets = _linear_inputs(24, 16, 300, torch.float16, device, seed=4)
     ours = _run(linear_cross_entropy, [hidden, weight], targets, grad_scale=65536.0)
-    low_ref = _run(lambda h, w, t: _reference(F.linear(h, w).float(), t), [hidden, weight], targets,
+    low_ref = _run(lambda h, w, t: cross_entropy_ref(F.linear(h, w).float(), t), [hidden, weight], targets,
                    grad_scale=65536.0)
-    truth = _run(_reference_linear, [hidden.float(), weight.float()], targets, grad_scale=65536.0)
+    truth = _run(linear_cross_entropy_ref, [hidden.float(), weight.float()], targets, grad_scale=65536.0)
     for name, a, lr, t in zip(("loss", "dhidden", "dweight"), ours, low_ref, truth):
         assert_within_2x(a.float(), lr.float(), t, name, atol=1e-3 * t.abs().max().item())
 
@@ -178,7 +171,7 @@ def test_linear_cross_entropy_leading_dims_and_all_ignored(device):
     hidden, weight, targets = _linear_inputs(12, 16, 29, torch.float32, device, seed=2)
     h3, t3 = hidden.view(2, 6, 16), targets.view(2, 6)  # (B, T, H), (B, T)
     ours = _run(linear_cross_entropy, [h3, weight], t3)
-    ref = _run(_reference_linear, [h3, weight], t3)
+    ref = _run(linear_cross_entropy_ref, [h3, weight], t3)
     for name, a, r in zip(("loss", "dhidden", "dweight"), ours, ref):
         assert_close(a, r, 1e-5, name)
     loss, dh, dw = _run(linear_cross_entropy, [h3, weight], torch.full_like(t3, -100))
@@ -189,7 +182,7 @@ def test_linear_cross_entropy_without_grad(device):
     hidden, weight, targets = _linear_inputs(10, 16, 50, torch.float32, device, seed=3)
     with torch.no_grad():
         loss = linear_cross_entropy(hidden, weight, targets)
-    assert_close(loss, _reference_linear(hidden, weight, targets), 1e-5, "loss")
+    assert_close(loss, linear_cross_entropy_ref(hidden, weight, targets), 1e-5, "loss")
     with pytest.raises(ValueError, match="weight has shape"):
         linear_cross_entropy(hidden, weight.T, targets)
 

@@ -404,16 +404,16 @@ def test_cuda_graph_decode_equals_no_cache(backend):
     prompts = [[7], [1, 2, 3, 4, 5], list(range(10, 30))]
     engine = Generator(model, dtype="float32")
     batched = engine.generate_ids(prompts, 100)  # overflows the context: graph decode, then sliding
-    graphs = engine._buffers.graphs
-    assert list(graphs) == [(True, backend)] and graphs[True, backend] is not False, "no CUDA graph captured"
-    for i, p in enumerate(prompts):  # batch size 1, no padding: the decode kernel's graph (triton)
+    graphs = engine.engine.runner.graphs
+    assert graphs and all(g is not False for g in graphs.values()), f"a CUDA graph capture failed: {graphs}"
+    assert {key[2] for key in graphs} == {backend}
+    for i, p in enumerate(prompts):  # alone: batch size 1
         solo = engine.generate_ids([p], 100)[0]
         ref = reference_ids(model, p, 100)
         varied(ref)
         assert solo == ref, f"prompt {i}: graph decode differs from no-cache at {first_diff(solo, ref)}"
         assert batched[i] == ref, f"prompt {i}: batched graph decode differs at {first_diff(batched[i], ref)}"
-    assert engine._buffers.graphs[False, backend] is not False
-    again = engine.generate_ids(prompts, 100)  # back to batch 3: new buffers, a new graph
+    again = engine.generate_ids(prompts, 100)  # back to batch 3: the graphs captured before
     assert again == batched, f"second batched call differs: {[first_diff(a, b) for a, b in zip(again, batched)]}"
     assert Generator(model).dtype == "bfloat16"  # the CUDA default
     _check_bf16_greedy(model, prompts[1], batched[1][:20])

@@ -15,6 +15,7 @@ never on what else is in the batch. A failure is confined to the request it belo
 """
 from __future__ import annotations
 
+import atexit
 import codecs
 import contextlib
 import copy
@@ -25,6 +26,7 @@ import operator
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -211,6 +213,16 @@ def private_model(model):
     return copy.deepcopy(model, shared).eval()
 
 
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all():
+    """At exit, stop every loop first: a thread killed inside a torch op aborts the process."""
+    for engine in list(_ENGINES):
+        engine.close(timeout=1.0)
+
+
 class Engine:
     """The continuous-batching loop over one model (run as `private_model(model)`).
     `max_batch` sequences run at once (the cache grows to it on demand); `max_queue` bounds the
@@ -238,6 +250,7 @@ class Engine:
         self._free = list(range(max_batch))  # a heap: the lowest free row first keeps batches short
         self._thread = None
         self._closed = False
+        _ENGINES.add(self)
 
     # ---- callers' side (any thread) ---------------------------------------------------------
     def submit(self, prompts, max_new_tokens, params: SamplingParams, *, eos_id=None, stop=(), tokenizer=None,

@@ -133,10 +133,11 @@ class Generator:
     "bfloat16", "float16", "int8" (weight-only), or None to use the model as it is.
     A converted copy is made when needed; the caller's model is never modified, nor switched
     to eval mode (the engine runs its own eval-mode module tree over the same weights).
-    `max_batch`: prompts decoded together (more wait for a free row)."""
+    `max_batch`: prompts decoded together (more wait for a free row); `max_queue`: prompts
+    allowed to wait (None: any number; else the engine raises QueueFull)."""
 
     def __init__(self, model, tokenizer=None, dtype="auto", device=None, context_size=None, cuda_graph=True,
-                 max_batch=64):
+                 max_batch=64, max_queue=None):
         device = resolve_device(device) if device is not None else model.tok_emb.weight.device
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float16"  # CPU: fastest measured, see benchmarks/
@@ -147,7 +148,7 @@ class Generator:
         ctx = self.cfg.context_length
         self.context_size = ctx if context_size is None else check_context_size(context_size, ctx)
         self.model = inference_copy(model, dtype, device)
-        self.engine = Engine(self.model, self.context_size, max_batch=max_batch, cuda_graph=cuda_graph)
+        self.engine = Engine(self.model, self.context_size, max_batch, max_queue, cuda_graph)
         self._tokenizer = tokenizer
         self.stats = {}  # timings of the last finished call
 
@@ -211,32 +212,44 @@ def add_parser(subparsers):
     p = subparsers.add_parser("generate", help="generate text from a checkpoint or GPT-2 weights",
                               description="Generate text with a KV cache (greedy, temperature, top-k, top-p).",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint file written by `gptfast train`")
-    src.add_argument("--gpt2", metavar="SIZE", help="GPT-2 weights: 124M, 355M, 774M, 1558M or a path (gptfast.weights)")
-    p.add_argument("--models-dir", default=None, help="where GPT-2 weights are stored (with --gpt2; default ./models)")
+    add_model_source(p)
     p.add_argument("--prompt", default="Every effort moves you", help="prompt text")
     p.add_argument("--batch-file", help="file with one prompt per line, generated as one batch")
-    p.add_argument("--max-new-tokens", type=_arg(int, check_max_new_tokens), default=50,
+    p.add_argument("--max-new-tokens", type=checked_type(int, check_max_new_tokens), default=50,
                    help="tokens to generate per prompt (>= 0)")
-    p.add_argument("--temperature", type=_arg(float, check_temperature), default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=_arg(int, check_top_k), default=None,
+    p.add_argument("--temperature", type=checked_type(float, check_temperature), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=checked_type(int, check_top_k), default=None,
                    help="sample among the k most likely tokens (k >= 1)")
-    p.add_argument("--top-p", type=_arg(float, check_top_p), default=None,
+    p.add_argument("--top-p", type=checked_type(float, check_top_p), default=None,
                    help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--eos", action="store_true", help="stop at <|endoftext|>")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                   help="weights: auto = bfloat16 on CUDA, float16 on CPU; int8 = weight-only int8 linears")
-    p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"))
-    p.add_argument("--device", default=None, help="cpu, cuda, ...; None = cuda when available")
     p.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     p.set_defaults(func=run_cli)
 
 
-def _arg(convert, check):
+def add_model_source(p):
+    """The options that pick the model and how it runs (generate, serve)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint file written by `gptfast train`")
+    src.add_argument("--gpt2", metavar="SIZE", help="GPT-2 weights: 124M, 355M, 774M, 1558M or a path (gptfast.weights)")
+    p.add_argument("--models-dir", default=None, help="where GPT-2 weights are stored (with --gpt2; default ./models)")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="weights: auto = bfloat16 on CUDA, float16 on CPU; int8 = weight-only int8 linears")
+    p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"))
+    p.add_argument("--device", default=None, help="cpu, cuda, ...; None = cuda when available")
+
+
+def load_model_source(args):
+    """(model, device) from add_model_source's options."""
+    from .weights import load_any  # a checkpoint, a GPT-2 size, or a GPT-2 directory/file
+    device = resolve_device(args.device)
+    return load_any(args.checkpoint or args.gpt2, args.models_dir, backend=args.backend, device=device), device
+
+
+def checked_type(convert, check):
     """An argparse `type=`: the text converted, then checked; argparse prints the one-line
     error with the option's name ("argument --top-p: top_p must be in (0, 1], got 1.5")."""
     def parse(text):
@@ -252,12 +265,6 @@ def _arg(convert, check):
         return value
     parse.__name__ = convert.__name__  # argparse names the type in some messages
     return parse
-
-
-def _load(args):
-    from .weights import load_any  # a checkpoint, a GPT-2 size, or a GPT-2 directory/file
-    device = resolve_device(args.device)
-    return load_any(args.checkpoint or args.gpt2, args.models_dir, backend=args.backend, device=device), device
 
 
 def run_cli(args):
@@ -276,7 +283,7 @@ def run_cli(args):
         raise ValueError("--prompt is empty; give some text to continue")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, device = _load(args)
+    model, device = load_model_source(args)
     engine = Generator(model, dtype=args.dtype, device=device)
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, eos_id=EOT_ID if args.eos else None, stop=args.stop, seed=args.seed)

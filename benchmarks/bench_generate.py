@@ -26,7 +26,7 @@ from gptfast.generate import Generator, generate
 from gptfast.quant import int8_supported
 from gptfast.weights import to_hf_state_dict
 
-from common import commit_id, device_name  # noqa: E402  (benchmarks/ is on sys.path)
+from common import commit_id, device_name, save_report  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
 
@@ -161,12 +161,7 @@ def main():
         same = f"{tps / base_hf[dtype]:.2f}x" if dtype in base_hf else "-"
         lines.append(f"| {label} | {len(ids)} | {1000 * ttft:.1f} | {tps:.1f} | {tps / base_nc:.1f}x "
                      f"| {tps / base_hf['float32']:.2f}x | {same} | {agree[label]} |")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out) / f"generate_{device.type}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"written to {out}")
+    save_report(lines, Path(args.out) / f"generate_{device.type}.md")
 
 
 if __name__ == "__main__":

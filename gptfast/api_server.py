@@ -29,13 +29,13 @@ from .tokenizer import EOT_ID
 
 def create_app(gen: Generator, model_name: str, api_key: str | None = None):
     """The FastAPI app serving `gen`'s engine (whose observer becomes the app's metrics)."""
-    engine, tok = gen.engine, gen.tokenizer
-    metrics = engine.observer = ServerMetrics(engine)
+    metrics = gen.engine.observer = ServerMetrics(gen.engine)
+    service = _Service(gen, model_name, metrics)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        engine.close(timeout=2.0)  # what uvicorn's graceful shutdown left running is cancelled
+        gen.engine.close(timeout=2.0)  # what uvicorn's graceful shutdown left running is cancelled
 
     app = FastAPI(title="gptfast", description="OpenAI-compatible API", lifespan=lifespan)
     app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
@@ -52,35 +52,13 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None):
     async def crashed(request, e: Exception):  # a bug in one request: it fails, the server stays up
         return await api_error(request, ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
 
-    async def run(body, request: Request):
-        if body.model != model_name:
-            raise ApiError(404, f"The model `{body.model}` does not exist; this server has `{model_name}`",
-                           "model", code="model_not_found")
-        job = check_request(body, tok, gen.context_size, gen.cfg.vocab_size)
-        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
-        try:
-            handle = engine.submit(job.prompts, job.max_tokens, job.params, eos_id=EOT_ID, stop=job.stop,
-                                   tokenizer=tok, sink=lambda batch: loop.call_soon_threadsafe(updates.put_nowait, batch))
-        except QueueFull as e:
-            raise ApiError(429, f"The server is busy: {e}. Retry later.", kind="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
-        metrics.received(sum(map(len, job.prompts)))
-        stream = _Stream(job, model_name, handle, updates)
-        if job.stream:
-            return EventStream(stream.events(), handle)
-        try:
-            texts, reasons, tokens = await stream.gather(request)
-        finally:
-            handle.cancel()  # a no-op when done; frees the rows when the client left
-        return response(job, model_name, texts, reasons, tokens)
-
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await run(body, request)
+        return await service.run(body, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        return await run(body, request)
+        return await service.run(body, request)
 
     @app.get("/v1/models")
     async def models():
@@ -95,6 +73,37 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None):
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class _Service:
+    """Both completion endpoints: check the request, queue it, answer or stream it."""
+
+    def __init__(self, gen, model_name, metrics):
+        self.gen, self.name, self.metrics = gen, model_name, metrics
+
+    async def run(self, body, request: Request):
+        gen, engine = self.gen, self.gen.engine
+        if body.model != self.name:
+            raise ApiError(404, f"The model `{body.model}` does not exist; this server has `{self.name}`",
+                           "model", code="model_not_found")
+        job = check_request(body, gen.tokenizer, gen.context_size, gen.cfg.vocab_size)
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        try:
+            handle = engine.submit(job.prompts, job.max_tokens, job.params, eos_id=EOT_ID, stop=job.stop,
+                                   tokenizer=gen.tokenizer,
+                                   sink=lambda batch: loop.call_soon_threadsafe(updates.put_nowait, batch))
+        except QueueFull as e:
+            raise ApiError(429, f"The server is busy: {e}. Retry later.", kind="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        self.metrics.received(sum(map(len, job.prompts)))
+        stream = _Stream(job, self.name, handle, updates)
+        if job.stream:
+            return EventStream(stream.events(), handle)
+        try:
+            texts, reasons, tokens = await stream.gather(request)
+        finally:
+            handle.cancel()  # a no-op when done; frees the rows when the client left
+        return response(job, self.name, texts, reasons, tokens)
 
 
 def validation_error(e):

@@ -10,7 +10,8 @@ import torch
 
 from generation_checks import first_diff, reference_ids, reference_sampled_ids, reference_sampled_rows, tiny, varied
 from gptfast import generate as generate_mod
-from gptfast.engine import Engine, QueueFull, TextOutput
+from gptfast.engine import Engine, QueueFull
+from gptfast.textout import TextOutput
 from gptfast.generate import Generator, generate
 from gptfast.runner import batch_sizes
 from gptfast.sampling import SamplingParams

@@ -8,7 +8,7 @@ import torch
 
 from generation_checks import first_diff, reference_ids, reference_sampled_ids, tiny, varied
 from gptfast import get_tokenizer
-from gptfast.engine import TextOutput
+from gptfast.textout import TextOutput
 from gptfast.generate import Generator, generate
 from gptfast.quant import Int8Linear, inference_copy, int8_supported
 from kernel_checks import assert_close, assert_within_2x

@@ -280,7 +280,7 @@ def test_queue_full_auth_and_disconnect(monkeypatch):
 
 
 def test_one_failing_request_spares_the_others(server, http, monkeypatch):
-    from gptfast.engine import TextOutput
+    from gptfast.textout import TextOutput
     push = TextOutput.push
 
     def fragile(self, token):  # the stop-string handling of one request raises on its 3rd token

@@ -24,10 +24,6 @@ COMMANDS = [
 ]
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
-
 def _version(*dists: str) -> str:
     for dist in dists:
         try:
@@ -89,16 +85,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (CLIError, ValueError, OSError, RuntimeError) as e:  # OSError: e.g. an output path that is a directory
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: e.g. an output path that is a directory
         print(f"gptfast {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # e.g. 3: training diverged
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (train saves its checkpoint first)
         print(f"gptfast {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
-    # `python -m gptfast.cli`: run the imported module, so that the CLIError the subcommand
-    # modules raise (gptfast.cli.CLIError) is the class `main` catches, not __main__'s copy
-    from gptfast import cli
-    sys.exit(cli.main())
+    sys.exit(main())

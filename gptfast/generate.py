@@ -49,12 +49,45 @@ def _engine_for(model, device, context_size) -> Engine:
         return entry[1]
 
 
+def classic_sample_next(logits, temperature=0.0, top_k=None):
+    """The classic code's sampling, op for op, so that a seed gives its tokens: top-k keeps every
+    token tied with the k-th logit, then logits / temperature, softmax, and one torch.multinomial
+    draw from torch's global RNG (even when one token is left); greedy is argmax."""
+    if top_k is not None:
+        top_logits, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+        logits = torch.where(logits < top_logits[:, -1:], torch.tensor(float("-inf")).to(logits.device), logits)
+    if temperature > 0.0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(-1)
+    return torch.argmax(logits, dim=-1)
+
+
+def classic_sample_next(logits, temperature=0.0, top_k=None):
+    """The classic code's sampling, op for op, so that a seed gives its tokens: top-k keeps every
+    token tied with the k-th logit, then logits / temperature, softmax, and one torch.multinomial
+    draw from torch's global RNG (even when one token is left); greedy is argmax."""
+    if top_k is not None:
+        top_logits, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+        logits = torch.where(logits < top_logits[:, -1:], torch.tensor(float("-inf")).to(logits.device), logits)
+    if temperature > 0.0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(-1)
+    return torch.argmax(logits, dim=-1)
+
+
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
              top_p=None, use_cache=True, generator=None):
     """The classic `generate`: token ids (B, T) -> (B, T + new). Each step conditions on the last
     `context_size` tokens; a row stops at `eos_id` (not appended; with B > 1 finished rows are
-    filled with eos_id until every row is done). `use_cache=False` is the reference path.
-    Sampling draws one seed per step from `generator` (None: torch's default RNG) on both paths."""
+    filled with eos_id until every row is done).
+
+    Greedy decoding runs on the engine kept for `model` (gptfast.engine, a KV cache;
+    `use_cache=False`: the classic recompute-every-step path). Sampling with neither `generator`
+    nor `top_p` is the classic code exactly (classic_sample_next on torch's global RNG, every
+    step recomputed as there, since cached logits can differ in the last bit): after
+    torch.manual_seed(123) it gives the classic code's tokens. With a `generator` (or `top_p`),
+    sampling is the fused sampler on the engine: one draw from `generator` (None: torch's
+    default RNG) per step on both paths, exactly k tokens kept at ties, much faster."""
     params = SamplingParams(temperature, top_k, top_p)
     check_max_new_tokens(max_new_tokens)
     check_eos_id(eos_id, model.cfg.vocab_size)
@@ -62,7 +95,8 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0 or idx.is_floating_point():
         got = f"shape {tuple(idx.shape)}, {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise ValueError(f"idx must be a non-empty (batch, tokens) tensor of token ids, got {got}")
-    if use_cache:
+    classic = temperature > 0 and generator is None and top_p is None
+    if use_cache and not classic:
         engine = _engine_for(model, idx.device, context_size)
         handle = engine.submit(idx.tolist(), max_new_tokens, params, eos_id=eos_id, generator=generator,
                                draw_each_step=True)
@@ -74,7 +108,7 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     for _ in range(max_new_tokens):
         with torch.no_grad():
             logits = model(idx[:, -context_size:])[:, -1, :]  # (B, V)
-        nxt = sample_next(logits, params, generator)
+        nxt = classic_sample_next(logits, temperature, top_k) if classic else sample_next(logits, params, generator)
         if eos_id is not None:
             nxt = nxt.masked_fill(done, eos_id)
             done |= nxt == eos_id
@@ -235,18 +269,19 @@ def add_model_source(p):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint file written by `gptfast train`")
     src.add_argument("--gpt2", metavar="SIZE", help="GPT-2 weights: 124M, 355M, 774M, 1558M or a path (gptfast.weights)")
-    p.add_argument("--models-dir", default=None, help="where GPT-2 weights are stored (with --gpt2; default ./models)")
+    p.add_argument("--models-dir", default="models", help="where GPT-2 weights are stored (with --gpt2)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="weights: auto = bfloat16 on CUDA, float16 on CPU; int8 = weight-only int8 linears")
-    p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"))
+    p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"),
+                   help="compute backend (auto: triton on CUDA, else torch)")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; None = cuda when available")
 
 
 def load_model_source(args):
     """(model, device) from add_model_source's options."""
-    from .weights import load_any  # a checkpoint, a GPT-2 size, or a GPT-2 directory/file
+    from .weights import load_source  # a checkpoint, a GPT-2 size, or a GPT-2 directory/file
     device = resolve_device(args.device)
-    return load_any(args.checkpoint or args.gpt2, args.models_dir, backend=args.backend, device=device), device
+    return load_source(args.checkpoint, args.gpt2, args.models_dir, backend=args.backend, device=device), device
 
 
 def checked_type(convert, check):

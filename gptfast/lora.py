@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -92,13 +93,18 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets=None, exclude=
     `targets`: name filters (e.g. ["att.qkv", "ff"]; all linear layers when None);
     `exclude`: filters for layers to leave alone. Returns the wrapped layers' names.
     """
+    # every check before the model changes: a failed call leaves it unfrozen and unwrapped
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0 < alpha < math.inf):
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
     if lora_layers(model):  # wrapping again would nest adapters inside adapters
         raise ValueError(f"the model already has LoRA on {len(lora_layers(model))} layers; merge or unwrap them first")
-    model.requires_grad_(False)
     chosen = [name for name, m in model.named_modules()
               if type(m) is nn.Linear and _matches(name, targets) and not (exclude and _matches(name, exclude))]
     if not chosen:
         raise ValueError(f"no linear layer matches the LoRA targets {targets}")
+    model.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -123,6 +123,17 @@ def upgrade_state_dict(model: nn.Module, state_dict: dict) -> dict:
     return state_dict
 
 
+def _refuse_untied_weights(module, state_dict, prefix, *_):
+    """Loading distinct embedding and head weights into one tied parameter would keep only
+    the head's, silently (the classic model's head is its own)."""
+    if getattr(module.out_head, "weight", None) is not module.tok_emb.weight:  # a replaced head: not tied
+        return
+    emb, head = state_dict.get(prefix + "tok_emb.weight"), state_dict.get(prefix + "out_head.weight")
+    if emb is not None and head is not None and emb is not head and not torch.equal(emb, head):
+        raise ValueError("the state dict has distinct tok_emb.weight and out_head.weight, but this model ties "
+                         "them (tie_weights=True); build it with tie_weights=False (the classic model's setting)")
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + att(norm1(x)), then + ff(norm2(.)), with dropout on each branch."""
 
@@ -163,6 +174,9 @@ class GPTModel(nn.Module):
 
     def __init__(self, cfg: GPTConfig, backend: str = "auto"):
         super().__init__()
+        if not isinstance(cfg, GPTConfig):  # e.g. the classic code's dict: GPTConfig.from_dict reads it
+            raise TypeError(f"GPTModel takes a GPTConfig, got {type(cfg).__name__}; "
+                            "use GPTModel(GPTConfig.from_dict(cfg)) for a config dict")
         self.cfg = cfg
         vocab = cfg.padded_vocab_size
         self.tok_emb = nn.Embedding(vocab, cfg.emb_dim)
@@ -179,6 +193,7 @@ class GPTModel(nn.Module):
                     nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+            self.register_load_state_dict_pre_hook(_refuse_untied_weights)
         self.set_backend(backend)
 
     @staticmethod
@@ -198,6 +213,8 @@ class GPTModel(nn.Module):
         # ids outside the vocabulary: checked on CPU only, where it costs no host sync
         if idx.device.type == "cpu" and idx.numel() and not 0 <= idx.min() <= idx.max() < self.cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); got {int(idx.min())}..{int(idx.max())}")
+        if self._fallback:  # triton asked for, torch runs: say why (once), now that it matters
+            warn_once(self._fallback)
         pos = torch.arange(start_pos, start_pos + T, device=idx.device) if positions is None else positions
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for i, block in enumerate(self.trf_blocks):
@@ -235,11 +252,12 @@ class GPTModel(nn.Module):
 
     def set_backend(self, name: str) -> GPTModel:
         """Run on backend `name`: every op module takes that backend's class for the model's
-        device (same parameters). Decided again whenever the model moves (see `_apply`)."""
+        device (same parameters). Decided again whenever the model moves (see `_apply`); a
+        fallback from "triton" warns once, when the model first runs where it fell back."""
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
         self._backend = name
-        self.active_backend, classes = choose_backend(name, self.tok_emb.weight.device)
+        self.active_backend, classes, self._fallback = choose_backend(name, self.tok_emb.weight.device)
         for m in self.modules():
             op = getattr(type(m), "op", None)
             if op is not None:
@@ -251,22 +269,19 @@ class GPTModel(nn.Module):
         return self.set_backend(self._backend)
 
 
-def choose_backend(name: str, device: torch.device) -> tuple[str, dict[str, type]]:
-    """The backend that runs `name` on `device` and its op classes (an op left out keeps the
-    reference class): "triton" that cannot run here falls back to "torch" with one warning."""
+def choose_backend(name: str, device: torch.device) -> tuple[str, dict[str, type], str | None]:
+    """(the backend that runs `name` on `device`, its op classes (an op left out keeps the
+    reference class), why "triton" fell back to "torch" here or None)."""
     if name == "reference":
-        return name, {}
-    usable = device.type == "cuda" or (name == "triton" and triton_interpreting())
-    if name == "triton" and not usable:
-        warn_once(f"backend 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1); using 'torch' on {device.type}")
-    if name == "torch" or not usable:
-        return "torch", TORCH_MODULES
+        return name, {}, None
+    if name == "torch" or not (device.type == "cuda" or (name == "triton" and triton_interpreting())):
+        why = None if name != "triton" else (f"backend 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1); "
+                                              f"using 'torch' on {device.type}")
+        return "torch", TORCH_MODULES, why
     modules, why = triton_modules()
     if modules is None:
-        if name == "triton":
-            warn_once(f"backend 'triton': {why}; using 'torch'")
-        return "torch", TORCH_MODULES
-    return "triton", modules
+        return "torch", TORCH_MODULES, (f"backend 'triton': {why}; using 'torch'" if name == "triton" else None)
+    return "triton", modules, None
 
 
 def triton_modules() -> tuple[dict[str, type] | None, str | None]:

@@ -5,6 +5,8 @@ the linear weights stored (in, out), the faster layout for one-token matmuls the
 
 The int8 copy keeps embeddings, LayerNorms, attention and the residual stream in fp32; only
 the inputs of the linear layers are rounded to bf16 (the kernel's activation dtype on CPU).
+The copies swap the linear layers only, so they keep whatever backend the model has (the
+triton feed-forward runs a swapped first layer as a layer instead of fusing its bias).
 """
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ import signal
 import threading
 from pathlib import Path
 
-from .cli import CLIError
 from .generate import Generator, add_model_source, checked_type, load_model_source
 
 
@@ -67,7 +66,7 @@ def run_cli(args):
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise CLIError(f"gptfast serve needs FastAPI and uvicorn ({e.name} is missing): "
+        raise ValueError(f"gptfast serve needs FastAPI and uvicorn ({e.name} is missing): "
                        "pip install 'gptfast[serve]'") from None
     from .api_server import create_app
     model, device = load_model_source(args)

@@ -1,5 +1,6 @@
 """The GPT model: published parameter counts, backends agreeing, the classic state-dict layout."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -171,15 +172,20 @@ def test_switching_backend_keeps_parameters_state_dict_and_outputs():
 
 
 def test_backend_is_decided_again_when_the_model_moves(monkeypatch):
-    """triton asked for where it cannot run falls back to torch with one warning; moving the
-    model (here: where the interpreter is allowed) decides again, for the new place."""
+    """triton asked for where it cannot run falls back to torch, with one warning once it runs
+    there; moving the model (here: where the interpreter is allowed) decides again."""
     monkeypatch.setattr(gptfast.model, "triton_interpreting", lambda: False)
     monkeypatch.setattr(gptfast.backends, "_warned", set())  # warned once per process: start afresh
-    with pytest.warns(RuntimeWarning, match="backend 'triton' needs a CUDA tensor") as caught:
-        model = GPTModel(GPTConfig.from_preset("tiny", n_layers=1), backend="triton")
-        model.set_backend("triton")
-    assert len([w for w in caught if "needs a CUDA" in str(w.message)]) == 1, "one warning, not one per call"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # built where it falls back: no warning until it runs there
+        model = GPTModel(GPTConfig.from_preset("tiny", n_layers=1), backend="triton").eval()
     assert (model.backend, model.active_backend) == ("triton", "torch")
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="backend 'triton' needs a CUDA tensor") as caught:
+        model(idx)
+        model.set_backend("triton")
+        model(idx)
+    assert len([w for w in caught if "needs a CUDA" in str(w.message)]) == 1, "one warning, not one per call"
     monkeypatch.setattr(gptfast.model, "triton_interpreting", lambda: True)
     model.to("cpu")
     assert model.active_backend == "triton"

@@ -197,14 +197,16 @@ def test_convert_to_gptfast_format_and_from_checkpoint(hf_dirs, tmp_path):
         convert(out, out)
 
 
-def test_interrupted_save_is_never_taken_as_complete(hf_dirs, tmp_path, monkeypatch):
-    """A re-save that dies while writing the weights leaves the folder without config.json (and
-    no temporary files); a size name then prefers OpenAI's folder, and loading the broken folder
-    is a one-line error."""
+def test_interrupted_save_keeps_the_previous_model(hf_dirs, tmp_path, monkeypatch):
+    """A re-save that dies while writing the weights leaves the previous folder as it was (the
+    new one is written aside and swapped in) and no temporary folder. A folder without
+    config.json (an older version's interrupted save) is never taken as complete: a size name
+    then prefers OpenAI's folder, and loading it is a one-line error."""
     import safetensors.torch
 
     model = load_gpt2(hf_dirs["d16-ctx37"][1], backend="reference")
     out = weights.save_gptfast(model, tmp_path / "124M-gptfast")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert weights.resolve_gpt2_path("124M", tmp_path) == out
 
     def crash(*args, **kwargs):
@@ -213,7 +215,9 @@ def test_interrupted_save_is_never_taken_as_complete(hf_dirs, tmp_path, monkeypa
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         weights.save_gptfast(model, out)
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"], "config.json or a temp file left"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["124M-gptfast"], "a temporary folder was left"
+    (out / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"config\.json is missing") as e:
         load_gpt2(out)
     assert "\n" not in str(e.value)

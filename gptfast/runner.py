@@ -37,6 +37,7 @@ class Runner:
         self.step = CacheStep()
         self.rows, self.caches = 0, []
         self.graphs, self.buffers = {}, {}
+        self.pool = None  # one memory pool for every graph: they never run at once
 
     def reserve(self, model, rows: int):
         """Room for `rows` sequences: the cache grows to the next batch size, keeping its rows
@@ -109,7 +110,8 @@ class Runner:
                     self._static_step(model, buf, params)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):  # outputs stay referenced: never reused
                 logits, ids = self._static_step(model, buf, params)
             return _Graph(graph, logits, ids)
         except Exception as e:  # an op that cannot be captured: stay correct, just slower

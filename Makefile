@@ -14,7 +14,7 @@ $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,tf]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,tf,serve]"
 	@$(PY) -c "from gptfast import sampling as s; print('gptfast._C sample_top_k kernels: CPU', \
 	    s.has_kernel('cpu'), '| CUDA', s.has_kernel('cuda'), '(setup.py says why when CUDA is skipped: pip install -v)')"
 	touch $(STAMP)

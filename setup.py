@@ -98,7 +98,8 @@ setup(
     install_requires=["torch", "triton; platform_system == 'Linux'", "tiktoken", "numpy", "safetensors",
                       "tqdm", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "transformers", "openai", "httpx"],
+        "serve": ["fastapi", "uvicorn"],
         "tf": ["tensorflow-cpu; platform_machine == 'x86_64'", "tensorflow; platform_machine != 'x86_64'"],
     },
     entry_points={"console_scripts": ["gptfast=gptfast.cli:main"]},

@@ -26,7 +26,7 @@ from gptfast.generate import Generator, generate
 from gptfast.quant import int8_supported
 from gptfast.weights import to_hf_state_dict
 
-from common import commit_id, device_name  # noqa: E402  (benchmarks/ is on sys.path)
+from common import commit_id, device_name, save_report  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
 
@@ -167,16 +167,9 @@ def main():
              "|---|---|---|---|---|---|---|---|"]
     for label, (ids, ttft, tps, dtype) in rows.items():
         same = f"{tps / base_hf[dtype]:.2f}x" if dtype in base_hf else "-"
-        vs_nc = f"{tps / base_nc:.1f}x" if base_nc else "-"
-        vs_fp32 = f"{tps / base_hf['float32']:.2f}x" if "float32" in base_hf else "-"
-        lines.append(f"| {label} | {len(ids)} | {1000 * ttft:.1f} | {tps:.1f} | {vs_nc} | {vs_fp32} | {same} "
-                     f"| {agree[label]} |")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out) / f"generate_{device.type}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"written to {out}")
+        lines.append(f"| {label} | {len(ids)} | {1000 * ttft:.1f} | {tps:.1f} | {tps / base_nc:.1f}x "
+                     f"| {tps / base_hf['float32']:.2f}x | {same} | {agree[label]} |")
+    save_report(lines, Path(args.out) / f"generate_{device.type}.md")
 
 
 if __name__ == "__main__":

@@ -77,3 +77,14 @@ class PeakMemory:
     @property
     def mib(self) -> float:
         return (self.peak - self.base) / 2**20
+
+
+def save_report(lines: list[str], path) -> Path:
+    """Print a results table (lines of markdown) and write it to `path` (a results file)."""
+    text = "\n".join(lines)
+    print(text)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(f"written to {path}")
+    return path

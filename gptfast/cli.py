@@ -17,6 +17,7 @@ COMMANDS = [
     "gptfast.data",      # prepare
     "gptfast.train",     # train
     "gptfast.generate",  # generate
+    "gptfast.serve",     # serve
     "gptfast.finetune.classify",  # finetune-classifier, classify
     "gptfast.finetune.instruct",  # finetune-instruct
     "gptfast.weights",   # download-gpt2, convert, eval-gpt2

@@ -13,7 +13,7 @@ from gptfast.kernels.attention import TritonCausalAttention, attention_ref
 from gptfast.kernels.cross_entropy import LinearCrossEntropyLoss
 from gptfast.kernels.gelu import FusedFeedForward, TritonGELU, bias_gelu_ref
 from gptfast.kernels.layer_norm import TritonLayerNorm, layer_norm_ref
-from gptfast.kv_cache import KVCache
+from gptfast.kv_cache import CacheStep, KVCache
 from gptfast.model import GELU, CausalAttention, FeedForward, GPTModel, LayerNorm
 from kernel_checks import assert_close, assert_within_2x
 
@@ -124,7 +124,7 @@ def _core(cls, dropout_p=0.0):
 
 def test_attention_prefill_and_decode_match_reference(device):
     """T < S (queries are the last T positions) and T = 1 decoding, without a cache and against
-    one (eager, static with per-row lengths, and a padded cache's mask)."""
+    one: a prefill, then rows at different lengths decoding (eager span and the whole buffer)."""
     core = _core(TritonCausalAttention)
     g = torch.Generator().manual_seed(6)
     k, v = (torch.randn(2, 2, 9, 16, generator=g).to(device) for _ in range(2))
@@ -132,19 +132,21 @@ def test_attention_prefill_and_decode_match_reference(device):
         q = torch.randn(2, 2, T, 16, generator=g).to(device)
         with torch.no_grad():
             assert_close(core(q, k, v), attention_ref(q, k, v), 1e-4, f"T={T}, S=9")
-    for static, padded in ((False, False), (True, False), (False, True)):
-        cache = KVCache(2, 2, 12, 16, torch.float32, device)
-        cache.reset(torch.tensor([[True] * 8, [False] * 3 + [True] * 5], device=device) if padded else None)
+    for span in (9, 12):
+        step = CacheStep()
+        cache = KVCache(2, 2, 12, 16, torch.float32, device, step)
+        step.prefill(torch.tensor([0, 1], device=device), 8)
+        q = torch.randn(2, 2, 8, 16, generator=g).to(device)
         with torch.no_grad():
-            cache.update(k[:, :, :8], v[:, :, :8])
-            cache.static, q = static, torch.randn(2, 2, 1, 16, generator=g).to(device)
-            cache.write_pos.fill_(8)
-            keys, values = cache.update(k[:, :, 8:], v[:, :, 8:])
-            mask = cache.mask(1)
-            got = core(q, keys, values, cache)
-        want_mask = cache.key_valid[:, None, None, :9] if padded else None
-        assert_close(got, attention_ref(q, k, v, want_mask), 1e-4, f"static={static}, padded={padded}")
-        assert (mask is None) == (not static and not padded), "a plain eager cache needs no mask"
+            assert_close(core(q, *cache.update(k[:, :, :8], v[:, :, :8]), cache), attention_ref(q, k[:, :, :8],
+                         v[:, :, :8]), 1e-4, "prefill")
+            step.decode(torch.tensor([8, 5], device=device), span)  # row 1 at slot 5: it sees slots 0-5
+            q = torch.randn(2, 2, 1, 16, generator=g).to(device)
+            got = core(q, *cache.update(k[:, :, 8:], v[:, :, 8:]), cache)
+        want_mask = torch.tensor([[True] * 9, [True] * 6 + [False] * 3], device=device)[:, None, None, :]
+        want_k, want_v = k.clone(), v.clone()
+        want_k[1, :, 5], want_v[1, :, 5] = k[1, :, 8], v[1, :, 8]  # row 1's new key went to slot 5
+        assert_close(got, attention_ref(q, want_k, want_v, want_mask), 1e-4, f"decode over {span} slots")
 
 
 def test_tiny_gpt_triton_logits_match_reference(device):

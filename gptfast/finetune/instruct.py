@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from ..batches import IndexedBatches
 from ..data import read_text
+from ..engine import Engine
 from ..evaluation import calc_loss_loader
-from ..generate import Generator
 from ..plotting import plot_curves
+from ..sampling import SamplingParams
 from ..tokenizer import EOT_ID, get_tokenizer
 from ..train import INT, Task, Trainer, TrainConfig, process_rank
 from . import (ASSETS, RECIPE, TRAIN_OPTIONS, add_model_args, add_training_args, check_finetune_options,
@@ -139,17 +140,23 @@ def train_instruct(model, train_loader, val_loader, epochs=2, lr=RECIPE["lr"], w
             "val_loss": h["val_loss"]}
 
 
-def generate_responses(model, data, max_new_tokens=256, progress=True) -> list[dict]:
-    """Greedy answers for each record (a copy with `model_response` added), through one
-    generation engine (its buffers made once) on the model as it is."""
+def generate_responses(model, data, max_new_tokens=256, progress=True, batch_size=16) -> list[dict]:
+    """Greedy answers for each record (a copy with `model_response` added), generated together
+    through one engine (up to `batch_size` at a time; each answer as if generated alone)."""
     tokenizer = get_tokenizer()
-    engine = Generator(model, tokenizer, dtype=None)
-    out = []
-    for rec in tqdm(data, desc="answering", disable=not progress):
-        prompt = tokenizer.encode(format_input(rec))
-        new, = engine.generate_ids([prompt], max_new_tokens, eos_id=EOT_ID)
-        out.append({**rec, "model_response": tokenizer.decode(new).replace("### Response:", "").strip()})
-    return out
+    engine = Engine(model, max_batch=batch_size)
+    handle = engine.submit([tokenizer.encode(format_input(rec)) for rec in data], max_new_tokens, SamplingParams(),
+                           eos_id=EOT_ID)
+    answers = [[] for _ in data]
+    with tqdm(total=len(data), desc="answering", disable=not progress) as bar:
+        for batch in handle.updates():
+            for u in batch:
+                if u.error is not None:
+                    raise RuntimeError(f"generating record {u.index}'s response failed: {u.error}")
+                answers[u.index] += u.ids  # eos excluded
+                bar.update(u.finish is not None)
+    return [{**rec, "model_response": tokenizer.decode(ids).replace("### Response:", "").strip()}
+            for rec, ids in zip(data, answers)]
 
 
 # ---------------------------------------------------------------- judge

@@ -510,6 +510,7 @@ def run_cli(args) -> int:
     print(f"model {args.preset}: {model.num_parameters():,} parameters, backend {model.active_backend}, "
           f"device {trainer.device}, {trainer.total_steps} steps")
     trainer.fit()  # Ctrl-C: fit saves a checkpoint, then gptfast.cli reports it (exit 130); NaN: exit 3
-    print(f"checkpoint: {trainer.checkpoint_path}\nbest:       {args.out}/best.pt\n"
-          f"metrics:    {args.out}/metrics.jsonl\nplot:       {args.out}/loss.png")
+    if trainer.is_main:
+        print(f"checkpoint: {trainer.checkpoint_path}\nbest:       {args.out}/best.pt\n"
+              f"metrics:    {args.out}/metrics.jsonl\nplot:       {args.out}/loss.png")
     return 0

@@ -62,19 +62,6 @@ def classic_sample_next(logits, temperature=0.0, top_k=None):
     return torch.argmax(logits, dim=-1)
 
 
-def classic_sample_next(logits, temperature=0.0, top_k=None):
-    """The classic code's sampling, op for op, so that a seed gives its tokens: top-k keeps every
-    token tied with the k-th logit, then logits / temperature, softmax, and one torch.multinomial
-    draw from torch's global RNG (even when one token is left); greedy is argmax."""
-    if top_k is not None:
-        top_logits, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
-        logits = torch.where(logits < top_logits[:, -1:], torch.tensor(float("-inf")).to(logits.device), logits)
-    if temperature > 0.0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return torch.multinomial(probs, num_samples=1).squeeze(-1)
-    return torch.argmax(logits, dim=-1)
-
-
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
              top_p=None, use_cache=True, generator=None):
     """The classic `generate`: token ids (B, T) -> (B, T + new). Each step conditions on the last

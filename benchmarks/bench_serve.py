@@ -50,7 +50,7 @@ def workload(client: int, i: int) -> tuple[list[int], int]:
 
 
 class ServerProcess:
-    def __init__(self, checkpoint, device, max_batch, max_queue):
+    def __init__(self, checkpoint, device, dtype, max_batch, max_queue):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -58,6 +58,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gptfast.cli", "serve", "--checkpoint", str(checkpoint), "--device", str(device),
+             "--dtype", dtype,
              "--port", str(self.port), "--max-batch", str(max_batch), "--max-queue", str(max_queue),
              "--model-name", "gpt2", "--log-level", "warning"])
 
@@ -186,6 +187,7 @@ def main():
     ap.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the HTTP-overhead check")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", help="the servers' and the in-process Generator's --dtype")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -193,12 +195,12 @@ def main():
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").eval()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = save_checkpoint(Path(tmp) / "gpt2-124m-random.pt", model)
-        servers = {"batching": ServerProcess(checkpoint, device, args.max_batch, 256),
-                   "one at a time": ServerProcess(checkpoint, device, 1, 256)}
+        servers = {"batching": ServerProcess(checkpoint, device, args.dtype, args.max_batch, 256),
+                   "one at a time": ServerProcess(checkpoint, device, args.dtype, 1, 256)}
         try:
             for s in servers.values():
                 s.wait_up()
-            gen = Generator(model.to(device))  # the in-process engine, the servers' dtype ("auto")
+            gen = Generator(model.to(device), dtype=args.dtype)  # the in-process engine, the servers' dtype
             check_outputs(gen, servers)
             inproc, http = per_token(gen, servers["batching"].url, args.rounds)
             del gen
@@ -214,11 +216,12 @@ def main():
 
 
 def report(args, device, results, inproc, http):
-    lines = [f"# Serving, GPT-2 124M random init, `gptfast serve` (dtype auto), greedy, streamed",
+    lines = [f"# Serving, GPT-2 124M random init, `gptfast serve --dtype {args.dtype}`, greedy, streamed",
              f"device: {device.type} ({device_name(device)}), torch {torch.__version__}, "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
              f"command: python benchmarks/bench_serve.py --clients {' '.join(map(str, args.clients))} "
-             f"--seconds {args.seconds:g} --requests {args.requests} --max-batch {args.max_batch} --device {args.device}",
+             f"--seconds {args.seconds:g} --requests {args.requests} --max-batch {args.max_batch} --device {args.device} "
+             f"--dtype {args.dtype}",
              f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
              f"(this machine: {os.cpu_count()} cores, shared)",
              f"mix: prompts of {'/'.join(map(str, PROMPT_LENGTHS))} tokens with {'/'.join(map(str, OUTPUT_LENGTHS))} "
@@ -234,7 +237,7 @@ def report(args, device, results, inproc, http):
     lines += ["", f"HTTP overhead at 1 client: decode time per token {1000 * http:.2f} ms streamed over HTTP vs "
               f"{1000 * inproc:.2f} ms in-process (Generator): {100 * (http / inproc - 1):+.1f}% "
               f"(medians of {args.rounds} interleaved rounds of the 3 requests of the mix)"]
-    save_report(lines, Path(args.out) / f"serve_{device.type}.md")
+    save_report(lines, Path(args.out) / f"serve_{device.type}_{args.dtype}.md")
 
 
 if __name__ == "__main__":

@@ -267,12 +267,14 @@ class Engine:
             while True:
                 with self._lock:
                     admitted, dropped = self._admit()
-                    if not self._live and not admitted:
-                        self._thread = None  # idle: a later submit starts a new loop
-                        break
+                    idle = not self._live and not admitted
+                    if idle:
+                        self._thread = None  # a later submit starts a new loop
                     self._live.extend(admitted)  # live at once: a failure below reaches them too
-                for g in dropped:
+                for g in dropped:  # cancelled while queued
                     self._emit(g, [self._finish(s, "cancelled") for s in g.seqs])
+                if idle:
+                    break
                 try:
                     self._step(admitted)
                 except Exception as e:  # nothing to blame one request for: fail this batch, keep serving

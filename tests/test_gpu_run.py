@@ -107,3 +107,15 @@ def test_every_pytest_bench_stage_selects_tests():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.strip().startswith("collects")]
     assert len(counts) == sum(s.pytest for s in gpu_run.stages_for("bench", "/tmp", None)) and min(counts) > 0
+
+
+def test_sampler_bench_stage_runs_its_arguments_on_cpu(capsys):
+    """The sampler stage's own arguments, on the CPU (the same measuring code as on CUDA)."""
+    bench_sampling = pytest.importorskip("bench_sampling")
+    if not bench_sampling.sampling.has_kernel("cpu"):
+        pytest.skip(f"gptfast._C is not built here: {bench_sampling.sampling._C_ERROR}")
+    (stage,) = gpu_run.stages_for("bench", "/tmp", ["sampler"])
+    args = [a if a != "cuda" else "cpu" for a in stage.argv[2:]]
+    assert bench_sampling.main(args) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu |")]
+    assert [line.split("|")[2:4] for line in rows] == [[" 1 ", " 50 "], [" 64 ", " 50 "]], rows

@@ -256,7 +256,7 @@ def _compile(group, tmp_path):
     pytest.importorskip("triton", reason="triton is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DUMP_PTXAS_LOG="1")
-    return subprocess.run([sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=900)
 
 
 def _kernels(stdout):

@@ -29,12 +29,13 @@ def add_parser(subparsers):
     p.add_argument("--max-queue", type=checked_type(int, _check_positive("--max-queue")), default=256,
                    help="prompts allowed to wait for a batch row; more get 429")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ "
-                   "(None: $GPTFAST_API_KEY if set, else no key is required)")
-    p.add_argument("--model-name", default=None, help="the model id clients send (None: named after the source)")
+                   "(not given: $GPTFAST_API_KEY if set, else no key)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send (not given: the checkpoint's file stem, or gpt2-SIZE)")
     p.add_argument("--shutdown-timeout", type=checked_type(float, _check_timeout), default=5.0,
                    help="seconds requests in flight may take to finish after SIGTERM")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
-                   help="uvicorn's log level")
+                   help="uvicorn's log level (info: startup and one line per request)")
     p.set_defaults(func=run_cli)
 
 

@@ -334,9 +334,9 @@ def test_sigterm_with_requests_in_flight(server_process):
         t.start()
     wait_for(lambda: _running(url) == 3, "three requests in flight")
     proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(30)  # a shutdown that hangs fails here (no wall-clock bound tighter: the machine may be loaded)
+    rc = proc.wait(120)  # --shutdown-timeout 1: a hang, not slowness, would reach this bound
     for t in threads:
-        t.join(10)
+        t.join(30)
     assert rc == 0, proc.stdout.read().decode()[-2000:]
     assert len(ends) == 3 and all(e == "data: [DONE]" for e in ends), ends  # each stream closed properly
     assert not _up(url), "still accepting connections"

@@ -34,7 +34,7 @@ B, T, H, D, WIDTH, VOCAB = 16, 1024, 12, 64, 768, 50257  # GPT-2 124M training s
 PADDED_VOCAB = 50304  # GPTConfig(pad_vocab=True)'s head
 SMS = 132  # an H100/H200: what the launchers size split counts for
 SEED = 12345  # dropout seed: an int the JIT specialises like most random seeds (not divisible by 16)
-LINE = re.compile(r"^ok   (?P<name>\S+) .*?regs=(?P<regs>\d+) spills=(?P<st>\d+)/(?P<ld>\d+)B .*?"
+LINE = re.compile(r"^ok   (?P<name>[^\s\[]+(?:\[[^\]]*\])?) .*?regs=(?P<regs>\d+) spills=(?P<st>\d+)/(?P<ld>\d+)B .*?"
                   r"ld\.global v4=(?P<v4>\d+) v2=(?P<v2>\d+) scalar=(?P<scalar>\d+)", re.M)
 
 

@@ -8,13 +8,13 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 RUN    ?= runs/demo
 
-.PHONY: demo test bench gpu setup clean
+.PHONY: demo test bench gpu gpu-check gpu-bench setup clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,tf]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,tf,serve]"
 	@$(PY) -c "from gptfast import sampling as s; print('gptfast._C sample_top_k kernels: CPU', \
 	    s.has_kernel('cpu'), '| CUDA', s.has_kernel('cuda'), '(setup.py says why when CUDA is skipped: pip install -v)')"
 	touch $(STAMP)
@@ -31,12 +31,23 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/report.py
 
-# Everything only a CUDA machine can show, in one command: _C rebuilt with its CUDA kernel
-# (a missing toolkit fails here instead of warning), the whole suite without Triton's
-# interpreter (the gpu-marked tests run), then every benchmark into benchmarks/results/.
-# Nothing is downloaded: it uses .venv when `make setup` made one, else python3, which must
+# GPU runs download nothing: they use .venv when `make setup` made one, else python3, which must
 # hold a CUDA torch and the test dependencies (GPU images usually do; override with GPU_PY=).
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+# The GPU truth in one short slot (benchmarks/gpu_run.py: stages in order, each with its own
+# time limit; `--dry-run` lists them). gpu-check: correctness, <= 4 min on an H200 with the
+# build; gpu-bench: the headline numbers, <= 5 min (after gpu-check: it needs _C's CUDA kernel).
+# Results: one folder per run under $GPTFAST_RESULTS (default benchmarks/results/).
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_run.py check
+
+gpu-bench:
+	$(GPU_PY) benchmarks/gpu_run.py bench
+
+# Everything only a CUDA machine can show, the long way (16-22 min, more than one slot): _C
+# rebuilt with its CUDA kernel (a missing toolkit fails here instead of warning), the whole
+# suite without Triton's interpreter (the gpu-marked tests run), then every benchmark.
 gpu:
 	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu: no CUDA GPU visible to torch')"
 	GPTFAST_CUDA=1 $(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .

@@ -18,6 +18,27 @@ def _say(msg):
     print(f"gptfast setup: {msg}", file=sys.stderr)
 
 
+def _check_build_tools():
+    """An old setuptools installs a broken editable gptfast (measured with pip 23.2): through
+    `setup.py develop` (setuptools < 64, or < 80 run by hand) gptfast.kernels is not importable,
+    and without a bdist_wheel (setuptools < 70.1 and no `wheel`) pip stops on a cryptic error.
+    Either is one line here, saying what to do."""
+    import importlib.util
+
+    import setuptools
+
+    version = tuple(int(x) for x in re.findall(r"\d+", setuptools.__version__)[:2])
+    if "develop" in sys.argv and version < (80, 0):
+        why = "installs gptfast through `setup.py develop`, which cannot map kernels/ to gptfast.kernels"
+    elif version < (70, 1) and importlib.util.find_spec("wheel") is None and \
+            {"dist_info", "bdist_wheel", "editable_wheel"} & set(sys.argv):
+        why = "cannot build a wheel without the `wheel` package"
+    else:
+        return
+    raise SystemExit(f"gptfast setup: setuptools {setuptools.__version__} {why}; run `python -m pip install -U pip "
+                     "setuptools wheel`, then `pip install --no-build-isolation -e .` again")
+
+
 def _cuda_skip_reason(torch, cpp_extension):
     """Why the CUDA kernels cannot be built here, or None when they can."""
     if torch.version.cuda is None:
@@ -65,6 +86,7 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
+_check_build_tools()
 ext_modules, cmdclass = _extensions()
 
 setup(
@@ -80,9 +102,10 @@ setup(
     install_requires=["torch", "triton; platform_system == 'Linux'", "tiktoken", "numpy", "safetensors",
                       "tqdm", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "transformers"],
         # benchmarks only: the CTranslate2 peer of benchmarks/bench_generate.py
         "bench": ["ctranslate2", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "transformers", "openai", "httpx"],
+        "serve": ["fastapi", "uvicorn"],
         "tf": ["tensorflow-cpu; platform_machine == 'x86_64'", "tensorflow; platform_machine != 'x86_64'"],
     },
     entry_points={"console_scripts": ["gptfast=gptfast.cli:main"]},

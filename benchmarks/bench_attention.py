@@ -25,9 +25,8 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from gptfast.backends import reference_attention
 from gptfast.kernels.attention import (HEAD_DIMS, _backward, _blocks, _forward, _interpreting, attention,
-                                       attention_decode)
+                                       attention_decode, attention_ref)
 from kernel_bench import PASSES, assert_within_2x, compiled, pass_fn, requires_cuda, run, time_ms
 
 pytestmark = requires_cuda
@@ -41,7 +40,7 @@ def sdpa_flash(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-IMPLS = {"reference": reference_attention, "native": sdpa_flash, "compile": reference_attention,
+IMPLS = {"reference": attention_ref, "native": sdpa_flash, "compile": attention_ref,
          "triton": attention}
 
 
@@ -60,7 +59,7 @@ def decode_fns(B, H, L, D):
     (q, k, v), _ = make_inputs(B, H, L, D, seed=3)
     q, k, v = q.detach()[:, :, :1], k.detach(), v.detach()  # (B, H, 1, D) against (B, H, L, D)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    return {"reference": lambda: reference_attention(q, k, v), "native": lambda: sdpa(q, k, v),
+    return {"reference": lambda: attention_ref(q, k, v), "native": lambda: sdpa(q, k, v),
             "triton": lambda: attention_decode(q, k, v, L),
             "triton-flash-T=1": lambda: attention(q, k, v)}
 
@@ -73,7 +72,7 @@ def checked():
         q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
         outs = {}
         for name, fn, args, g in (("triton", attention, (q, k, v), do), ("sdpa", sdpa_flash, (q, k, v), do),
-                                  ("truth", reference_attention, (q32, k32, v32), do.float())):
+                                  ("truth", attention_ref, (q32, k32, v32), do.float())):
             out = fn(*args)
             outs[name] = [out.detach(), *torch.autograd.grad(out, args, g)]
         for what, ours, low, truth in zip(("out", "dq", "dk", "dv"), outs["triton"], outs["sdpa"], outs["truth"]):
@@ -85,8 +84,8 @@ def checked():
         got = attention_decode(qd[:, :, :1], kc, vc, lens)
         for b, n in enumerate(lens.tolist()):
             args = (qd[b:b + 1, :, :1], kc[b:b + 1, :, :n], vc[b:b + 1, :, :n])
-            truth = reference_attention(*(t.float() for t in args))
-            assert_within_2x(got[b:b + 1], reference_attention(*args), truth, f"decode cache_len {n}", atol=1e-3)
+            truth = attention_ref(*(t.float() for t in args))
+            assert_within_2x(got[b:b + 1], attention_ref(*args), truth, f"decode cache_len {n}", atol=1e-3)
     torch.cuda.empty_cache()
     return True
 
@@ -141,7 +140,7 @@ def sweep_shape(B, H, T, D, grid, device):
     (q, k, v), do = make_inputs(1, H, T, D, seed=1, device=device)
     q, k, v = (t.detach() for t in (q, k, v))
     leaves = [t.float().requires_grad_() for t in (q, k, v)]
-    out = reference_attention(*leaves)
+    out = attention_ref(*leaves)
     dq, dk, dv = torch.autograd.grad(out, leaves, do.float())
     truths = {"forward": (out.detach(),), "dK/dV": (dk, dv), "dQ": (dq,)}
     checks = kernel_runs(q, k, v, do, default)

@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from gptfast import GPTConfig, GPTModel
-from gptfast.backends import get_backend
-from gptfast.finetune import make_adamw
-from gptfast.finetune.classify import class_logits, make_classifier
-from gptfast.finetune.instruct import IGNORE_INDEX, collate
+from gptfast.finetune import RECIPE
+from gptfast.finetune.classify import CLASSIFY, make_classifier
+from gptfast.finetune.instruct import INSTRUCT, collate
 from gptfast.lora import apply_lora, count_trainable
+from gptfast.train import TrainConfig, make_optimizer
 
 from common import PeakMemory, commit_id  # noqa: E402  (benchmarks/ is on sys.path)
 
@@ -61,10 +60,8 @@ def build(base, task, mode):
 
 
 def loss_fn(model, task, batch):
-    x, y = batch
-    if task == "classify":
-        return F.cross_entropy(class_logits(model, x).float(), y)
-    return model.loss(x, y, ignore_index=IGNORE_INDEX)
+    """The loss the fine-tuning commands train on (their Trainer tasks)."""
+    return (CLASSIFY if task == "classify" else INSTRUCT).loss(model, *batch)
 
 
 def sync(device):
@@ -74,7 +71,7 @@ def sync(device):
 
 def measure(model, task, batch, steps, warmup, device):
     """(examples/s over `steps` AdamW steps after `warmup` ones, peak MiB added by all of them)."""
-    opt = make_adamw(model, lr=1e-5, weight_decay=0.1)
+    opt = make_optimizer(model, TrainConfig(**{**RECIPE, "lr": 1e-5}))  # the fine-tuning commands' AdamW
     x, y = (t.to(device) for t in batch)
 
     def step():
@@ -135,10 +132,10 @@ def main(argv=None) -> int:
     cfg = GPTConfig.from_preset(preset, drop_rate=0.0)
     inst_len = min(args.inst_len, cfg.context_length)
     backends = ["reference", "torch"] + (["triton"] if device.type == "cuda" else [])
-    if "triton" in backends and get_backend("triton", device).name != "triton":
-        backends.remove("triton")  # get_backend warned why
     torch.manual_seed(0)
     base = GPTModel(cfg, backend="reference").to(device)
+    if "triton" in backends and GPTModel(cfg, backend="triton").to("meta").active_backend != "triton":
+        backends.remove("triton")  # the model warned why
     cls_batch, inst_batch = batches(cfg, args.batch_size, args.cls_len, inst_len)
     workloads = [("classify", cls_batch, ["default", "all layers", "LoRA r16"]),
                  ("instruct", inst_batch, ["all layers", "LoRA r16"])]

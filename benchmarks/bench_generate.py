@@ -31,7 +31,7 @@ from gptfast.tokenizer import get_tokenizer
 
 import engines  # noqa: E402  (benchmarks/ is on sys.path)
 import quality  # noqa: E402
-from common import ReadFloor, commit_id, device_name, interleaved, load_average  # noqa: E402
+from common import ReadFloor, commit_id, device_name, interleaved, load_average, save_report  # noqa: E402
 
 PEERS = ("transformers-fp32", "ct2-float32", "ct2-int8")
 DEFAULT_ENGINES = PEERS + DTYPES
@@ -117,7 +117,7 @@ def main():
     if not args.no_quality and device.type == "cpu":
         lines += quality_section(args, times)
     lines.append(f"load average at the end: {load_average()}")
-    write(args, device, lines)
+    save_report(lines, Path(args.out) / f"generate_{device.type}.md")
 
 
 def header(args, device, floors):
@@ -145,14 +145,6 @@ def quality_section(args, times):
                   f"({speed[best]:.1f} tokens/s)", ""]
     return lines
 
-
-def write(args, device, lines):
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out) / f"generate_{device.type}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"written to {out}")
 
 
 if __name__ == "__main__":

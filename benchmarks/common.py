@@ -108,3 +108,14 @@ def interleaved(fns: dict, rounds: int) -> dict:
 def load_average() -> str:
     """The 1/5/15-minute load averages (`uptime`), for the results file."""
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def save_report(lines: list[str], path) -> Path:
+    """Print a results table (lines of markdown) and write it to `path` (a results file)."""
+    text = "\n".join(lines)
+    print(text)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(f"written to {path}")
+    return path

@@ -36,6 +36,12 @@ def rows_from_json(path: Path) -> list[dict]:
     return rows
 
 
+def printed_tables(stdout: str) -> str:
+    """The "gptfast table: ..." sections a suite printed at its end (e.g. bench_train's), as markdown."""
+    tables = re.findall(r"^=+ (gptfast table: .*?) =+\n(.*?)(?=\n\s*\n|^=+ |^-{5,}|\Z)", stdout, re.M | re.S)
+    return "".join(f"\n\n{title}\n```\n{body.strip()}\n```" for title, body in tables)
+
+
 def run_suite(suite: Path, extra: list[str]) -> tuple[str, list[dict]]:
     """(status line, rows) for one suite."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,8 +56,7 @@ def run_suite(suite: Path, extra: list[str]) -> tuple[str, list[dict]]:
         status = "" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}):\n"
         return f"{status}```\n{out}\n```", []
     lines = proc.stdout.strip().splitlines() or ["(no output)"]
-    tables = re.findall(r"^=+ (gptfast table: .*?) =+\n(.*?)(?=\n\s*\n|^=+ |^-{5,}|\Z)", proc.stdout, re.M | re.S)
-    extra = "".join(f"\n\n{title}\n```\n{body.strip()}\n```" for title, body in tables)
+    extra = printed_tables(proc.stdout)
     skips = [ln for ln in lines if ln.startswith("SKIPPED")]
     tail = "\n".join(f"- {ln}" for ln in skips + [lines[-1]])
     if proc.returncode != 0:

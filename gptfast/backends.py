@@ -1,93 +1,54 @@
-"""The backend switch: the few ops where the backends differ, behind one interface.
+"""Backends are module classes: the torch-native op modules, and what every backend shares.
 
-Every backend computes the same function on the same parameters; they differ only in
-how. `GPTModel` asks `get_backend(name, device)` for one and hands it to its blocks.
+`GPTModel` has a few op modules whose computation differs between backends, each naming its
+op in the class attribute `op`: "layer_norm" (with the block's residual add), "gelu",
+"feed_forward", "attention" (the causal core, prefill and decode) and "loss" (the LM head's
+cross-entropy). A backend is a choice of class for each op:
 
-- "reference": the classic from-scratch math, op by op (the ground truth for tests).
-- "torch": PyTorch's fused native ops (scaled_dot_product_attention, layer_norm, gelu).
-- "triton": gptfast's own fused kernels from `gptfast.kernels` (CUDA, or the Triton
-  interpreter on CPU when TRITON_INTERPRET=1).
+- "reference": the classic from-scratch math, in `gptfast.model` (the ground truth for tests);
+- "torch": PyTorch's fused native ops, the classes below;
+- "triton": gptfast's fused kernels, one class next to each kernel in `gptfast.kernels.<op>`
+  (CUDA, or Triton's interpreter on CPU when TRITON_INTERPRET=1); each falls back to the
+  torch class (its parent) for shapes and dtypes its kernel does not cover;
 - "auto": "triton" on CUDA when Triton works, else "torch".
+
+Every variant only overrides `forward` (and LayerNorm's `add_norm`), working on the reference
+module's attributes and parameters, so `GPTModel.set_backend` switches by changing each op
+module's class: the parameters, and so the state dict, stay the same.
+
+This module imports nothing of gptfast (the kernels build on it); the choice itself is made
+in one place, `GPTModel.set_backend`.
 """
 from __future__ import annotations
 
-import math
 import os
-import sys
 import warnings
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 BACKENDS = ("reference", "torch", "triton", "auto")
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused kernels (Triton, C++) take
 
 
-def reference_layer_norm(x, scale, shift, eps=1e-5):
-    mean = x.mean(dim=-1, keepdim=True)
-    var = x.var(dim=-1, keepdim=True, unbiased=False)
-    return scale * (x - mean) / torch.sqrt(var + eps) + shift
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def reference_gelu(x):
-    return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+def fused_dtypes(*tensors) -> bool:
+    """Whether the kernels take these tensors' dtypes (fp32/fp16/bf16); others (fp64) go to torch."""
+    return all(t.dtype in FUSED_DTYPES for t in tensors)
 
 
-def reference_attention(q, k, v, dropout_p=0.0, training=False):
-    """Causal attention on (B, H, T, D) tensors with an explicit [T x T] mask."""
-    T, S = q.shape[-2], k.shape[-2]
-    # queries are the last T of S positions (S > T while decoding with a KV cache)
-    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, H, T, S)
-    scores = scores.masked_fill(mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    weights = F.dropout(weights, dropout_p, training)
-    return weights @ v  # (B, H, T, D)
+_warned: set[str] = set()
 
 
-class ReferenceBackend:
-    """The classic math, op by op."""
-    name = "reference"
-
-    def layer_norm(self, x, scale, shift, eps=1e-5):
-        return reference_layer_norm(x, scale, shift, eps)
-
-    def add_layer_norm(self, x, residual, scale, shift, eps=1e-5):
-        """(x + residual, layer_norm(x + residual)): the pre-norm block's residual step."""
-        s = x + residual
-        return s, self.layer_norm(s, scale, shift, eps)
-
-    def linear_gelu(self, x, weight, bias):
-        return reference_gelu(F.linear(x, weight, bias))
-
-    def attention(self, q, k, v, dropout_p=0.0, training=False):
-        return reference_attention(q, k, v, dropout_p, training)
-
-    def cross_entropy(self, logits, targets, ignore_index=-100):
-        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index)
-
-    def linear_cross_entropy(self, hidden, weight, targets, ignore_index=-100):
-        """Loss of the output head hidden @ weight.T; fused backends never build the logits."""
-        return self.cross_entropy(F.linear(hidden, weight), targets, ignore_index)
-
-
-class TorchBackend(ReferenceBackend):
-    """PyTorch-native fused ops."""
-    name = "torch"
-
-    def layer_norm(self, x, scale, shift, eps=1e-5):
-        return F.layer_norm(x, scale.shape, scale, shift, eps)
-
-    def linear_gelu(self, x, weight, bias):
-        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
-
-    def attention(self, q, k, v, dropout_p=0.0, training=False):
-        T, S = q.shape[-2], k.shape[-2]
-        p = dropout_p if training else 0.0
-        if T == S:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        # decoding with a cache: the T new queries see every cached key before them
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+def warn_once(msg: str):
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -106,53 +67,45 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     return device
 
 
-_INSTANCES = {"reference": ReferenceBackend(), "torch": TorchBackend()}
-_warned: set[str] = set()
+def causal_mask(T: int, S: int, device) -> torch.Tensor:
+    """(T, S) bool, True where query t (at position S - T + t: the last T of S) may see key s."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
-def _warn_once(msg: str):
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+# ---- the torch-native op modules (the reference module's attributes, PyTorch's fused ops) ----
+
+class TorchLayerNorm(nn.Module):
+    op = "layer_norm"
+
+    def forward(self, x):
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+    def add_norm(self, x, residual):
+        """(x + residual, norm(x + residual)): the pre-norm block's residual step."""
+        s = x + residual
+        return s, self(s)
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+class TorchGELU(nn.Module):
+    op = "gelu"
+
+    def forward(self, x):
+        return F.gelu(x, approximate="tanh")
 
 
-def _triton_backend():
-    """The Triton backend, or None with the reason it cannot run."""
-    if "triton" not in _INSTANCES:
-        if "tensorflow" in sys.modules and "triton" not in sys.modules:  # importing it now aborts
-            return None, ("tensorflow was imported before triton, and importing triton now would abort the "
-                          "process (LLVM option clash); import triton (or gptfast.kernels) before tensorflow")
-        try:
-            from gptfast.kernels import TritonBackend
-        except Exception as e:  # Triton missing or broken: fall back, never crash
-            return None, f"Triton is unavailable ({type(e).__name__}: {e})"
-        _INSTANCES["triton"] = TritonBackend()
-    return _INSTANCES["triton"], None
+class TorchCausalAttention(nn.Module):
+    """The causal core by F.scaled_dot_product_attention (flash / memory-efficient kernels)."""
+    op = "attention"
+
+    def forward(self, q, k, v, kv_cache=None):
+        T, S = q.shape[-2], k.shape[-2]
+        p = self.dropout_p if self.training else 0.0
+        mask = None if kv_cache is None else kv_cache.mask(T)
+        if mask is None and T == S:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        if mask is None and T > 1:  # the T new queries see every cached key before them
+            mask = causal_mask(T, S, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
-def get_backend(name: str, device: torch.device | str = "cpu"):
-    """The backend object for `name` on `device`, falling back with one warning."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    device = torch.device(device)
-    if name in ("reference", "torch"):
-        return _INSTANCES[name]
-    usable = device.type == "cuda" or triton_interpreting()
-    if name == "auto":
-        if device.type != "cuda":
-            return _INSTANCES["torch"]
-        backend, _ = _triton_backend()
-        return backend or _INSTANCES["torch"]
-    if not usable:
-        _warn_once("backend 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1); using 'torch' on "
-                   f"{device.type}")
-        return _INSTANCES["torch"]
-    backend, why = _triton_backend()
-    if backend is None:
-        _warn_once(f"backend 'triton': {why}; using 'torch'")
-        return _INSTANCES["torch"]
-    return backend
+TORCH_MODULES = {m.op: m for m in (TorchLayerNorm, TorchGELU, TorchCausalAttention)}

@@ -17,14 +17,11 @@ COMMANDS = [
     "gptfast.data",      # prepare
     "gptfast.train",     # train
     "gptfast.generate",  # generate
+    "gptfast.serve",     # serve
     "gptfast.finetune.classify",  # finetune-classifier, classify
     "gptfast.finetune.instruct",  # finetune-instruct
     "gptfast.weights",   # download-gpt2, convert, eval-gpt2
 ]
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 def _version(*dists: str) -> str:
@@ -42,10 +39,11 @@ def environment() -> dict[str, str]:
     import torch
 
     from . import sampling
-    from .backends import _triton_backend, get_backend, resolve_device, triton_interpreting
+    from .backends import resolve_device, triton_interpreting
+    from .model import choose_backend, triton_modules
 
     device = resolve_device(None)
-    _, why = _triton_backend()
+    _, why = triton_modules()
     if device.type != "cuda" and not triton_interpreting():
         why = why or "needs a CUDA GPU (or TRITON_INTERPRET=1 for the interpreter)"
     c_kernels = ", ".join(d for d in ("cpu", "cuda") if sampling.has_kernel(d)) or "none"
@@ -59,7 +57,7 @@ def environment() -> dict[str, str]:
         "tensorflow": _version("tensorflow", "tensorflow-cpu"),
         "device": (f"{device} {torch.cuda.get_device_name(device)}" if device.type == "cuda"
                    else f"cpu ({os.cpu_count()} cores), no CUDA GPU"),
-        "backend auto": get_backend("auto", device).name,
+        "backend auto": choose_backend("auto", device)[0],
         "triton kernels": "usable" if why is None else f"not used: {why}",
         "gptfast._C sample_top_k": f"kernels for {c_kernels}" + (f" ({sampling._C_ERROR})" if sampling._C_ERROR else ""),
     }
@@ -87,16 +85,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (CLIError, ValueError, OSError, RuntimeError) as e:  # OSError: e.g. an output path that is a directory
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: e.g. an output path that is a directory
         print(f"gptfast {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # e.g. 3: training diverged
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (train saves its checkpoint first)
         print(f"gptfast {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
-    # `python -m gptfast.cli`: run the imported module, so that the CLIError the subcommand
-    # modules raise (gptfast.cli.CLIError) is the class `main` catches, not __main__'s copy
-    from gptfast import cli
-    sys.exit(cli.main())
+    sys.exit(main())

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .checkpoint import atomic_file
+from .files import atomic_file, existing_file
 from .tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
 VERDICT = Path(__file__).parent / "assets" / "the-verdict.txt"
@@ -20,9 +20,7 @@ VERDICT = Path(__file__).parent / "assets" / "the-verdict.txt"
 
 def read_text(path) -> str:
     """Read a UTF-8 text file; a missing, empty or non-UTF-8 file is a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file {path} does not exist")
+    path = existing_file(path, "text file")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -72,10 +70,10 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, chunk_chars: int = 1 << 
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    inputs = [Path(p) for p in inputs]
-    for p in inputs:
-        if not p.is_file():
-            raise FileNotFoundError(f"text file {p} does not exist")
+    inputs = [existing_file(p, "text file") for p in inputs]
+    for p in inputs:  # what `train --data` would refuse, refused before anything is written
+        if not any(chunk.strip() for chunk in _read_chunks(p, chunk_chars)):
+            raise ValueError(f"text file {p} is empty (or only whitespace)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = get_tokenizer()
@@ -122,9 +120,9 @@ class TokenFileLoader:
     """Random (input, target) windows from a uint16 token file, memory-mapped (nanoGPT style)."""
 
     def __init__(self, path, batch_size: int, context_length: int, seed: int = 0):
-        path = Path(path)
-        if not path.is_file():
+        if not Path(path).exists():
             raise FileNotFoundError(f"token file {path} does not exist (run `gptfast prepare` first)")
+        path = existing_file(path, "token file")
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
         if len(self.tokens) < context_length + 1:
             raise ValueError(f"token file {path} has {len(self.tokens)} tokens; context {context_length} "

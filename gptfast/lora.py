@@ -4,14 +4,15 @@ A wrapped layer computes  y = x W^T + b + (alpha / rank) * (x A^T) B^T  with the
 frozen, A (rank, in) random and B (out, rank) zero, so a freshly wrapped model computes
 exactly what the base model does. Only A and B train; only A and B are saved.
 
-`LoRALinear.weight` is the effective weight W + (alpha / rank) B A, so code that reads a
-layer's weight directly (GPTModel's fused FeedForward, the fused output-head loss) sees the
-adapted layer too.
+A wrapped layer is a plain module swap: it only has `forward` (two thin matmuls beside the
+frozen layer), and the model's fused paths take it as any layer that is not an nn.Linear (the
+feed-forward runs its layers, the loss builds the head's logits), on every backend.
 """
 from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -50,14 +51,9 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The effective weight (differentiable in A and B)."""
+    def effective_weight(self) -> torch.Tensor:
+        """W + (alpha / rank) B A (differentiable in A and B)."""
         return self.linear.weight if self.merged else self.linear.weight + self.delta_weight()
-
-    @property
-    def bias(self):
-        return self.linear.bias
 
     def forward(self, x):
         y = self.linear(x)
@@ -97,13 +93,18 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets=None, exclude=
     `targets`: name filters (e.g. ["att.qkv", "ff"]; all linear layers when None);
     `exclude`: filters for layers to leave alone. Returns the wrapped layers' names.
     """
+    # every check before the model changes: a failed call leaves it unfrozen and unwrapped
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0 < alpha < math.inf):
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
     if lora_layers(model):  # wrapping again would nest adapters inside adapters
         raise ValueError(f"the model already has LoRA on {len(lora_layers(model))} layers; merge or unwrap them first")
-    model.requires_grad_(False)
     chosen = [name for name, m in model.named_modules()
               if type(m) is nn.Linear and _matches(name, targets) and not (exclude and _matches(name, exclude))]
     if not chosen:
         raise ValueError(f"no linear layer matches the LoRA targets {targets}")
+    model.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -142,9 +143,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         p = f"{name}." if name else ""
         for key in ("lora_A", "lora_B"):
             del sd[p + key]
-        sd[p + "weight"] = m.weight.detach().clone()
+        sd[p + "weight"] = m.effective_weight().detach().clone()
         del sd[p + "linear.weight"]
-        if m.bias is not None:
+        if m.linear.bias is not None:
             sd[p + "bias"] = sd.pop(p + "linear.bias")
     return sd
 

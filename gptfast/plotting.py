@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 from .checkpoint import atomic_file
@@ -34,4 +35,20 @@ def plot_curves(x, series: dict, xlabel: str, ylabel: str, path) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.legend()
+    return Path(path)
+
+
+def plot_losses(steps, tokens_seen, train_loss, val_loss, path) -> Path:
+    """Train/val loss and perplexity against steps, tokens seen on the top axis (the trainer's loss.png)."""
+    with figure(path, ncols=2, figsize=(11, 4)) as axes:
+        for ax, fn, name in ((axes[0], lambda v: v, "loss"), (axes[1], lambda v: math.exp(min(v, 50)), "perplexity")):
+            ax.plot(steps, [fn(v) for v in train_loss], label=f"train {name}")
+            ax.plot(steps, [fn(v) for v in val_loss], linestyle="-.", label=f"val {name}")
+            ax.set_xlabel("step")
+            ax.set_ylabel(name)
+            ax.legend()
+            top = ax.twiny()  # tokens seen, aligned with the step axis
+            top.plot(tokens_seen, [fn(v) for v in train_loss], alpha=0)
+            top.set_xlabel("tokens seen")
+        axes[1].set_yscale("log")
     return Path(path)

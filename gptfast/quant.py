@@ -8,6 +8,8 @@
   bytes of GPT-2 124M) in another format, e.g. "float32" for the most exact logits;
 - on CUDA, float dtypes cast the whole model (torch's matmuls); int8 uses torch's
   `_weight_int8pack_mm` with bf16 activations; int4 is CPU-only.
+The copies swap the linear layers only, so they keep whatever backend the model has (the
+triton feed-forward runs a swapped first layer as a layer instead of fusing its bias).
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import cpu_linear
 
@@ -86,18 +87,6 @@ class Int4Linear(KernelLinear):
         self.group = group
 
 
-class SwappedFeedForward(nn.Module):
-    """FeedForward on replacement linear layers (the model's own reads `.weight` for its fused
-    linear+GELU, which these layers do not have)."""
-
-    def __init__(self, ff: nn.Module, layer):
-        super().__init__()
-        self.up, self.down = layer(ff.layers[0]), layer(ff.layers[2])
-
-    def forward(self, x, ops=None):
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
-
-
 def _layer(dtype: str, device: torch.device):
     """The factory nn.Linear -> inference layer for `dtype` on `device`, or None (keep nn.Linear)."""
     if dtype == "int8":
@@ -137,10 +126,10 @@ def inference_copy(model: nn.Module, dtype: str | None, device, head: str | None
     if same_device and current.dtype == want and layer is None and head_layer is None:
         return model
     out = copy.deepcopy(model).to(device=device, dtype=want)
-    if layer is not None:
+    if layer is not None:  # plain module swaps: the copy keeps the model's backend
         for block in out.trf_blocks:
             block.att.qkv, block.att.out_proj = layer(block.att.qkv), layer(block.att.out_proj)
-            block.ff = SwappedFeedForward(block.ff, layer)
+            block.ff.layers[0], block.ff.layers[2] = layer(block.ff.layers[0]), layer(block.ff.layers[2])
     if head_layer is not None:
         out.out_head = head_layer(out.out_head)
     return out.eval()

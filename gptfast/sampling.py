@@ -14,11 +14,13 @@ place (an int seed is baked into a captured graph; a generator is read on the ho
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .backends import FUSED_DTYPES
 
 try:
     from gptfast import _C  # noqa: F401  (loading it registers torch.ops.gptfast.sample_top_k)
@@ -45,21 +47,64 @@ def has_kernel(device_type: str) -> bool:
     return _KERNELS.get(device_type, False)
 
 
+# The rules for the sampling settings, written once: SamplingParams, sample_top_k and the CLI
+# use them. Type checks too: a string or a bool setting is a one-line error, never coerced.
+def check_temperature(t):
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+
+
+def check_top_k(k):
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
+        raise ValueError(f"top_k must be a positive integer or None, got {k!r}")
+
+
+def check_top_p(p):
+    if p is not None and (isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+
+
+def check_seed(seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen, checked once when made (frozen: it stays valid).
+    temperature 0 (or top_k 1) is greedy argmax; top_k keeps the k most likely tokens, top_p
+    the smallest prefix of those whose probability reaches p; seed makes the draws repeatable."""
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        check_temperature(self.temperature)
+        check_top_k(self.top_k)
+        check_top_p(self.top_p)
+        check_seed(self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
 def _validate(logits, k, temperature, top_p):
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"sample_top_k: logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"sample_top_k: logits must be 2-D (B, V), got shape {tuple(logits.shape)}")
-    if logits.dtype not in _DTYPES:
+    if logits.dtype not in FUSED_DTYPES:
         raise ValueError(f"sample_top_k: logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if logits.shape[1] == 0:  # else the reference path would call it an all -inf row
         raise ValueError(f"sample_top_k: logits must have V >= 1 columns, got shape {tuple(logits.shape)}")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"sample_top_k: k must be an int >= 1 or None, got {k!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"sample_top_k: temperature must be a finite number >= 0, got {temperature!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"sample_top_k: top_p must be in (0, 1], got {top_p!r}")
+    try:
+        check_top_k(k)
+        check_temperature(temperature)
+        check_top_p(top_p)
+    except ValueError as e:
+        raise ValueError(f"sample_top_k: {e}") from None
 
 
 def _check_values(logits):
@@ -73,7 +118,7 @@ def _check_values(logits):
         raise ValueError("sample_top_k: a logits row is all -inf (nothing to sample)")
 
 
-def _seed_tensor(seed, generator) -> torch.Tensor:
+def seed_tensor(seed, generator) -> torch.Tensor:
     """The op's (seed, offset) int64 tensor from an int, an (int, int) or a tensor [2]."""
     if seed is not None and generator is not None:
         raise ValueError("sample_top_k: pass seed or generator, not both")
@@ -100,22 +145,39 @@ def sample_top_k(logits: torch.Tensor, k: int | None, temperature: float, top_p:
     Returns ids (B,) int64, plus the sorted top-k (values, indices) when return_topk.
     """
     _validate(logits, k, temperature, top_p)
-    V = logits.shape[-1]
-    kk = V if k is None else min(k, V)
     if has_kernel(logits.device.type):
         if logits.device.type != "cpu":  # the CPU kernel checks values in its own pass
             _check_values(logits)
-        ids, values, indices = torch.ops.gptfast.sample_top_k(
-            logits, kk, float(temperature), 1.0 if top_p is None else float(top_p),
-            _seed_tensor(seed, generator), return_topk)
-        return (ids, values, indices) if return_topk else ids
+        return _sample(logits, k, temperature, top_p, seed_tensor(seed, generator), None, return_topk)
     if logits.device.type not in _warned:
         _warned.add(logits.device.type)
         why = f"gptfast._C did not load ({_C_ERROR})" if _C_ERROR else f"no {logits.device.type} kernel built"
         warnings.warn(f"sample_top_k: {why}; using the pure-PyTorch reference path", RuntimeWarning, stacklevel=2)
     _check_values(logits)
-    if generator is None and seed is not None:  # keep "same seed, same ids" on this path too
-        s, off = _seed_tensor(seed, None).tolist()
+    seed = None if seed is None else seed_tensor(seed, generator)
+    return _sample(logits, k, temperature, top_p, seed, generator, return_topk)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, seed: torch.Tensor) -> torch.Tensor:
+    """Ids (B,) for logits (B, V) under `params`, already validated (SamplingParams), with the
+    int64 [2] (seed, offset) tensor `seed`. No checks and no host sync: the per-step call of
+    a decode loop that owns its logits (on CUDA a NaN row gives id -1; the CPU op raises)."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    return _sample(logits, params.top_k, params.temperature, params.top_p, seed, None, False)
+
+
+def _sample(logits, k, temperature, top_p, seed, generator, return_topk):
+    """The op when gptfast._C has a kernel for the device, else the reference path drawing
+    from a generator seeded by (seed, offset), or from `generator` (None: torch's default)."""
+    V = logits.shape[-1]
+    kk = V if k is None else min(k, V)
+    if has_kernel(logits.device.type):
+        ids, values, indices = torch.ops.gptfast.sample_top_k(
+            logits, kk, float(temperature), 1.0 if top_p is None else float(top_p), seed, return_topk)
+        return (ids, values, indices) if return_topk else ids
+    if seed is not None:  # keep "same seed, same ids" on this path too
+        s, off = seed.tolist()
         generator = torch.Generator(logits.device).manual_seed((s * 1_000_003 + off) % 2**63)
     return reference_sample_top_k(logits, kk, temperature, top_p, generator, return_topk)
 

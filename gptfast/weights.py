@@ -28,12 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .backends import BACKENDS, resolve_device
-from .checkpoint import atomic_file, check_state_dict
+from .checkpoint import build_model, config_of
 from .config import GPTConfig
 from .data import VERDICT, read_text
+from .evaluation import evaluate_text_loss
+from .files import atomic_dir
 from .model import GPTModel
 from .quant import FLOAT_DTYPES
-from .train import WindowBatches, calc_loss_loader, split_text_batches
 
 SIZES = ("124M", "355M", "774M", "1558M")
 GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
@@ -43,6 +44,8 @@ BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2/{size}/{f
 DEFAULT_MODELS_DIR = "models"  # the same default as generate/finetune --models-dir
 CONVERTED_SUFFIX = "-gptfast"  # `gptfast convert models/124M` writes models/124M-gptfast
 WEIGHTS_FILE = "model.safetensors"
+HF_NAMES = dict(vocab="vocab_size", ctx="n_positions", emb="n_embd", heads="n_head", layers="n_layer")
+OPENAI_NAMES = dict(vocab="n_vocab", ctx="n_ctx", emb="n_embd", heads="n_head", layers="n_layer")
 HF_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
 
 
@@ -137,8 +140,8 @@ def resolve_gpt2_path(path_or_size: str | Path, models_dir: str | Path | None = 
     if name in SIZES:
         root = Path(models_dir or DEFAULT_MODELS_DIR)
         converted, openai = root / (name + CONVERTED_SUFFIX), root / name
-        # config.json is written last: without it the converted folder is an interrupted convert,
-        # used only when nothing else is there (the loader then says what is wrong)
+        # a converted folder without config.json is incomplete (an older version's interrupted
+        # convert, or a copy), used only when nothing else is there (the loader says what is wrong)
         if (converted / "config.json").is_file() or (converted.exists() and not openai.exists()):
             return converted
         if openai.exists():
@@ -162,39 +165,31 @@ def read_pretrained(path: Path) -> tuple[GPTConfig, dict]:
     config = _read_json(directory / "config.json") if (directory / "config.json").is_file() else None
     if config is not None and "gptfast" in config:
         weights = path if path.is_file() else path / WEIGHTS_FILE
-        return GPTConfig.from_dict(config["gptfast"]), _read_safetensors(weights)
+        return config_of({"config": config["gptfast"]}, directory / "config.json"), _read_safetensors(weights)
     if path.is_dir() and (path / "hparams.json").is_file():
         return _read_openai_tf(path)
     return _read_hf(path, config)
 
 
-def build_model(cfg: GPTConfig, state: dict, backend: str = "auto", dtype=None, device=None,
-                source: str = "weights") -> GPTModel:
-    """A GPTModel holding `state`'s tensors themselves (no random init, no copy when the dtype
-    already matches: memory-mapped tensors stay memory-mapped)."""
-    if isinstance(dtype, str):
-        if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(FLOAT_DTYPES)}")
-        dtype = FLOAT_DTYPES[dtype]
-    state = {k: v for k, v in state.items() if v is not None}
-    if cfg.tie_weights and "tok_emb.weight" in state:
-        state.setdefault("out_head.weight", state["tok_emb.weight"])
-    with torch.device("meta"):  # skip the (slow, discarded) random initialisation
-        model = GPTModel(cfg, backend=backend)
-    check_state_dict(model.state_dict(), state, source)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, assign=True)
-    if cfg.tie_weights:  # assign=True made two parameters; make them one again
-        model.out_head.weight = model.tok_emb.weight
-    return model.to("cpu" if device is None else resolve_device(device)).eval()
-
-
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings, got a {type(obj).__name__}")
+    return obj
+
+
+def _check_hparams(hp: dict, names: dict, where) -> dict:
+    """Sizes read from a config file: positive integers (not "128", not 0), checked before use.
+    `names`: our key -> the file's key, for the message."""
+    for key, value in hp.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{where}: {names[key]} must be a positive integer, got {value!r}")
+    if hp["emb"] % hp["heads"]:
+        raise ValueError(f"{where}: {names['emb']}={hp['emb']} is not divisible by {names['heads']}={hp['heads']}")
+    return hp
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -217,7 +212,7 @@ def _read_hf(path: Path, config: dict | None) -> tuple[GPTConfig, dict]:
         if not found:
             raise FileNotFoundError(f"{path}: no GPT-2 weights found (expected {WEIGHTS_FILE}, "
                                     "pytorch_model.bin, or OpenAI's hparams.json + model.ckpt.*)")
-        if config is None:  # written last by every save: its absence means an interrupted one
+        if config is None:  # saves swap in whole folders: a folder without it is incomplete
             raise FileNotFoundError(f"{path}: config.json is missing (an interrupted save or convert?); "
                                     "write the model directory again")
         path = found[0]
@@ -246,12 +241,16 @@ def _hf_hparams(config: dict | None, source: dict, where: Path) -> dict:
             raise ValueError(f"{where}: no config.json beside it and no wte/wpe tensors to size it from")
         (V, C), (T, _) = source["wte.weight"][1].shape, source["wpe.weight"][1].shape
         layers = {int(m.group(1)) for k in source if (m := re.match(r"h\.(\d+)\.", k))}
+        if C % 64:
+            raise ValueError(f"{where}: no config.json beside it, and n_embd {C} is not a multiple of GPT-2's head "
+                             "width 64 to count the heads by")
         return dict(vocab=V, ctx=T, emb=C, heads=C // 64, layers=len(layers))
     try:
         hp = dict(vocab=config["vocab_size"], ctx=config.get("n_positions", config.get("n_ctx")),
                   emb=config["n_embd"], heads=config["n_head"], layers=config["n_layer"])
     except KeyError as e:
         raise ValueError(f"{where.parent / 'config.json'}: no {e.args[0]} (not a GPT-2 config?)") from None
+    _check_hparams(hp, HF_NAMES, where.parent / "config.json")
     checks = {  # GPT-2 features gptfast's model does not have
         "activation_function": (config.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
                                 "only GPT-2's tanh GELU (gelu_new) is supported"),
@@ -276,6 +275,7 @@ def _read_openai_tf(path: Path) -> tuple[GPTConfig, dict]:
                   heads=hparams["n_head"], layers=hparams["n_layer"])
     except KeyError as e:
         raise ValueError(f"{path / 'hparams.json'}: no {e.args[0]}") from None
+    _check_hparams(hp, OPENAI_NAMES, path / "hparams.json")
     source = {}
     for name, array in read_tf_checkpoint(path).items():
         m = re.fullmatch(r"model/(?:h(\d+)/)?(.+)/([wbg])", name)
@@ -308,9 +308,7 @@ def _to_gptfast(source: dict, hp: dict, naming, where: str) -> tuple[GPTConfig, 
     Conv1D weights are (in, out); nn.Linear wants (out, in), hence the transposes. c_attn's
     columns are q|k|v, head-major within each, which is exactly the row order of our fused
     qkv, so its transpose *is* our qkv weight."""
-    V, T, C, H, L = hp["vocab"], hp["ctx"], hp["emb"], hp["heads"], hp["layers"]
-    if C % H:
-        raise ValueError(f"{where}: n_embd={C} is not divisible by n_head={H}")
+    V, T, C, H, L = hp["vocab"], hp["ctx"], hp["emb"], hp["heads"], hp["layers"]  # checked by _check_hparams
     source = dict(source)
 
     def take(name, shape, transpose=False):
@@ -355,20 +353,16 @@ def _to_gptfast(source: dict, hp: dict, naming, where: str) -> tuple[GPTConfig, 
 # ---------------------------------------------------------------------------------------------
 
 def _write_model_dir(out_dir: str | Path, tensors: dict, config: dict) -> Path:
-    """model.safetensors, then config.json, each written atomically. config.json goes first
-    on a rewrite and comes back last, so a folder without it (an interrupted save) is never
-    loaded as complete."""
+    """model.safetensors and config.json, written into a new folder that then takes out_dir's
+    place (gptfast.files.atomic_dir): a failed save (a full disk) leaves a previous model intact."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    (out_dir / "config.json").unlink(missing_ok=True)
-    with atomic_file(out_dir / WEIGHTS_FILE) as tmp:
+    with atomic_dir(out_dir) as new:
         # clone: safetensors refuses views and shared storage; "pt" is what transformers expects
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(new / WEIGHTS_FILE),
                   metadata={"format": "pt"})
-    with atomic_file(out_dir / "config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-    return out_dir
+        (new / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
 
 
 def plain_state_dict(model: GPTModel, what: str) -> tuple[dict, bool]:
@@ -445,14 +439,24 @@ def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
     return _write_model_dir(out_dir, *to_hf_state_dict(model, "save_hf"))
 
 
-def load_any(path: str | Path, models_dir=None, backend: str = "auto", device=None) -> GPTModel:
-    """load_gpt2's formats, plus a gptfast training checkpoint (a torch file)."""
+def load_any(path: str | Path, models_dir=None, backend: str = "auto", device=None, preset=None) -> GPTModel:
+    """load_gpt2's formats, plus a torch file: a gptfast checkpoint or a classic state dict
+    (sized by `preset` or by its tensors: gptfast.checkpoint.load_checkpoint)."""
     p = Path(path)
     if p.is_file() and p.suffix not in (".safetensors", ".bin"):
         from .checkpoint import load_model
 
-        return load_model(p, backend=backend, device=device)
+        return load_model(p, backend=backend, device=device, preset=preset)
     return load_gpt2(path, models_dir, backend=backend, device=device)
+
+
+def load_source(checkpoint=None, gpt2=None, models_dir=None, backend: str = "auto", device=None,
+                preset=None) -> GPTModel:
+    """The model of a command's `--checkpoint PATH` or `--gpt2 SIZE_OR_PATH`: a checkpoint is a
+    path (a missing one is "does not exist", not a list of GPT-2 sizes); --gpt2 takes either."""
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    return load_any(checkpoint if checkpoint is not None else gpt2, models_dir, backend, device, preset)
 
 
 def convert(src: str | Path, out: str | Path | None = None, to_hf: bool = False, models_dir=None,
@@ -469,27 +473,6 @@ def convert(src: str | Path, out: str | Path | None = None, to_hf: bool = False,
         raise ValueError(f"{src_path} is already in gptfast's format (converting would overwrite it)")
     model = load_any(src_path, backend="reference")
     return save_hf(model, out) if to_hf else save_gptfast(model, out, dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# The published check: GPT-2 124M on The Verdict
-# ---------------------------------------------------------------------------------------------
-
-def evaluate_text_loss(model: GPTModel, text: str, context_length: int = 256, stride: int = 256,
-                       train_ratio: float = 0.9, batch_size: int = 8) -> tuple[float, float]:
-    """(train, val) mean next-token loss over `text` split by characters at `train_ratio`, in
-    windows of `context_length` tokens every `stride` tokens (the classic set-up). OpenAI's
-    GPT-2 124M gives about 3.75 / 3.56 on The Verdict with the defaults."""
-    # batch size 1 here: only the windows are used (the training batches would need >= batch_size)
-    splits = split_text_batches(text, context_length, stride, 1, seed=0, val_fraction=1 - train_ratio)
-    device = model.tok_emb.weight.device
-    losses = []
-    for split in splits:
-        # every window once; the last batch may be short, so weight each batch mean by its size
-        batches = WindowBatches(split.dataset, batch_size, seed=0, shuffle=False, drop_last=False)
-        total = sum(calc_loss_loader([(x, y)], model, device) * len(x) for x, y in batches)
-        losses.append(total / len(split.dataset))
-    return losses[0], losses[1]
 
 
 # ---------------------------------------------------------------------------------------------

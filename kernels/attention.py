@@ -18,23 +18,36 @@ Backward (FlashAttention-2) recomputes P_ij = exp(s_ij - lse_i) block by block:
     dQ_i = c sum_j dS_ij k_j        (one program per query block: no atomics)
 Dropout keeps (i, j) iff uniform(Philox(seed; j, i, batch*head)) >= p, so the forward and
 both backward kernels regenerate the identical mask without storing it.
+
+`TritonCausalAttention` is the "triton" backend's attention core (see gptfast.backends): it
+picks flash attention or flash-decoding; `attention_ref` is the reference the tests and
+benchmarks check these kernels against.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from gptfast.backends import FUSED_DTYPES, TorchCausalAttention, causal_mask, fused_dtypes
+from gptfast.backends import triton_interpreting as _interpreting
 
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_BATCH_HEADS = 65535  # B * H is the grid's y dimension, which CUDA caps there
 _LOG2E = 1.4426950408889634
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def attention_ref(q, k, v, mask=None, upcast: bool = False):
+    """softmax(q k^T / sqrt(D)) v in q's dtype (or in fp32 with `upcast`) for q (B, H, T, D) and
+    k, v (B, H, S, D): causal with the queries the last T of the S positions, or `mask`
+    (broadcast to (B, H, T, S), True = visible) says which keys each query sees."""
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    mask = causal_mask(q.shape[-2], k.shape[-2], q.device) if mask is None else mask
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, H, T, S)
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v  # (B, H, T, D)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -367,9 +380,15 @@ def _blocks(head_dim: int, dtype: torch.dtype):
         # small, unequal tiles: cheap on the CPU interpreter, and even tiny test shapes cross
         # several block boundaries with BLOCK_M != BLOCK_N
         return (32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)
-    # picked from ptxas register/spill reports for sm_90 with Triton 3.6 (not yet timed on a GPU)
+    # picked from ptxas register/spill reports for sm_90 (tests/test_triton_compile.py, which
+    # compiles with the JIT's divisibility hints at GPT-2 shapes: none spills with Triton 3.6 or
+    # 3.9); not yet timed on a GPU
     if dtype == torch.float32:  # twice the bytes per element: smaller tiles, fewer stages
-        return (64, 32, 8, 2), (32, 32 if head_dim == 128 else 64, 8, 2), (64, 32, 8, 2)
+        # fp32 dots run on FMA units: at D=128 the pipelined (64, 32) forward and dQ tiles spill,
+        # and (32, 64) dK/dV tiles do at D=64
+        if head_dim == 128:
+            return (32, 64, 8, 1), (32, 32, 8, 2), (64, 32, 8, 1)
+        return (64, 32, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2)
     if head_dim == 128:
         return (128, 64, 8, 3), (32, 64, 8, 2), (64, 64, 8, 3)
     # query-major forward/dQ tiles, key-major dK/dV tiles (as in FlashAttention-2)
@@ -394,7 +413,7 @@ def _check_qkv(q, k, v):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-D (B, H, T, D) tensor, got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if t.dtype not in FUSED_DTYPES:
             raise ValueError(f"attention: {name} has dtype {t.dtype}; use float16, bfloat16 or float32")
         _check_device(f"attention: {name}", t)
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -539,3 +558,22 @@ def attention_decode(q, k_cache, v_cache, cache_len, num_splits: int | None = No
     _decode_combine[(B * H,)](part_acc, part_m, part_l, o, num_splits, HEAD_DIM=D,
                               BLOCK_S=max(2, triton.next_power_of_2(num_splits)), PREC=_precision(q.dtype))
     return o
+
+
+class TritonCausalAttention(TorchCausalAttention):
+    """The attention core on these kernels. It owns the prefill/decode choice: one query per
+    row against a KV cache on CUDA is flash-decoding over each row's first `kv_cache.lengths()`
+    slots; training and plain causal prefill are flash attention; a masked cache (padded rows)
+    and head sizes, batch x heads or dtypes the kernels do not cover go to the torch module."""
+
+    def forward(self, q, k, v, kv_cache=None):
+        T = q.shape[-2]
+        covered = (q.shape[-1] in HEAD_DIMS and q.shape[0] * q.shape[1] <= MAX_BATCH_HEADS
+                   and fused_dtypes(q, k, v))
+        if covered and kv_cache is not None and T == 1 and q.is_cuda and not q.requires_grad:
+            lengths = kv_cache.lengths()  # an int, or (B,) per row; None: not a prefix (padding)
+            if lengths is not None:
+                return attention_decode(q, k, v, lengths)
+        if covered and (kv_cache is None or kv_cache.mask(T) is None):
+            return attention(q, k, v, causal=True, dropout_p=self.dropout_p if self.training else 0.0)
+        return super().forward(q, k, v, kv_cache)

@@ -12,59 +12,96 @@ GradScaler's 65536 is inf in it, so fp16 gradients are stored as (softmax - oneh
 2**14) in fp32 (linear_cross_entropy keeps its fp16 chunks unscaled, times 1, so their
 grad_weight products stay in range). Targets equal to `ignore_index` give a zero loss and a zero
 gradient row; the mean is over the others, and with none left the loss is 0 (not NaN).
+Targets are range-checked without a host sync on CUDA (a device-side assertion, as
+F.cross_entropy's); on CPU the check raises a ValueError at once.
+
+Rows of 50257 logits start at unaligned addresses, which compiles the loads to scalar 2-byte
+ones. Logits whose rows are padded (a view of wider rows, such as a `pad_vocab` head's, or the
+fused linear-CE's own chunk buffer, 50304 wide) are read up to the next multiple of 16 columns
+with the padding masked out, so the JIT's divisibility hints apply and the loads vectorise
+(tests/test_triton_compile.py checks the PTX).
 
 `linear_cross_entropy(hidden, weight, targets)` is the output head + loss (Liger-Kernel's
 FusedLinearCrossEntropy design): tokens go through in chunks; each chunk's logits are
 computed with a torch matmul, overwritten in place with their gradient by the kernel, and
 folded into grad_hidden and grad_weight right away, so the [tokens x vocab] logits never
-exist at once.
+exist at once (one chunk buffer serves every chunk; fp16/bf16 grad_weight products go straight
+into the fp32 sum on CUDA).
+
+`LinearCrossEntropyLoss` is the "triton" backend's LM-head loss module (see gptfast.backends);
+`cross_entropy_ref` / `linear_cross_entropy_ref` are the references the tests and benchmarks
+check these kernels against.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from gptfast.backends import FUSED_DTYPES, fused_dtypes
+
+
+def cross_entropy_ref(logits, targets, ignore_index: int = -100, upcast: bool = False):
+    """F.cross_entropy of logits (..., V) against targets (...), in the logits' dtype (or in fp32
+    with `upcast`, as the model's reference loss computes it)."""
+    logits = logits.flatten(0, -2)  # (M, V)
+    return F.cross_entropy(logits.float() if upcast else logits, targets.flatten(), ignore_index=ignore_index)
+
+
+def linear_cross_entropy_ref(hidden, weight, targets, ignore_index: int = -100, upcast: bool = False):
+    """cross_entropy_ref of the logits hidden @ weight.T, built in full (in fp32 with `upcast`)."""
+    if upcast:
+        hidden, weight = hidden.float(), weight.float()
+    return cross_entropy_ref(F.linear(hidden, weight), targets, ignore_index)
 
 
 @triton.jit
-def _cross_entropy_fwd(LOGITS, GRAD, TARGETS, LOSS, N_VALID, V, ignore_index, mult,
+def _load_row(X_ROW, start, cols, V, n_cols):
+    """fp32 logits [start, start + BLOCK_V) of one row; -inf past the vocabulary. The load is
+    bounded by n_cols: a multiple of 16 (padded rows) lets it vectorise, where V would not."""
+    x = tl.load(X_ROW + start + cols, mask=start + cols < n_cols, other=float("-inf")).to(tl.float32)
+    return tl.where(start + cols < V, x, float("-inf"))  # padding may hold anything
+
+
+@triton.jit
+def _cross_entropy_fwd(LOGITS, GRAD, TARGETS, LOSS, N_VALID, V, n_cols, stride_x, stride_g, ignore_index, mult,
                        WRITE_GRAD: tl.constexpr, DIVIDE: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Loss of one row; with WRITE_GRAD its gradient times 1 / n_valid (DIVIDE) or times `mult`."""
+    """Loss of one row; with WRITE_GRAD its gradient times 1 / n_valid (DIVIDE) or times `mult`.
+    Rows are n_cols wide (V, or V padded up to a multiple of 16; padding gets a zero gradient),
+    stride_x / stride_g apart. A target outside [0, V) gives a NaN loss, never a stray read."""
     row = tl.program_id(0).to(tl.int64)
-    x_row = LOGITS + row * V
-    g_row = GRAD + row * V
+    x_row = LOGITS + row * stride_x
+    g_row = GRAD + row * stride_g
     target = tl.load(TARGETS + row)
     cols = tl.arange(0, BLOCK_V)
     if target == ignore_index:
         if WRITE_GRAD:
-            for start in range(0, V, BLOCK_V):
+            for start in range(0, n_cols, BLOCK_V):
                 tl.store(g_row + start + cols, tl.zeros([BLOCK_V], tl.float32).to(GRAD.dtype.element_ty),
-                         mask=start + cols < V)
+                         mask=start + cols < n_cols)
         tl.store(LOSS + row, 0.0)
         return
     # sweep 1: running max m and sum d of exp(x - m), all fp32
     m = float("-inf")
     d = 0.0
-    for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        x = _load_row(x_row, start, cols, V, n_cols)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-    x_target = tl.load(x_row + target).to(tl.float32)
+    x_target = tl.load(x_row + target, mask=(target >= 0) & (target < V), other=float("nan")).to(tl.float32)
     tl.store(LOSS + row, m + tl.log(d) - x_target)
     if WRITE_GRAD:  # sweep 2: (softmax - onehot) / n_valid, safe in place (read before write)
         scale = mult
         if DIVIDE:
             scale = 1.0 / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0)
-        for start in range(0, V, BLOCK_V):
-            mask = start + cols < V
-            x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        for start in range(0, n_cols, BLOCK_V):
+            x = _load_row(x_row, start, cols, V, n_cols)
             p = tl.exp(x - m) / d
             p = tl.where(start + cols == target, p - 1.0, p)
-            tl.store(g_row + start + cols, (p * scale).to(GRAD.dtype.element_ty), mask=mask)
+            tl.store(g_row + start + cols, (p * scale).to(GRAD.dtype.element_ty), mask=start + cols < n_cols)
 
 
 @triton.jit
@@ -94,7 +131,7 @@ def _block_v(V: int) -> tuple[int, int]:
 
 def _check(dtype, M, V, device, targets, ignore_index, name="cross_entropy"):
     """Validate M rows of V logits and their targets (M,); returns the count of non-ignored targets."""
-    if dtype not in DTYPES:
+    if dtype not in FUSED_DTYPES:
         raise ValueError(f"{name}: logits would have dtype {dtype}; expected one of fp32, fp16, bf16")
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name}: targets have dtype {targets.dtype}; expected int64 or int32")
@@ -104,21 +141,49 @@ def _check(dtype, M, V, device, targets, ignore_index, name="cross_entropy"):
     if targets.device != device:
         raise ValueError(f"{name}: targets are on {targets.device} but the logits on {device}")
     valid = targets != ignore_index
-    # the range check reads a flag back to the host: skipped where that is impossible
-    capturing = targets.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not (capturing or torch.compiler.is_compiling()) and bool((valid & ((targets < 0) | (targets >= V))).any()):
-        raise ValueError(f"{name}: a target is outside [0, {V}) and is not ignore_index={ignore_index}")
+    bad = (valid & ((targets < 0) | (targets >= V))).any()
+    message = f"{name}: a target is outside [0, {V}) and is not ignore_index={ignore_index}"
+    if targets.is_cuda:  # no host sync on the hot path: checked on the device (fatal, as F.cross_entropy's)
+        torch._assert_async(~bad, message)  # the kernel also gives such a row a NaN loss
+    elif bool(bad):
+        raise ValueError(message)
     return valid.sum()
 
 
-def _launch(logits, grad, targets, loss_rows, n_valid, ignore_index, write_grad, mult):
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _padded_width(t) -> int:
+    """Columns the kernel may read in each row of t (M, V): V rounded up to a multiple of 16 when
+    t's rows are padded that far (row stride, and storage after the last row), else V. Rows of
+    50257 logits are then 16-aligned and their loads vectorise (GPTConfig's padded vocabulary
+    50304 gives such rows)."""
+    M, V = t.shape
+    width = _round_up(V, 16)
+    end = t.storage_offset() + (M - 1) * t.stride(0) + width  # elements, past the last row's padding
+    if t.stride(1) == 1 and t.stride(0) >= width and end * t.element_size() <= t.untyped_storage().nbytes():
+        return width
+    return V
+
+
+def _padded_empty(M: int, V: int, like, pad: bool):
+    """(base, view): an (M, V) buffer for gradients or logits, whose rows are 64-aligned (base is
+    (M, V rounded up to 64), contiguous) when `pad`; else base is the view, contiguous."""
+    base = torch.empty(M, _round_up(V, 64) if pad else V, dtype=like.dtype, device=like.device)
+    return base, base[:, :V]
+
+
+def _launch(logits, grad, targets, loss_rows, n_valid, ignore_index, write_grad, mult, n_cols=None):
+    """The loss kernel over (M, V) logits and grad views with unit column stride; n_cols: the row
+    width it may read and write (padding included, see _padded_width), V when None."""
     M, V = logits.shape
     if M == 0:
         return
     block, warps = _block_v(V)
-    _cross_entropy_fwd[(M,)](logits, grad, targets, loss_rows, n_valid, V, ignore_index,
-                             1.0 if mult is None else float(mult), WRITE_GRAD=write_grad,
-                             DIVIDE=mult is None, BLOCK_V=block, num_warps=warps)
+    _cross_entropy_fwd[(M,)](logits, grad, targets, loss_rows, n_valid, V, n_cols or V, logits.stride(0),
+                             grad.stride(0), ignore_index, 1.0 if mult is None else float(mult),
+                             WRITE_GRAD=write_grad, DIVIDE=mult is None, BLOCK_V=block, num_warps=warps)
 
 
 def _mean(loss_rows, n_valid):
@@ -145,19 +210,24 @@ def _scale(grads, grad_output, n_valid, mult):
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, n_valid, ignore_index, inplace, write_grad):
-        # without a gradient to write, the kernel gets `logits` as its (unused) output
-        grad = logits if inplace or not write_grad else torch.empty_like(logits)
+        # logits (M, V), rows maybe padded; in place, padding outside the caller's view stays untouched
+        n_cols = logits.shape[1] if inplace else _padded_width(logits)
+        if inplace or not write_grad:  # without a gradient to write, `logits` is the (unused) output
+            base = grad = logits
+        else:  # padded rows when the logits have them: the gradient's loads and stores vectorise too
+            base, grad = _padded_empty(*logits.shape, logits, n_cols > logits.shape[1])
         loss_rows = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         ctx.mult = _fp16_mult(logits.dtype, 2.0**14)
-        _launch(logits, grad, targets, loss_rows, n_valid, ignore_index, write_grad, ctx.mult)
-        ctx.save_for_backward(grad if write_grad else None, n_valid)
+        _launch(logits, grad, targets, loss_rows, n_valid, ignore_index, write_grad, ctx.mult, n_cols)
+        ctx.save_for_backward(base if write_grad else None, n_valid)
+        ctx.V = logits.shape[1]
         return _mean(loss_rows, n_valid)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad, n_valid = ctx.saved_tensors  # grad exists: backward only runs when logits required grad
-        _scale([grad], grad_output, n_valid, ctx.mult)
-        return grad, None, None, None, None, None
+        base, n_valid = ctx.saved_tensors  # exists: backward only runs when logits required grad
+        _scale([base], grad_output, n_valid, ctx.mult)  # padding columns are 0: scaled alike
+        return base[:, :ctx.V], None, None, None, None, None
 
 
 def cross_entropy(logits, targets, ignore_index: int = -100, inplace: bool = False):
@@ -169,12 +239,34 @@ def cross_entropy(logits, targets, ignore_index: int = -100, inplace: bool = Fal
     """
     if inplace and not logits.is_contiguous():
         raise ValueError("cross_entropy: inplace=True needs contiguous logits")
-    logits2 = logits.reshape(-1, logits.shape[-1]).contiguous()  # (M, V)
+    logits2 = logits.reshape(-1, logits.shape[-1])  # (M, V): a view of padded rows stays one
+    if logits2.stride(-1) != 1:
+        logits2 = logits2.contiguous()
     targets = targets.reshape(-1)  # (M,)
     n_valid = _check(logits2.dtype, *logits2.shape, logits2.device, targets, ignore_index)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
     return CrossEntropyFunction.apply(logits2, targets.contiguous(), n_valid, ignore_index,
                                       inplace, write_grad)
+
+
+# cuBLAS's fp16/bf16 GEMM with an fp32 output (torch >= 2.8): a chunk's grad_weight goes straight
+# into the fp32 sum, no (V, H) temporary in between
+_FP32_OUT_ADDMM = "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
+def _dw_accumulator(dw, hidden):
+    """add(logits, h): dw (fp32, (V, H)) += logits.T @ h, decided once per forward: in place for
+    fp32; fp16/bf16 on CUDA through a GEMM with fp32 output; elsewhere through one (V, H) buffer
+    reused by every chunk (never a new full-size temporary per chunk)."""
+    if hidden.dtype == dw.dtype:
+        return lambda logits, h: dw.addmm_(logits.T, h)
+    if hidden.is_cuda and _FP32_OUT_ADDMM:
+        return lambda logits, h: torch.addmm(dw, logits.T, h, out_dtype=torch.float32, out=dw)
+    part = torch.empty(dw.shape, dtype=hidden.dtype, device=dw.device)
+
+    def add(logits, h):
+        dw.add_(torch.mm(logits.T, h, out=part))
+    return add
 
 
 def _chunk_tokens(M: int, H: int, V: int) -> int:
@@ -195,19 +287,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dh = torch.empty_like(hidden) if need_dh else None
         # grad_weight adds up over chunks: accumulate in fp32, whatever the weight dtype
         dw = torch.zeros(V, H, dtype=torch.float32, device=weight.device) if need_dw else None
+        add_dw = _dw_accumulator(dw, hidden) if need_dw else None
         chunk = _chunk_tokens(M, H, V)
+        # one buffer for every chunk's logits, rows padded to 64: aligned, vectorised kernel loads
+        buf, _ = _padded_empty(min(chunk, M), V, hidden, pad=True)
         for start in range(0, M, chunk):
             h = hidden[start:start + chunk]  # (c, H)
-            logits = h @ weight.T  # (c, V), becomes its own gradient below
+            logits = torch.mm(h, weight.T, out=buf[:h.shape[0], :V])  # (c, V), becomes its own gradient
             _launch(logits, logits, targets[start:start + chunk], loss_rows[start:start + chunk],
-                    n_valid, ignore_index, need_dh or need_dw, ctx.mult)
+                    n_valid, ignore_index, need_dh or need_dw, ctx.mult, n_cols=_round_up(V, 16))
             if need_dh:
                 torch.mm(logits, weight, out=dh[start:start + chunk])
             if need_dw:
-                if dw.dtype == logits.dtype:
-                    dw.addmm_(logits.T, h)
-                else:
-                    dw += logits.T @ h
+                add_dw(logits, h)
         ctx.save_for_backward(dh, dw, n_valid)  # dw stays fp32 until scaled (fp16: unscaled sums)
         ctx.weight_dtype = weight.dtype
         return _mean(loss_rows, n_valid)
@@ -242,3 +334,20 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):
     with torch.autocast(dev, enabled=False):
         return LinearCrossEntropyFunction.apply(hidden2, weight2, targets, n_valid, ignore_index,
                                                 grad and hidden.requires_grad, grad and weight.requires_grad)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """The LM-head loss on these kernels (the module `gptfast.model.LMLoss` becomes): a plain
+    bias-free nn.Linear head goes through linear_cross_entropy, so its logits never exist at
+    once; any other head (a classifier, LoRA, int8) through cross_entropy on its logits; dtypes
+    the kernels do not take (fp64) through cross_entropy_ref."""
+    op = "loss"
+
+    def forward(self, hidden, head, targets, ignore_index=-100):
+        V = self.vocab_size
+        if type(head) is nn.Linear and head.bias is None and fused_dtypes(hidden, head.weight):
+            return linear_cross_entropy(hidden, head.weight[:V], targets, ignore_index)
+        logits = head(hidden)[..., :V]  # the padding rows are never a class
+        if not fused_dtypes(logits):
+            return cross_entropy_ref(logits, targets, ignore_index, upcast=True)
+        return cross_entropy(logits, targets, ignore_index)

@@ -10,15 +10,32 @@ Numerics: fp32 inside. gelu(z) = z (1 + tanh(u)) / 2 = z sigmoid(2u), and sigmoi
 keeps full relative precision in the negative tail. The cubic uses z clamped to +-20, past
 which the sigmoid is exactly 0 or 1 in fp32, so no NaN or inf for any finite input.
 (tl.math.tanh is not in every Triton version, so the kernel does not use it.)
+
+`TritonGELU` is the "triton" backend's GELU module and `FusedFeedForward` its feed-forward
+(the first layer's bias fused into the GELU kernel); `bias_gelu_ref` is the reference the tests
+and benchmarks check these kernels against.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from gptfast.backends import FUSED_DTYPES, TorchGELU, fused_dtypes
+
 NUM_WARPS = 8  # 16 elements of a 4096-element tile per thread: few registers, many programs per SM
+
+
+def bias_gelu_ref(x, bias=None, upcast: bool = False):
+    """gelu(x + bias) by GPT-2's tanh formula, in x's dtype (or in fp32 with `upcast`)."""
+    if upcast:
+        x, bias = x.float(), None if bias is None else bias.float()
+    z = x if bias is None else x + bias
+    return 0.5 * z * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * torch.pow(z, 3))))
 
 
 @triton.jit
@@ -112,7 +129,7 @@ class BiasGeluFunction(torch.autograd.Function):
 
 
 def _check(x, bias):
-    if x.dtype not in DTYPES:
+    if x.dtype not in FUSED_DTYPES:
         raise ValueError(f"gelu: x has dtype {x.dtype}; expected one of fp32, fp16, bf16")
     if bias is not None:
         if bias.shape != (x.shape[-1],):
@@ -132,3 +149,21 @@ def gelu(x):
     """GPT-2's tanh-approximation GELU, elementwise."""
     _check(x, None)
     return BiasGeluFunction.apply(x, None)
+
+
+class TritonGELU(TorchGELU):
+    def forward(self, x):
+        return gelu(x) if fused_dtypes(x) else super().forward(x)
+
+
+class FusedFeedForward(nn.Module):
+    """The feed-forward (Linear, GELU, Linear) with the first layer's bias add fused into the
+    GELU kernel when that layer is a plain nn.Linear; any other first layer (int8, LoRA) just
+    runs the layers, each on its own class."""
+    op = "feed_forward"
+
+    def forward(self, x):
+        up, _, down = self.layers
+        if type(up) is not nn.Linear or not fused_dtypes(x, up.weight):
+            return self.layers(x)
+        return down(bias_gelu(F.linear(x, up.weight), up.bias))  # bias None: plain GELU

@@ -8,6 +8,9 @@ MAX_WIDTH wide. `add_layer_norm` fuses the pre-norm block's residual add: it ret
 Backward: each program walks a contiguous run of rows, writing dx and keeping its own
 fp32 partial sums of dscale/dshift; torch adds the few partial rows at the end (no atomics,
 so the result is deterministic).
+
+`TritonLayerNorm` is the "triton" backend's LayerNorm module (see gptfast.backends);
+`layer_norm_ref` is the reference the tests and benchmarks check these kernels against.
 """
 from __future__ import annotations
 
@@ -15,8 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
+from gptfast.backends import FUSED_DTYPES, TorchLayerNorm, fused_dtypes
+
 MAX_WIDTH = 8192
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def layer_norm_ref(x, scale, shift, eps: float = 1e-5, upcast: bool = False):
+    """The classic formula, in x's dtype (or in fp32 with `upcast`: the truth low-precision
+    results are measured against)."""
+    if upcast:
+        x, scale, shift = x.float(), scale.float(), shift.float()
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    return scale * (x - mean) / torch.sqrt(var + eps) + shift
 
 
 @triton.jit
@@ -87,7 +101,7 @@ def _bwd_programs(M: int, device: torch.device) -> int:
 
 
 def _check(name: str, x, scale, shift):
-    if x.dtype not in DTYPES:
+    if x.dtype not in FUSED_DTYPES:
         raise ValueError(f"layer_norm: {name} has dtype {x.dtype}; expected one of fp32, fp16, bf16")
     N = x.shape[-1]
     if not 0 < N <= MAX_WIDTH:
@@ -171,3 +185,21 @@ def add_layer_norm(x, residual, scale, shift, eps: float = 1e-5):
     x, residual = x.to(dtype), residual.to(dtype)
     _check("x", x, scale, shift)
     return LayerNormFunction.apply(x, residual, scale, shift, eps)
+
+
+class TritonLayerNorm(TorchLayerNorm):
+    """The LayerNorm module on these kernels; rows wider than MAX_WIDTH and other dtypes
+    (fp64) go to the torch module."""
+
+    def _covers(self, *xs) -> bool:
+        return xs[0].shape[-1] <= MAX_WIDTH and fused_dtypes(*xs)
+
+    def forward(self, x):
+        if not self._covers(x):
+            return super().forward(x)
+        return layer_norm(x, self.scale, self.shift, self.eps)
+
+    def add_norm(self, x, residual):
+        if not self._covers(x, residual):
+            return super().add_norm(x, residual)
+        return add_layer_norm(x, residual, self.scale, self.shift, self.eps)

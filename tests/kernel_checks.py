@@ -36,3 +36,30 @@ def assert_within_2x(actual, low_ref, truth, name="output", atol=None):
     ref_err = _worst(low_ref, truth)[0]
     assert err <= 2 * ref_err + atol, (f"{name} ({actual.dtype}): worst error {err:.3g} > 2 x {ref_err:.3g} "
                                        f"(PyTorch in that dtype) + {atol} at {idx}: got {a:.6g}, truth {e:.6g}")
+
+
+# ------------------------------------------------- checks at GPT-2 scale (`make gpu-check`)
+
+SCALE_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # x max |truth|
+
+
+def scale_params():
+    """(size, dtype) parameters of a check at GPT-2 scale: every dtype at "gpt2" (marked gpu:
+    `make gpu-check` runs them), and the same code at "small" in bf16 on every machine, so the
+    CPU suite runs each GPU check's path under Triton's interpreter."""
+    import pytest
+    return [pytest.param("small", torch.bfloat16, id="small-bf16")] + [
+        pytest.param("gpt2", dtype, marks=pytest.mark.gpu, id=f"gpt2-{str(dtype).removeprefix('torch.')}")
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+def scale_device(size, device):
+    """The device a scale_params check runs on: CUDA at GPT-2 scale, else the test's device."""
+    return "cuda" if size == "gpt2" else device
+
+
+def assert_each_within_2x(names, ours, low_refs, truths, dtype):
+    """The 2x rule on each output and gradient against an fp64 truth (fp32 included: its torch
+    reference has an error too), with atol relative to each truth's scale."""
+    for name, a, low, truth in zip(names, ours, low_refs, truths, strict=True):
+        assert_within_2x(a, low, truth, name, atol=SCALE_ATOL[dtype] * truth.abs().max().item())

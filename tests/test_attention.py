@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfast.backends import reference_attention
-from gptfast.kernels.attention import attention, attention_decode, attention_dropout_mask
-from kernel_checks import assert_within_2x
+from gptfast.kernels.attention import attention, attention_decode, attention_dropout_mask, attention_ref
+from kernel_checks import assert_each_within_2x, assert_within_2x, scale_device, scale_params
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +56,7 @@ def assert_within_2x_of(low_ref, q, k, v, do):
     ours = run(attention, q, k, v, do)
     low = run(low_ref, q, k, v, do)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    exact = run(reference_attention, q32, k32, v32, do.float())
+    exact = run(attention_ref, q32, k32, v32, do.float())
     for name, got, lo, ex in zip(NAMES, ours, low, exact):
         assert_within_2x(got, lo, ex, name, atol=1e-3)
 
@@ -69,7 +68,7 @@ def test_fp32_matches_reference_and_sdpa(T, D, device):
     q, k, v = make_qkv(B, H, T, T, D, device=device, seed=T * D)
     do = torch.randn(B, H, T, D, device=device)
     ours = run(attention, q, k, v, do)
-    for name, got, ref, sdpa in zip(NAMES, ours, run(reference_attention, q, k, v, do), run(causal_sdpa, q, k, v, do)):
+    for name, got, ref, sdpa in zip(NAMES, ours, run(attention_ref, q, k, v, do), run(causal_sdpa, q, k, v, do)):
         assert_rel_close(f"{name} vs reference", got, ref, 1e-4)
         assert_rel_close(f"{name} vs sdpa", got, sdpa, 1e-4)
 
@@ -80,7 +79,7 @@ def test_fewer_queries_than_keys(T, S, D, device):
     q, k, v = make_qkv(2, 2, T, S, D, device=device, seed=S + T)
     do = torch.randn(2, 2, T, D, device=device)
     ours = run(attention, q, k, v, do)
-    for name, got, ref, sdpa in zip(NAMES, ours, run(reference_attention, q, k, v, do), run(causal_sdpa, q, k, v, do)):
+    for name, got, ref, sdpa in zip(NAMES, ours, run(attention_ref, q, k, v, do), run(causal_sdpa, q, k, v, do)):
         assert_rel_close(f"{name} vs reference", got, ref, 1e-4)
         assert_rel_close(f"{name} vs sdpa", got, sdpa, 1e-4)
 
@@ -100,7 +99,7 @@ def test_strided_views_of_fused_qkv(device):
     q, k, v = (t.requires_grad_() for t in qkv.detach().unbind(0))
     assert not q.is_contiguous()
     do = torch.randn(B, H, T, D, device=device)
-    for name, got, want in zip(NAMES, run(attention, q, k, v, do), run(reference_attention, q, k, v, do)):
+    for name, got, want in zip(NAMES, run(attention, q, k, v, do), run(attention_ref, q, k, v, do)):
         assert_rel_close(name, got, want, 1e-4)
 
 
@@ -109,7 +108,7 @@ def test_low_precision_within_twice_reference_error(dtype, device):
     """Flash-attention's rule: |fused - fp32 ref| <= 2 |ref in dtype - fp32 ref| + atol."""
     q, k, v = make_qkv(1, 2, 67, 67, 64, dtype=dtype, device=device, seed=11)
     do = torch.randn(1, 2, 67, 64, device=device, dtype=dtype)
-    assert_within_2x_of(reference_attention, q, k, v, do)
+    assert_within_2x_of(attention_ref, q, k, v, do)
 
 
 # ---------------------------------------------------------------------------- dropout
@@ -193,7 +192,7 @@ def test_decode_matches_reference_on_prefix(cache_len, num_splits, device):
     B, H, L_max, D = 2, 2, 80, 64
     q, k, v = (t.detach() for t in make_qkv(B, H, 1, L_max, D, device=device, seed=cache_len))
     got = attention_decode(q, k, v, cache_len, num_splits=num_splits)
-    want = reference_attention(q, k[:, :, :cache_len], v[:, :, :cache_len])
+    want = attention_ref(q, k[:, :, :cache_len], v[:, :, :cache_len])
     assert_rel_close("decode", got, want, 1e-4)
 
 
@@ -202,7 +201,7 @@ def test_decode_cache_len_as_expanded_device_tensor(device):
     B, H, L_max, D = 2, 2, 48, 16
     q, k, v = (t.detach() for t in make_qkv(B, H, 1, L_max, D, device=device, seed=4))
     lens = (torch.tensor([39], device=device) + 1).expand(B)
-    want = reference_attention(q, k[:, :, :40], v[:, :, :40])
+    want = attention_ref(q, k[:, :, :40], v[:, :, :40])
     assert_rel_close("decode", attention_decode(q, k, v, lens), want, 1e-4)
 
 
@@ -214,11 +213,11 @@ def test_decode_per_row_cache_len(dtype, device):
     got = attention_decode(q, k, v, lens, num_splits=4)
     for b, n in enumerate(lens.tolist()):
         args = (q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
-        exact = reference_attention(*(t.float() for t in args))
+        exact = attention_ref(*(t.float() for t in args))
         if dtype == torch.float32:
             assert_rel_close(f"decode row {b}", got[b:b + 1], exact, 1e-4)
         else:
-            ref_err = (reference_attention(*args).float() - exact).abs().max().item()
+            ref_err = (attention_ref(*args).float() - exact).abs().max().item()
             ours_err = (got[b:b + 1].float() - exact).abs().max().item()
             assert ours_err <= 2 * ref_err + 1e-3, f"row {b}: err {ours_err:.3g} vs reference {ref_err:.3g}"
 
@@ -259,3 +258,86 @@ def test_gpt2_scale_bf16_on_gpu(T):
     q, k, v = make_qkv(2, 12, T, T, 64, dtype=torch.bfloat16, device="cuda", seed=T)
     do = torch.randn(2, 12, T, 64, device="cuda", dtype=torch.bfloat16)
     assert_within_2x_of(causal_sdpa, q, k, v, do)
+
+
+def fused_qkv(B, H, T, D, dtype, device, seed):
+    """q, k, v (B, H, T, D) as the model makes them: strided views of one fused projection."""
+    g = torch.Generator(device).manual_seed(seed)
+    qkv = torch.randn(B, T, 3, H, D, device=device, generator=g).to(dtype)
+    return [t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).detach()]  # each (B, H, T, D)
+
+
+def causal_flash(q, k, v):
+    """PyTorch's fused attention (flash on CUDA for fp16/bf16): the reference in the low dtype."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def check_attention_within_2x(shape, dtype, device, seed):
+    B, H, T, D = shape
+    q, k, v = fused_qkv(B, H, T, D, dtype, device, seed)
+    do = torch.randn(B, H, T, D, device=device, generator=torch.Generator(device).manual_seed(seed + 1)).to(dtype)
+    ours = run(attention, q, k, v, do)
+    low = run(causal_flash, q, k, v, do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    truth = run(attention_ref, *leaves, do.double())
+    assert_each_within_2x([f"{shape} {n}" for n in NAMES], ours, low, truth, dtype)
+
+
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_attention_at_gpt2_scale(size, dtype, device):
+    """GPT-2 124M training shape (16 x 12 heads x 1024 x 64): output and dq, dk, dv within 2x of
+    SDPA's error in that dtype, against fp64."""
+    shape = (16, 12, 1024, 64) if size == "gpt2" else (1, 1, 40, 64)
+    check_attention_within_2x(shape, dtype, scale_device(size, device), seed=21)
+
+
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_attention_long_context_head_dim_128(size, dtype, device):
+    """T = 4096 with head_dim 128 (6 heads of GPT-2's 768): the other launch configs."""
+    shape = (1, 6, 4096, 128) if size == "gpt2" else (1, 1, 40, 128)
+    check_attention_within_2x(shape, dtype, scale_device(size, device), seed=22)
+
+
+@pytest.mark.parametrize("size", ["small", pytest.param("gpt2", marks=pytest.mark.gpu)])
+def test_attention_dropout_at_gpt2_scale(size, device):
+    """Dropout over B x H x T = 16 x 12 x 1024 (bf16, as in training): the kernels' mask is
+    attention_dropout_mask's (output and gradients within 2x of the masked reference in bf16,
+    against fp64 with the same mask), and the keep-rate is 1 - p."""
+    dev = scale_device(size, device)
+    B, H, T, D = (16, 12, 1024, 64) if size == "gpt2" else (1, 1, 17, 16)
+    p, seed = 0.1, 4321
+    q, k, v = fused_qkv(B, H, T, D, torch.bfloat16, dev, seed=23)
+    do = torch.randn(B, H, T, D, device=dev, generator=torch.Generator(dev).manual_seed(24)).to(torch.bfloat16)
+    keep = attention_dropout_mask(seed, B * H, T, T, p, device=dev).view(B, H, T, T)
+    visible = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+
+    def masked_reference(q, k, v):
+        s = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~visible, float("-inf"))
+        return (torch.softmax(s, -1) * keep / (1 - p)).to(q.dtype) @ v
+
+    ours = run(lambda q, k, v: attention(q, k, v, dropout_p=p, seed=seed), q, k, v, do)
+    low = run(masked_reference, q, k, v, do)
+    truth = run(masked_reference, *(t.detach().double().requires_grad_() for t in (q, k, v)), do.double())
+    assert_each_within_2x([f"dropout {n}" for n in NAMES], ours, low, truth, torch.bfloat16)
+    n = visible.sum().item() * B * H
+    rate = keep[..., visible].float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), f"keep rate {rate:.5f}, expected {1 - p}"
+
+
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_attention_decode_at_gpt2_scale(size, dtype, device):
+    """Flash-decoding for a batch of 16 x 12 heads against 1024-slot caches of different lengths
+    (the CUDA-graph path's length tensor) and one common length: within 2x of the reference."""
+    dev = scale_device(size, device)
+    B, H, L, D = (16, 12, 1024, 64) if size == "gpt2" else (2, 1, 40, 32)
+    q, k, v = (t.detach() for t in fused_qkv(B, H, L, D, dtype, dev, seed=25))
+    q = q[:, :, :1]  # (B, H, 1, D)
+    lens = torch.randint(1, L + 1, (B,), device=dev, generator=torch.Generator(dev).manual_seed(26))
+    lens[0] = L
+    for cache_len in (lens, int(lens[1])):
+        got = attention_decode(q, k, v, cache_len)
+        for b in range(B):
+            n = int(lens[b]) if isinstance(cache_len, torch.Tensor) else cache_len
+            args = (q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
+            assert_each_within_2x([f"decode row {b} of {n}"], [got[b:b + 1]], [attention_ref(*args)],
+                                  [attention_ref(*(t.double() for t in args))], dtype)

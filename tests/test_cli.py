@@ -1,13 +1,12 @@
 """The command line: every subcommand's --help renders, and `gptfast info` reports what the
 library itself decides (backend, Triton, gptfast._C kernels) on this machine."""
 import importlib.metadata
-import os
 
 import pytest
 import torch
 
-from gptfast import cli, sampling
-from gptfast.backends import get_backend, resolve_device
+from gptfast import GPTConfig, GPTModel, cli, sampling
+from gptfast.backends import resolve_device, triton_interpreting
 
 
 def subcommands():
@@ -32,10 +31,11 @@ def test_info_reports_what_the_library_decides(capsys):
     report = {k.strip(): v.strip() for k, v in lines.items()}
     assert report["torch"].startswith(torch.__version__)
     assert report["tiktoken"] == importlib.metadata.version("tiktoken")
-    assert report["backend auto"] == get_backend("auto", resolve_device(None)).name
+    model = GPTModel(GPTConfig.from_preset("tiny", n_layers=1), backend="auto").to(resolve_device(None))
+    assert report["backend auto"] == model.active_backend
     built = [d for d in ("cpu", "cuda") if sampling.has_kernel(d)]
     assert report["gptfast._C sample_top_k"].startswith(f"kernels for {', '.join(built) or 'none'}")
-    usable = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    usable = torch.cuda.is_available() or triton_interpreting()
     assert report["triton kernels"].startswith("usable" if usable else "not used")
 
 

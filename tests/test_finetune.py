@@ -1,7 +1,11 @@
 """Fine-tuning: data loading and its errors, the instruction collate, end-to-end runs on CPU."""
 import argparse
+import copy
+import dataclasses
 import json
+import os
 import random
+import signal
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -10,9 +14,11 @@ import pytest
 import torch
 
 from gptfast import cli
-from gptfast.config import GPTConfig
-from gptfast.finetune import classify, instruct
+from gptfast.checkpoint import load_checkpoint
+from gptfast.config import GPTConfig, OptionError
+from gptfast.finetune import RECIPE, classify, instruct
 from gptfast.model import GPTModel
+from gptfast.train import RunFiles, TrainConfig
 from gptfast.tokenizer import EOT_ID, get_tokenizer
 
 
@@ -230,9 +236,88 @@ def test_instruct_cli_writes_responses_and_a_loadable_model(tmp_path, monkeypatc
 ])
 def test_out_of_range_options_are_one_line_errors_before_any_work(tmp_path, argv, message):
     # a data file that does not exist: the option check must come first
-    with pytest.raises(cli.CLIError) as e:
+    with pytest.raises(OptionError) as e:
         _run_cli(argv + ["--preset", "tiny", "--data", str(tmp_path / "missing"), "--device", "cpu"])
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune-classifier", "--lora-alpha", "inf"], "--lora-alpha must be a finite number, got inf"),
+    (["finetune-classifier", "--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+    (["finetune-classifier", "--lora-rank", "-1"], "--lora-rank must be >= 0, got -1"),
+    (["finetune-instruct", "--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["finetune-instruct", "--grad-clip", "-1"], "--grad-clip must be >= 0, got -1.0"),
+    (["finetune-instruct", "--seed", "-5"], "--seed must be >= 0, got -5"),
+])
+def test_non_finite_and_negative_options_are_refused(tmp_path, argv, message):
+    with pytest.raises(OptionError) as e:
+        _run_cli(argv + ["--preset", "tiny", "--data", str(tmp_path / "missing"), "--device", "cpu"])
+    assert str(e.value) == message
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    code = cli.main(["finetune-classifier", "--preset", "tiny", "--data", str(tmp_path / "missing.tsv"),
+                     "--out", str(tmp_path / "file" / "clf.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.tsv" not in err and str(tmp_path / "file") in err, err  # the output first
+
+
+def _toy_tsv(tmp_path, n=64):
+    data = tmp_path / "toy.tsv"
+    data.write_text("".join(f"{label}\t{text}\n" for label, text in _toy_classes(n)))
+    return data
+
+
+@pytest.mark.parametrize("command", ["finetune-classifier", "finetune-instruct"])
+def test_fine_tuning_stops_on_nan_and_saves_nothing(tmp_path, monkeypatch, capsys, command):
+    """--lr 1e37 is a valid number whose first update overflows the forward: exit 3, no NaN model written
+    (the classifier used to report 62.5% accuracy and save NaN weights)."""
+    monkeypatch.setattr(GPTConfig, "from_preset", classmethod(lambda cls, name, **kw: TOY))
+    if command == "finetune-classifier":
+        out, data = ["--out", str(tmp_path / "clf.pt")], _toy_tsv(tmp_path)
+    else:
+        records = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in "one two three four".split() * 5]
+        data = tmp_path / "d.json"
+        data.write_text(json.dumps(records))
+        out = ["--out-dir", str(tmp_path / "out"), "--batch-size", "2"]
+    code = cli.main([command, "--preset", "tiny", "--data", str(data), "--lr", "1e37", "--train-all"
+                     if command == "finetune-classifier" else "--mask-prompt", "--quiet", "--device", "cpu", *out])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "stopped: no checkpoint of this run was written" in err
+    assert not (tmp_path / "clf.pt").exists() and not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_fine_tuning_resumes_exactly_after_ctrl_c(tmp_path):
+    torch.manual_seed(0)
+    base = classify.make_classifier(GPTModel(dataclasses.replace(TOY, drop_rate=0.1), backend="torch"), 2)
+    examples = [(text, int(label == "color")) for label, text in _toy_classes(48)]
+    loaders = {"train": classify.make_loader(examples, 8, batch_size=4, shuffle=True),
+               "val": classify.make_loader(examples[:8], 8, batch_size=4)}
+    cfg = TrainConfig(**{**RECIPE, "batch_size": 4, "epochs": 2, "lr": 1e-3, "sample_tokens": 0})
+    torch.manual_seed(1)
+    full = classify.train_classifier(copy.deepcopy(base), loaders, cfg=cfg, progress=False)
+
+    model, calls = copy.deepcopy(base), []
+    forward = model.forward
+
+    def interrupting_forward(*args, **kwargs):
+        calls.append(model.training)
+        if sum(calls) == 15:  # the 15th training micro-batch: inside epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(*args, **kwargs)
+    model.forward = interrupting_forward
+    files = RunFiles(tmp_path, "clf-", final=False, best=False, plot=False)
+    torch.manual_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        classify.train_classifier(model, loaders, cfg=cfg, files=files, progress=False)
+    assert load_checkpoint(tmp_path / "clf-checkpoint.pt")["step"] == 15
+    resumed = classify.train_classifier(copy.deepcopy(base), loaders, cfg=cfg, files=files, progress=False,
+                                        resume=tmp_path / "clf-checkpoint.pt")
+    assert resumed == full
+    assert [json.loads(line)["step"] for line in (tmp_path / "clf-metrics.jsonl").read_text().splitlines()] == \
+        full["step"]
 
 
 # ---------------------------------------------------------------- judge

@@ -6,42 +6,20 @@ import gc
 import pytest
 import torch
 
-from gptfast import GPTConfig, GPTModel, get_tokenizer
-from gptfast.generate import Generator, _Request, generate
+from generation_checks import first_diff, reference_ids, reference_sampled_ids, tiny, varied
+from gptfast import get_tokenizer
+from gptfast.textout import TextOutput
+from gptfast.generate import Generator, generate
 from gptfast.quant import inference_copy
-from gptfast.sampling import sample_top_k
 from kernel_checks import assert_within_2x
-
-
-def tiny(vocab=211, ctx=48, emb=32, heads=4, layers=2, backend="torch", seed=0, tie_weights=False, **kw):
-    """A small random model. Untied: a tiny random model with a tied head greedily repeats its
-    last token forever, which would make every greedy comparison vacuous (see `varied`)."""
-    torch.manual_seed(seed)
-    return GPTModel(GPTConfig(vocab_size=vocab, context_length=ctx, emb_dim=emb, n_heads=heads, n_layers=layers,
-                              tie_weights=tie_weights, **kw), backend=backend).eval()
-
-
-def varied(ids, at_least=8):
-    """Guard: a greedy comparison only tests something when the output depends on the context."""
-    assert len(set(ids)) >= at_least, f"degenerate model output {ids[:20]}...: the comparison would test nothing"
-
-
-def first_diff(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-
-
-def reference_ids(model, prompt, n, ctx=None, eos_id=None):
-    idx = torch.tensor([prompt], device=model.tok_emb.weight.device)
-    out = generate(model, idx, n, ctx or model.cfg.context_length, eos_id=eos_id, use_cache=False)
-    return out[0, len(prompt):].tolist()
 
 
 def static_engine(model, **kw):
     """A Generator decoding through the static step, the function a CUDA graph captures
-    (whole-buffer cache, device write index), run eagerly: on CPU the capture fails and the
-    engine falls back to it with a warning, which is checked here."""
+    (batch padded to a fixed size, whole-buffer cache, device indices), run eagerly: on CPU
+    the capture is refused with a warning (checked here) and the same step runs eagerly."""
     engine = Generator(model, dtype=None, **kw)
-    engine.cuda_graph = True
+    engine.engine.runner.static = True
     return engine
 
 
@@ -80,7 +58,7 @@ def test_context_size_smaller_than_model_context():
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
-@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
+@pytest.mark.filterwarnings("ignore:CUDA graphs need a model on CUDA")
 def test_batched_equals_one_at_a_time(static):
     model = tiny(ctx=32)
     engine = make_engine(model, static)
@@ -122,18 +100,7 @@ def test_callers_training_mode_kept(text_model):
     assert engine.generate("Hello", max_new_tokens=15) == expected
     del paused
     gc.collect()
-    assert model.training
-
-
-def reference_sampled_ids(model, prompt, n, seed, temperature, top_k, top_p):
-    """Sampled continuation built without Generator: a full no-cache forward per token and
-    gptfast.sampling drawing from a torch.Generator seeded as `Generator(seed=...)` promises."""
-    rng, ids, ctx = torch.Generator().manual_seed(seed), list(prompt), model.cfg.context_length
-    for _ in range(n):
-        with torch.no_grad():
-            logits = model(torch.tensor([ids[-ctx:]]))[:, -1]  # (1, V)
-        ids.append(int(sample_top_k(logits, top_k, temperature, top_p=top_p, generator=rng)))
-    return ids[len(prompt):]
+    assert all(m.training for m in model.modules()), "the engine switched a module of the caller's model"
 
 
 def test_seeded_sampling_reproducible():
@@ -164,7 +131,7 @@ def test_classic_generate_seeded_with_cache():
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
-@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
+@pytest.mark.filterwarnings("ignore:CUDA graphs need a model on CUDA")
 def test_consecutive_calls_share_no_state(static):
     """One engine across calls with different batch sizes, prompt lengths and padding (the
     static buffers are re-made or refilled, never read stale) equals the no-cache reference."""
@@ -181,24 +148,24 @@ def test_consecutive_calls_share_no_state(static):
             ref = reference_ids(model, p, n)
             varied(ref, min(n, 12) // 2)
             assert out[i] == ref, f"call {c}, prompt {i}: first mismatch at token {first_diff(out[i], ref)}"
-    if static:  # the capture was tried, failed (no GPU here) and the static step ran instead
-        assert list(engine._buffers.graphs.values()) == [False]
+    if static:  # the capture was refused (no GPU here) and the static step ran instead
+        graphs = engine.engine.runner.graphs
+        assert graphs and all(g is False for g in graphs.values())
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
-@pytest.mark.filterwarnings("ignore:CUDA graph capture failed")
+@pytest.mark.filterwarnings("ignore:CUDA graphs need a model on CUDA")
 def test_interrupted_stream_then_generate(text_model, static):
+    # a paused stream keeps its own cache rows: calls made meanwhile neither disturb it nor see it
     engine = make_engine(text_model, static)
     fresh = make_engine(text_model, static)
     paused = engine.stream("Every effort moves you", max_new_tokens=30)
     head = [next(paused) for _ in range(3)]
     prompts = ["Hello", "I HAD always thought Jack Gisburn rather a cheap genius"]
     assert engine.generate(prompts, max_new_tokens=20) == fresh.generate(prompts, max_new_tokens=20)
-    with pytest.raises(RuntimeError, match="another generate/stream call"):
-        next(paused)  # its cache was overwritten: an error, never wrong text
-    full = "".join(engine.stream("Every effort moves you", max_new_tokens=30))
+    full = "".join(head) + "".join(paused)
     assert full == fresh.generate("Every effort moves you", max_new_tokens=30)
-    assert full.startswith("".join(head))
+    assert "".join(engine.stream("Every effort moves you", max_new_tokens=30)) == full
 
 
 def test_stop_strings_and_eos(text_model):
@@ -224,7 +191,7 @@ def test_stream_utf8_split_across_tokens():
     tok = get_tokenizer()
     text = "h\u00e9llo \u20ac \U0001F600!"
     ids = [tok.encode_single_token(bytes([b])) for b in text.encode()]
-    request = _Request(tok, len(ids), None, [])
+    request = TextOutput(tok, len(ids), None, [])
     pieces = []
     for t in ids:
         request.push(t)
@@ -306,7 +273,7 @@ def test_bad_prompts(text_model):
         for use_cache in (True, False):
             with pytest.raises(ValueError, match=r"context_size must be an integer in \[1, "):
                 generate(text_model, torch.tensor([[1, 2]]), 3, bad, use_cache=use_cache)
-    with pytest.raises(ValueError, match="context_size must be in"):
+    with pytest.raises(ValueError, match=r"context_size must be an integer in \[1, 64\]"):
         Generator(text_model, context_size=65)
     with pytest.raises(ValueError, match="unknown dtype"):
         Generator(text_model, dtype="int3")
@@ -317,7 +284,9 @@ def test_cli(tmp_path, capsys):
     from gptfast.cli import main
     model = tiny(vocab=50257, ctx=32, emb=32, layers=1)
     path = save_checkpoint(tmp_path / "ck.pt", model)
-    base = ["generate", "--checkpoint", str(path), "--max-new-tokens", "12", "--dtype", "float32",
+    # on the CPU on every machine: the expected text comes from CPU references (a GPU's fp32 can
+    # split a near tie of this tiny model's logits the other way)
+    base = ["generate", "--checkpoint", str(path), "--device", "cpu", "--max-new-tokens", "12", "--dtype", "float32",
             "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "3"]
     assert main(base + ["--prompt", "Every effort moves you", "--verbose"]) == 0
     plain = capsys.readouterr().out
@@ -328,20 +297,20 @@ def test_cli(tmp_path, capsys):
     assert streamed == "Every effort moves you" + expected + "\n"
     assert plain.startswith(streamed) and "tokens/s" in plain[len(streamed):]
     # greedy output against the classic no-cache path, independent of Generator
-    assert main(base[:7] + ["--prompt", "Every effort moves you"]) == 0
+    assert main(base[:9] + ["--prompt", "Every effort moves you"]) == 0
     ref = tok.decode(reference_ids(model, tok.encode("Every effort moves you"), 12))
     assert capsys.readouterr().out == "Every effort moves you" + ref + "\n"
     # a batch file: every prompt's output equals its own no-cache greedy generation
     prompts = ["Hello", "Every effort moves you", "I HAD always thought Jack Gisburn rather a cheap genius"]
     batch = tmp_path / "prompts.txt"
     batch.write_text(f"{prompts[0]}\n\n{prompts[1]}\n{prompts[2]}\n")  # blank lines are skipped
-    assert main(base[:7] + ["--batch-file", str(batch)]) == 0
+    assert main(base[:9] + ["--batch-file", str(batch)]) == 0
     expected = "".join(f"=== {p}\n{p}{tok.decode(reference_ids(model, tok.encode(p), 12))}\n\n" for p in prompts)
     assert capsys.readouterr().out == expected
     assert main(base + ["--prompt", ""]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
     batch.write_bytes(b"Hello\n\xff\xfe\n")
-    assert main(base[:7] + ["--batch-file", str(batch)]) == 2
+    assert main(base[:9] + ["--batch-file", str(batch)]) == 2
     assert capsys.readouterr().err.splitlines() == [f"gptfast generate: error: --batch-file {batch} is not UTF-8 "
                                                     "text (invalid start byte at byte 6)"]
 
@@ -363,6 +332,41 @@ def test_cli_bad_sampling_args(flag, value, message, capsys):
     assert capsys.readouterr().err.splitlines()[-1] == f"gptfast generate: error: argument {flag}: {message}"
 
 
+def assert_same_greedy(model, prompt, got, want, label):
+    """got == want token for token; a divergence is accepted only where the fp32 logits that
+    chose want's token have a near tie (top-2 gap <= 1e-5 of their scale: engines that differ
+    in summation order alone can split such a tie), and is printed."""
+    i = first_diff(got, want)
+    if i is None and len(got) == len(want):
+        return
+    assert i is not None, f"{label}: {len(got)} tokens vs {len(want)}"
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + want[:i]], device=model.tok_emb.weight.device))[0, -1].float()
+    top2 = logits.topk(2).values
+    gap, scale = float(top2[0] - top2[1]), float(logits.abs().max())
+    assert gap <= 1e-5 * scale, f"{label}: tokens differ at step {i} (top-2 gap {gap:.3g} of {scale:.3g}: no tie)"
+    print(f"{label}: tokens diverge at step {i}, a near tie (top-2 gap {gap:.2e})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_decode_equals_eager_decode(backend):
+    """200 greedy tokens through CUDA-graph replays equal eager decoding (no graph, prefix-only
+    cache) token for token: at batch 1 and in a batch of 4 prompts of different lengths (fp32)."""
+    model = tiny(vocab=1000, ctx=256, emb=128, heads=4, layers=2, backend=backend, init="torch").cuda()
+    prompts = [[7, 8, 9], [1], list(range(40, 52)), list(range(100, 130))]  # lengths 3, 1, 12, 30
+    graphed = Generator(model, dtype="float32")
+    eager = Generator(model, dtype="float32", cuda_graph=False)
+    assert graphed.engine.runner.static and not eager.engine.runner.static
+    for batch in ([prompts[0]], prompts):
+        got, want = graphed.generate_ids(batch, 200), eager.generate_ids(batch, 200)
+        graphs = graphed.engine.runner.graphs.values()
+        assert any(g not in (None, False) for g in graphs), "no CUDA graph was captured"
+        for i, (p, g, w) in enumerate(zip(batch, got, want)):
+            varied(w)
+            assert_same_greedy(model, p, g, w, f"{backend} batch {len(batch)} row {i}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_graph_decode_equals_no_cache(backend):
@@ -370,16 +374,16 @@ def test_cuda_graph_decode_equals_no_cache(backend):
     prompts = [[7], [1, 2, 3, 4, 5], list(range(10, 30))]
     engine = Generator(model, dtype="float32")
     batched = engine.generate_ids(prompts, 100)  # overflows the context: graph decode, then sliding
-    graphs = engine._buffers.graphs
-    assert list(graphs) == [(True, backend)] and graphs[True, backend] is not False, "no CUDA graph captured"
-    for i, p in enumerate(prompts):  # batch size 1, no padding: the decode kernel's graph (triton)
+    graphs = engine.engine.runner.graphs
+    assert graphs and all(g is not False for g in graphs.values()), f"a CUDA graph capture failed: {graphs}"
+    assert {key[2] for key in graphs} == {backend}
+    for i, p in enumerate(prompts):  # alone: batch size 1
         solo = engine.generate_ids([p], 100)[0]
         ref = reference_ids(model, p, 100)
         varied(ref)
         assert solo == ref, f"prompt {i}: graph decode differs from no-cache at {first_diff(solo, ref)}"
         assert batched[i] == ref, f"prompt {i}: batched graph decode differs at {first_diff(batched[i], ref)}"
-    assert engine._buffers.graphs[False, backend] is not False
-    again = engine.generate_ids(prompts, 100)  # back to batch 3: new buffers, a new graph
+    again = engine.generate_ids(prompts, 100)  # back to batch 3: the graphs captured before
     assert again == batched, f"second batched call differs: {[first_diff(a, b) for a, b in zip(again, batched)]}"
     assert Generator(model).dtype == "bfloat16"  # the CUDA default
     _check_bf16_greedy(model, prompts[1], batched[1][:20])
@@ -409,3 +413,29 @@ def _check_bf16_greedy(model, prompt, fp32_ids):
         assert i >= first_tie, (f"bf16 greedy differs from fp32 at step {i}, before any near tie "
                                 f"(first at {first_tie}; gap {float(top2[i, 0] - top2[i, 1]):.3g}, "
                                 f"bf16 error {float(err[i]):.3g})")
+
+
+def test_generator_shared_by_threads(text_model):
+    """Issue 13.2: one Generator called from several threads at once (generate, stream,
+    generate_ids; greedy and seeded sampling) gives every call what it gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+    engine = Generator(text_model, dtype=None)
+    texts = ["Every effort moves you", "Hello", "I HAD always thought Jack Gisburn", "The", "cheap genius"]
+    calls = [(kind, texts[i % 5], 4 + 5 * (i % 4), dict(temperature=1.2, top_k=40, seed=i) if i % 3 == 0 else {})
+             for i, kind in enumerate(["generate", "stream", "ids"] * 8)]
+    tok = get_tokenizer()
+
+    def run(call):
+        kind, text, n, kw = call
+        if kind == "generate":
+            return engine.generate(text, max_new_tokens=n, **kw)
+        if kind == "stream":
+            return "".join(engine.stream(text, max_new_tokens=n, **kw))
+        return engine.generate_ids([tok.encode(text)], n, **kw)[0]
+
+    alone = [run(c) for c in calls]
+    varied([t for a in alone if isinstance(a, list) for t in a], 12)
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(run, calls))
+    wrong = [i for i, (a, b) in enumerate(zip(together, alone)) if a != b]
+    assert not wrong, f"{len(wrong)} of {len(calls)} concurrent calls differ from the same call alone, e.g. {calls[wrong[0]]}"

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from gptfast.backends import reference_layer_norm
-from gptfast.kernels.layer_norm import MAX_WIDTH, add_layer_norm, layer_norm
-from kernel_checks import assert_close, assert_within_2x
+from gptfast.kernels.layer_norm import MAX_WIDTH, add_layer_norm, layer_norm, layer_norm_ref
+from kernel_checks import (assert_close, assert_each_within_2x, assert_within_2x, scale_device,
+                           scale_params)
 
 SHAPES = [(1, 1, 768), (3, 7), (2, 5, 33), (1, 8192), (4, 1), (2, 3, 130)]
 
@@ -33,7 +33,7 @@ def _run(fn, inputs, dy):
 def test_layer_norm_fp32_matches_reference(shape, device):
     x, scale, shift, dy = _inputs(shape, torch.float32, device)
     ours = _run(layer_norm, (x, scale, shift), (dy,))
-    ref = _run(reference_layer_norm, (x, scale, shift), (dy,))
+    ref = _run(layer_norm_ref, (x, scale, shift), (dy,))
     for name, a, r in zip(("y", "dx", "dscale", "dshift"), ours, ref):
         assert_close(a, r, 1e-5, f"{shape} {name}")
 
@@ -43,8 +43,8 @@ def test_layer_norm_fp32_matches_reference(shape, device):
 def test_layer_norm_low_precision_within_2x_of_torch(shape, dtype, device):
     x, scale, shift, dy = _inputs(shape, dtype, device)
     ours = _run(layer_norm, (x, scale, shift), (dy,))
-    low_ref = _run(reference_layer_norm, (x, scale, shift), (dy,))
-    truth = _run(reference_layer_norm, [t.float() for t in (x, scale, shift)], (dy.float(),))
+    low_ref = _run(layer_norm_ref, (x, scale, shift), (dy,))
+    truth = _run(layer_norm_ref, [t.float() for t in (x, scale, shift)], (dy.float(),))
     for name, a, lr, t in zip(("y", "dx", "dscale", "dshift"), ours, low_ref, truth):
         assert a.dtype == dtype, f"{name} has dtype {a.dtype}, expected {dtype}"
         assert_within_2x(a, lr, t, f"{shape} {name}")
@@ -52,7 +52,7 @@ def test_layer_norm_low_precision_within_2x_of_torch(shape, dtype, device):
 
 def _reference_add_layer_norm(x, residual, scale, shift):
     s = x + residual
-    return s, reference_layer_norm(s, scale, shift)
+    return s, layer_norm_ref(s, scale, shift)
 
 
 @pytest.mark.parametrize("shape,dtype", [((2, 5, 33), torch.float32), ((1, 768), torch.float32),
@@ -106,3 +106,26 @@ def test_layer_norm_rejects_bad_input(device):
         layer_norm(x.double(), torch.ones(8, device=device), torch.zeros(8, device=device))
     with pytest.raises(ValueError, match="residual has"):
         add_layer_norm(x, x[:1], torch.ones(8, device=device), torch.zeros(8, device=device))
+
+
+# ------------------------------------------------------------------- GPT-2 scale (make gpu-check)
+
+@pytest.mark.parametrize("size,dtype", scale_params())
+def test_layer_norms_at_gpt2_scale(size, dtype, device):
+    """layer_norm and add_layer_norm on GPT-2 124M training activations (16 x 1024 tokens x 768):
+    outputs and every gradient within 2x of torch's error in that dtype, against fp64."""
+    dev = scale_device(size, device)
+    shape = (16 * 1024, 768) if size == "gpt2" else (3, 5, 768)
+    g = torch.Generator(dev).manual_seed(11)
+    x, residual, dy, ds = (2 * torch.randn(shape, device=dev, generator=g) + 0.5 for _ in range(4))
+    scale, shift = 1 + 0.5 * torch.randn(2, 768, device=dev, generator=g)
+    for name, ours_fn, ref_fn, args, cot in (
+            ("layer_norm", layer_norm, layer_norm_ref, (x, scale, shift), (dy,)),
+            ("add_layer_norm", add_layer_norm, _reference_add_layer_norm, (x, residual, scale, shift), (ds, dy))):
+        low = [t.to(dtype) for t in args]
+        ours = _run(ours_fn, low, [c.to(dtype) for c in cot])
+        low_ref = _run(ref_fn, low, [c.to(dtype) for c in cot])
+        truth = _run(ref_fn, [t.double() for t in low], [c.double() for c in cot])
+        outs = ("y",) if name == "layer_norm" else ("sum", "y")
+        grads = tuple(f"d{a}" for a in ("x", "residual", "scale", "shift") if a != "residual" or len(args) == 4)
+        assert_each_within_2x([f"{name} {n}" for n in outs + grads], ours, low_ref, truth, dtype)

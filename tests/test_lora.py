@@ -78,14 +78,23 @@ def test_adapted_model_matches_hand_merged_weights_and_merge_roundtrips(base, id
         torch.testing.assert_close(model(idx), unmerged, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_on_fused_feed_forward_up_projection(base, idx):
-    """FeedForward feeds layers[0].weight straight to the fused linear_gelu: LoRA must show there."""
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_lora_on_the_feed_forward_up_projection(base, idx, backend, monkeypatch):
+    """The fused feed-forward (triton) runs a LoRA layer as a layer: its thin-matmul forward
+    runs on ff.layers.0 under every backend, and the output is the hand-merged model's."""
     model = copy.deepcopy(base)
     assert apply_lora(model, rank=2, alpha=2, targets=["ff.layers.0"]) == [
         f"trf_blocks.{i}.ff.layers.0" for i in range(CFG.n_layers)]
     _randomise_adapters(model)
+    model.backend = backend
+    assert model.active_backend == backend, f"backend {backend} unavailable here"
+    calls = []
+    forward = LoRALinear.forward
+    monkeypatch.setattr(LoRALinear, "forward", lambda self, x: calls.append(1) or forward(self, x))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), _hand_merged(base, model)(idx), atol=1e-5, rtol=1e-5)
+    assert len(calls) == CFG.n_layers, "the adapter's own forward did not run on ff.layers.0"
+    assert not hasattr(model.trf_blocks[0].ff.layers[0], "weight"), "no fake .weight"
 
 
 def test_only_adapters_get_gradients(base, idx):
@@ -182,17 +191,18 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_adapter_gradients_match_the_reference_backend(base, idx, backend):
-    """Adapters through each backend's fused ops (linear_gelu reads the effective weight;
-    triton runs in its interpreter on CPU) get the reference backend's loss and gradients."""
+def test_adapter_gradients_match_the_reference_backend(base, idx, backend, device):
+    """Adapters through each backend's modules (triton runs in its interpreter on CPU, on the GPU
+    where there is one) get the reference backend's loss and gradients."""
     model = copy.deepcopy(base)
     apply_lora(model, rank=4, alpha=8)
     _randomise_adapters(model)
+    idx = idx.to(device)
     results = {}
     for name in ("reference", backend):
-        m = copy.deepcopy(model)
+        m = copy.deepcopy(model).to(device)
         m.backend = name
-        assert m.ops().name == name, f"backend {name} unavailable here; got {m.ops().name}"
+        assert m.active_backend == name, f"backend {name} unavailable on {device}; got {m.active_backend}"
         loss = m.loss(idx[:, :-1], idx[:, 1:])
         loss.backward()
         results[name] = loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}

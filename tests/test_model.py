@@ -1,12 +1,16 @@
 """The GPT model: published parameter counts, backends agreeing, the classic state-dict layout."""
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
+import gptfast.backends
+import gptfast.model
 from gptfast import GPTConfig, GPTModel
-from gptfast.backends import get_backend
+from gptfast.backends import TorchCausalAttention, TorchLayerNorm
+from gptfast.model import CausalAttention, LayerNorm, choose_backend
 
 
 def test_parameter_counts_match_the_classic_124m():
@@ -129,7 +133,7 @@ def test_padded_vocab_never_changes_logits():
 
 
 def test_a_wrapped_head_never_sees_the_padding_rows():
-    """A head that is not a plain Linear (LoRA, fine-tuning) goes through the unfused loss."""
+    """A head that is not a plain Linear (LoRA, fine-tuning) goes through the logits' loss."""
     torch.manual_seed(3)
     model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=1000, pad_vocab=True, drop_rate=0.0), backend="torch")
     model.out_head = nn.Sequential(model.out_head)
@@ -140,7 +144,52 @@ def test_a_wrapped_head_never_sees_the_padding_rows():
 
 
 def test_auto_backend_on_cpu_is_torch():
-    assert get_backend("auto", "cpu").name == "torch"
+    assert choose_backend("auto", torch.device("cpu"))[0] == "torch"
+    model = GPTModel(GPTConfig.from_preset("tiny", n_layers=1), backend="auto")
+    assert (model.backend, model.active_backend) == ("auto", "torch")
+    assert type(model.trf_blocks[0].att.attend) is TorchCausalAttention
+
+
+def test_switching_backend_keeps_parameters_state_dict_and_outputs():
+    """set_backend only changes the op modules' classes: the very same Parameter objects, the
+    same state-dict keys and values, and the same logits (within float tolerance)."""
+    torch.manual_seed(4)
+    model = GPTModel(GPTConfig.from_preset("tiny", n_layers=2, drop_rate=0.0), backend="reference").eval()
+    params = dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = torch.randint(model.cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = model(idx)
+        model.set_backend("torch")
+        assert type(model.final_norm) is TorchLayerNorm
+        assert all(p is params[n] for n, p in model.named_parameters())
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        torch.testing.assert_close(model(idx), ref, rtol=1e-5, atol=1e-5)
+        model.backend = "reference"  # the property calls set_backend
+        assert type(model.final_norm) is LayerNorm and type(model.trf_blocks[1].att.attend) is CausalAttention
+        torch.testing.assert_close(model(idx), ref, rtol=0, atol=0)
+
+
+def test_backend_is_decided_again_when_the_model_moves(monkeypatch):
+    """triton asked for where it cannot run falls back to torch, with one warning once it runs
+    there; moving the model (here: where the interpreter is allowed) decides again."""
+    monkeypatch.setattr(gptfast.model, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(gptfast.backends, "_warned", set())  # warned once per process: start afresh
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # built where it falls back: no warning until it runs there
+        model = GPTModel(GPTConfig.from_preset("tiny", n_layers=1), backend="triton").eval()
+    assert (model.backend, model.active_backend) == ("triton", "torch")
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="backend 'triton' needs a CUDA tensor") as caught:
+        model(idx)
+        model.set_backend("triton")
+        model(idx)
+    assert len([w for w in caught if "needs a CUDA" in str(w.message)]) == 1, "one warning, not one per call"
+    monkeypatch.setattr(gptfast.model, "triton_interpreting", lambda: True)
+    model.to("cpu")
+    assert model.active_backend == "triton"
+    assert type(model.final_norm).__name__ == "TritonLayerNorm"
 
 
 def test_token_ids_outside_the_vocabulary_are_a_clear_error():

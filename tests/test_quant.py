@@ -13,7 +13,7 @@ from gptfast.quant import (DTYPES, FloatLinear, Int4Linear, Int8Linear, KernelLi
 
 from kernel_checks import assert_close, assert_within_2x
 from test_cpu_linear import check_fp32
-from test_generate import first_diff, tiny, varied
+from generation_checks import first_diff, tiny, varied
 
 U32 = 2.0**-24  # fp32 unit roundoff
 

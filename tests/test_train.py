@@ -1,5 +1,6 @@
 """The trainer: learning, exact resume (also after SIGKILL), Ctrl-C, divergence, outputs."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from gptfast import GPTConfig, GPTModel
+from gptfast.config import OptionError
 from gptfast.checkpoint import load_checkpoint, load_model
 from gptfast.data import VERDICT, read_text
-from gptfast.train import Trainer, TrainConfig, TrainingDiverged, WindowBatches, split_text_batches
+from gptfast.train import Trainer, TrainConfig, TrainingDiverged, WindowBatches, make_optimizer, split_text_batches
 
 SMALL = dict(context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)  # dropout on: RNG matters
 
@@ -145,7 +147,7 @@ def test_grad_accumulation_equals_a_bigger_batch(tmp_path):
     b = make_trainer(tmp_path / "b", model_kw=no_drop, batch_size=2, grad_accum=2, max_steps=1, grad_clip=None)
     a.train_batches = WindowBatches(a.train_batches.dataset, 4, a.cfg.seed, shuffle=False)
     b.train_batches = WindowBatches(a.train_batches.dataset, 2, a.cfg.seed, shuffle=False)
-    assert a.train_step() == pytest.approx(b.train_step(), rel=1e-5)  # the mean loss, not the sum
+    assert a.train_step().item() == pytest.approx(b.train_step().item(), rel=1e-5)  # the mean loss, not the sum
     for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
         ma, mb = a.optimizer.state[pa]["exp_avg"], b.optimizer.state[pb]["exp_avg"]
         torch.testing.assert_close(ma, mb, rtol=1e-4, atol=1e-9, msg=lambda m: f"{name} gradient: {m}")
@@ -164,7 +166,7 @@ def test_short_run_on_the_verdict_learns_it(tmp_path):
                            min_lr=1e-4, warmup_steps=10, eval_freq=1000,
                            model_kw=dict(GPTConfig.from_preset("mini").to_dict(), context_length=64, drop_rate=0.0))
     losses = trainer.fit()["step_loss"]
-    train_loss, val_loss = trainer.evaluate()
+    (train_loss,) = trainer.evaluate()["train"]
     assert losses[0] > 10.0 and train_loss < 1.0, (losses[0], train_loss)
 
 
@@ -175,9 +177,75 @@ def test_settings_that_make_no_step_fail_before_training(tmp_path):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("flag, message", [("--context-length", "context_length must be positive"),
-                                           ("--stride", "stride must be positive")])
-def test_zero_window_settings_are_errors_not_defaults(tmp_path, capsys, flag, message):
+@pytest.mark.parametrize("argv, message", [
+    (["--context-length", "0"], "--context-length must be >= 1, got 0"),
+    (["--stride", "0"], "--stride must be >= 1, got 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0, got -1.0"),  # accepted before: the loss climbed
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),  # was "min_lr must be in [0, lr]"
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--min-lr", "1"], "min_lr must be <= lr (0.0004), got 1.0"),
+    (["--sample-tokens", "-1"], "--sample-tokens must be >= 0, got -1"),  # failed at the end of epoch 1
+    (["--start-context", ""], "start_context is empty"),  # failed at the end of epoch 1
+])
+def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, argv, message):
     from gptfast import cli
-    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path), flag, "0"]) == 2
-    assert message in capsys.readouterr().err
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptfast train: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(seed=1.7), "seed must be an integer, got 1.7"),  # was silently rounded
+    (dict(epochs=True), "epochs must be a number, got True"),
+    (dict(max_steps=2.5), "max_steps must be an integer, got 2.5"),
+    (dict(grad_clip=float("nan")), "grad_clip must be a finite number, got nan"),
+    (dict(optimizer="sgd"), "optimizer must be one of nanogpt, classic, got 'sgd'"),
+])
+def test_train_config_checks_types_and_ranges(kw, message):
+    with pytest.raises(OptionError, match=re.escape(message)):
+        TrainConfig(**kw)
+
+
+def test_classic_optimizer_is_exactly_the_books_adamw():
+    """--optimizer classic: torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1), as
+    the book builds it: the same hyperparameters and, after two steps, the same weights bit for bit."""
+    torch.manual_seed(0)
+    ours = GPTModel(GPTConfig.from_preset("tiny", **SMALL), backend="torch")
+    book = GPTModel(GPTConfig.from_preset("tiny", **SMALL), backend="torch")
+    book.load_state_dict(ours.state_dict())
+    opt = make_optimizer(ours, TrainConfig(optimizer="classic", lr=4e-4, weight_decay=0.1))
+    ref = torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0].keys() == ref.param_groups[0].keys()
+    assert {k: v for k, v in opt.param_groups[0].items() if k != "params"} == \
+        {k: v for k, v in ref.param_groups[0].items() if k != "params"}
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and opt.param_groups[0]["weight_decay"] == 0.1
+    x = torch.randint(0, 50257, (2, 32))
+    for model, o in ((ours, opt), (book, ref)):
+        for _ in range(2):
+            torch.manual_seed(1)  # the same dropout masks
+            model(x[:, :-1], targets=x[:, 1:]).backward()
+            o.step()
+            o.zero_grad()
+    for (name, a), b in zip(ours.named_parameters(), book.parameters()):
+        assert torch.equal(a, b), name
+
+
+def _subcommands():
+    from gptfast import cli
+    return next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_every_flag_has_help_naming_its_default_at_most_once(command):
+    sub = _subcommands()[command]
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+        if action.dest == "help":
+            continue
+        flag = "/".join(action.option_strings) or action.dest
+        assert action.help, f"{command} {flag} has no help text"
+        text = formatter._expand_help(action)  # as --help prints it (ArgumentDefaultsHelpFormatter adds one)
+        assert text.lower().count("default") <= 1, f"{command} {flag}: {text!r}"

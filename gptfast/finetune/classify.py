@@ -8,6 +8,7 @@ state, and train the last block + final norm + head (or everything, or LoRA adap
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import random
 import sys
@@ -17,18 +18,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
+from torch.utils.data import TensorDataset
 
 from ..backends import BACKENDS, resolve_device
+from ..batches import IndexedBatches
 from ..checkpoint import atomic_save, load_checkpoint, load_state_dict_checked
 from ..config import GPTConfig
 from ..data import read_text
 from ..model import GPTModel
 from ..plotting import plot_curves
 from ..tokenizer import EOT_ID, get_tokenizer
-from . import (ASSETS, add_model_args, check_options, load_base_model, make_adamw, maybe_apply_lora,
-               report_trainable, write_json)
+from ..train import INT, Task, Trainer, TrainConfig, process_rank
+from . import (ASSETS, RECIPE, add_model_args, add_training_args, check_finetune_options, load_base_model,
+               maybe_apply_lora, report_trainable, run_files, train_config, write_json)
 
 SPAM_DATA = ASSETS / "SMSSpamCollection"
 
@@ -105,12 +107,12 @@ def encode(texts, max_length: int, tokenizer=None, pad_id: int = EOT_ID) -> torc
     return torch.tensor([r + [pad_id] * (max_length - len(r)) for r in rows], dtype=torch.long)
 
 
-def make_loader(examples, max_length, batch_size, shuffle=False, drop_last=False, seed=123):
+def make_loader(examples, max_length, batch_size, shuffle=False, drop_last=False, seed=123) -> IndexedBatches:
+    """(token ids (B, max_length), labels (B,)) batches; batch i is a pure function of (seed, i)."""
     ids = encode([t for t, _ in examples], max_length)
     labels = torch.tensor([c for _, c in examples], dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(ids, labels), batch_size=batch_size, shuffle=shuffle,
-                      drop_last=drop_last and len(examples) > batch_size, generator=gen)
+    return IndexedBatches(TensorDataset(ids, labels), batch_size, seed, shuffle=shuffle,
+                          drop_last=drop_last and len(examples) > batch_size)
 
 
 # ---------------------------------------------------------------- model
@@ -125,59 +127,43 @@ def make_classifier(model: GPTModel, num_classes: int, train_all: bool = False) 
     return model
 
 
-def class_logits(model: GPTModel, idx: torch.Tensor) -> torch.Tensor:
-    """(B, num_classes) from the last token's hidden state, which attends to the whole message."""
-    return model.out_head(model.hidden_states(idx)[:, -1, :])
+def class_logits(model, idx: torch.Tensor) -> torch.Tensor:
+    """(B, num_classes) from the last token's hidden state, which attends to the whole message
+    (through the model's forward, so DDP and torch.compile see the call)."""
+    return model(idx)[:, -1, :]
 
 
-@torch.no_grad()
-def evaluate(model, loader, max_batches=None) -> tuple[float, float]:
-    """(mean loss, accuracy) over the loader (its first `max_batches` batches)."""
-    was_training = model.training
-    model.eval()
-    device = model.tok_emb.weight.device
-    loss_sum, correct, n = 0.0, 0, 0
-    for i, (x, y) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = x.to(device), y.to(device)
-        logits = class_logits(model, x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        n += len(y)
-    model.train(was_training)
-    return (loss_sum / n, correct / n) if n else (float("nan"), float("nan"))
+def classification_metrics(model, x, y) -> torch.Tensor:
+    """(mean loss, accuracy) of one batch."""
+    logits = class_logits(model, x).float()
+    return torch.stack([F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean()])
 
 
-def train_classifier(model, loaders: dict, epochs=5, lr=5e-5, weight_decay=0.1, eval_batches=None,
-                     progress=True) -> dict:
-    """AdamW on the trainable parameters; after each epoch, loss and accuracy on every split."""
-    opt = make_adamw(model, lr, weight_decay)
-    device = model.tok_emb.weight.device
-    history = {f"{s}_{m}": [] for s in loaders for m in ("loss", "acc")}
-    history["examples_seen"] = []
-    seen = 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        bar = tqdm(loaders["train"], desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
-        for x, y in bar:
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(class_logits(model, x).float(), y)
-            loss.backward()
-            opt.step()
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        history["examples_seen"].append(seen)
-        report = []
-        for name, loader in loaders.items():
-            loss, acc = evaluate(model, loader, eval_batches)
-            history[f"{name}_loss"].append(loss)
-            history[f"{name}_acc"].append(acc)
-            report.append(f"{name} loss {loss:.3f} acc {acc:.1%}")
-        if progress:
-            print(f"epoch {epoch}: " + " | ".join(report))
-    return history
+CLASSIFY = Task(loss=lambda runner, x, y: F.cross_entropy(class_logits(runner, x).float(), y),
+                metrics=classification_metrics, metric_names=("loss", "acc"), count=lambda x, y: len(y),
+                perplexity=False, eval_first_step=False, example_weighted=True)
+
+
+def train_classifier(model, loaders: dict, epochs=5, lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"],
+                     eval_batches=None, progress=True, *, cfg: TrainConfig | None = None, files=None,
+                     resume=None) -> dict:
+    """Train on loaders["train"] with the Trainer (default: the classic recipe); after each
+    epoch, loss and accuracy on every split. `cfg` replaces the keyword settings; `files`
+    (a RunFiles) and `resume` (a checkpoint) as for the Trainer. Returns the history:
+    {split}_loss, {split}_acc and examples_seen per epoch, and the step of each."""
+    if cfg is None:
+        recipe = {k: v for k, v in RECIPE.items() if k != "batch_size"}
+        cfg = TrainConfig(**{**recipe, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
+                             "eval_iter": eval_batches, "sample_tokens": 0})
+    # evaluate at each epoch's end
+    cfg = dataclasses.replace(cfg, eval_freq=max(1, loaders["train"].steps_per_epoch // cfg.grad_accum))
+    trainer = Trainer(model, loaders["train"], None, cfg, files, device=next(model.parameters()).device,
+                      task=CLASSIFY, evals=loaders, progress=progress)
+    if resume:
+        trainer.resume(resume)
+    h = trainer.fit()
+    return {"step": h["steps"], "examples_seen": h["tokens_seen"],
+            **{f"{s}_{m}": h[f"{s}_{m}"] for s in loaders for m in ("loss", "acc")}}
 
 
 class Classifier:
@@ -226,31 +212,40 @@ def add_parser(sub):
     p.add_argument("--no-balance", action="store_true", help="keep every example instead of undersampling")
     p.add_argument("--limit", type=int, default=None, help="use a random N of the examples after balancing (demos)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per message (default: longest in train)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--train-all", action="store_true", help="train every layer (default: last block, final norm, head)")
-    p.add_argument("--eval-batches", type=int, default=None, help="evaluate on at most N batches per split")
-    p.add_argument("--out", default="classifier.pt", help="classifier file; loss/accuracy plots go beside it")
+    p.add_argument("--eval-batches", type=int, default=None,
+                   help="evaluate on at most N batches per split after each epoch (default: all)")
+    p.add_argument("--out", default="classifier.pt", help="classifier file; its loss/accuracy plots, history "
+                   "and training log (OUT-metrics.jsonl; OUT-checkpoint.pt on Ctrl-C) go beside it "
+                   "(default: classifier.pt)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    add_training_args(p, {"epochs": 5})
     add_model_args(p)
     p.set_defaults(func=run_finetune)
 
     c = sub.add_parser("classify", help="label texts with a fine-tuned classifier",
                        description="Print label and probability for each text (arguments, or stdin lines).")
     c.add_argument("text", nargs="*", help="texts to classify (default: read lines from stdin)")
-    c.add_argument("--classifier", default="classifier.pt", help="file from `gptfast finetune-classifier`")
-    c.add_argument("--backend", default="auto", choices=BACKENDS)
-    c.add_argument("--device", default=None)
+    c.add_argument("--classifier", default="classifier.pt", help="file from `gptfast finetune-classifier` "
+                   "(default: classifier.pt)")
+    c.add_argument("--backend", default="auto", choices=BACKENDS, help="compute backend (default: auto)")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     c.set_defaults(func=run_classify)
 
 
+def _outputs(out: Path) -> dict:
+    return {"model": out, "history": out.with_name(f"{out.stem}-history.json"),
+            "loss": out.with_name(f"{out.stem}-loss.png"), "acc": out.with_name(f"{out.stem}-acc.png")}
+
+
 def run_finetune(args):
-    check_options(args, at_least={"epochs": 1, "batch_size": 1, "limit": 1, "max_length": 1, "eval_batches": 1,
-                                  "weight_decay": 0}, above={"lr": 0})
+    check_finetune_options(args, {"limit": (INT, ">=", 1), "max_length": (INT, ">=", 1),
+                                  "eval_batches": (INT, ">=", 1)})
     if args.train_all and args.lora_rank:
         raise ValueError("--train-all and --lora-rank exclude each other (LoRA trains only the adapters)")
+    cfg = train_config(args, eval_iter=args.eval_batches)
+    outputs = _outputs(Path(args.out))
+    files = run_files(outputs["model"].parent, f"{outputs['model'].stem}-", outputs.values())
     examples, labels = read_labelled(args.data, args.labels)
     counts = Counter(labels[c] for _, c in examples)
     if not args.no_balance:
@@ -268,22 +263,23 @@ def run_finetune(args):
         raise ValueError(f"--max-length {max_length} exceeds the model's context length {context}")
     print(f"{args.data}: {dict(counts)} -> {len(train)} train / {len(val)} val / {len(test)} test; "
           f"{max_length} tokens per message")
-    loaders = {"train": make_loader(train, max_length, args.batch_size, True, True, args.seed),
-               "val": make_loader(val, max_length, args.batch_size),
-               "test": make_loader(test, max_length, args.batch_size)}
+    loaders = {"train": make_loader(train, max_length, cfg.batch_size, True, True, args.seed),
+               "val": make_loader(val, max_length, cfg.batch_size),
+               "test": make_loader(test, max_length, cfg.batch_size)}
     torch.manual_seed(args.seed)  # seeds the new head, the LoRA initialisation and training
     make_classifier(model, len(labels), args.train_all)
     wrapped = maybe_apply_lora(model, args)
     report_trainable(model, wrapped)
-    history = train_classifier(model, loaders, args.epochs, args.lr, args.weight_decay, args.eval_batches,
-                               progress=not args.quiet)
-    out = Classifier(model, labels, max_length).save(args.out)
-    write_json(history, out.with_name(f"{out.stem}-history.json"))
-    x = history["examples_seen"]
+    history = train_classifier(model, loaders, progress=not args.quiet, cfg=cfg, files=files, resume=args.resume)
+    if process_rank() != 0:  # under torchrun, rank 0 writes the outputs
+        return 0
+    Classifier(model, labels, max_length).save(outputs["model"])
+    write_json(history, outputs["history"])
     for metric, ylabel in (("loss", "loss"), ("acc", "accuracy")):
-        plot_curves(x, {f"{s} {ylabel}": history[f"{s}_{metric}"] for s in loaders}, "examples seen", ylabel,
-                    out.with_name(f"{out.stem}-{metric}.png"))
-    print(f"test accuracy {history['test_acc'][-1]:.2%}; saved {out}, its loss/accuracy plots and history")
+        plot_curves(history["examples_seen"], {f"{s} {ylabel}": history[f"{s}_{metric}"] for s in loaders},
+                    "examples seen", ylabel, outputs[metric])
+    print(f"test accuracy {history['test_acc'][-1]:.2%}; saved {outputs['model']}, its loss/accuracy plots and "
+          "history")
     return 0
 
 

@@ -17,12 +17,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..batches import IndexedBatches
 from ..data import read_text
-from ..tokenizer import EOT_ID, get_tokenizer
+from ..engine import Engine
+from ..evaluation import calc_loss_loader
 from ..plotting import plot_curves
-from ..train import calc_loss_loader
-from . import (ASSETS, add_model_args, check_options, load_base_model, make_adamw, maybe_apply_lora,
-               report_trainable, write_json)
+from ..sampling import SamplingParams
+from ..tokenizer import EOT_ID, get_tokenizer
+from ..train import INT, Task, Trainer, TrainConfig, process_rank
+from . import (ASSETS, RECIPE, TRAIN_OPTIONS, add_model_args, add_training_args, check_finetune_options,
+               load_base_model, maybe_apply_lora, report_trainable, run_files, train_config, write_json)
 
 INSTRUCTION_DATA = ASSETS / "instruction-data.json"
 IGNORE_INDEX = -100
@@ -98,11 +102,11 @@ def collate(batch, pad_id=EOT_ID, ignore_index=IGNORE_INDEX, allowed_max_length=
     return torch.stack(inputs).to(device), torch.stack(targets).to(device)
 
 
-def make_loader(encoded, batch_size, shuffle=False, drop_last=False, seed=123, **collate_kw):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(encoded, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                                       drop_last=drop_last and len(encoded) > batch_size,
-                                       collate_fn=lambda b: collate(b, **collate_kw))
+def make_loader(encoded, batch_size, shuffle=False, drop_last=False, seed=123, **collate_kw) -> IndexedBatches:
+    """Padded (inputs, targets) batches of encoded records (see `collate`); batch i is a pure
+    function of (seed, i)."""
+    return IndexedBatches(encoded, batch_size, seed, shuffle=shuffle, drop_last=drop_last and len(encoded) > batch_size,
+                          collate=lambda b: collate(b, **collate_kw))
 
 
 def evaluate_loss(model, loader, max_batches=None) -> float:
@@ -110,53 +114,49 @@ def evaluate_loss(model, loader, max_batches=None) -> float:
     return calc_loss_loader(loader, model, model.tok_emb.weight.device, max_batches)
 
 
-def train_instruct(model, train_loader, val_loader, epochs=2, lr=5e-5, weight_decay=0.1, eval_freq=5,
-                   eval_batches=5, progress=True) -> dict:
-    """AdamW on `model.loss` (the fused cross-entropy on the triton backend); train and
-    validation loss every `eval_freq` steps and at the end."""
-    opt = make_adamw(model, lr, weight_decay)
-    device = model.tok_emb.weight.device
-    history = {"step": [], "tokens_seen": [], "train_loss": [], "val_loss": []}
-    step, tokens = 0, 0
-    total = epochs * len(train_loader)
-    bar = tqdm(total=total, desc="fine-tuning", disable=not progress)
-    for _ in range(epochs):
-        model.train()
-        for x, y in train_loader:
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = model.loss(x, y, ignore_index=IGNORE_INDEX)
-            loss.backward()
-            opt.step()
-            step += 1
-            tokens += int((y != IGNORE_INDEX).sum())
-            bar.update()
-            if step % eval_freq == 0 or step == total:
-                history["step"].append(step)
-                history["tokens_seen"].append(tokens)
-                history["train_loss"].append(evaluate_loss(model, train_loader, eval_batches))
-                history["val_loss"].append(evaluate_loss(model, val_loader, eval_batches))
-                bar.set_postfix(train=f"{history['train_loss'][-1]:.3f}", val=f"{history['val_loss'][-1]:.3f}")
-    bar.close()
-    return history
+INSTRUCT = Task(loss=lambda runner, x, y: runner(x, targets=y, ignore_index=IGNORE_INDEX),
+                metrics=lambda model, x, y: model(x, targets=y, ignore_index=IGNORE_INDEX),
+                count=lambda x, y: int((y != IGNORE_INDEX).sum()), eval_first_step=False)
 
 
-def generate_responses(model, data, max_new_tokens=256, progress=True) -> list[dict]:
-    """Greedy answers for each record (a copy with `model_response` added)."""
-    from ..generate import generate  # the generation engine (KV cache)
+def train_instruct(model, train_loader, val_loader, epochs=2, lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"],
+                   eval_freq=5, eval_batches=5, progress=True, *, cfg: TrainConfig | None = None, files=None,
+                   resume=None) -> dict:
+    """Train on the next-token loss of the responses (the fused cross-entropy on the triton
+    backend) with the Trainer (default: the classic recipe); train and validation loss
+    every `eval_freq` steps and at the end. `cfg` replaces the keyword settings; `files`
+    (a RunFiles) and `resume` (a checkpoint) as for the Trainer. Returns the history:
+    step, tokens_seen (response tokens trained on), train_loss, val_loss."""
+    if cfg is None:
+        recipe = {k: v for k, v in RECIPE.items() if k != "batch_size"}
+        cfg = TrainConfig(**{**recipe, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
+                             "eval_freq": eval_freq, "eval_iter": eval_batches, "sample_tokens": 0})
+    trainer = Trainer(model, train_loader, val_loader, cfg, files, device=next(model.parameters()).device,
+                      task=INSTRUCT, progress=progress)
+    if resume:
+        trainer.resume(resume)
+    h = trainer.fit()
+    return {"step": h["steps"], "tokens_seen": h["tokens_seen"], "train_loss": h["train_loss"],
+            "val_loss": h["val_loss"]}
 
+
+def generate_responses(model, data, max_new_tokens=256, progress=True, batch_size=16) -> list[dict]:
+    """Greedy answers for each record (a copy with `model_response` added), generated together
+    through one engine (up to `batch_size` at a time; each answer as if generated alone)."""
     tokenizer = get_tokenizer()
-    device = model.tok_emb.weight.device
-    model.eval()
-    out = []
-    for rec in tqdm(data, desc="answering", disable=not progress):
-        prompt = tokenizer.encode(format_input(rec))
-        idx = torch.tensor([prompt], device=device)
-        ids = generate(model, idx, max_new_tokens, model.cfg.context_length, temperature=0.0, top_k=None,
-                       eos_id=EOT_ID)
-        text = tokenizer.decode([t for t in ids[0, len(prompt):].tolist() if t != EOT_ID])
-        out.append({**rec, "model_response": text.replace("### Response:", "").strip()})
-    return out
+    engine = Engine(model, max_batch=batch_size)
+    handle = engine.submit([tokenizer.encode(format_input(rec)) for rec in data], max_new_tokens, SamplingParams(),
+                           eos_id=EOT_ID)
+    answers = [[] for _ in data]
+    with tqdm(total=len(data), desc="answering", disable=not progress) as bar:
+        for batch in handle.updates():
+            for u in batch:
+                if u.error is not None:
+                    raise RuntimeError(f"generating record {u.index}'s response failed: {u.error}")
+                answers[u.index] += u.ids  # eos excluded
+                bar.update(u.finish is not None)
+    return [{**rec, "model_response": tokenizer.decode(ids).replace("### Response:", "").strip()}
+            for rec, ids in zip(data, answers)]
 
 
 # ---------------------------------------------------------------- judge
@@ -210,29 +210,36 @@ def add_parser(sub):
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(INSTRUCTION_DATA), help="JSON list of records (default: bundled 1,100)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N records (demos)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--allowed-max-length", type=int, default=None,
                    help="truncate training sequences to N tokens (default: the model's context length)")
     p.add_argument("--mask-prompt", action="store_true", help="compute the loss on the response tokens only")
-    p.add_argument("--eval-freq", type=int, default=5, help="evaluate every N steps")
-    p.add_argument("--eval-batches", type=int, default=5, help="batches per evaluation")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit for the test split")
+    p.add_argument("--eval-batches", type=int, default=5, help="batches per evaluation (default: 5)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="answer length limit for the test split (default: 256)")
     p.add_argument("--out-dir", default="instruct-out",
-                   help="model.pt (checkpoint), lora.safetensors, responses.json, loss.png go here")
+                   help="model.pt (checkpoint), lora.safetensors, responses.json, loss.png, history.json and the "
+                   "training log (metrics.jsonl; checkpoint.pt on Ctrl-C) go here (default: instruct-out)")
     p.add_argument("--judge-url", default=None, help="score answers via this Ollama-compatible server "
                    "(e.g. http://localhost:11434); off by default")
     p.add_argument("--judge-model", default="llama3", help="the judge's model name (default: llama3)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_training_args(p, {"epochs": 2, "eval_freq": 5}, names=TRAIN_OPTIONS + ("eval_freq",))
     add_model_args(p)
     p.set_defaults(func=run_finetune)
 
 
+def _outputs(out_dir: Path) -> dict:
+    return {name: out_dir / name for name in ("loss.png", "history.json", "lora.safetensors", "responses.json",
+                                              "model.pt")}
+
+
 def run_finetune(args):
-    check_options(args, at_least={"epochs": 1, "batch_size": 1, "limit": 1, "allowed_max_length": 1, "eval_freq": 1,
-                                  "eval_batches": 1, "max_new_tokens": 1, "weight_decay": 0}, above={"lr": 0})
+    check_finetune_options(args, {"limit": (INT, ">=", 1), "allowed_max_length": (INT, ">=", 1),
+                                  "eval_batches": (INT, ">=", 1), "max_new_tokens": (INT, ">=", 1)})
+    cfg = train_config(args, eval_iter=args.eval_batches)
+    out_dir = Path(args.out_dir)
+    outputs = _outputs(out_dir)
+    files = run_files(out_dir, "", outputs.values())
     data = load_instruction_data(args.data)[: args.limit]
     train, val, test = split_data(data)
     if not (train and val and test):
@@ -243,36 +250,42 @@ def run_finetune(args):
     max_len = min(args.allowed_max_length or model.cfg.context_length, model.cfg.context_length)
     print(f"{args.data}: {len(train)} train / {len(val)} val / {len(test)} test records")
     kw = dict(allowed_max_length=max_len, mask_prompt=args.mask_prompt)
-    train_loader = make_loader(encode_records(train), args.batch_size, True, True, args.seed, **kw)
-    val_loader = make_loader(encode_records(val), args.batch_size, **kw)
+    train_loader = make_loader(encode_records(train), cfg.batch_size, True, True, args.seed, **kw)
+    val_loader = make_loader(encode_records(val), cfg.batch_size, **kw)
     torch.manual_seed(args.seed)  # seeds the LoRA initialisation and training (dropout)
     # the vocabulary head stays frozen by default: it keeps the fused loss (no logits built)
     wrapped = maybe_apply_lora(model, args, default_exclude=["out_head"])
     report_trainable(model, wrapped)
-    history = train_instruct(model, train_loader, val_loader, args.epochs, args.lr, args.weight_decay,
-                             args.eval_freq, args.eval_batches, progress=not args.quiet)
-    out_dir = Path(args.out_dir)
+    history = train_instruct(model, train_loader, val_loader, progress=not args.quiet, cfg=cfg, files=files,
+                             resume=args.resume)
+    if process_rank() != 0:  # under torchrun, rank 0 writes the outputs
+        return 0
     plot_curves(history["tokens_seen"], {"train loss": history["train_loss"], "val loss": history["val_loss"]},
-                "tokens seen", "loss", out_dir / "loss.png")
-    write_json(history, out_dir / "history.json")
+                "tokens seen", "loss", outputs["loss.png"])
+    write_json(history, outputs["history.json"])
     if wrapped:
         from ..lora import save_adapters
 
-        save_adapters(model, out_dir / "lora.safetensors")
+        save_adapters(model, outputs["lora.safetensors"])
     answers = generate_responses(model, test, args.max_new_tokens, progress=not args.quiet)
-    write_json(answers, out_dir / "responses.json", indent=4)
-    _save_model(model, out_dir / "model.pt", wrapped)
+    write_json(answers, outputs["responses.json"], indent=4)
+    _save_model(model, outputs["model.pt"], wrapped)
     if args.judge_url:
-        scores = judge_scores(answers, args.judge_url, args.judge_model, progress=not args.quiet)
-        for a, s in zip(answers, scores):
-            a["judge_score"] = s
-        valid = [s for s in scores if s is not None]
-        print(f"judge {args.judge_model}: mean score {sum(valid) / max(len(valid), 1):.1f} "
-              f"over {len(valid)} of {len(scores)} answers")
-        write_json(answers, out_dir / "responses.json", indent=4)
+        _judge(answers, args, outputs["responses.json"])
     print(f"final losses: train {history['train_loss'][-1]:.3f}, val {history['val_loss'][-1]:.3f}; "
           f"wrote {out_dir}/responses.json, loss.png, model.pt")
     return 0
+
+
+def _judge(answers, args, path):
+    """Add each answer's judge score; rewrite responses.json with them."""
+    scores = judge_scores(answers, args.judge_url, args.judge_model, progress=not args.quiet)
+    for a, s in zip(answers, scores):
+        a["judge_score"] = s
+    valid = [s for s in scores if s is not None]
+    print(f"judge {args.judge_model}: mean score {sum(valid) / max(len(valid), 1):.1f} "
+          f"over {len(valid)} of {len(scores)} answers")
+    write_json(answers, path, indent=4)
 
 
 def _save_model(model, path, wrapped):

@@ -1,0 +1,244 @@
+"""Serving: `gptfast serve` with continuous batching vs the same server forced to one request at
+a time (--max-batch 1), side by side in one run, at 1, 4, 16 and 64 concurrent clients, and
+the HTTP overhead at one client vs the in-process Generator. GPT-2 124M, random init (the same
+weights everywhere; speed does not depend on them), the server's default dtype, greedy.
+
+    python benchmarks/bench_serve.py [--clients 1 4 16 64] [--seconds 30] [--requests 64] [--device cpu]
+
+The load generator (asyncio + httpx, localhost only) runs each client as a loop of streamed
+requests over a fixed mix of prompt and output lengths, for --seconds or --requests finished
+requests, whichever comes first; the two servers take turns at each level. Reported: aggregate
+generated tokens/s (every token received in the window), p50/p99 time to first token and
+inter-token latency (gaps between a request's streamed chunks). Correctness first: both
+servers' greedy text equals the in-process Generator's, alone and with 4 concurrent clients.
+Results to benchmarks/results/serve_<device>.md with device, date, commit and load average.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from gptfast import GPTConfig, GPTModel
+from gptfast.backends import resolve_device
+from gptfast.checkpoint import save_checkpoint
+from gptfast.generate import Generator
+
+from common import commit_id, device_name, save_report  # noqa: E402  (benchmarks/ is on sys.path)
+
+PROMPT_LENGTHS = (8, 32, 96)  # tokens; request i of client c takes mix entry (c + i) % 3
+OUTPUT_LENGTHS = (32, 64, 96)
+
+
+def workload(client: int, i: int) -> tuple[list[int], int]:
+    """The fixed mix: (prompt token ids, max_tokens) of request i of client `client`."""
+    k = (client + i) % len(PROMPT_LENGTHS)
+    g = torch.Generator().manual_seed(1000 * client + i)
+    return torch.randint(0, 50000, (PROMPT_LENGTHS[k],), generator=g).tolist(), OUTPUT_LENGTHS[k]
+
+
+class ServerProcess:
+    def __init__(self, checkpoint, device, dtype, max_batch, max_queue):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gptfast.cli", "serve", "--checkpoint", str(checkpoint), "--device", str(device),
+             "--dtype", dtype,
+             "--port", str(self.port), "--max-batch", str(max_batch), "--max-queue", str(max_queue),
+             "--model-name", "gpt2", "--log-level", "warning"])
+
+    def wait_up(self, timeout=300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server on port {self.port} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise SystemExit(f"server on port {self.port} did not start in {timeout} s")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def new_stats():
+    return {"ttft": [], "itl": [], "per_token": [], "tokens": 0, "done": 0}
+
+
+async def one_request(http, url, prompt, max_tokens, stats, deadline):
+    """Stream one greedy request: its time to first token, the gaps between its chunks, its
+    decode time per token; the tokens received count even when the window closes first."""
+    body = {"model": "gpt2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start, first, last, text, chunks = time.perf_counter(), None, None, [], 0
+    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event, now = json.loads(line[6:]), time.perf_counter()
+            if event["choices"] and event["choices"][0]["text"]:
+                text.append(event["choices"][0]["text"])
+                if last is None:
+                    first = now
+                    stats["ttft"].append(now - start)
+                else:
+                    stats["itl"].append(now - last)
+                last, chunks = now, chunks + 1
+                stats["tokens"] += 1
+            if event.get("usage"):  # exact count (a chunk can hold more than one token)
+                n = event["usage"]["completion_tokens"]
+                stats["tokens"] += n - chunks
+                if n > 1:
+                    stats["per_token"].append((last - first) / (n - 1))
+            if now > deadline:
+                return None  # the window closed: its tokens so far count, the request does not
+    stats["done"] += 1
+    return "".join(text)
+
+
+async def load(url, clients, seconds, max_requests):
+    """`clients` concurrent loops of requests, for `seconds` or `max_requests` finished ones."""
+    stats = new_stats()
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def client(c):
+        i = 0
+        while time.perf_counter() < deadline and stats["done"] < max_requests:
+            await one_request(http, url, *workload(c, i), stats, deadline)
+            i += 1
+    async with httpx.AsyncClient(timeout=seconds + 600, limits=httpx.Limits(max_connections=clients + 4)) as http:
+        await asyncio.gather(*(client(c) for c in range(clients)))
+    stats["seconds"] = time.perf_counter() - start
+    return stats
+
+
+async def concurrently(url, jobs):
+    """Greedy texts of `jobs` (prompt, max_tokens) sent at once."""
+    async with httpx.AsyncClient(timeout=600) as http:
+        return await asyncio.gather(*(one_request(http, url, p, n, new_stats(), float("inf")) for p, n in jobs))
+
+
+def check_outputs(gen, servers):
+    """Both servers' greedy text equals the in-process Generator's, alone and with 4 clients at once."""
+    jobs = [workload(c, 0) for c in range(4)]
+    want = [gen.tokenizer.decode(ids) for ids in gen.generate_ids([p for p, _ in jobs], [n for _, n in jobs])]
+    for label, server in servers.items():
+        alone = [asyncio.run(concurrently(server.url, [job]))[0] for job in jobs]
+        assert alone == want, f"{label} server: a greedy answer differs from the in-process Generator's"
+        assert asyncio.run(concurrently(server.url, jobs)) == want, f"{label} server: 4 clients at once differ"
+    print("correctness: both servers' greedy answers equal the in-process Generator's, alone and 4 at once")
+
+
+def per_token(gen, url, rounds):
+    """Median decode time per token at one client, in-process Generator vs streamed over HTTP:
+    the same requests, in interleaved rounds."""
+    inproc, http = [], new_stats()
+    for _ in range(rounds):
+        for i in range(len(PROMPT_LENGTHS)):
+            prompt, n = workload(0, i)
+            gen.generate_ids([prompt], n)
+            inproc.append(1 / gen.stats["decode_tokens_per_s"])
+            asyncio.run(load_one(url, prompt, n, http))
+    return statistics.median(inproc), statistics.median(http["per_token"])
+
+
+async def load_one(url, prompt, n, stats):
+    async with httpx.AsyncClient(timeout=600) as http:
+        await one_request(http, url, prompt, n, stats, float("inf"))
+
+
+def pct(values, q):
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else float("nan")
+
+
+def row(clients, label, s, base=None):
+    tps = s["tokens"] / s["seconds"]
+    ms = lambda v: f"{1000 * v:.0f}"  # noqa: E731
+    ratio = f"{tps / base:.2f}x" if base else "1.00x"
+    return (f"| {clients} | {label} | {tps:.1f} | {ratio} | {ms(pct(s['ttft'], 50))} | {ms(pct(s['ttft'], 99))} "
+            f"| {ms(pct(s['itl'], 50))} | {ms(pct(s['itl'], 99))} | {s['done']} | {s['seconds']:.0f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--seconds", type=float, default=30.0, help="length of each measured window")
+    ap.add_argument("--requests", type=int, default=64, help="or stop after this many finished requests")
+    ap.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the HTTP-overhead check")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", help="the servers' and the in-process Generator's --dtype")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    torch.manual_seed(123)
+    model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = save_checkpoint(Path(tmp) / "gpt2-124m-random.pt", model)
+        servers = {"batching": ServerProcess(checkpoint, device, args.dtype, args.max_batch, 256),
+                   "one at a time": ServerProcess(checkpoint, device, args.dtype, 1, 256)}
+        try:
+            for s in servers.values():
+                s.wait_up()
+            gen = Generator(model.to(device), dtype=args.dtype)  # the in-process engine, the servers' dtype
+            check_outputs(gen, servers)
+            inproc, http = per_token(gen, servers["batching"].url, args.rounds)
+            del gen
+            results = {}
+            for clients in args.clients:
+                for label, server in servers.items():  # the two servers take turns: same load around them
+                    results[clients, label] = s = asyncio.run(load(server.url, clients, args.seconds, args.requests))
+                    print(f"{clients} clients, {label}: {s['tokens'] / s['seconds']:.1f} tokens/s, {s['done']} requests")
+        finally:
+            for s in servers.values():
+                s.stop()
+    report(args, device, results, inproc, http)
+
+
+def report(args, device, results, inproc, http):
+    lines = [f"# Serving, GPT-2 124M random init, `gptfast serve --dtype {args.dtype}`, greedy, streamed",
+             f"device: {device.type} ({device_name(device)}), torch {torch.__version__}, "
+             f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
+             f"command: python benchmarks/bench_serve.py --clients {' '.join(map(str, args.clients))} "
+             f"--seconds {args.seconds:g} --requests {args.requests} --max-batch {args.max_batch} --device {args.device} "
+             f"--dtype {args.dtype}",
+             f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+             f"(this machine: {os.cpu_count()} cores, shared)",
+             f"mix: prompts of {'/'.join(map(str, PROMPT_LENGTHS))} tokens with {'/'.join(map(str, OUTPUT_LENGTHS))} "
+             "new tokens, in turn; each window: until --seconds or --requests finished", "",
+             "| clients | server | tokens/s | vs one at a time | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
+             "| ITL p99 (ms) | requests done | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for clients in args.clients:
+        base = results[clients, "one at a time"]
+        base_tps = base["tokens"] / base["seconds"]
+        lines.append(row(clients, "one at a time (--max-batch 1)", base))
+        lines.append(row(clients, f"continuous batching (--max-batch {args.max_batch})", results[clients, "batching"],
+                         base_tps))
+    lines += ["", f"HTTP overhead at 1 client: decode time per token {1000 * http:.2f} ms streamed over HTTP vs "
+              f"{1000 * inproc:.2f} ms in-process (Generator): {100 * (http / inproc - 1):+.1f}% "
+              f"(medians of {args.rounds} interleaved rounds of the 3 requests of the mix)"]
+    save_report(lines, Path(args.out) / f"serve_{device.type}_{args.dtype}.md")
+
+
+if __name__ == "__main__":
+    main()

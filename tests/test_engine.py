@@ -1,0 +1,186 @@
+"""The continuous-batching engine: requests joining and leaving a running batch at different
+lengths (and sliding windows) each give exactly what they give alone (the no-cache classic
+`generate`); seeded draws independent of the batch; failures, cancellation and the queue
+bound confined to their request; generate()'s cached engine; the fused decode step."""
+import gc
+import threading
+
+import pytest
+import torch
+
+from generation_checks import first_diff, reference_ids, reference_sampled_ids, reference_sampled_rows, tiny, varied
+from gptfast import generate as generate_mod
+from gptfast.engine import Engine, QueueFull
+from gptfast.textout import TextOutput
+from gptfast.generate import Generator, generate
+from gptfast.runner import batch_sizes
+from gptfast.sampling import SamplingParams
+
+GREEDY = SamplingParams()
+
+
+class Steps:
+    """An engine observer recording how many sequences each step advanced."""
+
+    def __init__(self):
+        self.sizes, self.reasons = [], []
+
+    def step(self, n_tokens, seconds):
+        self.sizes.append(n_tokens)
+
+    def token(self, seconds, first):
+        pass
+
+    def finished(self, reason):
+        self.reasons.append(reason)
+
+
+def ids_of(handle):
+    out = [[] for _ in handle.prompt_tokens]
+    for batch in handle.updates():
+        for u in batch:
+            assert u.error is None, u.error
+            out[u.index] += u.ids
+    return out
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
+@pytest.mark.filterwarnings("ignore:CUDA graphs need a model on CUDA")
+def test_requests_join_a_running_batch(static):
+    # a long request runs; others arrive while it decodes (short and long prompts, one longer
+    # than the context, budgets that slide past it), join at step boundaries, leave when done
+    model = tiny(ctx=32)
+    steps = Steps()
+    engine = Engine(model, max_batch=4, observer=steps)
+    engine.runner.static = static
+    jobs = [([7], 60), ([1, 2, 3, 4, 5], 9), (list(range(10, 50)), 12), ([3, 1, 4], 30), ([9, 9], 3), ([5], 25)]
+    first = engine.submit([jobs[0][0]], jobs[0][1], GREEDY)
+    updates = first.updates()
+    head = next(updates)  # the first request is running now
+    handles = [engine.submit([p], n, GREEDY) for p, n in jobs[1:]]
+    got = [head[0].ids + [t for batch in updates for u in batch for t in u.ids]] + [ids_of(h)[0] for h in handles]
+    for i, ((prompt, n), ids) in enumerate(zip(jobs, got)):
+        ref = reference_ids(model, prompt, n)
+        varied(ref, min(n, 10) // 2)
+        assert ids == ref, f"request {i}: first mismatch at token {first_diff(ids, ref)}"
+    assert max(steps.sizes) == 4, f"never a full batch of 4: {steps.sizes}"  # they did run together
+    assert engine.running() == engine.waiting() == 0 and sorted(engine._free) == [0, 1, 2, 3]
+
+
+def test_sampled_request_independent_of_its_batch():
+    model = tiny()
+    kw = dict(temperature=1.3, top_k=30, top_p=0.95)
+    ref = reference_sampled_ids(model, [1, 2, 3], 40, 11, **kw)
+    engine = Engine(model, max_batch=8)
+    others = [engine.submit([[5, 6], [7]], 50, SamplingParams(**kw, seed=3)),
+              engine.submit([[8] * 9], 20, GREEDY)]
+    mine = engine.submit([[1, 2, 3]], 40, SamplingParams(**kw, seed=11))
+    assert ids_of(mine)[0] == ref
+    assert ids_of(others[0]) == reference_sampled_rows(model, [[5, 6], [7]], 50, 3, **kw)
+    assert ids_of(others[1])[0] == reference_ids(model, [8] * 9, 20)
+    # prompt i of a request draws on the op's row i: two equal prompts of one request differ
+    a, b = ids_of(engine.submit([[4, 4], [4, 4]], 30, SamplingParams(**kw, seed=5)))
+    assert a != b, "two prompts of one seeded request drew the same tokens"
+
+
+def test_failure_stays_with_its_request(monkeypatch):
+    model = tiny()
+    engine = Engine(model, max_batch=8)
+    push = TextOutput.push
+
+    def fragile(self, token):  # a request whose stop-string handling raises on its 3rd token
+        if self.stop == ["boom"] and len(self.ids) == 2:
+            raise ValueError("stop-string handler exploded")
+        push(self, token)
+    monkeypatch.setattr(TextOutput, "push", fragile)
+    good = [engine.submit([[1, 2, 3]], 20, GREEDY), engine.submit([[4, 5]], 25, GREEDY)]
+    bad = engine.submit([[6, 7]], 20, GREEDY, stop=["boom"])
+    errors = [u.error for batch in bad.updates() for u in batch if u.error]
+    assert errors == ["ValueError: stop-string handler exploded"]
+    assert ids_of(good[0])[0] == reference_ids(model, [1, 2, 3], 20)
+    assert ids_of(good[1])[0] == reference_ids(model, [4, 5], 25)
+    assert ids_of(engine.submit([[6, 7]], 5, GREEDY))[0] == reference_ids(model, [6, 7], 5)  # still serving
+
+
+def test_cancel_frees_the_row_and_queue_bound():
+    model = tiny(ctx=48)
+    engine = Engine(model, max_batch=1, max_queue=2)
+    gate = threading.Event()
+    running = engine.submit([[1, 2]], 10_000, GREEDY, sink=lambda batch: gate.set())  # slides forever
+    gate.wait(30)
+    queued = [engine.submit([[3]], 5, GREEDY), engine.submit([[4]], 5, GREEDY)]  # wait: the one row is taken
+    with pytest.raises(QueueFull, match="2 prompts are waiting"):
+        engine.submit([[5]], 5, GREEDY)
+    assert engine.waiting() == 2 and engine.running() == 1
+    running.cancel()  # its row goes to the next request in line
+    assert [ids_of(h)[0] for h in queued] == [reference_ids(model, [3], 5), reference_ids(model, [4], 5)]
+    assert engine.running() == engine.waiting() == 0
+    engine.close()
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.submit([[1]], 1, GREEDY)
+
+
+def test_batch_sizes():
+    assert batch_sizes(1) == [1] and batch_sizes(32) == [1, 2, 4, 8, 16, 32] and batch_sizes(12) == [1, 2, 4, 8, 12]
+
+
+def test_classic_generate_keeps_its_engine():
+    model = tiny()
+    idx = torch.tensor([[3, 1, 4]])
+    out = generate(model, idx, 10, 48)
+    engine = generate_mod._ENGINES[model][1]
+    assert torch.equal(generate(model, idx, 10, 48), out) and generate_mod._ENGINES[model][1] is engine
+    with torch.no_grad():  # an update in place (a training step) is seen by the same engine
+        model.out_head.weight.mul_(-1)
+    assert generate(model, idx, 10, 48)[0, 3:].tolist() == reference_ids(model, [3, 1, 4], 10)
+    assert generate_mod._ENGINES[model][1] is engine
+    model.double()  # parameters moved to new storage: a new engine
+    assert generate(model, idx, 10, 48)[0, 3:].tolist() == reference_ids(model, [3, 1, 4], 10)
+    assert generate_mod._ENGINES[model][1] is not engine
+    n = len(generate_mod._ENGINES)
+    del model, engine
+    gc.collect()
+    assert len(generate_mod._ENGINES) == n - 1, "generate() kept a dead model's engine alive"
+
+
+@pytest.mark.filterwarnings("ignore:CUDA graphs need a model on CUDA")
+def test_fused_step_draws_as_the_eager_path():
+    # one sampled request alone: its draw runs inside the static decode step (the CUDA graph's
+    # body) with a device seed; it must equal the per-request eager draw and the reference
+    model = tiny()
+    kw = dict(temperature=1.1, top_k=25)
+    fused = Engine(model, max_batch=4)
+    fused.runner.static = True
+    ids = ids_of(fused.submit([[1, 2], [3, 4, 5]], 20, SamplingParams(**kw, seed=9)))
+    assert any(key[1] is not None for key in fused.runner.graphs), "the fused step never ran"
+    eager = Engine(model, max_batch=4)
+    assert ids == ids_of(eager.submit([[1, 2], [3, 4, 5]], 20, SamplingParams(**kw, seed=9)))
+    assert ids == reference_sampled_rows(model, [[1, 2], [3, 4, 5]], 20, 9, **kw)
+    # alone again but in rows 1 and 2 (row 0 was taken when it came): never fused, same draws
+    for engine in (fused, eager):
+        first = engine.submit([[8] * 3], 2, GREEDY)
+        assert ids_of(engine.submit([[1, 2], [3, 4, 5]], 20, SamplingParams(**kw, seed=9))) == ids
+        ids_of(first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_rows_at_different_lengths(backend):
+    # decode rows at different lengths through the captured graphs; a sampled request alone
+    # makes one host sync per token (the sampled ids inside the graph)
+    model = tiny(ctx=64, emb=64, backend=backend, init="torch").cuda()
+    engine = Engine(model, max_batch=8)
+    jobs = [([7], 80), ([1, 2, 3, 4, 5], 30), (list(range(10, 40)), 50)]
+    handles = [engine.submit([p], n, GREEDY) for p, n in jobs]
+    for (p, n), h in zip(jobs, handles):
+        assert ids_of(h)[0] == reference_ids(model, p, n), f"prompt {p[:3]}"
+    assert any(g is not False for g in engine.runner.graphs.values()), "no CUDA graph captured"
+    torch.cuda.synchronize()
+    with pytest.warns(UserWarning) as syncs:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            ids_of(engine.submit([[1, 2]], 40, SamplingParams(temperature=1.0, top_k=20, seed=1)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    n_syncs = sum("synchroniz" in str(w.message) for w in syncs)
+    assert n_syncs <= 40 + 3, f"{n_syncs} host syncs for 40 tokens"

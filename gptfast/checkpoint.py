@@ -56,12 +56,13 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None
     return atomic_save(state, path)
 
 
-def load_checkpoint(path, map_location="cpu", preset: str | None = None) -> dict:
+def load_checkpoint(path, map_location="cpu", preset: str | GPTConfig | None = None) -> dict:
     """A checkpoint dict, loaded safely; a missing, empty or damaged file is a one-line error.
 
     Always has "config" (a GPTConfig dict) and "model" (a state dict). A classic file gets
-    "format": "classic" (and its "optimizer_state_dict", if any); its config is `preset`'s or,
-    without one, read from the tensors with GPT-2's head width 64 (a warning says so).
+    "format": "classic" (and its "optimizer_state_dict", if any); its config is `preset`'s (a
+    preset name or a GPTConfig) or, without one, read from the tensors with GPT-2's head width
+    64 (a warning says so).
     Temporary files orphaned by a killed save beside `path` are removed."""
     path = existing_file(path, "checkpoint")
     remove_orphaned_temporaries(path)
@@ -100,8 +101,10 @@ def _check_state_dict_type(sd, path) -> None:
         raise ValueError(f"checkpoint {path}: model entry {bad!r} is a {type(sd[bad]).__name__}, not a tensor")
 
 
-def _config_without_one(sd: dict, preset: str | None, path) -> dict:
+def _config_without_one(sd: dict, preset: str | GPTConfig | None, path) -> dict:
     """The config of a classic state dict: the preset's, or read from the tensors."""
+    if isinstance(preset, GPTConfig):
+        return preset.to_dict()
     if preset is not None:
         return GPTConfig.from_preset(preset).to_dict()
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from .config import PRESETS, GPTConfig
 from .files import _first_line, atomic_file, existing_file, remove_orphaned_temporaries
 from .model import GPTModel, upgrade_state_dict
 
-__all__ = ["atomic_file", "atomic_save", "save_checkpoint", "load_checkpoint", "load_model", "build_model",
+__all__ = ["atomic_save", "save_checkpoint", "load_checkpoint", "load_model", "build_model",
            "check_state_dict", "load_state_dict_checked", "check_fits_in_memory"]
 CLASSIC = "classic"  # the "format" load_checkpoint gives a classic file
 
@@ -33,18 +32,6 @@ def atomic_save(obj, path) -> Path:
     with atomic_file(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
-
-
-def check_writable(path) -> Path:
-    """Fail before any work, not at the first save: `path` must not be a folder, and its folder
-    must be creatable and writable (a file is created and removed there)."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; expected a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path.parent):
-        pass
-    return path
 
 
 def save_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None, step: int = 0, **extra) -> Path:

@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from .backends import resolve_device
 from .batches import IndexedBatches, TokenFileBatches, WindowBatches, split_text_batches  # noqa: F401 (API)
-from .checkpoint import check_writable, load_checkpoint, load_state_dict_checked, save_checkpoint
+from .checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from .config import PRESETS, GPTConfig
 from .data import VERDICT, read_text
 from .evaluation import autocast, calc_loss_loader, eval_mode, mean_over_batches  # noqa: F401 (API)
-from .files import atomic_file
+from .files import atomic_file, check_writable
 from .generate import generate
 from .model import GPTModel
 from .plotting import plot_losses

@@ -20,7 +20,7 @@ import torch
 
 from .backends import resolve_device
 from .engine import Engine, check_context_size, check_eos_id, check_max_new_tokens
-from .quant import DTYPES, inference_copy
+from .quant import DTYPES, SHORT_DTYPES, inference_copy
 from .sampling import SamplingParams, check_temperature, check_top_k, check_top_p, sample_top_k
 from .tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
@@ -257,8 +257,9 @@ def add_model_source(p):
     src.add_argument("--checkpoint", help="checkpoint file written by `gptfast train`")
     src.add_argument("--gpt2", metavar="SIZE", help="GPT-2 weights: 124M, 355M, 774M, 1558M or a path (gptfast.weights)")
     p.add_argument("--models-dir", default="models", help="where GPT-2 weights are stored (with --gpt2)")
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                   help="weights: auto = bfloat16 on CUDA, float16 on CPU; int8 = weight-only int8 linears")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), type=lambda s: SHORT_DTYPES.get(s, s),
+                   help="weights: auto = bfloat16 on CUDA, float16 on CPU; int8 and int4 (groups of 32, 64 or "
+                        "128 inputs) = weight-only linears; bf16, fp16, fp32 as train spells them also work")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"),
                    help="compute backend (auto: triton on CUDA, else torch)")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; None = cuda when available")

@@ -23,6 +23,7 @@ from . import cpu_linear
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT4_GROUPS = {"int4": 32, "int4-g64": 64, "int4-g128": 128}  # dtype name -> inputs per group
 DTYPES = (*FLOAT_DTYPES, "int8", *INT4_GROUPS)
+SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train's spellings, for the CLIs
 
 
 def int8_supported(device="cpu") -> bool:

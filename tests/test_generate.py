@@ -296,8 +296,8 @@ def test_cli(tmp_path, capsys):
     expected = tok.decode(reference_sampled_ids(model, tok.encode("Every effort moves you"), 12, 3, 0.9, 40, 0.95))
     assert streamed == "Every effort moves you" + expected + "\n"
     assert plain.startswith(streamed) and "tokens/s" in plain[len(streamed):]
-    # greedy output against the classic no-cache path, independent of Generator
-    assert main(base[:9] + ["--prompt", "Every effort moves you"]) == 0
+    # greedy output against the classic no-cache path, independent of Generator (--dtype spelt as train does)
+    assert main(base[:8] + ["fp32", "--prompt", "Every effort moves you"]) == 0
     ref = tok.decode(reference_ids(model, tok.encode("Every effort moves you"), 12))
     assert capsys.readouterr().out == "Every effort moves you" + ref + "\n"
     # a batch file: every prompt's output equals its own no-cache greedy generation

@@ -3,6 +3,8 @@
 - fp32: max |actual - expected| <= rtol * max |expected| (relative to the tensor's scale).
 - fp16/bf16 (flash-attention's rule): the kernel's error against the fp32 truth is at most
   2x the error of the PyTorch reference run in that dtype, plus a small atol.
+Also the inputs both attention test files build (make_qkv, fused_qkv) and their check
+assert_rel_close.
 """
 from __future__ import annotations
 

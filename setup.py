@@ -6,6 +6,7 @@ GPTFAST_CUDA=0 skips the CUDA kernels, GPTFAST_CUDA=1 requires them (fails if im
 unset, they are built when possible and skipped with a warning otherwise.
 """
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -63,7 +64,10 @@ def _extensions():
     except ImportError:
         _say("WARNING: torch is not importable, skipping gptfast._C (pure-PyTorch sampling is used)")
         return [], {}
-    sources = ["csrc/register.cpp", "csrc/sampling.cpp"]
+    # linear_avx2.cpp carries its own target attributes (built with the default flags, run only
+    # where the CPU has AVX2/FMA/F16C); on other machines it compiles to nothing
+    sources = ["csrc/register.cpp", "csrc/sampling.cpp", "csrc/linear_cpu.cpp", "csrc/linear_avx2.cpp"]
+    cpu_paths = "avx2 + portable" if platform.machine().lower() in ("x86_64", "amd64") else "portable"
     flags = {"cxx": ["-O3"]}
     wanted = os.environ.get("GPTFAST_CUDA", "")
     reason = "GPTFAST_CUDA=0" if wanted == "0" else _cuda_skip_reason(torch, cpp_extension)
@@ -73,12 +77,12 @@ def _extensions():
             # no -std here: torch appends the standard its headers need (an explicit one
             # would clash with it: nvcc warns and takes the last)
             extra_compile_args={**flags, "nvcc": ["-O3"]})
-        _say("building gptfast._C with the C++ (CPU) and CUDA kernels")
+        _say(f"building gptfast._C with the C++ (CPU; linear paths: {cpu_paths}) and CUDA kernels")
     else:
         if wanted == "1":
             raise SystemExit(f"gptfast setup: GPTFAST_CUDA=1 but the CUDA kernels cannot be built: {reason}")
         ext = cpp_extension.CppExtension("gptfast._C", sources, extra_compile_args=flags)
-        _say(f"building gptfast._C with the C++ (CPU) kernel only; WARNING: CUDA kernels skipped: {reason}")
+        _say(f"building gptfast._C with the C++ (CPU; linear paths: {cpu_paths}) kernels only; WARNING: CUDA kernels skipped: {reason}")
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
@@ -98,6 +102,8 @@ setup(
     install_requires=["torch", "triton; platform_system == 'Linux'", "tiktoken", "numpy", "safetensors",
                       "tqdm", "matplotlib"],
     extras_require={
+        # benchmarks only: the CTranslate2 peer of benchmarks/bench_generate.py
+        "bench": ["ctranslate2", "transformers"],
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "transformers", "openai", "httpx"],
         "serve": ["fastapi", "uvicorn"],
         "tf": ["tensorflow-cpu; platform_machine == 'x86_64'", "tensorflow; platform_machine != 'x86_64'"],

@@ -1,175 +1,150 @@
-"""Generation speed, GPT-2 124M (random init, same weights everywhere), batch 1, greedy,
-a 4-token prompt: the classic no-cache `generate`, gptfast's `Generator` (fp32 and reduced
-precision) and Hugging Face transformers' `GPT2LMHeadModel.generate`, side by side.
+"""Generation speed and quality, one command: GPT-2 124M (random init, the same weights in every
+engine), greedy, 4-token prompts, batch 1, 4 and 16: gptfast's `Generator` in every weight
+format next to Hugging Face transformers (fp32) and CTranslate2 (float32 and int8, converted
+from the same weights), then the quality gate of each format on a model trained on The Verdict
+(benchmarks/quality.py).
 
-    python benchmarks/bench_generate.py [--new-tokens 200] [--no-cache-tokens 200] [--device cuda]
+    python benchmarks/bench_generate.py                 # everything (CPU: ~15 min on 2 quiet cores)
+    python benchmarks/bench_generate.py --batches 1 --rounds 3 --engines ct2-int8 int8 int4 --no-quality
 
-Correctness first: the two models' logits agree, and every fp32 engine's greedy tokens equal
-gptfast's (a divergence is accepted only at a near tie, reported). Times are medians over
---repeats runs (CUDA: synchronised). Prints a table (time to first token, tokens/s, ratios)
-and writes it to benchmarks/results/generate_<device>.md with device, date and commit.
+Correctness first: gptfast's and transformers' fp32 logits agree, and every fp32 engine's greedy
+tokens equal gptfast's (a divergence is accepted only at a near tie). Then the engines run
+interleaved in rounds (the order rotated each round, the read-bandwidth floor measured in every
+round), so machine load hits them alike; the table gives best and median per engine of the time
+to first token and of the decode rate (tokens after the first / the time after the first).
+Writes benchmarks/results/generate_<device>.md with device, date, commit and load average.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from gptfast import GPTConfig, GPTModel
 from gptfast.backends import resolve_device
-from gptfast.generate import Generator, generate
-from gptfast.quant import int8_supported
-from gptfast.weights import to_hf_state_dict
+from gptfast.data import VERDICT, read_text
+from gptfast.quant import DTYPES, KernelLinear
+from gptfast.tokenizer import get_tokenizer
 
-from common import commit_id, device_name, save_report  # noqa: E402  (benchmarks/ is on sys.path)
+import engines  # noqa: E402  (benchmarks/ is on sys.path)
+import quality  # noqa: E402
+from common import ReadFloor, commit_id, device_name, interleaved, load_average, save_report  # noqa: E402
 
-PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
-
-
-def to_transformers(model: GPTModel):
-    """A GPT2LMHeadModel holding `model`'s weights (gptfast's own export mapping)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    state, config = to_hf_state_dict(model)
-    hf = GPT2LMHeadModel(GPT2Config(**config))
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    # a tied head is left out of the export: transformers ties lm_head to wte itself
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return hf.eval()
+PEERS = ("transformers-fp32", "ct2-float32", "ct2-int8")
+DEFAULT_ENGINES = PEERS + DTYPES
 
 
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, out
+def prompts(batch: int) -> list[list[int]]:
+    """`batch` different 4-token prompts (the first is "Every effort moves you")."""
+    ids = get_tokenizer().encode(read_text(VERDICT))
+    return [[6109, 3626, 6100, 345]] + [ids[4 * i:4 * i + 4] for i in range(1, batch)]
 
 
-def median_runs(run, repeats):
-    """(ids, median time to first token, median tokens/s) over `repeats` calls of run() ->
-    (ids, ttft, tokens/s); every run must produce the same ids."""
-    runs = [run() for _ in range(repeats)]
-    assert all(r[0] == runs[0][0] for r in runs), "greedy output changed between identical runs"
-    return runs[0][0], statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
+def weight_bytes(model, dtype) -> int:
+    """Bytes of linear weights (and scales) a decode step reads in gptfast's `dtype` copy."""
+    from gptfast.quant import inference_copy
+    layers = [m for m in inference_copy(model, dtype, "cpu").modules() if isinstance(m, KernelLinear)]
+    return sum(t.numel() * t.element_size() for m in layers for t in (m.weight, m.scale) if t is not None)
 
 
-def bench_ours(model, dtype, device, n, repeats):
-    engine = Generator(model, dtype=dtype, device=device)
-    engine.generate_ids([PROMPT], 8)  # warm-up (and CUDA-graph capture for batch 1)
-
-    def run():  # the engine's own clock: it reads each token back to the host, so it is synchronised
-        ids = engine.generate_ids([PROMPT], n)[0]
-        return ids, engine.stats["time_to_first_token_s"], n / engine.stats["total_s"]
-    return median_runs(run, repeats)
+def check_fp32(built, model, prompt, ref, device):
+    """Every fp32 engine's greedy tokens equal gptfast fp32's, up to a near tie."""
+    for name, engine in built.items():
+        if name in ("transformers-fp32", "ct2-float32"):
+            engines.check_greedy(model, prompt, engine.run([prompt], len(ref))[0][0], ref, name, device)
 
 
-def bench_no_cache(model, device, n):
-    idx = torch.tensor([PROMPT], device=device)
-    generate(model, idx, 2, model.cfg.context_length, use_cache=False)  # warm-up
-    ttft, _ = timed(lambda: generate(model, idx, 1, model.cfg.context_length, use_cache=False))
-    total, out = timed(lambda: generate(model, idx, n, model.cfg.context_length, use_cache=False))
-    return out[0, len(PROMPT):].tolist(), ttft, n / total
-
-
-def bench_transformers(hf, device, n, repeats):
-    idx = torch.tensor([PROMPT], device=device)
-    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(idx))
-    with torch.inference_mode():
-        hf.generate(idx, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
-
-        def run():
-            ttft, _ = timed(lambda: hf.generate(idx, max_new_tokens=1, **kw))
-            total, out = timed(lambda: hf.generate(idx, max_new_tokens=n, min_new_tokens=n, **kw))
-            return out[0, len(PROMPT):].tolist(), ttft, n / total
-        return median_runs(run, repeats)
-
-
-def check_greedy(model, ids, ref, label, device):
-    """fp32 greedy tokens must equal `ref`, except after a near tie: at the first divergence
-    the fp32 top-2 logit gap must be within 1e-4 of the logit scale (fp32 engines differ by
-    summation order only, ~1e-6 relative). Returns 'k/n' tokens equal, for the table."""
-    n = min(len(ids), len(ref))
-    k = next((i for i in range(n) if ids[i] != ref[i]), n)
-    if k < n:
-        with torch.inference_mode():
-            logits = model(torch.tensor([PROMPT + ref[:k]], device=device))[0, -1].float()
-        top2 = logits.topk(2).values
-        gap, scale = (top2[0] - top2[1]).item(), logits.abs().max().item()
-        assert gap <= 1e-4 * scale, f"{label}: greedy tokens differ at step {k}, top-2 gap {gap:.3g} (no tie)"
-        print(f"{label}: greedy tokens diverge at step {k}, a near tie (top-2 gap {gap:.2e})")
-    return f"{k}/{n}"
+def speed_table(batch, times, bytes_of, floor):
+    """Markdown lines for one batch size: {engine: [(ttft s, decode tokens/s) per round]}."""
+    med = {name: statistics.median(r[1] for r in runs) for name, runs in times.items()}
+    lines = [f"### batch {batch}", "", "| engine | weights MB | time to first token ms: best / median "
+             "| decode tokens/s: best / median | x CTranslate2 float32 | x CTranslate2 int8 "
+             "| % of its floor (median) |", "|---|---|---|---|---|---|---|"]
+    for name, runs in times.items():
+        ttft, tps = [r[0] * 1e3 for r in runs], [r[1] for r in runs]
+        vs = [f"{med[name] / med[p]:.2f}x" if p in med else "-" for p in ("ct2-float32", "ct2-int8")]
+        mb = bytes_of.get(name)
+        # at batch 1 each token reads every weight once: tokens/s x bytes is the bandwidth used
+        share = f"{100 * med[name] * mb / (floor * 1e9):.0f}%" if mb and batch == 1 else "-"
+        lines.append(f"| {engines.label(name)} | {f'{mb / 1e6:.0f}' if mb else '-'} | {min(ttft):.1f} / "
+                     f"{statistics.median(ttft):.1f} | {max(tps):.1f} / {statistics.median(tps):.1f} | {vs[0]} "
+                     f"| {vs[1]} | {share} |")
+    return lines
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (then gptfast and transformers only)")
+    ap.add_argument("--engines", nargs="+", default=list(DEFAULT_ENGINES), choices=DEFAULT_ENGINES,
+                    help="gptfast dtypes and peers to time")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="prompts per generate call")
     ap.add_argument("--new-tokens", type=int, default=200)
-    ap.add_argument("--no-cache-tokens", type=int, default=200, help="fewer keeps the slow baseline short; 0 skips it")
-    ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16", "int8"], default=None,
-                    help="engines' dtypes (default: all; gptfast fp32 always runs: the greedy reference)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (best and median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: torch's)")
+    ap.add_argument("--quality-preset", default="mini", choices=sorted(quality.TRAIN_ARGS),
+                    help="model trained on The Verdict for the quality gate")
+    ap.add_argument("--no-quality", action="store_true", help="skip the quality gate")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median reported)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, n, reps = resolve_device(args.device), args.new_tokens, args.repeats
+    device, n = resolve_device(args.device), args.new_tokens
     torch.manual_seed(123)
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").to(device).eval()
-    hf = to_transformers(model).to(device)
-    reduced = "bfloat16" if device.type == "cuda" else "float16"  # Generator's dtype="auto"
+    built = engines.build(args.engines, model, device, quality.CACHE / "gpt2-124m-random")
+    ref_ids = engines.check_logits_and_reference(model, built, device, prompts(1)[0], n)
+    check_fp32(built, model, prompts(1)[0], ref_ids, device)
 
-    with torch.inference_mode():  # same weights: the two models' logits agree
-        idx = torch.tensor([PROMPT], device=device)
-        diff = (model(idx) - hf(idx).logits).abs().max().item()
-    print(f"max |logits(gptfast) - logits(transformers)| = {diff:.2e} (fp32)")
-    assert diff < 1e-3, diff
-
-    wanted = set(args.dtypes or ["float32", "bfloat16", "float16", "int8"])
-    rows = {}  # label -> (ids, ttft, tokens/s, dtype)
-    if args.no_cache_tokens:
-        rows["classic generate, no cache (fp32)"] = (*bench_no_cache(model, device, args.no_cache_tokens), "float32")
-    if "float32" in wanted:
-        rows["transformers generate (fp32)"] = (*bench_transformers(hf, device, n, reps), "float32")
-    if device.type == "cuda" and "bfloat16" in wanted:
-        rows["transformers generate (bf16)"] = (*bench_transformers(hf.to(torch.bfloat16), device, n, reps),
-                                                "bfloat16")
-    rows["gptfast Generator (fp32)"] = (*bench_ours(model, "float32", device, n, reps), "float32")
-    for dtype in dict.fromkeys([reduced, "bfloat16", "float16"] + ["int8"] * int8_supported(device)):
-        if dtype not in wanted:
-            continue
-        label = f"gptfast Generator ({dtype}{', the default' if dtype == reduced else ''})"
-        rows[label] = (*bench_ours(model, dtype, device, n, reps), dtype)
-
-    ref = rows["gptfast Generator (fp32)"][0]
-    agree = {label: (check_greedy(model, ids, ref, label, device) if dtype == "float32" else
-                     f"{next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), len(ids))}/{len(ids)}")
-             for label, (ids, _, _, dtype) in rows.items()}
-    base_nc = rows["classic generate, no cache (fp32)"][2] if args.no_cache_tokens else None
-    base_hf = {d: r[2] for label, r in rows.items() if label.startswith("transformers") for d in [r[3]]}
-    threads = f" --threads {args.threads}" if args.threads else ""
-    lines = [f"# Generation, GPT-2 124M random init, batch 1, greedy, 4-token prompt, {n} new tokens",
-             f"device: {device.type} ({device_name(device)}), torch {torch.__version__}, "
-             f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
-             f"command: python benchmarks/bench_generate.py --device {device} --new-tokens {n} "
-             f"--no-cache-tokens {args.no_cache_tokens} --repeats {reps}{threads}"
-             + (f" --dtypes {' '.join(args.dtypes)}" if args.dtypes else ""),
-             f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}", "",
-             "| engine | tokens | time to first token (ms) | tokens/s | vs no-cache | vs transformers fp32 "
-             "| vs transformers, same dtype | greedy tokens equal to gptfast fp32 |",
-             "|---|---|---|---|---|---|---|---|"]
-    for label, (ids, ttft, tps, dtype) in rows.items():
-        same = f"{tps / base_hf[dtype]:.2f}x" if dtype in base_hf else "-"
-        lines.append(f"| {label} | {len(ids)} | {1000 * ttft:.1f} | {tps:.1f} | {tps / base_nc:.1f}x "
-                     f"| {tps / base_hf['float32']:.2f}x | {same} | {agree[label]} |")
+    floor = ReadFloor()
+    fns = {"floor": floor}
+    for batch in args.batches:
+        ps = prompts(batch)
+        for name, engine in built.items():
+            fns[batch, name] = lambda e=engine, ps=ps: e.run(ps, n)[1:]
+    times = interleaved(fns, args.rounds)
+    floors = times.pop("floor")
+    bytes_of = {name: weight_bytes(model, name) for name in built if name in DTYPES}
+    bytes_of.update({p: bytes_of.get(d) for p, d in (("transformers-fp32", "float32"), ("ct2-float32", "float32"),
+                                                     ("ct2-int8", "int8")) if d in bytes_of})
+    lines = header(args, device, floors)
+    for batch in args.batches:
+        lines += speed_table(batch, {name: times[b, name] for b, name in times if b == batch}, bytes_of,
+                             statistics.median(floors)) + [""]
+    if not args.no_quality and device.type == "cpu":
+        lines += quality_section(args, times)
+    lines.append(f"load average at the end: {load_average()}")
     save_report(lines, Path(args.out) / f"generate_{device.type}.md")
+
+
+def header(args, device, floors):
+    cmd = " ".join(["python benchmarks/bench_generate.py", "--batches", *map(str, args.batches), "--rounds",
+                    str(args.rounds), "--new-tokens", str(args.new_tokens)]
+                   + (["--threads", str(args.threads)] if args.threads else []) + (["--no-quality"] * args.no_quality))
+    return [f"# Generation: GPT-2 124M (random init), greedy, 4-token prompts, {args.new_tokens} new tokens",
+            f"device: {device.type} ({device_name(device)}), torch {torch.__version__}, "
+            f"{engines.versions()}, date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+            f"commit {commit_id()}", f"command: {cmd}", f"load average at the start: {engines.START_LOAD}",
+            f"read floor (Tensor.max over 256 MB, once per round): best {max(floors):.1f}, median "
+            f"{statistics.median(floors):.1f} GB/s; '% of its floor' = tokens/s x weight bytes / median floor",
+            f"{args.rounds} interleaved rounds per engine and batch size", ""]
+
+
+def quality_section(args, times):
+    dtypes = [d for d in DTYPES if d in args.engines or d == "float32"]
+    _, rows = quality.quality_rows(args.quality_preset, dtypes, [("int4", "float32")] * ("int4" in dtypes))
+    lines = quality.quality_table(args.quality_preset, rows) + [""]
+    speed = {name: statistics.median(r[1] for r in runs) for (b, name), runs in times.items() if b == min(args.batches)}
+    passing = [r["dtype"] for r in rows if r["passes"] and r["dtype"] in speed]
+    if passing:
+        best = max(passing, key=speed.get)
+        lines += [f"Fastest format passing the gate at batch {min(args.batches)} (median): **{best}** "
+                  f"({speed[best]:.1f} tokens/s)", ""]
+    return lines
+
 
 
 if __name__ == "__main__":

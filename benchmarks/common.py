@@ -79,6 +79,37 @@ class PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
+class ReadFloor:
+    """The CPU's practical read bandwidth: GB/s of `Tensor.max()` over 256 MB of fp32 (it
+    reads every byte once and computes almost nothing; torch's fp16 matrix-vector product
+    reaches about the same). Call it between the timed engines' rounds: each call is one
+    measurement, so it sees the same machine load they do."""
+
+    def __init__(self, mbytes=256):
+        self.data = torch.rand(mbytes * 2**20 // 4)
+
+    def __call__(self) -> float:
+        t = time.perf_counter()
+        self.data.max()
+        return self.data.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+
+def interleaved(fns: dict, rounds: int) -> dict:
+    """{name: [one value per round]}: every fn (no arguments, returns a measurement) runs once
+    per round, the order rotated from round to round, so a change in machine load hits all
+    of them alike instead of whichever ran during it."""
+    names, out = list(fns), {name: [] for name in fns}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            out[name].append(fns[name]())
+    return out
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (`uptime`), for the results file."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def save_report(lines: list[str], path) -> Path:
     """Print a results table (lines of markdown) and write it to `path` (a results file)."""
     text = "\n".join(lines)

@@ -98,8 +98,9 @@ def bench_stages(py: str, scratch: str) -> list[Stage]:
               env={"GPTFAST_BENCH_PRESET": "gpt2-small", "GPTFAST_BENCH_T": "1024", "GPTFAST_BENCH_B": "16"},
               pytest=True),
         Stage("decode", 55, "decode tokens/s, batch 1, 200 tokens: bf16 with CUDA graphs vs transformers",
-              (py, "benchmarks/bench_generate.py", "--device", "cuda", "--new-tokens", "200", "--no-cache-tokens", "0",
-               "--repeats", "2", "--dtypes", "float32", "bfloat16", "--out", scratch)),
+              (py, "benchmarks/bench_generate.py", "--device", "cuda", "--new-tokens", "200", "--batches", "1", "16",
+               "--rounds", "2", "--engines", "transformers-fp32", "float32", "bfloat16", "--no-quality",
+               "--out", scratch)),
     ]
 
 

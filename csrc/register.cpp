@@ -1,5 +1,6 @@
 // Declares the gptfast::sample_top_k operator (kernels: sampling.cpp for CPU,
-// sampling_cuda.cu for CUDA; the fake/meta kernel is registered in gptfast/sampling.py)
+// sampling_cuda.cu for CUDA; the fake/meta kernel is registered in gptfast/sampling.py),
+// gptfast::linear (CPU kernel: linear_cpu.cpp; fake kernel in gptfast/cpu_linear.py)
 // and the empty Python module gptfast._C whose import loads them.
 #include <Python.h>
 #include <torch/library.h>
@@ -10,6 +11,10 @@ TORCH_LIBRARY(gptfast, m) {
   // values/indices: the sorted top-k (B, min(k, V)) when return_topk, else empty (0,).
   m.def("sample_top_k(Tensor logits, int k, float temperature, float top_p, Tensor seed, "
         "bool return_topk) -> (Tensor ids, Tensor values, Tensor indices)");
+  // y (..., N) = x (..., K) W^T (* row scale) (+ bias) for decode's few rows; W float32/bfloat16/float16, int8
+  // with a float32 scale (N,), or packed int4 (uint8) with float16 (scale, min) (N, groups, 2).
+  // path: "" = the best for this CPU (or GPTFAST_CPU_KERNEL), else one of linear_paths().
+  m.def("linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int group_size, str path=\"\") -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from .config import PRESETS, GPTConfig
 from .files import _first_line, atomic_file, existing_file, remove_orphaned_temporaries
 from .model import GPTModel, upgrade_state_dict
 
-__all__ = ["atomic_file", "atomic_save", "save_checkpoint", "load_checkpoint", "load_model", "build_model",
+__all__ = ["atomic_save", "save_checkpoint", "load_checkpoint", "load_model", "build_model",
            "check_state_dict", "load_state_dict_checked", "check_fits_in_memory"]
 CLASSIC = "classic"  # the "format" load_checkpoint gives a classic file
 
@@ -35,18 +34,6 @@ def atomic_save(obj, path) -> Path:
     return Path(path)
 
 
-def check_writable(path) -> Path:
-    """Fail before any work, not at the first save: `path` must not be a folder, and its folder
-    must be creatable and writable (a file is created and removed there)."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; expected a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path.parent):
-        pass
-    return path
-
-
 def save_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None, step: int = 0, **extra) -> Path:
     state = {"config": model.cfg.to_dict(), "model": model.state_dict(), "step": step, **extra}
     if optimizer is not None:
@@ -56,12 +43,13 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None
     return atomic_save(state, path)
 
 
-def load_checkpoint(path, map_location="cpu", preset: str | None = None) -> dict:
+def load_checkpoint(path, map_location="cpu", preset: str | GPTConfig | None = None) -> dict:
     """A checkpoint dict, loaded safely; a missing, empty or damaged file is a one-line error.
 
     Always has "config" (a GPTConfig dict) and "model" (a state dict). A classic file gets
-    "format": "classic" (and its "optimizer_state_dict", if any); its config is `preset`'s or,
-    without one, read from the tensors with GPT-2's head width 64 (a warning says so).
+    "format": "classic" (and its "optimizer_state_dict", if any); its config is `preset`'s (a
+    preset name or a GPTConfig) or, without one, read from the tensors with GPT-2's head width
+    64 (a warning says so).
     Temporary files orphaned by a killed save beside `path` are removed."""
     path = existing_file(path, "checkpoint")
     remove_orphaned_temporaries(path)
@@ -100,8 +88,10 @@ def _check_state_dict_type(sd, path) -> None:
         raise ValueError(f"checkpoint {path}: model entry {bad!r} is a {type(sd[bad]).__name__}, not a tensor")
 
 
-def _config_without_one(sd: dict, preset: str | None, path) -> dict:
+def _config_without_one(sd: dict, preset: str | GPTConfig | None, path) -> dict:
     """The config of a classic state dict: the preset's, or read from the tensors."""
+    if isinstance(preset, GPTConfig):
+        return preset.to_dict()
     if preset is not None:
         return GPTConfig.from_preset(preset).to_dict()
     try:

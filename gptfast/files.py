@@ -1,5 +1,5 @@
 """Files the library writes and reads: atomic writes that never leave a half-written file where
-a good one was, and input paths checked with one-line errors. Imports nothing from gptfast,
+a good one was, and input and output paths checked with one-line errors. Imports nothing from gptfast,
 so every module may use it (data, checkpoints, weights, plots)."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 import stat
+import tempfile
 from pathlib import Path
 
 # Written beside the target: NAME.<8 hex>.<pid>-<host>.tmp, so a later save can tell an orphan
@@ -27,6 +28,18 @@ def existing_file(path, what: str) -> Path:
         raise IsADirectoryError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
+    return path
+
+
+def check_writable(path) -> Path:
+    """Fail before any work, not at the first save: `path` must not be a folder, and its folder
+    must be creatable and writable (a file is created and removed there)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path.parent):
+        pass
     return path
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import atomic_file
+from .files import atomic_file
 
 
 class LoRALinear(nn.Module):

@@ -5,7 +5,7 @@ import contextlib
 import math
 from pathlib import Path
 
-from .checkpoint import atomic_file
+from .files import atomic_file
 
 
 @contextlib.contextmanager

@@ -1,10 +1,13 @@
-"""Inference copies of a GPTModel: bf16/fp16 weights, int8 weight-only linear layers
-(per-output-row scales; the matmul is torch's own `_weight_int8pack_mm`, which reads a quarter
-of fp32's bytes — generation at batch 1 is bound by reading the weights), or fp32 on CPU with
-the linear weights stored (in, out), the faster layout for one-token matmuls there.
+"""Inference copies of a GPTModel for generation, whose speed at batch 1 is reading the weights:
 
-The int8 copy keeps embeddings, LayerNorms, attention and the residual stream in fp32; only
-the inputs of the linear layers are rounded to bf16 (the kernel's activation dtype on CPU).
+- on CPU every linear layer (the output head included) becomes a weight-only layer on
+  gptfast's decode kernel (gptfast.cpu_linear): float32, bfloat16 or float16 weights, int8
+  (one scale per output row) or int4 (asymmetric, a scale and a minimum per group of 32, 64 or
+  128 inputs). Embeddings, LayerNorms, attention, the KV cache and the residual stream stay
+  fp32; only the weights are stored small. `head=` keeps the output head (a third of the
+  bytes of GPT-2 124M) in another format, e.g. "float32" for the most exact logits;
+- on CUDA, float dtypes cast the whole model (torch's matmuls); int8 uses torch's
+  `_weight_int8pack_mm` with bf16 activations; int4 is CPU-only.
 The copies swap the linear layers only, so they keep whatever backend the model has (the
 triton feed-forward runs a swapped first layer as a layer instead of fusing its bias).
 """
@@ -15,12 +18,18 @@ import copy
 import torch
 import torch.nn as nn
 
+from . import cpu_linear
+
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPES = (*FLOAT_DTYPES, "int8")
+INT4_GROUPS = {"int4": 32, "int4-g64": 64, "int4-g128": 128}  # dtype name -> inputs per group
+DTYPES = (*FLOAT_DTYPES, "int8", *INT4_GROUPS)
 
 
 def int8_supported(device="cpu") -> bool:
-    """Whether this torch has a working `_weight_int8pack_mm` on `device`."""
+    """Whether int8 weights can run on `device`: gptfast's kernel (or its PyTorch reference)
+    on CPU; elsewhere a working `torch._weight_int8pack_mm`."""
+    if torch.device(device).type == "cpu":
+        return True
     if not hasattr(torch, "_weight_int8pack_mm"):
         return False
     try:
@@ -32,57 +41,95 @@ def int8_supported(device="cpu") -> bool:
         return False
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W stored as int8 rows times a bf16 scale per row (symmetric)."""
+class KernelLinear(nn.Module):
+    """y = x W^T + b with W in one of gptfast.cpu_linear's formats (buffers `weight`, `scale`,
+    fp32 `bias`); subclasses choose the format."""
+    group = 0  # int4: inputs per group
+
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor, scale: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().contiguous())
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        return cpu_linear.linear(x, self.weight, self.scale, self.bias, self.group)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight (out, in) this layer multiplies by."""
+        return cpu_linear.dequantize(self.weight, self.scale, self.group, self.in_features)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"weight={self.weight.dtype}" + (f", group={self.group}" if self.group else ""))
+
+
+class FloatLinear(KernelLinear):
+    """Weights stored as float32, bfloat16 or float16; x and y stay in x's dtype."""
+
+    def __init__(self, linear: nn.Linear, dtype=torch.float32):
+        super().__init__(linear, linear.weight.detach().to(dtype).contiguous(), None)
+
+
+class Int8Linear(KernelLinear):
+    """int8 weights times one fp32 scale per output row (symmetric): |w - s q| <= s / 2."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-        self.register_buffer("weight_int8", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), False)
-
-    def forward(self, x):
-        lead, k = x.shape[:-1], x.shape[-1]
-        y = torch._weight_int8pack_mm(x.reshape(-1, k).to(torch.bfloat16), self.weight_int8, self.scale)
-        y = y.to(x.dtype).view(*lead, -1)  # (..., out)
-        return y if self.bias is None else y + self.bias
+        super().__init__(linear, *cpu_linear.quantize_int8(linear.weight))
 
 
-class InputMajorLinear(nn.Module):
-    """y = x W^T + b with W stored transposed, (in, out) like GPT-2's Conv1D: for one token
-    on CPU, fp32 x @ W(in, out) runs ~30% faster than F.linear's W(out, in) (measured here)."""
+class Int4Linear(KernelLinear):
+    """4-bit weights, w = s q + m with fp16 (s, m) per group of `group` inputs of a row."""
 
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), False)  # (in, out)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
-
-    def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        y = torch.mm(x2, self.weight_t) if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
-        return y.view(*x.shape[:-1], -1)  # (..., out)
+    def __init__(self, linear: nn.Linear, group: int = 32):
+        super().__init__(linear, *cpu_linear.quantize_int4(linear.weight, group))
+        self.group = group
 
 
-def inference_copy(model: nn.Module, dtype: str | None, device) -> nn.Module:
-    """`model` on `device` in `dtype` ("float32", "bfloat16", "float16", "int8"; None keeps its
-    weights and layout): the model itself when nothing changes, else a converted copy in eval mode."""
-    device = torch.device(device)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    current = model.tok_emb.weight
-    want = current.dtype if dtype in (None, "int8") else FLOAT_DTYPES[dtype]
-    same_device = current.device.type == device.type and device.index in (None, current.device.index)
-    layer = Int8Linear if dtype == "int8" else InputMajorLinear if dtype == "float32" and device.type == "cpu" else None
-    if same_device and current.dtype == want and layer is None:
-        return model
-    if dtype == "int8" and not int8_supported(device):
+def _layer(dtype: str, device: torch.device):
+    """The factory nn.Linear -> inference layer for `dtype` on `device`, or None (keep nn.Linear)."""
+    if dtype == "int8":
+        return Int8Linear
+    if dtype in INT4_GROUPS:
+        return lambda linear: Int4Linear(linear, INT4_GROUPS[dtype])
+    if device.type == "cpu" and dtype in FLOAT_DTYPES:
+        return lambda linear: FloatLinear(linear, FLOAT_DTYPES[dtype])
+    return None
+
+
+def _check(dtype, head, device):
+    for name, value in (("dtype", dtype), ("head", head)):
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(DTYPES)}")
+    wanted = {dtype, head}
+    if "int8" in wanted and not int8_supported(device):
         raise ValueError(f"dtype 'int8' needs torch._weight_int8pack_mm on {device.type}; this torch lacks it")
-    out = copy.deepcopy(model).to(device=device, dtype=torch.float32 if dtype == "int8" else want)
+    if device.type != "cpu" and wanted & set(INT4_GROUPS):
+        raise ValueError(f"int4 weights run on CPU only (gptfast's kernel), not on {device.type}")
+    if device.type != "cpu" and head not in (None, dtype):
+        raise ValueError("head= (a separate output-head format) is a CPU option")
+
+
+def inference_copy(model: nn.Module, dtype: str | None, device, head: str | None = None) -> nn.Module:
+    """`model` on `device` with weights in `dtype` (one of DTYPES; None keeps its weights and
+    layout) and the output head in `head` (default: as `dtype`): the model itself when nothing
+    changes, else a converted copy in eval mode (the caller's model is never modified)."""
+    device = torch.device(device)
+    _check(dtype, head, device)
+    current = model.tok_emb.weight
+    float_cast = device.type != "cpu" and dtype in FLOAT_DTYPES  # CUDA: the whole model in dtype
+    want = FLOAT_DTYPES[dtype] if float_cast else current.dtype if dtype is None else torch.float32
+    same_device = current.device.type == device.type and device.index in (None, current.device.index)
+    layer = None if dtype is None else _layer(dtype, device)
+    head_layer = _layer(head, device) if head is not None else layer
+    if same_device and current.dtype == want and layer is None and head_layer is None:
+        return model
+    out = copy.deepcopy(model).to(device=device, dtype=want)
     if layer is not None:  # plain module swaps: the copy keeps the model's backend
         for block in out.trf_blocks:
             block.att.qkv, block.att.out_proj = layer(block.att.qkv), layer(block.att.out_proj)
             block.ff.layers[0], block.ff.layers[2] = layer(block.ff.layers[0]), layer(block.ff.layers[2])
-        out.out_head = layer(out.out_head)
+    if head_layer is not None:
+        out.out_head = head_layer(out.out_head)
     return out.eval()

@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from .backends import resolve_device
 from .batches import IndexedBatches, TokenFileBatches, WindowBatches, split_text_batches  # noqa: F401 (API)
-from .checkpoint import check_writable, load_checkpoint, load_state_dict_checked, save_checkpoint
+from .checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from .config import PRESETS, GPTConfig
 from .data import VERDICT, read_text
 from .evaluation import autocast, calc_loss_loader, eval_mode, mean_over_batches  # noqa: F401 (API)
-from .files import atomic_file
+from .files import atomic_file, check_writable
 from .generate import generate
 from .model import GPTModel
 from .plotting import plot_losses
@@ -218,10 +218,15 @@ class Trainer:
         self._say(f"saved {path} (step {self.step}) in {time.perf_counter() - t0:.1f} s", always=True)
 
     def resume(self, path):
-        state = load_checkpoint(path, map_location=self.device)
-        if "optimizer" not in state:
-            raise ValueError(f"checkpoint {path} holds weights only (no optimizer state); cannot resume")
+        """Continue the run that saved `path` exactly; a file of weights only (best.pt, a classic .pth)
+        has no optimizer, step or RNG state: start from its weights at step 0 (one line says so)."""
+        state = load_checkpoint(path, map_location=self.device, preset=self.model.cfg)
         load_state_dict_checked(self.model, state["model"], source=str(path))
+        if "optimizer" not in state:
+            unused = " (its classic optimizer_state_dict is not used)" if "optimizer_state_dict" in state else ""
+            self.log(f"{path} holds weights only: training starts from its weights at step 0 with a fresh "
+                     f"optimizer state{unused}")
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):  # fp16 runs only; an empty state means the scaler was off
             self.scaler.load_state_dict(state["scaler"])
@@ -480,7 +485,8 @@ def add_parser(sub):
     src.add_argument("--data", default=str(VERDICT), help="UTF-8 text file, split 90/10 (default: The Verdict)")
     src.add_argument("--tokens", help="directory with train.bin/val.bin from `gptfast prepare`")
     p.add_argument("--out", default="runs/train", help="output directory (default: runs/train)")
-    p.add_argument("--resume", help="checkpoint to resume from (e.g. OUT/checkpoint.pt)")
+    p.add_argument("--resume", help="checkpoint to resume from (e.g. OUT/checkpoint.pt); weights only (best.pt, "
+                                    "the classic .pth with --preset book-124m): step 0, a fresh optimizer")
     p.add_argument("--context-length", type=int, help="override the preset's context length")
     p.add_argument("--stride", type=int, help="sliding-window stride (default: the context length)")
     p.add_argument("--backend", default="auto", help="reference, torch, triton or auto (default)")

@@ -2,12 +2,15 @@
 builds its model (same parameters, same initialisation), its saved files load, and the classic
 `generate` gives its tokens for its seed. The classic model and sampling loop are written out
 here as the book has them."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 
 from gptfast import GPTConfig, GPTModel
-from gptfast.checkpoint import load_model
+from gptfast import cli, train
+from gptfast.checkpoint import load_checkpoint, load_model, save_checkpoint
 from gptfast.config import BOOK_CONFIG_124M, PRESETS
 from gptfast.generate import generate
 
@@ -179,6 +182,45 @@ def test_book_pth_loads_with_and_without_a_preset(tmp_path, layout, monkeypatch,
     assert cli.main(["generate", "--checkpoint", str(path), "--prompt", "!", "--max-new-tokens", "3",
                      "--dtype", "float32"]) == 0
     assert capsys.readouterr().out.startswith("!")
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "training checkpoint", "best.pt"])
+def test_train_resume_from_weights_only_starts_from_them(tmp_path, layout, monkeypatch, capsys):
+    """`train --resume model.pth --preset ...` with a file of weights only: training starts from
+    those weights at step 0 with a fresh optimizer state, and one line says so."""
+    book_cfg = dict(SMALL_BOOK, vocab_size=50257, emb_dim=64)  # the tokenizer's vocabulary: it trains on text
+    monkeypatch.setitem(PRESETS, "book-small", GPTConfig.from_dict(book_cfg))
+    book, path = book_model(**book_cfg), tmp_path / "model.pth"
+    reference = GPTModel(GPTConfig.from_dict(book_cfg))
+    reference.load_state_dict(book.state_dict())  # the book's tensors in our layout
+    if layout == "best.pt":
+        save_checkpoint(path, reference, step=7, val_loss=1.0)
+    else:
+        opt = torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1)
+        torch.save(book.state_dict() if layout == "state_dict" else
+                   {"model_state_dict": book.state_dict(), "optimizer_state_dict": opt.state_dict()}, path)
+    started, real_fit = {}, train.Trainer.fit
+
+    def fit(self):
+        started.update(step=self.step, optimizer_state=len(self.optimizer.state),
+                       weights={k: v.clone() for k, v in self.model.state_dict().items()})
+        return real_fit(self)
+    monkeypatch.setattr(train.Trainer, "fit", fit)
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # sized by the preset, not guessed from the tensors
+        code = cli.main(["train", "--preset", "book-small", "--resume", str(path), "--out", str(out),
+                         "--max-steps", "2", "--eval-freq", "1", "--eval-iter", "1", "--sample-tokens", "0"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    said = [line for line in printed.out.splitlines() if "holds weights only" in line]
+    assert len(said) == 1 and said[0].startswith(f"{path} holds weights only: training starts from its weights "
+                                                 "at step 0 with a fresh optimizer state"), printed.out
+    assert ("optimizer_state_dict is not used" in said[0]) == (layout == "training checkpoint")
+    assert started["step"] == 0 and started["optimizer_state"] == 0
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(started["weights"][name], tensor), f"{name} is not the file's"
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
 
 
 # ---- the classic generate gives the book's tokens -------------------------------------------------

@@ -94,3 +94,14 @@ def test_no_import_cycles():
 def test_no_library_module_imports_the_cli():
     importers = sorted(name for name, deps in graph().items() if "gptfast.cli" in deps)
     assert importers == [], f"library modules importing gptfast.cli (the CLI is on top): {importers}"
+
+
+def test_files_is_a_bottom_module_used_directly():
+    """gptfast.files imports nothing of the package, so any module may use its atomic writes;
+    a module that only writes files takes them from there, not through gptfast.checkpoint
+    (which pulls in the model)."""
+    edges = graph()
+    assert edges["gptfast.files"] == set(), f"gptfast.files imports {sorted(edges['gptfast.files'])}"
+    plotting = edges["gptfast.plotting"]
+    assert plotting <= {"gptfast.files"}, f"gptfast.plotting imports {sorted(plotting)}"
+    assert "gptfast.checkpoint" not in edges["gptfast.lora"] | edges["gptfast.finetune"]

@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from gptfast.checkpoint import atomic_save, load_checkpoint, load_model, save_ch
 from gptfast.data import TokenFileLoader, prepare, read_text
 from gptfast.files import atomic_file, remove_orphaned_temporaries
 
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(vocab_size=120, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
 
 
@@ -315,3 +317,47 @@ def test_apply_lora_bad_settings_leave_the_model_as_it_was(rank, alpha, message)
     with pytest.raises(ValueError, match="no linear layer matches"):
         apply_lora(model, 2, 2.0, targets=["nothing"])
     assert all(p.requires_grad for p in model.parameters()), "a failed apply_lora left the model frozen"
+
+
+# ---- 13.12: an old pip/setuptools installs a working package or says what to do --------------
+
+def _setup_function(name):
+    """A function of setup.py, without running setup.py (which would build and install)."""
+    import ast
+
+    body = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8")).body
+    kept = [n for n in body if isinstance(n, ast.Import) or isinstance(n, ast.FunctionDef) and n.name == name]
+    namespace = {}
+    exec(compile(ast.Module(kept, []), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+@pytest.mark.parametrize("version, argv, has_wheel, message", [
+    ("65.5.0", ["setup.py", "develop"], True, "cannot map kernels/ to gptfast.kernels"),  # pip 23.2's venv
+    ("79.0.0", ["setup.py", "develop"], True, "cannot map kernels/ to gptfast.kernels"),  # develop by hand
+    ("68.0.0", ["setup.py", "dist_info"], False, "cannot build a wheel without the `wheel` package"),
+    ("80.9.0", ["setup.py", "develop"], False, None),
+    ("70.1.0", ["setup.py", "editable_wheel"], False, None),
+])
+def test_old_build_tools_are_one_line_saying_what_to_do(monkeypatch, version, argv, has_wheel, message):
+    """With pip 23.2's setuptools the editable install could not import gptfast.kernels/_C, silently."""
+    import importlib.util
+    import tomllib
+
+    import setuptools
+
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["build-system"]
+    assert build["build-backend"] == "setuptools.build_meta"  # pip then builds an editable wheel (PEP 660)
+    check = _setup_function("_check_build_tools")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(setuptools, "__version__", version)
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (real_find_spec(name, *a) if name != "wheel" or has_wheel else None))
+    if message is None:
+        assert check() is None
+        return
+    with pytest.raises(SystemExit) as e:
+        check()
+    text = str(e.value)
+    assert message in text and "pip install -U pip setuptools wheel" in text and "\n" not in text, text

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ..backends import BACKENDS, resolve_device
-from ..checkpoint import atomic_file, check_writable
 from ..config import PRESETS, GPTConfig
+from ..files import atomic_file, check_writable
 from ..model import GPTModel
 from ..train import FLOAT, INT, RunFiles, TrainConfig, add_config_args, check_options
 from ..weights import SIZES, load_source
@@ -112,7 +112,7 @@ def report_trainable(model, wrapped) -> None:
 
 
 def write_json(obj, path, indent=1) -> Path:
-    """JSON output, written atomically (see gptfast.checkpoint.atomic_file)."""
+    """JSON output, written atomically (see gptfast.files.atomic_file)."""
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent), encoding="utf-8")
     return Path(path)

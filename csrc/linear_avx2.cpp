@@ -1,0 +1,258 @@
+// AVX2 + FMA + F16C path of gptfast::linear (formats in linear_cpu.h). Every function here
+// carries the target attribute, so this file builds with the default flags and runs only where
+// linear_cpu.cpp's run-time check found the features.
+//
+// A tile is NB weight rows times MB rows of x: each step converts the weights of each row once
+// and multiplies them into all MB rows of x. Decode (M = 1) is bound by reading the weights, so
+// the conversion only has to keep up with memory:
+// - float formats: 16 weights to two fp32 vectors, two FMAs per x row;
+// - int8 and int4 against x rounded to int16 (linear_cpu.h's Input): vpmaddwd sums pairs of
+//   products exactly into int32 lanes, about half the work of converting to fp32. int4 turns its
+//   exact group sums into fp32 once per group: s * sum(q x) + m * sum(x).
+// Every (weight row, x row) pair sees the same operations in the same order whatever NB and MB
+// are, so a row of y is bitwise the same alone or in a batch (batched greedy decoding equals
+// single-request decoding). Rows are contiguous, so a tile prefetches the tile two ahead at the
+// pace it reads its own (rows of a few hundred bytes are too short a stream for the hardware
+// prefetcher: int8 ran 2.5x slower without it).
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "linear_cpu.h"
+
+#define GPTFAST_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace gptfast {
+namespace {
+
+constexpr int64_t kPrefetchTiles = 2;
+
+GPTFAST_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+GPTFAST_AVX2 inline int64_t hsum_i64(__m256i v) {
+  const __m256i s = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                     _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  return _mm256_extract_epi64(s, 0) + _mm256_extract_epi64(s, 1) + _mm256_extract_epi64(s, 2) +
+         _mm256_extract_epi64(s, 3);
+}
+
+// A tile's weight rows and its prefetch of the tile kPrefetchTiles ahead.
+template <int NB>
+struct TileRows {
+  const uint8_t* rows[NB];
+  const uint8_t* pf;
+  int64_t pf_step;  // bytes of the prefetched tile per step of 16 inputs
+
+  GPTFAST_AVX2 TileRows(const Weight& w, int64_t n0) {
+    for (int i = 0; i < NB; ++i) rows[i] = row_ptr(w, n0 + i);
+    pf = rows[0] + kPrefetchTiles * NB * w.row_bytes;
+    pf_step = NB * w.row_bytes / std::max<int64_t>(1, w.K / 16);
+  }
+  GPTFAST_AVX2 void prefetch() {
+    for (int64_t b = 0; b < pf_step; b += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T0);
+    pf += pf_step;
+  }
+};
+
+// Float weights k..k+15 of row r as two fp32 vectors.
+template <WFormat F>
+GPTFAST_AVX2 inline void load16(const uint8_t* r, int64_t k, __m256& lo, __m256& hi) {
+  if constexpr (F == WFormat::F32) {
+    const float* p = reinterpret_cast<const float*>(r) + k;
+    lo = _mm256_loadu_ps(p);
+    hi = _mm256_loadu_ps(p + 8);
+  } else if constexpr (F == WFormat::BF16) {  // bf16 = the top half of an fp32
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * k)));
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * k + 16)));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    hi = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  } else {
+    static_assert(F == WFormat::F16, "float formats only");
+    lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * k)));
+    hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * k + 16)));
+  }
+}
+
+// Float weights: two accumulators per (weight row, x row) (inputs 0..7 and 8..15 of each step).
+template <WFormat F, int NB, int MB>
+GPTFAST_AVX2 void tile_float(const Weight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0) {
+  TileRows<NB> t(w, n0);
+  const int64_t K = w.K, K16 = K / 16 * 16;
+  __m256 acc[NB][MB][2];
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K16; k += 16) {
+    t.prefetch();
+    for (int i = 0; i < NB; ++i) {
+      __m256 lo, hi;
+      load16<F>(t.rows[i], k, lo, hi);
+      for (int j = 0; j < MB; ++j) {
+        acc[i][j][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + j * ldx + k), acc[i][j][0]);
+        acc[i][j][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + j * ldx + k + 8), acc[i][j][1]);
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) {
+      float s = hsum(_mm256_add_ps(acc[i][j][0], acc[i][j][1]));
+      for (int64_t k = K16; k < K; ++k) s += weight_at(w, n0 + i, k) * x[j * ldx + k];
+      y[j * ldy + n0 + i] = s;
+    }
+}
+
+// int8 weights: per 16 inputs one sign extension, then per x row a vpmaddwd and an add into
+// int32 lanes, added up in int64 every kI8Chunk inputs.
+template <int NB, int MB>
+GPTFAST_AVX2 void tile_i8(const Weight& w, const int16_t* xq, int64_t ldx, float* y, int64_t ldy, int64_t n0) {
+  TileRows<NB> t(w, n0);
+  const int64_t K = w.K, K16 = K / 16 * 16;
+  int64_t total[NB][MB] = {};
+  for (int64_t k0 = 0; k0 < K16; k0 += kI8Chunk) {
+    __m256i acc[NB][MB];
+    for (int i = 0; i < NB; ++i)
+      for (int j = 0; j < MB; ++j) acc[i][j] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < std::min(K16, k0 + kI8Chunk); k += 16) {
+      t.prefetch();
+      for (int i = 0; i < NB; ++i) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.rows[i] + k)));
+        for (int j = 0; j < MB; ++j) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j * ldx + k));
+          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(wv, xv));
+        }
+      }
+    }
+    for (int i = 0; i < NB; ++i)
+      for (int j = 0; j < MB; ++j) total[i][j] += hsum_i64(acc[i][j]);
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(t.rows[i]);
+      for (int64_t k = K16; k < K; ++k) total[i][j] += int64_t{q[k]} * xq[j * ldx + k];
+      y[j * ldy + n0 + i] = static_cast<float>(total[i][j]);
+    }
+}
+
+// The (s, m) pairs of `rows` int4 rows from n0 as fp32, in a per-thread scratch buffer.
+GPTFAST_AVX2 const float* group_scales(const Weight& w, int64_t n0, int rows) {
+  thread_local std::vector<float> buf;
+  const int64_t count = rows * 2 * (w.K / w.group);
+  buf.resize(count);
+  const c10::Half* src = w.group_scale + 2 * n0 * (w.K / w.group);
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(buf.data() + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < count; ++i) buf[i] = static_cast<float>(src[i]);
+  return buf.data();
+}
+
+// int4 weights: per 32 inputs (16 bytes) one zero extension to 16-bit lanes, an AND and a shift
+// for the two nibbles, then per x row two vpmaddwd and adds into int32 lanes (below 2^24 for a
+// group of up to 256: exact in fp32). Per group: acc += s * lanes (fp32), mt += m * sum(x).
+template <int NB, int MB>
+GPTFAST_AVX2 void tile_i4(const Weight& w, const Input& in, int64_t m0, float* y, int64_t ldy, int64_t n0) {
+  TileRows<NB> t(w, n0);
+  const int64_t G = w.K / w.group;
+  const float* sm = group_scales(w, n0, NB);  // row i, group g: sm[2 * (i * G + g)], then m
+  const int16_t* xq = in.xq + m0 * in.ld;
+  const float* xg = in.x_group_sum + m0 * G;
+  const __m256i low4 = _mm256_set1_epi16(0xF);
+  __m256 acc[NB][MB];
+  float mt[NB][MB] = {};
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i part[NB][MB];
+    for (int i = 0; i < NB; ++i)
+      for (int j = 0; j < MB; ++j) part[i][j] = _mm256_setzero_si256();
+    for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 32) {
+      t.prefetch();
+      t.prefetch();
+      for (int i = 0; i < NB; ++i) {
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.rows[i] + k / 2)));
+        const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_srli_epi16(b, 4);
+        for (int j = 0; j < MB; ++j) {
+          const int16_t* xj = xq + j * in.ld + k;
+          const __m256i p = _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xj)));
+          part[i][j] = _mm256_add_epi32(part[i][j], p);
+          const __m256i r = _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xj + 16)));
+          part[i][j] = _mm256_add_epi32(part[i][j], r);
+        }
+      }
+    }
+    for (int i = 0; i < NB; ++i) {
+      const __m256 s = _mm256_broadcast_ss(sm + 2 * (i * G + g));
+      const float m = sm[2 * (i * G + g) + 1];
+      for (int j = 0; j < MB; ++j) {
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(part[i][j]), s, acc[i][j]);
+        mt[i][j] += m * xg[j * G + g];
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) y[(m0 + j) * ldy + n0 + i] = hsum(acc[i][j]) + mt[i][j];
+}
+
+// Tile heights for MB x rows: the accumulators (float: NB * MB * 2; integer: NB * MB, int4 also
+// NB * MB fp32) fit in the 16 vector registers.
+template <WFormat F, int MB>
+constexpr int tile_rows() {
+  if constexpr (F == WFormat::I8) return MB == 4 ? 3 : 4;
+  if constexpr (F == WFormat::I4) return MB == 1 ? 4 : MB == 4 ? 1 : 2;
+  return MB == 1 ? 4 : MB == 2 ? 3 : MB == 3 ? 2 : 1;
+}
+
+template <WFormat F, int NB, int MB>
+GPTFAST_AVX2 void tile_of(const Weight& w, const Input& in, int64_t m, float* y, int64_t ldy, int64_t n) {
+  if constexpr (F == WFormat::I8)
+    tile_i8<NB, MB>(w, in.xq + m * in.ld, in.ld, y + m * ldy, ldy, n);
+  else if constexpr (F == WFormat::I4)
+    tile_i4<NB, MB>(w, in, m, y, ldy, n);
+  else
+    tile_float<F, NB, MB>(w, in.x + m * in.ld, in.ld, y + m * ldy, ldy, n);
+}
+
+// Weight rows [n, n + rows) times x rows [m, m + MB), in tiles of tile_rows<F, MB>() rows.
+template <WFormat F, int MB>
+GPTFAST_AVX2 void tiles(const Weight& w, const Input& in, int64_t m, float* y, int64_t ldy, int64_t n, int64_t rows) {
+  constexpr int NB = tile_rows<F, MB>();
+  int64_t i = 0;
+  for (; i + NB <= rows; i += NB) tile_of<F, NB, MB>(w, in, m, y, ldy, n + i);
+  for (; i < rows; ++i) tile_of<F, 1, MB>(w, in, m, y, ldy, n + i);
+}
+
+template <WFormat F>
+GPTFAST_AVX2 void rows_fmt(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  // blocks of kRowBlock weight rows (a multiple of every tile height); blocks of 4 x rows, then
+  // the remainder, pass over each while it is in cache
+  for (int64_t n = n0; n < n1; n += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, n1 - n);
+    int64_t m = 0;
+    for (; m + 4 <= in.M; m += 4) tiles<F, 4>(w, in, m, y, ldy, n, rows);
+    switch (in.M - m) {
+      case 3: tiles<F, 3>(w, in, m, y, ldy, n, rows); break;
+      case 2: tiles<F, 2>(w, in, m, y, ldy, n, rows); break;
+      case 1: tiles<F, 1>(w, in, m, y, ldy, n, rows); break;
+    }
+  }
+}
+
+}  // namespace
+
+void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  switch (w.fmt) {
+    case WFormat::F32: return rows_fmt<WFormat::F32>(w, in, y, ldy, n0, n1);
+    case WFormat::BF16: return rows_fmt<WFormat::BF16>(w, in, y, ldy, n0, n1);
+    case WFormat::F16: return rows_fmt<WFormat::F16>(w, in, y, ldy, n0, n1);
+    case WFormat::I8: return rows_fmt<WFormat::I8>(w, in, y, ldy, n0, n1);
+    case WFormat::I4: return rows_fmt<WFormat::I4>(w, in, y, ldy, n0, n1);
+  }
+}
+
+}  // namespace gptfast
+#endif

@@ -1,0 +1,79 @@
+// The weight formats of gptfast::linear (csrc/linear_cpu.cpp) and their plain C++ dequantisation,
+// shared by the portable path and the tails of the vector paths.
+//
+// A weight is N output rows of K inputs, stored row after row:
+//   F32 / BF16 / F16: the values themselves;
+//   I8: int8 q, w = scale[n] * q (one fp32 scale per output row, applied after the dot product);
+//   I4: unsigned 4-bit q in groups of `group` inputs along K (a multiple of 32, at most 256; K
+//       padded to whole groups, the padding's x is zero), w = s * q + m with (s, m) fp16 per
+//       (row, group), stored interleaved as (N, groups, 2). Nibble layout: each 32 inputs take 16
+//       bytes, byte i holding input i in its low and input i + 16 in its high nibble (one load,
+//       an AND and a shift give two vectors of 16).
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace gptfast {
+
+enum class WFormat { F32, BF16, F16, I8, I4 };
+
+// Output rows per block: the unit the threads split (a multiple of every vector tile's height).
+constexpr int64_t kRowBlock = 12;
+
+struct Weight {
+  WFormat fmt;
+  const void* data;
+  int64_t N, K;                    // K: inputs per row (for I4 padded to a multiple of group)
+  int64_t row_bytes;               // bytes from one row to the next
+  const float* row_scale;          // I8: (N,)
+  const c10::Half* group_scale;    // I4: (N, K / group, 2) = (s, m)
+  int64_t group;                   // I4: inputs per group
+};
+
+inline const uint8_t* row_ptr(const Weight& w, int64_t n) {
+  return static_cast<const uint8_t*>(w.data) + n * w.row_bytes;
+}
+
+// w[n, k] of a float format.
+inline float weight_at(const Weight& w, int64_t n, int64_t k) {
+  const uint8_t* r = row_ptr(w, n);
+  switch (w.fmt) {
+    case WFormat::BF16: return static_cast<float>(reinterpret_cast<const c10::BFloat16*>(r)[k]);
+    case WFormat::F16: return static_cast<float>(reinterpret_cast<const c10::Half*>(r)[k]);
+    default: return reinterpret_cast<const float*>(r)[k];
+  }
+}
+
+// q[n, k] of an I4 weight (0..15).
+inline uint8_t weight_q4(const Weight& w, int64_t n, int64_t k) {
+  const uint8_t byte = row_ptr(w, n)[(k / 32) * 16 + (k % 16)];
+  return (k % 32) < 16 ? (byte & 0xF) : (byte >> 4);
+}
+
+// x as the kernels read it: M rows of fp32 at x + m * ld; for int8 and int4 weights instead
+// rounded to int16, xq = round(x / x_scale[m]) with x_scale = max |x_m| / 32767 (an error of at
+// most 2^-16 of the row's largest value): integer products then sum exactly, about twice as
+// fast as converting the weights to fp32. x_group_sum (M, groups): the int4 groups' sums of xq.
+struct Input {
+  const float* x;
+  const int16_t* xq;
+  const float* x_scale;
+  const float* x_group_sum;
+  int64_t M, ld;
+};
+
+// Inputs per integer chunk: 128 steps of 16 int8 x int16 products (each int32 lane gains at most
+// 2 * 128 * 32767 per step) cannot overflow int32 before they are added up in int64.
+constexpr int64_t kI8Chunk = 2048;
+
+// The kernel paths: rows [n0, n1) of y (M, N) = x (M, K) W^T, y with leading dimension ldy,
+// before the row and x scales and the bias (int8/int4: in units of x_scale). Each writes every
+// y[m, n] it owns.
+void rows_portable(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
+#if defined(__x86_64__) || defined(_M_X64)
+void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
+#endif
+
+}  // namespace gptfast

@@ -1,0 +1,203 @@
+"""gptfast.cpu_linear: the CPU decode matmul (gptfast._C's `linear`, every kernel path this CPU
+has) against plain PyTorch on the same dequantised weights, on odd shapes; the quantisers'
+error bounds; bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptfast import cpu_linear as cl
+
+from kernel_checks import assert_within_2x
+
+needs_c = pytest.mark.skipif(not cl.has_kernel(), reason="gptfast._C was not built with its CPU linear kernel")
+U32 = 2.0**-24  # fp32 unit roundoff
+FORMATS = ["float32", "bfloat16", "float16", "int8", "int4-g32", "int4-g64", "int4-g128"]
+# every path the kernel has; one this CPU cannot run is skipped with the reason
+PATHS = [pytest.param("avx2", marks=pytest.mark.skipif(
+    "avx2" not in cl.kernel_paths(), reason="this CPU (or build) lacks AVX2 + FMA + F16C")), "portable"]
+
+
+def stored(fmt, w):
+    """(weight, scale, group) of `fmt` for the fp32 weight w (out, in)."""
+    if fmt == "int8":
+        return (*cl.quantize_int8(w), 0)
+    if fmt.startswith("int4"):
+        group = int(fmt.split("-g")[1])
+        return (*cl.quantize_int4(w, group), group)
+    return w.to(getattr(torch, fmt)).contiguous(), None, 0
+
+
+def check_fp32(y, x, w_deq, bias, x_rounded=False):
+    """y against x @ w_deq^T + bias in fp64. Bound: a dot product of K terms summed in fp32 in
+    any order, |err| <= (K + 4) u sum_k |x_k w_k| (+ u |bias|; Higham's gamma_K, with room for
+    the scale products); `x_rounded` (int8/int4: x rounded to int16 per row, |dx| <= s_x / 2
+    with s_x = max |x_row| / 32767) adds s_x / 2 sum_k |w_k|."""
+    K = x.shape[1]
+    exact = x.double() @ w_deq.double().t() + (0 if bias is None else bias.double())
+    mag = x.double().abs() @ w_deq.double().abs().t() + (0 if bias is None else bias.double().abs())
+    bound = (K + 4) * U32 * mag
+    if x_rounded:
+        bound = bound + (x.double().abs().amax(1, keepdim=True) / 32767 / 2) * w_deq.double().abs().sum(1)
+    ratio = (y.double() - exact).abs() / (bound + 1e-30)
+    worst = divmod(int(ratio.argmax()), y.shape[1])
+    assert ratio.max() <= 1, f"error {ratio.max():.2f} x the fp32 dot-product bound at (row, col) {worst}"
+
+
+@needs_c
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M, K, N", [(1, 771, 129), (3, 40, 7), (5, 768, 33), (16, 200, 1), (2, 7, 5)])
+def test_linear_matches_pytorch(path, fmt, M, K, N):
+    # K odd or not a multiple of 8/16 (the vector tails), N odd (the row tiles' tails), M = 5:
+    # a block of 4 x rows and a single one; int4 with K % group != 0: padded groups
+    gen = torch.Generator().manual_seed(M * 1000 + K + N)
+    w, x = torch.randn(N, K, generator=gen) * 0.1, torch.randn(M, K, generator=gen)
+    bias = torch.randn(N, generator=gen) if N % 2 else None
+    weight, scale, group = stored(fmt, w)
+    y = cl.linear(x, weight, scale, bias, group, path)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    check_fp32(y, x, cl.dequantize(weight, scale, group, K), bias, x_rounded=fmt.startswith("int"))
+
+
+@needs_c
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rows_independent_of_batch(path, fmt):
+    # a row's result is bitwise the same alone or anywhere in a batch (batched greedy decoding
+    # must equal single-request decoding): M = 16 covers every tile height and remainder
+    gen = torch.Generator().manual_seed(7)
+    w, x = torch.randn(23, 136, generator=gen) * 0.1, torch.randn(16, 136, generator=gen)
+    weight, scale, group = stored(fmt, w)
+    batch = cl.linear(x, weight, scale, None, group, path)
+    for m in (0, 1, 2, 3, 4, 14, 15):
+        assert torch.equal(cl.linear(x[m:m + 1], weight, scale, None, group, path)[0], batch[m]), f"row {m}"
+    assert torch.equal(cl.linear(x[3:8], weight, scale, None, group, path), batch[3:8])
+
+
+@needs_c
+def test_leading_dimensions():
+    # x (..., K) -> y (..., N), the same as the rows flattened
+    gen = torch.Generator().manual_seed(8)
+    weight, scale, group = stored("int4-g32", torch.randn(10, 64, generator=gen))
+    x = torch.randn(2, 3, 64, generator=gen)
+    y = cl.linear(x, weight, scale, None, group)
+    assert y.shape == (2, 3, 10) and torch.equal(y.view(6, 10), cl.linear(x.view(6, 64), weight, scale, None, group))
+    assert cl.linear(x[0, 0], weight, scale, None, group).shape == (10,)
+
+
+@needs_c
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_x(path, dtype):
+    # x in bf16/fp16: computed in fp32, y rounded to x's dtype once; the 2x rule against
+    # PyTorch's own linear in that dtype
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(65, 300, generator=gen) * 0.1, torch.randn(3, 300, generator=gen).to(dtype)
+    weight, scale, group = stored("int8", w)
+    deq = cl.dequantize(weight, scale)
+    y = cl.linear(x, weight, scale, None, group, path)
+    assert y.dtype == dtype
+    assert_within_2x(y, F.linear(x, deq.to(dtype)), x.float() @ deq.t(), "linear with low-precision x")
+
+
+@needs_c
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_paths_agree_and_env_forces_one(fmt, monkeypatch):
+    # GPTFAST_CPU_KERNEL picks the path (bit-for-bit the path= result); an unknown name is an error
+    gen = torch.Generator().manual_seed(5)
+    w, x = torch.randn(37, 96, generator=gen), torch.randn(4, 96, generator=gen)
+    weight, scale, group = stored(fmt, w)
+    for path in cl.kernel_paths():
+        monkeypatch.setenv("GPTFAST_CPU_KERNEL", path)
+        assert torch.equal(cl.linear(x, weight, scale, None, group), cl.linear(x, weight, scale, None, group, path))
+    monkeypatch.setenv("GPTFAST_CPU_KERNEL", "avx9000")
+    with pytest.raises(RuntimeError, match="unknown kernel path 'avx9000'"):
+        cl.linear(x, weight, scale, None, group)
+
+
+def test_int8_quantiser_bound():
+    # symmetric per-row: |w - s q| <= s / 2 with s = max |w_row| / 127; the extremes are exact
+    w = torch.randn(50, 77, generator=torch.Generator().manual_seed(1))
+    q, s = cl.quantize_int8(w)
+    err = (cl.dequantize(q, s) - w).abs()
+    assert (err <= s[:, None] / 2 * (1 + 1e-6)).all(), f"int8 error {(err / s[:, None]).max():.3f} x s"
+    assert q.abs().amax(1).eq(127).all()
+
+
+@pytest.mark.parametrize("group", cl.INT4_GROUPS)
+def test_int4_quantiser_bound(group):
+    # asymmetric per group: |w - (s q + m)| <= s / 2 plus the fp16 rounding of s and m
+    # (|m| 2^-11, and q <= 15 times s's rounding 15 s 2^-11)
+    w = torch.randn(9, 200, generator=torch.Generator().manual_seed(group)) * 0.05
+    packed, sm = cl.quantize_int4(w, group)
+    assert packed.shape == (9, (200 + group - 1) // group * group // 2) and packed.dtype == torch.uint8
+    s, m = (t.float().repeat_interleave(group, 1)[:, :200] for t in sm.unbind(-1))
+    bound = s / 2 + (m.abs() + 15 * s) * 2.0**-11
+    err = (cl.dequantize(packed, sm, group, 200) - w).abs()
+    assert (err <= bound * (1 + 1e-6)).all(), f"int4 error {(err / bound).max():.3f} x the bound"
+    q = cl.unpack_int4(packed)
+    assert torch.equal(cl.pack_int4(q), packed) and int(q.max()) <= 15
+
+
+def test_int4_bad_group():
+    with pytest.raises(ValueError, match="int4 group size must be one of"):
+        cl.quantize_int4(torch.randn(4, 64), 48)
+
+
+@needs_c
+@pytest.mark.parametrize("args, message", [
+    (lambda x, w: (x[0, 0], w, None), "x must have at least 1 dimension"),
+    (lambda x, w: (x.double(), w, None), "x must be float32, bfloat16 or float16"),
+    (lambda x, w: (x, w[:, :-1].contiguous(), None), "x has 64 inputs but weight has 63"),
+    (lambda x, w: (x, w.to(torch.int8), None), "int8 needs a contiguous float32 scale"),
+    (lambda x, w: (x, w, torch.ones(8)), "takes no scale"),
+    (lambda x, w: (x, w.t(), None), "weight must be a contiguous 2-D tensor"),
+    (lambda x, w: (x, w.to(torch.int16), None), "unsupported weight dtype"),
+])
+def test_bad_input(args, message):
+    x, w = torch.randn(2, 64), torch.randn(8, 64)
+    with pytest.raises(RuntimeError, match=message):
+        cl.linear(*args(x, w))
+
+
+@needs_c
+def test_bad_int4_input():
+    x = torch.randn(2, 64)
+    packed, sm = cl.quantize_int4(torch.randn(8, 64), 32)
+    with pytest.raises(RuntimeError, match="int4 group size must be a multiple of 32 up to 256"):
+        cl.linear(x, packed, sm, None, 24)
+    with pytest.raises(RuntimeError, match=r"need 64"):
+        cl.linear(torch.randn(2, 100), packed, sm, None, 32)
+    with pytest.raises(RuntimeError, match=r"float16 scale of shape \(8, 2, 2\)"):
+        cl.linear(x, packed, sm.float(), None, 32)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        cl.linear(x, packed, sm, torch.ones(3), 32)
+
+
+@needs_c
+def test_opcheck():
+    # schema, fake (meta) kernel and dispatcher registration agree (what torch.compile relies on)
+    packed, sm = cl.quantize_int4(torch.randn(8, 64), 32)
+    torch.library.opcheck(torch.ops.gptfast.linear.default, (torch.randn(3, 64), packed, sm, torch.randn(8), 32),
+                          test_utils=("test_schema", "test_faketensor"))  # the AOT-dispatch checks take 30 s
+
+
+@needs_c
+@pytest.mark.parametrize("fmt", ["int8", "int4-g64"])
+def test_reference_rounds_x_as_the_kernel(fmt):
+    # the PyTorch reference (the fallback without _C) rounds x as the kernel does: the two
+    # then differ by fp32 summation order only
+    gen = torch.Generator().manual_seed(9)
+    w, x = torch.randn(19, 200, generator=gen) * 0.1, torch.randn(3, 200, generator=gen)
+    weight, scale, group = stored(fmt, w)
+    rounded = cl.round_x(x)
+    assert (rounded - x).abs().le(x.abs().amax(1, keepdim=True) / 32767 / 2 * (1 + 1e-6)).all()
+    check_fp32(cl.linear(x, weight, scale, None, group), rounded, cl.dequantize(weight, scale, group, 200), None)
+
+
+def test_reference_without_kernel(monkeypatch):
+    # a build without _C (or a device it has no kernel for) computes the same in PyTorch
+    monkeypatch.setattr(cl, "_HAS_OP", False)
+    w, x = torch.randn(11, 48), torch.randn(2, 48)
+    packed, sm = cl.quantize_int4(w, 32)
+    check_fp32(cl.linear(x, packed, sm, None, 32), x, cl.dequantize(packed, sm, 32, 48), None, x_rounded=True)

@@ -69,7 +69,7 @@ def check_stages(py: str) -> list[Stage]:
         Stage("kernels", 65, "every Triton kernel vs its reference at GPT-2 shapes, fp32/fp16/bf16, forward and every "
               "gradient; attention T=4096 x head_dim 128, dropout over 16x12x1024; CE 16x1024x50257; linear-CE "
               "memory", gpu_tests("-n", "3", "tests/test_layer_norm.py", "tests/test_gelu.py", "tests/test_attention.py",
-                                  "tests/test_cross_entropy.py"), pytest=True),
+                                  "tests/test_attention_decode.py", "tests/test_cross_entropy.py"), pytest=True),
         Stage("sampler", 25, "CUDA sample_top_k vs the CPU op, CUDA-graph replay", gpu_tests("tests/test_sampling.py"),
               pytest=True),
         Stage("generate", 25, "CUDA-graph decode == eager decode, 200 greedy tokens, batch 1 and left-padded 4",

@@ -7,10 +7,13 @@ check the kernel against).
 | layer_norm.py | layer_norm, add_layer_norm | TritonLayerNorm (layer_norm) | layer_norm_ref |
 | gelu.py | gelu, bias_gelu | TritonGELU (gelu), FusedFeedForward (feed_forward) | bias_gelu_ref |
 | cross_entropy.py | cross_entropy, linear_cross_entropy | LinearCrossEntropyLoss (loss) | cross_entropy_ref, linear_cross_entropy_ref |
-| attention.py | attention, attention_decode | TritonCausalAttention (attention) | attention_ref |
+| attention.py | attention | TritonCausalAttention (attention: prefill and decode) | attention_ref |
+| attention_decode.py | attention_decode (flash-decoding) | called by TritonCausalAttention | attention_ref |
+
+_attention_common.py holds what the two attention files share (input checks, precision, head sizes).
 
 Importing this package imports Triton and defines (but does not compile) the kernels; the
-attention kernel module is loaded only by `op_modules()`, and a missing or broken one leaves
+attention kernel modules are loaded only by `op_modules()`, and a missing or broken one leaves
 the triton backend on PyTorch's attention with one warning.
 
 The op functions are exported here under their file's name, so `gptfast.kernels.layer_norm`

@@ -1,4 +1,4 @@
-"""Causal flash attention (forward + backward) and flash-decoding, in Triton.
+"""Causal flash attention (forward + backward) in Triton; flash-decoding is attention_decode.py.
 
 Notation, per (batch, head): queries i = 0..T-1 sit at positions i + S - T of the S keys
 (T < S while decoding with a KV cache, T == S in training), D = head_dim, c = 1/sqrt(D).
@@ -21,7 +21,8 @@ both backward kernels regenerate the identical mask without storing it.
 
 `TritonCausalAttention` is the "triton" backend's attention core (see gptfast.backends): it
 picks flash attention or flash-decoding; `attention_ref` is the reference the tests and
-benchmarks check these kernels against.
+benchmarks check both against. What the two share (input checks, precision, head sizes) is
+in _attention_common.py.
 """
 from __future__ import annotations
 
@@ -31,12 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.backends import FUSED_DTYPES, TorchCausalAttention, causal_mask, fused_dtypes
+from gptfast.backends import TorchCausalAttention, causal_mask, fused_dtypes
 from gptfast.backends import triton_interpreting as _interpreting
 
-HEAD_DIMS = (16, 32, 64, 128)
-MAX_BATCH_HEADS = 65535  # B * H is the grid's y dimension, which CUDA caps there
-_LOG2E = 1.4426950408889634
+from ._attention_common import HEAD_DIMS, LOG2E, MAX_BATCH_HEADS, _cast, _check_qkv, _precision, _unit_last
+from .attention_decode import attention_decode
 
 
 def attention_ref(q, k, v, mask=None, upcast: bool = False):
@@ -71,18 +71,6 @@ def _dot(a, b, PREC: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision="ieee" if PREC == "upcast" else PREC)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, PREC: tl.constexpr):
-    """x.to(dtype), rounding to nearest even as the GPU does. Triton's CPU interpreter truncates
-    fp32 -> bf16 casts, so under it ("upcast") round the fp32 bits to 8 mantissa bits first."""
-    if PREC == "upcast":
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)  # now exactly representable in bf16
-    return x.to(dtype)
-
 
 @triton.jit
 def _head_ptrs(Q, K, V, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, H):
@@ -308,70 +296,6 @@ def _dropout_mask_kernel(MASK, T, S, seed, p_drop, BLOCK: tl.constexpr):
         ptrs = MASK + (bh.to(tl.int64) * T + rows[:, None]) * S + cols[None, :]
         tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < T) & (cols[None, :] < S))
 
-
-@triton.jit
-def _decode_split(Q, K, V, LENS, PART_ACC, PART_M, PART_L, stride_qb, stride_qh,
-                  stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                  H, L_MAX, cache_len, split_len, num_splits, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr):
-    """Flash-decoding, step 1: unnormalised softmax stats of one query over one cache split.
-
-    Stores m (max base-2 logit), l = sum exp2(s - m) and acc = sum exp2(s - m) v for keys
-    [split * split_len, min((split + 1) * split_len, cache_len)); an empty split stores
-    m = -inf, l = 0, acc = 0, which the combine step weighs by exp2(-inf) = 0.
-    """
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    if PER_ROW:  # lengths differ per sequence: LENS holds them; else cache_len is shared
-        cache_len = tl.minimum(tl.load(LENS + b), L_MAX)
-    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_d).to(tl.float32)
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, cache_len)
-    # one query row is too thin for tl.dot: the products are plain broadcasts and reductions
-    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
-    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        ok = offs_n < hi
-        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
-        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale  # (BLOCK_N,)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-        m_i = m_new
-    part = bh.to(tl.int64) * num_splits + split
-    tl.store(PART_ACC + part * HEAD_DIM + offs_d, acc)
-    tl.store(PART_M + part, m_i)
-    tl.store(PART_L + part, l_i)
-
-
-@triton.jit
-def _decode_combine(PART_ACC, PART_M, PART_L, O, num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                    PREC: tl.constexpr):
-    """Flash-decoding, step 2: O = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp2(m_s - max m)."""
-    bh = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_s < num_splits
-    part = bh * num_splits + offs_s
-    m = tl.load(PART_M + part, mask=ok, other=float("-inf"))
-    l = tl.load(PART_L + part, mask=ok, other=0.0)
-    acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))  # (BLOCK_S,)
-    out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
-    tl.store(O + bh * HEAD_DIM + offs_d, _cast(out, O.dtype.element_ty, PREC))
-
-
 # ---------------------------------------------------------------------------- launchers
 
 def _blocks(head_dim: int, dtype: torch.dtype):
@@ -394,47 +318,6 @@ def _blocks(head_dim: int, dtype: torch.dtype):
     # query-major forward/dQ tiles, key-major dK/dV tiles (as in FlashAttention-2)
     return (128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)
 
-
-def _precision(dtype: torch.dtype) -> str:
-    """The kernels' PREC: fp32 dots must not silently drop to tf32 (10-bit mantissa)."""
-    if dtype == torch.bfloat16 and _interpreting():
-        return "upcast"
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _check_device(name: str, t: torch.Tensor):
-    if t.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"{name} is on {t.device.type}; Triton kernels need a CUDA tensor "
-                         "(or TRITON_INTERPRET=1)")
-
-
-def _check_qkv(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"attention: {name} must be a 4-D (B, H, T, D) tensor, got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
-        if t.dtype not in FUSED_DTYPES:
-            raise ValueError(f"attention: {name} has dtype {t.dtype}; use float16, bfloat16 or float32")
-        _check_device(f"attention: {name}", t)
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                         "must be (B, H, T, D), (B, H, S, D), (B, H, S, D)")
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError("attention: q, k and v must share one dtype and device")
-    if q.shape[3] not in HEAD_DIMS:
-        raise ValueError(f"attention: head_dim {q.shape[3]} is not supported; use one of {HEAD_DIMS}")
-    if not 1 <= q.shape[2] <= k.shape[2]:
-        raise ValueError(f"attention: need 1 <= T <= S, got T={q.shape[2]}, S={k.shape[2]}")
-    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
-        raise ValueError(f"attention: batch x heads = {q.shape[0] * q.shape[1]} is over the kernels' "
-                         f"limit of {MAX_BATCH_HEADS}")
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels index rows by stride and the head dim densely; views from a fused qkv pass as is."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _forward(q, k, v, causal, p, seed, blocks=None):
     """blocks: the forward's (BLOCK_M, BLOCK_N, num_warps, num_stages); None takes _blocks' (the tuner sets it)."""
     B, H, T, D = q.shape
@@ -445,7 +328,7 @@ def _forward(q, k, v, causal, p, seed, blocks=None):
     sm_scale = 1.0 / math.sqrt(D)
     _attn_fwd[(triton.cdiv(T, block_m), B * H)](
         q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, T, S,
-        sm_scale * _LOG2E, seed, p, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        sm_scale * LOG2E, seed, p, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
         DROPOUT=p > 0, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -463,7 +346,7 @@ def _backward(do, q, k, v, o, lse, causal, p, seed, blocks=None):
     (m1, n1, w1, s1), (m2, n2, w2, s2) = blocks or _blocks(D, q.dtype)[1:]
     sm_scale = 1.0 / math.sqrt(D)
     common = dict(HEAD_DIM=D, CAUSAL=causal, DROPOUT=p > 0, PREC=_precision(q.dtype))
-    args = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, T, S, sm_scale, sm_scale * _LOG2E, seed, p)
+    args = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, T, S, sm_scale, sm_scale * LOG2E, seed, p)
     _attn_bwd_dkdv[(triton.cdiv(S, n1), B * H)](q, k, v, do, lse, delta, dk, dv, *args, BLOCK_M=m1,
                                                 BLOCK_N=n1, num_warps=w1, num_stages=s1, **common)
     _attn_bwd_dq[(triton.cdiv(T, m2), B * H)](q, k, v, do, lse, delta, dq, *args, BLOCK_M=m2,
@@ -512,53 +395,6 @@ def attention_dropout_mask(seed: int, batch_heads: int, T: int, S: int, dropout_
     mask = torch.empty((batch_heads, T, S), dtype=torch.int8, device=device)
     _dropout_mask_kernel[(triton.cdiv(T, 32), batch_heads)](mask, T, S, seed, float(dropout_p), BLOCK=32)
     return mask.bool()
-
-
-def attention_decode(q, k_cache, v_cache, cache_len, num_splits: int | None = None):
-    """One new query per sequence against a KV cache (flash-decoding), inference only.
-
-    q (B, H, 1, D); k_cache, v_cache (B, H, L_max, D) of which the first cache_len positions
-    are valid: an int, or a (B,) integer tensor (values in [1, L_max]) for sequences of
-    different lengths. The cache is cut into num_splits chunks (chosen to fill the GPU when
-    None) that run in parallel; a second kernel merges their partial softmaxes.
-    """
-    _check_qkv(q, k_cache, v_cache)
-    B, H, T, D = q.shape
-    L_max = k_cache.shape[2]
-    if T != 1:
-        raise ValueError(f"attention_decode: q must hold one query per sequence (B, H, 1, D), got T={T}")
-    if isinstance(cache_len, torch.Tensor):
-        if cache_len.shape != (B,) or cache_len.dtype.is_floating_point or cache_len.device != q.device:
-            raise ValueError(f"attention_decode: cache_len tensor must be ({B},) integers on {q.device}, "
-                             f"got {tuple(cache_len.shape)} {cache_len.dtype} on {cache_len.device}")
-        lens = cache_len.to(torch.int32).contiguous()  # expanded views become dense
-        L = L_max  # no host sync (CUDA graphs): splits past a row's length exit at once
-    else:
-        if not 1 <= int(cache_len) <= L_max:
-            raise ValueError(f"attention_decode: cache_len must be in [1, {L_max}], got {cache_len}")
-        lens, L = None, int(cache_len)
-    q, k_cache, v_cache = _unit_last(q), _unit_last(k_cache), _unit_last(v_cache)
-    block_n = 16 if _interpreting() else 64
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"attention_decode: num_splits must be >= 1, got {num_splits}")
-    if num_splits is None:
-        # aim at ~4 programs per SM: small batches split the cache, big ones need no split
-        sms = 4 if _interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
-        num_splits = max(1, min(triton.cdiv(L, block_n), triton.cdiv(4 * sms, B * H)))
-    split_len = triton.cdiv(triton.cdiv(L, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(L, split_len)
-    part_acc = torch.empty((B * H, num_splits, D), dtype=torch.float32, device=q.device)
-    part_m = torch.empty((B * H, num_splits), dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
-    _decode_split[(num_splits, B * H)](
-        q, k_cache, v_cache, q if lens is None else lens, part_acc, part_m, part_l, q.stride(0), q.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], H, L_max, L, split_len, num_splits,
-        _LOG2E / math.sqrt(D), HEAD_DIM=D, BLOCK_N=block_n, PER_ROW=lens is not None, num_warps=4)
-    o = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
-    _decode_combine[(B * H,)](part_acc, part_m, part_l, o, num_splits, HEAD_DIM=D,
-                              BLOCK_S=max(2, triton.next_power_of_2(num_splits)), PREC=_precision(q.dtype))
-    return o
-
 
 class TritonCausalAttention(TorchCausalAttention):
     """The attention core on these kernels. It owns the prefill/decode choice: one query per

@@ -3,6 +3,8 @@
 - fp32: max |actual - expected| <= rtol * max |expected| (relative to the tensor's scale).
 - fp16/bf16 (flash-attention's rule): the kernel's error against the fp32 truth is at most
   2x the error of the PyTorch reference run in that dtype, plus a small atol.
+Also the inputs both attention test files build (make_qkv, fused_qkv) and their check
+assert_rel_close.
 """
 from __future__ import annotations
 
@@ -63,3 +65,29 @@ def assert_each_within_2x(names, ours, low_refs, truths, dtype):
     reference has an error too), with atol relative to each truth's scale."""
     for name, a, low, truth in zip(names, ours, low_refs, truths, strict=True):
         assert_within_2x(a, low, truth, name, atol=SCALE_ATOL[dtype] * truth.abs().max().item())
+
+
+# ------------------------------------------ attention inputs (test_attention, test_attention_decode)
+
+def make_qkv(B, H, T, S, D, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (T, S, S))
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+
+
+def fused_qkv(B, H, T, D, dtype, device, seed):
+    """q, k, v (B, H, T, D) as the model makes them: strided views of one fused projection."""
+    g = torch.Generator(device).manual_seed(seed)
+    qkv = torch.randn(B, T, 3, H, D, device=device, generator=g).to(dtype)
+    return [t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).detach()]  # each (B, H, T, D)
+
+
+def assert_rel_close(name, got, want, rtol):
+    """max |got - want| <= rtol * max(max |want|, 1), reporting the worst element on failure.
+    (Inputs are unit-scale; the floor of 1 covers all-zero gradients such as dq at T=1.)"""
+    err = (got.float() - want.float()).abs()
+    bound = rtol * max(want.float().abs().max().item(), 1.0)
+    i = err.argmax().item()
+    assert err.max().item() <= bound, (
+        f"{name}: max err {err.max().item():.3g} > {bound:.3g} at flat index {i} "
+        f"(got {got.flatten()[i].item():.6g}, want {want.flatten()[i].item():.6g})")

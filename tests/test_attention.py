@@ -1,4 +1,5 @@
-"""Flash attention kernels (gptfast.kernels.attention) against the reference and SDPA.
+"""Flash attention kernels (gptfast.kernels.attention) against the reference and SDPA
+(flash-decoding: test_attention_decode.py).
 
 On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), so the
 shapes are small; they still cross several block boundaries (odd T, T < S, D = 16..128).
@@ -9,19 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfast.kernels.attention import attention, attention_decode, attention_dropout_mask, attention_ref
-from kernel_checks import assert_each_within_2x, assert_within_2x, scale_device, scale_params
+from gptfast.kernels.attention import attention, attention_dropout_mask, attention_ref
+from kernel_checks import (assert_each_within_2x, assert_rel_close, assert_within_2x, fused_qkv, make_qkv, scale_device,
+                           scale_params)
 
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)  # upstream gradients come from the global generator
-
-
-def make_qkv(B, H, T, S, D, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (T, S, S))
-    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
 
 
 def run(fn, q, k, v, do):
@@ -34,17 +30,6 @@ def causal_sdpa(q, k, v):
     T, S = q.shape[-2], k.shape[-2]
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # last T of S positions
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def assert_rel_close(name, got, want, rtol):
-    """max |got - want| <= rtol * max(max |want|, 1), reporting the worst element on failure.
-    (Inputs are unit-scale; the floor of 1 covers all-zero gradients such as dq at T=1.)"""
-    err = (got.float() - want.float()).abs()
-    bound = rtol * max(want.float().abs().max().item(), 1.0)
-    i = err.argmax().item()
-    assert err.max().item() <= bound, (
-        f"{name}: max err {err.max().item():.3g} > {bound:.3g} at flat index {i} "
-        f"(got {got.flatten()[i].item():.6g}, want {want.flatten()[i].item():.6g})")
 
 
 NAMES = ("out", "dq", "dk", "dv")
@@ -185,43 +170,6 @@ def test_dropout_backward_matches_masked_reference(T, S, device):
         assert_rel_close(name, got, want, 1e-4)
 
 
-# ----------------------------------------------------------------------------- decode
-
-@pytest.mark.parametrize("cache_len,num_splits", [(1, None), (67, None), (80, 1), (67, 7)])
-def test_decode_matches_reference_on_prefix(cache_len, num_splits, device):
-    B, H, L_max, D = 2, 2, 80, 64
-    q, k, v = (t.detach() for t in make_qkv(B, H, 1, L_max, D, device=device, seed=cache_len))
-    got = attention_decode(q, k, v, cache_len, num_splits=num_splits)
-    want = attention_ref(q, k[:, :, :cache_len], v[:, :, :cache_len])
-    assert_rel_close("decode", got, want, 1e-4)
-
-
-def test_decode_cache_len_as_expanded_device_tensor(device):
-    """The static (CUDA-graph) generation path passes (write_pos + 1).expand(B): int64, stride 0."""
-    B, H, L_max, D = 2, 2, 48, 16
-    q, k, v = (t.detach() for t in make_qkv(B, H, 1, L_max, D, device=device, seed=4))
-    lens = (torch.tensor([39], device=device) + 1).expand(B)
-    want = attention_ref(q, k[:, :, :40], v[:, :, :40])
-    assert_rel_close("decode", attention_decode(q, k, v, lens), want, 1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_per_row_cache_len(dtype, device):
-    B, H, L_max, D = 3, 2, 70, 32
-    q, k, v = (t.detach() for t in make_qkv(B, H, 1, L_max, D, dtype=dtype, device=device, seed=1))
-    lens = torch.tensor([67, 5, 1], device=device)
-    got = attention_decode(q, k, v, lens, num_splits=4)
-    for b, n in enumerate(lens.tolist()):
-        args = (q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
-        exact = attention_ref(*(t.float() for t in args))
-        if dtype == torch.float32:
-            assert_rel_close(f"decode row {b}", got[b:b + 1], exact, 1e-4)
-        else:
-            ref_err = (attention_ref(*args).float() - exact).abs().max().item()
-            ours_err = (got[b:b + 1].float() - exact).abs().max().item()
-            assert ours_err <= 2 * ref_err + 1e-3, f"row {b}: err {ours_err:.3g} vs reference {ref_err:.3g}"
-
-
 # --------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("shapes,kwargs,match", [
@@ -239,16 +187,6 @@ def test_bad_input_is_rejected(shapes, kwargs, match, device):
         attention(q, k, k, **kwargs)
 
 
-def test_decode_bad_input_is_rejected(device):
-    q, k = torch.randn(1, 2, 1, 16, device=device), torch.randn(1, 2, 8, 16, device=device)
-    with pytest.raises(ValueError, match="cache_len must be in"):
-        attention_decode(q, k, k, 9)
-    with pytest.raises(ValueError, match="one query"):
-        attention_decode(k, k, k, 4)
-    with pytest.raises(ValueError, match="cache_len tensor"):
-        attention_decode(q, k, k, torch.tensor([1.0, 2.0], device=device))
-
-
 # ------------------------------------------------------------------------- GPU scale
 
 @pytest.mark.gpu
@@ -258,14 +196,6 @@ def test_gpt2_scale_bf16_on_gpu(T):
     q, k, v = make_qkv(2, 12, T, T, 64, dtype=torch.bfloat16, device="cuda", seed=T)
     do = torch.randn(2, 12, T, 64, device="cuda", dtype=torch.bfloat16)
     assert_within_2x_of(causal_sdpa, q, k, v, do)
-
-
-def fused_qkv(B, H, T, D, dtype, device, seed):
-    """q, k, v (B, H, T, D) as the model makes them: strided views of one fused projection."""
-    g = torch.Generator(device).manual_seed(seed)
-    qkv = torch.randn(B, T, 3, H, D, device=device, generator=g).to(dtype)
-    return [t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).detach()]  # each (B, H, T, D)
-
 
 def causal_flash(q, k, v):
     """PyTorch's fused attention (flash on CUDA for fp16/bf16): the reference in the low dtype."""
@@ -322,22 +252,3 @@ def test_attention_dropout_at_gpt2_scale(size, device):
     n = visible.sum().item() * B * H
     rate = keep[..., visible].float().mean().item()
     assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), f"keep rate {rate:.5f}, expected {1 - p}"
-
-
-@pytest.mark.parametrize("size,dtype", scale_params())
-def test_attention_decode_at_gpt2_scale(size, dtype, device):
-    """Flash-decoding for a batch of 16 x 12 heads against 1024-slot caches of different lengths
-    (the CUDA-graph path's length tensor) and one common length: within 2x of the reference."""
-    dev = scale_device(size, device)
-    B, H, L, D = (16, 12, 1024, 64) if size == "gpt2" else (2, 1, 40, 32)
-    q, k, v = (t.detach() for t in fused_qkv(B, H, L, D, dtype, dev, seed=25))
-    q = q[:, :, :1]  # (B, H, 1, D)
-    lens = torch.randint(1, L + 1, (B,), device=dev, generator=torch.Generator(dev).manual_seed(26))
-    lens[0] = L
-    for cache_len in (lens, int(lens[1])):
-        got = attention_decode(q, k, v, cache_len)
-        for b in range(B):
-            n = int(lens[b]) if isinstance(cache_len, torch.Tensor) else cache_len
-            args = (q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
-            assert_each_within_2x([f"decode row {b} of {n}"], [got[b:b + 1]], [attention_ref(*args)],
-                                  [attention_ref(*(t.double() for t in args))], dtype)

@@ -28,7 +28,7 @@ import traceback
 
 import pytest
 
-GROUPS = ("attention", "layer_norm", "gelu", "cross_entropy")
+GROUPS = ("attention", "attention_decode", "layer_norm", "gelu", "cross_entropy")
 NO_PTXAS = 77  # the subprocess's exit code when Triton cannot find ptxas
 B, T, H, D, WIDTH, VOCAB = 16, 1024, 12, 64, 768, 50257  # GPT-2 124M training shapes
 PADDED_VOCAB = 50304  # GPTConfig(pad_vocab=True)'s head
@@ -40,16 +40,23 @@ LINE = re.compile(r"^ok   (?P<name>[^\s\[]+(?:\[[^\]]*\])?) .*?regs=(?P<regs>\d+
 
 # ------------------------------------------------------------------ the subprocess side
 
+def _attention_configs():
+    """(dtype, head_dim, heads, dropout ps) at GPT-2 shapes; fp16 takes bf16's launch configs and
+    compiles to the same registers: left out."""
+    import torch
+
+    return [(dtype, head_dim, H * D // head_dim, drops)
+            for dtype, head_dim, drops in ((torch.bfloat16, D, (0.0, 0.1)), (torch.float32, D, (0.0, 0.1)),
+                                           (torch.bfloat16, 128, (0.0,)), (torch.float32, 128, (0.0,)))]
+
+
 def _attention_launches(record):
     import torch
 
-    from gptfast.kernels import attention as A
+    from gptfast.kernels import _attention_common, attention as A
 
-    A._check_device = lambda name, t: None  # CPU tensors stand in for CUDA ones: nothing runs
-    # fp16 takes bf16's launch configs and compiles to the same registers: left out
-    for dtype, head_dim, drops in ((torch.bfloat16, D, (0.0, 0.1)), (torch.float32, D, (0.0, 0.1)),
-                                   (torch.bfloat16, 128, (0.0,)), (torch.float32, 128, (0.0,))):
-        heads = H * D // head_dim
+    _attention_common._check_device = lambda name, t: None  # CPU tensors stand in for CUDA ones: nothing runs
+    for dtype, head_dim, heads, drops in _attention_configs():
         qkv = torch.empty(B, T, 3, heads, head_dim, dtype=dtype)  # the model's fused projection
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D), strided views as in the model
         do = torch.empty(B, heads, T, head_dim, dtype=dtype)
@@ -58,14 +65,24 @@ def _attention_launches(record):
             with record(f"{dt} D={head_dim}{' dropout' if p else ''}"):
                 o, lse = A._forward(q, k, v, True, p, SEED)
                 A._backward(do, q, k, v, o, lse, True, p, SEED)
-        with record(f"{dt} D={head_dim} decode"):  # batch 1 against a 1024-slot cache, as generation
+    with record("mask"):
+        A.attention_dropout_mask(SEED, 2, 64, 64, 0.1)
+
+
+def _attention_decode_launches(record):
+    import torch
+
+    from gptfast.kernels import _attention_common
+    from gptfast.kernels.attention_decode import attention_decode
+
+    _attention_common._check_device = lambda name, t: None  # CPU tensors stand in for CUDA ones: nothing runs
+    for dtype, head_dim, heads, _ in _attention_configs():
+        with record(f"{str(dtype).removeprefix('torch.')} D={head_dim}"):  # batch 1, a 1024-slot cache
             q1 = torch.empty(1, heads, 1, head_dim, dtype=dtype)
             kc, vc = (torch.empty(1, heads, T, head_dim, dtype=dtype) for _ in range(2))
             splits = max(1, min(T // 64, -(-4 * SMS // heads)))  # attention_decode's choice on a GPU
-            A.attention_decode(q1, kc, vc, 700, num_splits=splits)  # eager: an int length
-            A.attention_decode(q1, kc, vc, torch.tensor([700]), num_splits=splits)  # CUDA graph: a tensor
-    with record("mask"):
-        A.attention_dropout_mask(SEED, 2, 64, 64, 0.1)
+            attention_decode(q1, kc, vc, 700, num_splits=splits)  # eager: an int length
+            attention_decode(q1, kc, vc, torch.tensor([700]), num_splits=splits)  # CUDA graph: a tensor
 
 
 def _layer_norm_launches(record):
@@ -136,7 +153,8 @@ def _broken_launches(record):
         _broken_sum[(1,)](torch.empty(256), torch.empty(1), 256, BLOCK=128)
 
 
-LAUNCHES = dict(attention=_attention_launches, layer_norm=_layer_norm_launches, gelu=_gelu_launches,
+LAUNCHES = dict(attention=_attention_launches, attention_decode=_attention_decode_launches,
+                layer_norm=_layer_norm_launches, gelu=_gelu_launches,
                 cross_entropy=_cross_entropy_launches, broken=_broken_launches)
 
 

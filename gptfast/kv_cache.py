@@ -19,6 +19,7 @@ What a forward does is set once for every layer in their shared `CacheStep` (by 
 - decode: one token for each of rows [0, n), written at slot lengths[i] of row i (device
   indices, so a CUDA graph can replay it); row i's query sees its first lengths[i] + 1 slots.
   The keys returned span max(lengths) + 1 slots (eager) or the whole buffer (fixed shapes).
+  Eager steps whose rows all have one length (batch 1) write by a slice and need no mask.
 """
 from __future__ import annotations
 
@@ -33,15 +34,21 @@ class CacheStep:
         self.lengths: torch.Tensor | None = None  # (n,) filled slots per row = where its new key goes
         self.span = 0  # slots a forward attends over: the prefill length; max(lengths) + 1 or all
         self.seen: torch.Tensor | None = None  # (n,) lengths + 1: the slots row i's query sees
-        self.allowed: torch.Tensor | None = None  # (n, 1, 1, span): slot s < seen
+        self.allowed: torch.Tensor | None = None  # (n, 1, 1, span): slot s < seen; None: plain causal
+        self.same: int | None = None  # decode: the one length of every row, when they agree
 
     def prefill(self, rows: torch.Tensor, T: int):
-        self.prefill_rows, self.span = rows, T
+        self.prefill_rows, self.span, self.same, self.allowed = rows, T, None, None
 
-    def decode(self, lengths: torch.Tensor, span: int):
-        self.prefill_rows, self.lengths, self.span, self.seen = None, lengths, span, lengths + 1
-        slots = torch.arange(span, device=lengths.device)
-        self.allowed = (slots[None, :] < self.seen[:, None])[:, None, None, :]  # (n, 1, 1, span)
+    def decode(self, lengths: torch.Tensor, span: int, same: int | None = None):
+        """`same`: the length every row has, when the caller knows they agree (batch 1, or a
+        batch started together): the new keys go in by a slice and no mask is needed."""
+        self.prefill_rows, self.lengths, self.span, self.seen, self.same = None, lengths, span, lengths + 1, same
+        if same is None:
+            slots = torch.arange(span, device=lengths.device)
+            self.allowed = (slots[None, :] < self.seen[:, None])[:, None, None, :]  # (n, 1, 1, span)
+        else:
+            self.allowed = None
 
 
 class KVCache:
@@ -58,17 +65,21 @@ class KVCache:
             self.v[st.prefill_rows, :, : k.shape[2]] = v
             return k, v
         n = k.shape[0]  # k, v (n, H, 1, D); row i's new key goes to slot lengths[i]
-        rows = torch.arange(n, device=k.device)
-        self.k[rows, :, st.lengths] = k[:, :, 0]
-        self.v[rows, :, st.lengths] = v[:, :, 0]
+        if st.same is not None:
+            self.k[:n, :, st.same] = k[:, :, 0]  # (n, H, D)
+            self.v[:n, :, st.same] = v[:, :, 0]
+        else:
+            rows = torch.arange(n, device=k.device)
+            self.k[rows, :, st.lengths] = k[:, :, 0]
+            self.v[rows, :, st.lengths] = v[:, :, 0]
         return self.k[:n, :, : st.span], self.v[:n, :, : st.span]
 
     def mask(self, T: int) -> torch.Tensor | None:
-        return None if self.step.prefill_rows is not None else self.step.allowed
+        return self.step.allowed
 
     def lengths(self) -> int | torch.Tensor:
         st = self.step
-        return st.span if st.prefill_rows is not None else st.seen
+        return st.span if st.prefill_rows is not None or st.same is not None else st.seen
 
 
 def make_caches(model, rows: int, max_len: int, dtype, device, step: CacheStep) -> list[KVCache]:

@@ -20,7 +20,7 @@ import torch
 
 from .backends import resolve_device
 from .engine import Engine, check_context_size, check_eos_id, check_max_new_tokens
-from .quant import DTYPES, SHORT_DTYPES, inference_copy
+from .quant import DTYPES, SHORT_DTYPES, auto_dtype, inference_copy
 from .sampling import SamplingParams, check_temperature, check_top_k, check_top_p, sample_top_k
 from .tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
@@ -149,9 +149,9 @@ class _Clock:
 class Generator:
     """Repeated generation with one model: `generate` (text or batches of text), `generate_ids`,
     `stream`; safe to call from several threads at once (their requests share one batch).
-    `dtype`: "auto" (bfloat16 on CUDA; float16 on CPU, where torch's fp16 matrix-vector
-    kernel beat int8 weight-only and bf16 — benchmarks/results/generate_cpu.md), "float32",
-    "bfloat16", "float16", "int8" (weight-only), or None to use the model as it is.
+    `dtype`: "auto" (`gptfast.quant.auto_dtype`: bfloat16 on CUDA, int8 on CPU), "float32",
+    "bfloat16", "float16", "int8", "int4", "int4-g64", "int4-g128" (weight-only), or None to
+    use the model as it is.
     A converted copy is made when needed; the caller's model is never modified, nor switched
     to eval mode (the engine runs its own eval-mode module tree over the same weights).
     `max_batch`: prompts decoded together (more wait for a free row); `max_queue`: prompts
@@ -161,7 +161,7 @@ class Generator:
                  max_batch=64, max_queue=None):
         device = resolve_device(device) if device is not None else model.tok_emb.weight.device
         if dtype == "auto":
-            dtype = "bfloat16" if device.type == "cuda" else "float16"  # CPU: fastest measured, see benchmarks/
+            dtype = auto_dtype(device)
         elif dtype is not None and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
         self.dtype, self.device = dtype, device
@@ -258,7 +258,7 @@ def add_model_source(p):
     src.add_argument("--gpt2", metavar="SIZE", help="GPT-2 weights: 124M, 355M, 774M, 1558M or a path (gptfast.weights)")
     p.add_argument("--models-dir", default="models", help="where GPT-2 weights are stored (with --gpt2)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), type=lambda s: SHORT_DTYPES.get(s, s),
-                   help="weights: auto = bfloat16 on CUDA, float16 on CPU; int8 and int4 (groups of 32, 64 or "
+                   help="weights: auto = bfloat16 on CUDA, int8 on CPU; int8 and int4 (groups of 32, 64 or "
                         "128 inputs) = weight-only linears; bf16, fp16, fp32 as train spells them also work")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"),
                    help="compute backend (auto: triton on CUDA, else torch)")

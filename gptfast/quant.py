@@ -26,6 +26,16 @@ DTYPES = (*FLOAT_DTYPES, "int8", *INT4_GROUPS)
 SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train's spellings, for the CLIs
 
 
+def auto_dtype(device) -> str:
+    """The weight format `dtype="auto"` means on `device`: bfloat16 on CUDA; on CPU int8, the
+    fastest format at batch 4 and 16 that passes the quality gate and 1.7x float16 at batch 1
+    (benchmarks/results/generate_cpu.md), or float32 where gptfast's CPU kernel was not built
+    (every other format would then dequantise its weights on every call)."""
+    if torch.device(device).type != "cpu":
+        return "bfloat16"
+    return "int8" if cpu_linear.has_kernel() else "float32"
+
+
 def int8_supported(device="cpu") -> bool:
     """Whether int8 weights can run on `device`: gptfast's kernel (or its PyTorch reference)
     on CPU; elsewhere a working `torch._weight_int8pack_mm`."""

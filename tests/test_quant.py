@@ -163,3 +163,15 @@ def test_int8_unsupported_is_one_line_error(monkeypatch):
     assert int8_supported("cpu") and not int8_supported("meta")
     with pytest.raises(ValueError, match="dtype 'int8' needs torch._weight_int8pack_mm on meta"):
         inference_copy(tiny(), "int8", "meta")
+
+
+def test_auto_dtype_on_cpu(monkeypatch):
+    # "auto" on CPU: int8 runs on gptfast's kernel; without the kernel every small format would
+    # dequantise per call, so it stays float32 (and a converted copy's layers say which)
+    model = tiny()
+    monkeypatch.setattr(cpu_linear, "has_kernel", lambda: True)
+    gen = Generator(model)
+    assert gen.dtype == "int8" and isinstance(gen.model.out_head, Int8Linear)
+    monkeypatch.setattr(cpu_linear, "has_kernel", lambda: False)
+    gen = Generator(model)
+    assert gen.dtype == "float32" and gen.model.trf_blocks[0].att.qkv.weight.dtype == torch.float32

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import platform
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from gptfast.finetune.instruct import INSTRUCT, collate
 from gptfast.lora import apply_lora, count_trainable
 from gptfast.train import TrainConfig, make_optimizer
 
-from common import PeakMemory, commit_id  # noqa: E402  (benchmarks/ is on sys.path)
+from common import PeakMemory, commit_id, device_name  # noqa: E402  (benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -111,6 +110,30 @@ def check_backends_agree(base, task, batch, backends, device):
     return ref_loss
 
 
+def write_report(args, device, preset, steps, inst_len, rows):
+    """The results table: printed and written to args.out with device, date and commit."""
+    name = device_name(device)
+    date = datetime.datetime.now(datetime.timezone.utc)
+    lines = [f"# Fine-tuning step speed ({preset}, fp32, batch {args.batch_size})", "",
+             f"- device: {name}", f"- date: {date:%Y-%m-%d %H:%M} UTC", f"- commit: {commit_id()}",
+             f"- torch {torch.__version__}; {steps} timed AdamW steps after {args.warmup} warm-up",
+             f"- classify: {args.cls_len} tokens, 2-class head; instruct: up to {inst_len} tokens, collate padding",
+             f"- command: python benchmarks/bench_finetune.py --device {device.type} --preset {preset} --steps {steps}"
+             + (f" --threads {args.threads}" if args.threads else ""), "",
+             "| task | trained | backend | trainable params | examples/s | vs reference | peak memory added (MiB) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for task, mode, backend, n, speed, ratio, peak in rows:
+        lines.append(f"| {task} | {mode} | {backend} | {n:,} | {speed:.1f} | {ratio:.2f}x | "
+                     f"{peak:,.0f} |")
+    if device.type != "cuda":
+        lines += ["", "Peak memory on CPU: growth of resident memory from the first step on. Triton is left "
+                  "out on CPU (interpreter only)."]
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"finetune-{device.type}-{preset}-{date:%Y%m%d}-{commit_id()}.md"
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-len(rows) - 2:]), f"\nwrote {path}", sep="\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,26 +181,7 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    date = datetime.datetime.now(datetime.timezone.utc)
-    lines = [f"# Fine-tuning step speed ({preset}, fp32, batch {args.batch_size})", "",
-             f"- device: {name}", f"- date: {date:%Y-%m-%d %H:%M} UTC", f"- commit: {commit_id()}",
-             f"- torch {torch.__version__}; {steps} timed AdamW steps after {args.warmup} warm-up",
-             f"- classify: {args.cls_len} tokens, 2-class head; instruct: up to {inst_len} tokens, collate padding",
-             f"- command: python benchmarks/bench_finetune.py --device {device.type} --preset {preset} --steps {steps}"
-             + (f" --threads {args.threads}" if args.threads else ""), "",
-             "| task | trained | backend | trainable params | examples/s | vs reference | peak memory added (MiB) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
-    for task, mode, backend, n, speed, ratio, peak in rows:
-        lines.append(f"| {task} | {mode} | {backend} | {n:,} | {speed:.1f} | {ratio:.2f}x | "
-                     f"{peak:,.0f} |")
-    if device.type != "cuda":
-        lines += ["", "Peak memory on CPU: growth of resident memory from the first step on. Triton is left "
-                  "out on CPU (interpreter only)."]
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"finetune-{device.type}-{preset}-{date:%Y%m%d}-{commit_id()}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-len(rows) - 2:]), f"\nwrote {path}", sep="\n")
+    write_report(args, device, preset, steps, inst_len, rows)
     return 0
 
 

@@ -4,7 +4,8 @@ format next to Hugging Face transformers (fp32) and CTranslate2 (float32 and int
 from the same weights), then the quality gate of each format on a model trained on The Verdict
 (benchmarks/quality.py).
 
-    python benchmarks/bench_generate.py                 # everything (CPU: ~15 min on 2 quiet cores)
+    python benchmarks/bench_generate.py                 # everything (CPU: over an hour on 2 cores at ~6 GB/s)
+    python benchmarks/bench_generate.py --rounds 3 --new-tokens 100   # the README table (~25 min there)
     python benchmarks/bench_generate.py --batches 1 --rounds 3 --engines ct2-int8 int8 int4 --no-quality
 
 Correctness first: gptfast's and transformers' fp32 logits agree, and every fp32 engine's greedy

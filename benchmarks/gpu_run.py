@@ -98,7 +98,7 @@ def bench_stages(py: str, scratch: str) -> list[Stage]:
               env={"GPTFAST_BENCH_PRESET": "gpt2-small", "GPTFAST_BENCH_T": "1024", "GPTFAST_BENCH_B": "16"},
               pytest=True),
         Stage("decode", 55, "decode tokens/s, batch 1, 200 tokens: bf16 with CUDA graphs vs transformers",
-              (py, "benchmarks/bench_generate.py", "--device", "cuda", "--new-tokens", "200", "--batches", "1", "16",
+              (py, "benchmarks/bench_generate.py", "--device", "cuda", "--new-tokens", "200", "--batches", "1",
                "--rounds", "2", "--engines", "transformers-fp32", "float32", "bfloat16", "--no-quality",
                "--out", scratch)),
     ]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import cpu_linear as cl
+from gptfast.quant import FLOAT_DTYPES, SHORT_DTYPES
 
 from common import ReadFloor, commit_id, device_name, interleaved, load_average  # noqa: E402
 
@@ -60,35 +61,35 @@ def torch_int4(w, group):
             nbytes(wq, qsz), deq)
 
 
+def stored(fmt, w):
+    """(weight, scale, group) operands of gptfast's op for w in format fmt."""
+    if fmt == "int8":
+        return (*cl.quantize_int8(w), 0)
+    if fmt.startswith("int4"):
+        group = int(fmt.split("-g")[1])
+        return (*cl.quantize_int4(w, group), group)
+    return w.to(FLOAT_DTYPES[SHORT_DTYPES[fmt]]).contiguous(), None, 0
+
+
 def kernels_for(fmt, w, paths):
     """{kernel name: (fn(x) -> y, bytes read, fp32 weight it computes with)} for one layer."""
     out = {}
+    wq, scale, group = stored(fmt, w)
     if fmt in ("fp32", "bf16", "fp16"):
-        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[fmt]
-        wd = w.to(dt).contiguous()
-        out["torch F.linear"] = (lambda x: F.linear(x.to(dt), wd), nbytes(wd), wd.float())
+        out["torch F.linear"] = (lambda x: F.linear(x.to(wq.dtype), wq), nbytes(wq), wq.float())
         if fmt == "fp32":
             wt = w.t().contiguous()
             out["torch x @ W (in, out)"] = (lambda x: x @ wt, nbytes(wt), w)
-        for p in paths:
-            out[f"gptfast {p}"] = (lambda x, p=p: cl.linear(x, wd, path=p), nbytes(wd), wd.float())
     elif fmt == "int8":
-        q, s = cl.quantize_int8(w)
-        sb = s.bfloat16()
+        sb = scale.bfloat16()
         if hasattr(torch, "_weight_int8pack_mm"):
-            out["torch _weight_int8pack_mm"] = (lambda x: torch._weight_int8pack_mm(x.bfloat16(), q, sb),
-                                                nbytes(q, sb), q.float() * sb.float()[:, None])
-        for p in paths:
-            out[f"gptfast {p}"] = (lambda x, p=p: cl.linear(x, q, s, path=p), nbytes(q, s), cl.dequantize(q, s))
-    else:
-        group = int(fmt.split("-g")[1])
-        if hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-            out["torch _weight_int4pack_mm_for_cpu"] = torch_int4(w, group)
-        packed, sm = cl.quantize_int4(w, group)
-        deq = cl.dequantize(packed, sm, group, w.shape[1])
-        for p in paths:
-            out[f"gptfast {p}"] = (lambda x, p=p: cl.linear(x, packed, sm, group=group, path=p),
-                                   nbytes(packed, sm), deq)
+            out["torch _weight_int8pack_mm"] = (lambda x: torch._weight_int8pack_mm(x.bfloat16(), wq, sb),
+                                                nbytes(wq, sb), wq.float() * sb.float()[:, None])
+    elif hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        out["torch _weight_int4pack_mm_for_cpu"] = torch_int4(w, group)
+    deq = cl.dequantize(wq, scale, group, w.shape[1])
+    for p in paths:
+        out[f"gptfast {p}"] = (lambda x, p=p: cl.linear(x, wq, scale, group=group, path=p), nbytes(wq, scale), deq)
     return out
 
 
@@ -181,29 +182,19 @@ def crossover(weights, args):
     does above MAX_KERNEL_ROWS (dequantise, then F.linear), interleaved."""
     fns = {}
     for fmt in ("fp32", "int8", "int4-g32"):
-        packed = [_stored(fmt, w) for w in weights]
+        packed = [stored(fmt, w) for w in weights]
         for M in (16, 32, 64, 128, 256):
             xs = [torch.randn(M, w.shape[1]) for w in weights]
             fns[fmt, M, "kernel"] = lambda p=packed, xs=xs: _time(
-                decode_step([lambda x, q=q: torch.ops.gptfast.linear(x, *q) for q in p], xs), 1)
+                decode_step([lambda x, q=q: torch.ops.gptfast.linear(x, q[0], q[1], None, q[2]) for q in p], xs), 1)
             fns[fmt, M, "dequantise + F.linear"] = lambda p=packed, xs=xs: _time(
-                decode_step([lambda x, q=q: cl.reference_linear(x, *q) for q in p], xs), 1)
+                decode_step([lambda x, q=q: cl.reference_linear(x, q[0], q[1], None, q[2]) for q in p], xs), 1)
     times = interleaved(fns, args.rounds)
     lines = ["| format | M | gptfast kernel ms | dequantise + F.linear ms |", "|---|---|---|---|"]
     for fmt, M, _ in list(times)[::2]:
         lines.append(f"| {fmt} | {M} | {1e3 * min(times[fmt, M, 'kernel']):.1f} | "
                      f"{1e3 * min(times[fmt, M, 'dequantise + F.linear']):.1f} |")
     print("\n".join(lines))
-
-
-def _stored(fmt, w):
-    """(weight, scale, bias, group) operands of gptfast's op for fmt."""
-    if fmt == "int8":
-        return (*cl.quantize_int8(w), None, 0)
-    if fmt.startswith("int4"):
-        group = int(fmt.split("-g")[1])
-        return (*cl.quantize_int4(w, group), None, group)
-    return (w, None, None, 0)
 
 
 def _time(step, n):

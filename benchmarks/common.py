@@ -105,6 +105,12 @@ def interleaved(fns: dict, rounds: int) -> dict:
     return out
 
 
+def agreeing_prefix(ids, ref) -> int:
+    """How many leading tokens of `ids` equal `ref`'s (the index of the first difference)."""
+    n = min(len(ids), len(ref))
+    return next((i for i in range(n) if ids[i] != ref[i]), n)
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages (`uptime`), for the results file."""
     return " ".join(f"{x:.1f}" for x in os.getloadavg())

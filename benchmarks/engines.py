@@ -20,7 +20,7 @@ from gptfast.generate import Generator
 from gptfast.tokenizer import GPT2_PATTERN, RANKS_FILE
 from gptfast.weights import save_hf, to_hf_state_dict
 
-from common import load_average  # noqa: E402
+from common import agreeing_prefix, load_average  # noqa: E402
 
 START_LOAD = load_average()
 LABELS = {"transformers-fp32": "transformers fp32", "ct2-float32": "CTranslate2 float32",
@@ -175,7 +175,7 @@ def check_greedy(model, prompt, ids, ref, label_, device):
     the fp32 top-2 logit gap must be within 1e-4 of the logit scale (fp32 engines differ by
     summation order only, ~1e-6 relative)."""
     n = min(len(ids), len(ref))
-    k = next((i for i in range(n) if ids[i] != ref[i]), n)
+    k = agreeing_prefix(ids, ref)
     if k < n:
         with torch.inference_mode():
             logits = model(torch.tensor([prompt + ref[:k]], device=device))[0, -1].float()

@@ -21,6 +21,8 @@ from gptfast.quant import inference_copy
 from gptfast.tokenizer import get_tokenizer
 from gptfast.train import split_text_batches
 
+from common import agreeing_prefix  # noqa: E402  (benchmarks/ is on sys.path)
+
 CACHE = Path(__file__).resolve().parent / ".cache"
 # `make demo`'s run for mini: 20 epochs, the validation loss past its minimum (6.09 at step 100
 # of 180, 6.26 at the end; training loss 2.6)
@@ -69,8 +71,7 @@ def measure(model, dtype, windows, ref_logits=None, ref_ids=None, head=None):
     if ref_logits is not None:
         err = (logits - ref_logits).abs()
         row.update(max_err=err.max().item(), mean_err=err.mean().item(),
-                   agree=sum(next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r))
-                             for o, r in zip(ids, ref_ids)), logits=None)
+                   agree=sum(agreeing_prefix(o, r) for o, r in zip(ids, ref_ids)), logits=None)
     else:
         row["logits"] = logits
     return row

@@ -106,7 +106,10 @@ const Path& find_path(const std::string& name) {
       return p;
     }
   }
-  TORCH_CHECK(false, "gptfast linear: unknown kernel path '", name, "' (GPTFAST_CPU_KERNEL or path=)");
+  std::string known;
+  for (const Path& p : kPaths) known += std::string(known.empty() ? "" : ", ") + p.name;
+  TORCH_CHECK(false, "gptfast linear: unknown kernel path '", name, "' (GPTFAST_CPU_KERNEL or path=); choose from ",
+              known);
 }
 
 // The path for `requested` ("" = GPTFAST_CPU_KERNEL if set, else the best this CPU supports).

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import cpu_linear as cl
-from gptfast.quant import FLOAT_DTYPES, SHORT_DTYPES
+from gptfast.quant import SHORT_DTYPES
 
 from common import ReadFloor, commit_id, device_name, interleaved, load_average  # noqa: E402
 
@@ -62,13 +62,9 @@ def torch_int4(w, group):
 
 
 def stored(fmt, w):
-    """(weight, scale, group) operands of gptfast's op for w in format fmt."""
-    if fmt == "int8":
-        return (*cl.quantize_int8(w), 0)
-    if fmt.startswith("int4"):
-        group = int(fmt.split("-g")[1])
-        return (*cl.quantize_int4(w, group), group)
-    return w.to(FLOAT_DTYPES[SHORT_DTYPES[fmt]]).contiguous(), None, 0
+    """(weight, scale, group) operands of gptfast's op for w in format fmt (fp32/bf16/fp16 are
+    this table's short names)."""
+    return cl.quantize(w, SHORT_DTYPES.get(fmt, fmt))
 
 
 def kernels_for(fmt, w, paths):

@@ -68,6 +68,19 @@ def quantize_int4(weight: torch.Tensor, group: int):
     return pack_int4(q.view(N, -1)), torch.stack([s, m], dim=-1).contiguous()  # (N, groups, 2)
 
 
+def quantize(weight: torch.Tensor, fmt: str):
+    """(weight, scale, group): the op's operands for an fp32 weight (N, K) stored as `fmt`,
+    one of "float32", "bfloat16", "float16", "int8", "int4-g32", "int4-g64", "int4-g128"."""
+    if fmt == "int8":
+        return (*quantize_int8(weight), 0)
+    if fmt.startswith("int4-g"):
+        group = int(fmt[len("int4-g"):])
+        return (*quantize_int4(weight, group), group)
+    if fmt not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown weight format {fmt!r}")
+    return weight.detach().to(getattr(torch, fmt)).contiguous(), None, 0
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q (N, K) in 0..15, K a multiple of 32 -> (N, K / 2) uint8: in each 32 inputs, byte i holds
     input i (low nibble) and input i + 16 (high nibble)."""

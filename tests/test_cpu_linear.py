@@ -17,16 +17,6 @@ PATHS = [pytest.param("avx2", marks=pytest.mark.skipif(
     "avx2" not in cl.kernel_paths(), reason="this CPU (or build) lacks AVX2 + FMA + F16C")), "portable"]
 
 
-def stored(fmt, w):
-    """(weight, scale, group) of `fmt` for the fp32 weight w (out, in)."""
-    if fmt == "int8":
-        return (*cl.quantize_int8(w), 0)
-    if fmt.startswith("int4"):
-        group = int(fmt.split("-g")[1])
-        return (*cl.quantize_int4(w, group), group)
-    return w.to(getattr(torch, fmt)).contiguous(), None, 0
-
-
 def check_fp32(y, x, w_deq, bias, x_rounded=False):
     """y against x @ w_deq^T + bias in fp64. Bound: a dot product of K terms summed in fp32 in
     any order, |err| <= (K + 4) u sum_k |x_k w_k| (+ u |bias|; Higham's gamma_K, with room for
@@ -53,7 +43,7 @@ def test_linear_matches_pytorch(path, fmt, M, K, N):
     gen = torch.Generator().manual_seed(M * 1000 + K + N)
     w, x = torch.randn(N, K, generator=gen) * 0.1, torch.randn(M, K, generator=gen)
     bias = torch.randn(N, generator=gen) if N % 2 else None
-    weight, scale, group = stored(fmt, w)
+    weight, scale, group = cl.quantize(w, fmt)
     y = cl.linear(x, weight, scale, bias, group, path)
     assert y.shape == (M, N) and y.dtype == torch.float32
     check_fp32(y, x, cl.dequantize(weight, scale, group, K), bias, x_rounded=fmt.startswith("int"))
@@ -67,7 +57,7 @@ def test_rows_independent_of_batch(path, fmt):
     # must equal single-request decoding): M = 16 covers every tile height and remainder
     gen = torch.Generator().manual_seed(7)
     w, x = torch.randn(23, 136, generator=gen) * 0.1, torch.randn(16, 136, generator=gen)
-    weight, scale, group = stored(fmt, w)
+    weight, scale, group = cl.quantize(w, fmt)
     batch = cl.linear(x, weight, scale, None, group, path)
     for m in (0, 1, 2, 3, 4, 14, 15):
         assert torch.equal(cl.linear(x[m:m + 1], weight, scale, None, group, path)[0], batch[m]), f"row {m}"
@@ -78,7 +68,7 @@ def test_rows_independent_of_batch(path, fmt):
 def test_leading_dimensions():
     # x (..., K) -> y (..., N), the same as the rows flattened
     gen = torch.Generator().manual_seed(8)
-    weight, scale, group = stored("int4-g32", torch.randn(10, 64, generator=gen))
+    weight, scale, group = cl.quantize(torch.randn(10, 64, generator=gen), "int4-g32")
     x = torch.randn(2, 3, 64, generator=gen)
     y = cl.linear(x, weight, scale, None, group)
     assert y.shape == (2, 3, 10) and torch.equal(y.view(6, 10), cl.linear(x.view(6, 64), weight, scale, None, group))
@@ -93,7 +83,7 @@ def test_low_precision_x(path, dtype):
     # PyTorch's own linear in that dtype
     gen = torch.Generator().manual_seed(3)
     w, x = torch.randn(65, 300, generator=gen) * 0.1, torch.randn(3, 300, generator=gen).to(dtype)
-    weight, scale, group = stored("int8", w)
+    weight, scale, group = cl.quantize(w, "int8")
     deq = cl.dequantize(weight, scale)
     y = cl.linear(x, weight, scale, None, group, path)
     assert y.dtype == dtype
@@ -106,12 +96,12 @@ def test_paths_agree_and_env_forces_one(fmt, monkeypatch):
     # GPTFAST_CPU_KERNEL picks the path (bit-for-bit the path= result); an unknown name is an error
     gen = torch.Generator().manual_seed(5)
     w, x = torch.randn(37, 96, generator=gen), torch.randn(4, 96, generator=gen)
-    weight, scale, group = stored(fmt, w)
+    weight, scale, group = cl.quantize(w, fmt)
     for path in cl.kernel_paths():
         monkeypatch.setenv("GPTFAST_CPU_KERNEL", path)
         assert torch.equal(cl.linear(x, weight, scale, None, group), cl.linear(x, weight, scale, None, group, path))
     monkeypatch.setenv("GPTFAST_CPU_KERNEL", "avx9000")
-    with pytest.raises(RuntimeError, match="unknown kernel path 'avx9000'"):
+    with pytest.raises(RuntimeError, match="unknown kernel path 'avx9000'.*; choose from .*portable"):
         cl.linear(x, weight, scale, None, group)
 
 
@@ -142,6 +132,10 @@ def test_int4_quantiser_bound(group):
 def test_int4_bad_group():
     with pytest.raises(ValueError, match="int4 group size must be one of"):
         cl.quantize_int4(torch.randn(4, 64), 48)
+    with pytest.raises(ValueError, match="int4 group size must be one of"):
+        cl.quantize(torch.randn(4, 64), "int4-g48")
+    with pytest.raises(ValueError, match="unknown weight format 'int3'"):
+        cl.quantize(torch.randn(4, 64), "int3")
 
 
 @needs_c
@@ -189,7 +183,7 @@ def test_reference_rounds_x_as_the_kernel(fmt):
     # then differ by fp32 summation order only
     gen = torch.Generator().manual_seed(9)
     w, x = torch.randn(19, 200, generator=gen) * 0.1, torch.randn(3, 200, generator=gen)
-    weight, scale, group = stored(fmt, w)
+    weight, scale, group = cl.quantize(w, fmt)
     rounded = cl.round_x(x)
     assert (rounded - x).abs().le(x.abs().amax(1, keepdim=True) / 32767 / 2 * (1 + 1e-6)).all()
     check_fp32(cl.linear(x, weight, scale, None, group), rounded, cl.dequantize(weight, scale, group, 200), None)

@@ -66,7 +66,8 @@ def _extensions():
         return [], {}
     # linear_avx2.cpp carries its own target attributes (built with the default flags, run only
     # where the CPU has AVX2/FMA/F16C); on other machines it compiles to nothing
-    sources = ["csrc/register.cpp", "csrc/sampling.cpp", "csrc/linear_cpu.cpp", "csrc/linear_avx2.cpp"]
+    sources = ["csrc/register.cpp", "csrc/sampling.cpp", "csrc/linear_cpu.cpp", "csrc/linear_avx2.cpp",
+               "csrc/decode_cpu.cpp"]
     cpu_paths = "avx2 + portable" if platform.machine().lower() in ("x86_64", "amd64") else "portable"
     flags = {"cxx": ["-O3"]}
     wanted = os.environ.get("GPTFAST_CUDA", "")

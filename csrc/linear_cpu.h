@@ -10,6 +10,7 @@
 //       bytes, byte i holding input i in its low and input i + 16 in its high nibble (one load,
 //       an AND and a shift give two vectors of 16).
 #pragma once
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -75,5 +76,9 @@ void rows_portable(const Weight& w, const Input& in, float* y, int64_t ldy, int6
 #if defined(__x86_64__) || defined(_M_X64)
 void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
 #endif
+
+// The op itself (registered as gptfast::linear; decode_cpu.cpp calls it directly).
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+                      const c10::optional<at::Tensor>& bias, int64_t group_size, c10::string_view path);
 
 }  // namespace gptfast

@@ -1,6 +1,7 @@
 // Declares the gptfast::sample_top_k operator (kernels: sampling.cpp for CPU,
 // sampling_cuda.cu for CUDA; the fake/meta kernel is registered in gptfast/sampling.py),
-// gptfast::linear (CPU kernel: linear_cpu.cpp; fake kernel in gptfast/cpu_linear.py)
+// gptfast::linear (CPU kernel: linear_cpu.cpp; fake kernel in gptfast/cpu_linear.py),
+// gptfast::decode_step (CPU: decode_cpu.cpp)
 // and the empty Python module gptfast._C whose import loads them.
 #include <Python.h>
 #include <torch/library.h>
@@ -15,6 +16,14 @@ TORCH_LIBRARY(gptfast, m) {
   // with a float32 scale (N,), or packed int4 (uint8) with float16 (scale, min) (N, groups, 2).
   // path: "" = the best for this CPU (or GPTFAST_CPU_KERNEL), else one of linear_paths().
   m.def("linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int group_size, str path=\"\") -> Tensor");
+  // One GPT-2 decode step on CPU (decode_cpu.cpp; operands built by gptfast/cpu_decode.py): row i's
+  // token at position lengths[i], its key/value written to slot lengths[i] of cache row i.
+  // norms: per block norm1 (scale, shift), norm2 (scale, shift), then the final norm's; linears:
+  // (weight, scale, bias) for qkv, out_proj, fc, proj of each block, then the head; groups: one
+  // per linear. Returns the logits (n, vocab_size).
+  m.def("decode_step(Tensor tokens, Tensor lengths, Tensor tok_emb, Tensor pos_emb, Tensor[] norms, "
+        "Tensor?[] linears, int[] groups, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int n_heads, float eps, "
+        "int vocab_size) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -178,11 +178,12 @@ def _close_all():
 class Engine:
     """The continuous-batching loop over one model (run as `private_model(model)`).
     `max_batch` sequences run at once (the cache grows to it on demand); `max_queue` bounds the
-    prompts waiting (None: no bound); `cuda_graph` decodes through captured graphs on CUDA.
+    prompts waiting (None: no bound); `cuda_graph` decodes through captured graphs on CUDA,
+    `fused_cpu_step` through one C++ call per step on CPU (gptfast.cpu_decode) where it can.
     `observer`, when given, hears about steps, tokens and finished requests (gptfast.serve)."""
 
     def __init__(self, model, context_size: int | None = None, max_batch: int = 32, max_queue: int | None = None,
-                 cuda_graph: bool = True, observer=None):
+                 cuda_graph: bool = True, observer=None, fused_cpu_step: bool = True):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1):
@@ -193,8 +194,9 @@ class Engine:
         ctx = self.cfg.context_length
         self.context_size = ctx if context_size is None else check_context_size(context_size, ctx)
         self.max_batch, self.max_queue, self.observer = max_batch, max_queue, observer
-        self.runner = Runner(model, self.context_size, max_batch, self.device,
-                             static=cuda_graph and self.device.type == "cuda")
+        self.runner = Runner(self.model, self.context_size, max_batch, self.device,
+                             static=cuda_graph and self.device.type == "cuda",
+                             fused=fused_cpu_step and self.device.type == "cpu")
         self._lock = threading.Lock()
         self._queue: deque[_Group] = deque()
         self._waiting = 0  # prompts in the queue

@@ -1,7 +1,8 @@
 """The model side of the generation engine (gptfast.engine): a KV cache with one row per
 sequence, the prefill of one row, and one decode step over rows [0, n) at different lengths.
 
-Eager (CPU): a decode step runs the n rows over the keys filled so far. Static (CUDA): the
+Eager (CPU): a decode step runs the n rows over the keys filled so far, in one call of the fused
+C++ step (gptfast.cpu_decode) where the model allows, else through the model's forward. Static (CUDA): the
 step has fixed shapes — the batch padded up to the next of a few sizes (1, 2, 4, ... up to
 max_batch), the whole cache buffer, every index a device tensor — and is captured once per
 size as a CUDA graph, the chosen token included (argmax, or the sampler with a device seed),
@@ -15,6 +16,7 @@ import warnings
 
 import torch
 
+from .cpu_decode import FusedDecode
 from .kv_cache import CacheStep, make_caches
 from .sampling import SamplingParams, sample
 
@@ -29,10 +31,13 @@ def batch_sizes(max_batch: int) -> list[int]:
 
 
 class Runner:
-    def __init__(self, model, context_size: int, max_batch: int, device: torch.device, static: bool):
+    def __init__(self, model, context_size: int, max_batch: int, device: torch.device, static: bool,
+                 fused: bool = False):
         self.cfg, self.context_size, self.device = model.cfg, context_size, device
         self.sizes = batch_sizes(max_batch)
         self.static = static  # decode through the fixed-shape step (captured as a graph on CUDA)
+        # eager steps in one C++ call (CPU), when asked for and the model has nothing it cannot run
+        self.fused = FusedDecode.for_model(model) if fused and not static else None
         self.dtype = model.tok_emb.weight.dtype
         self.step = CacheStep()
         self.rows, self.caches = 0, []
@@ -69,6 +74,9 @@ class Runner:
         n = len(tokens)
         if not self.static:
             lengths_t = torch.tensor(lengths, device=self.device)
+            if self.fused is not None:
+                logits = self.fused(torch.tensor(tokens), lengths_t, self.caches)
+                return logits, (logits.argmax(-1) if params is None else sample(logits, params, seed))
             self.step.decode(lengths_t, max(lengths) + 1, lengths[0] if min(lengths) == max(lengths) else None)
             logits = self._forward(model, torch.tensor(tokens, device=self.device).view(n, 1), lengths_t.view(n, 1))
             return logits, (logits.argmax(-1) if params is None else sample(logits, params, seed))

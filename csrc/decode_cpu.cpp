@@ -1,0 +1,184 @@
+// gptfast::decode_step: one decode step of GPT-2 on CPU in one call. Each of n rows brings one
+// token at its own position (its length so far in the KV cache); the step embeds the tokens,
+// runs every block (LayerNorm, qkv, the new key/value written into the cache, attention over
+// the row's own slots, out_proj, residual, LayerNorm, fc + GELU, proj, residual), the final
+// LayerNorm and the output head, and returns the logits (n, vocab_size).
+//
+// Why: at batch 1 a token is ~50 matmuls that read the weights plus ~300 small ops; in eager
+// PyTorch the small ops and the Python between them cost a third of the token (see
+// benchmarks/profile_decode.py). Here they are plain loops over a few thousand floats. The
+// matmuls are gptfast::linear's (linear_cpu.cpp), so every weight format it reads runs here,
+// with the same results bit for bit. The reference is the model's own forward through the
+// KV cache (gptfast.runner); tests/test_cpu_decode.py checks one against the other.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "linear_cpu.h"
+
+namespace gptfast {
+namespace {
+
+constexpr int64_t kLinearsPerBlock = 4;  // qkv, out_proj, fc, proj (each: weight, scale, bias)
+constexpr int64_t kNormsPerBlock = 4;    // norm1 scale, shift, norm2 scale, shift
+
+// out = LayerNorm(x) of C values (two passes in fp32, as the reference module computes it).
+void layer_norm(const float* x, const float* scale, const float* shift, float eps, int64_t C, float* out) {
+  float mean = 0.f;
+  for (int64_t c = 0; c < C; ++c) mean += x[c];
+  mean /= static_cast<float>(C);
+  float var = 0.f;
+  for (int64_t c = 0; c < C; ++c) var += (x[c] - mean) * (x[c] - mean);
+  const float inv = 1.f / std::sqrt(var / static_cast<float>(C) + eps);
+  for (int64_t c = 0; c < C; ++c) out[c] = (x[c] - mean) * inv * scale[c] + shift[c];
+}
+
+// tanh by a rational function (the one Eigen vectorises): a few float ulps over the whole
+// range, in mul/add/div/min/max only, so the loop vectorises where std::tanh would not.
+inline float tanh_rational(float x) {
+  constexpr float kClamp = 7.90531110763549805f;  // tanh rounds to +-1 in float beyond
+  x = x < -kClamp ? -kClamp : (x > kClamp ? kClamp : x);
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return x * p / q;
+}
+
+// GPT-2's GELU (tanh form), in place.
+void gelu(float* x, int64_t count) {
+  constexpr float kSqrt2OverPi = 0.7978845608028654f;
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = x[i];
+    x[i] = 0.5f * v * (1.f + tanh_rational(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
+  }
+}
+
+// One head of one row: store the new key/value at slot L of the row's cache, then out (D) =
+// softmax(q K[0..L]^T / sqrt(D)) V[0..L]. k, v: the row's (S, D) slots of this head.
+void attend(const float* q, const float* k_new, const float* v_new, float* k, float* v, int64_t L, int64_t D,
+            float* scores, float* out) {
+  std::copy_n(k_new, D, k + L * D);
+  std::copy_n(v_new, D, v + L * D);
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  float big = -INFINITY;
+  for (int64_t s = 0; s <= L; ++s) {
+    float dot = 0.f;
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[s * D + d];
+    scores[s] = dot * scale;
+    big = std::max(big, scores[s]);
+  }
+  float total = 0.f;
+  for (int64_t s = 0; s <= L; ++s) total += (scores[s] = std::exp(scores[s] - big));
+  std::fill_n(out, D, 0.f);
+  for (int64_t s = 0; s <= L; ++s) {
+    const float p = scores[s] / total;
+    for (int64_t d = 0; d < D; ++d) out[d] += p * v[s * D + d];
+  }
+}
+
+void check_float(const at::Tensor& t, const char* what, int64_t numel) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == numel,
+              "gptfast decode_step: ", what, " must be a contiguous float32 tensor of ", numel, " values");
+}
+
+}  // namespace
+
+at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, const at::Tensor& tok_emb,
+                           const at::Tensor& pos_emb, at::TensorList norms,
+                           const c10::List<c10::optional<at::Tensor>>& linears, at::IntArrayRef groups,
+                           at::TensorList k_cache, at::TensorList v_cache, int64_t n_heads, double eps,
+                           int64_t vocab_size) {
+  const int64_t L = static_cast<int64_t>(k_cache.size()), n = tokens.numel(), C = tok_emb.size(1);
+  const int64_t D = C / n_heads, S = pos_emb.size(0);
+  TORCH_CHECK(n_heads > 0 && C % n_heads == 0, "gptfast decode_step: ", C, " channels do not split into ",
+              n_heads, " heads");
+  TORCH_CHECK(static_cast<int64_t>(v_cache.size()) == L && static_cast<int64_t>(norms.size()) == kNormsPerBlock * L + 2 &&
+                  static_cast<int64_t>(linears.size()) == 3 * (kLinearsPerBlock * L + 1) &&
+                  static_cast<int64_t>(groups.size()) == kLinearsPerBlock * L + 1,
+              "gptfast decode_step: operands for ", L, " layers need ", kNormsPerBlock * L + 2, " norm tensors, ",
+              3 * (kLinearsPerBlock * L + 1), " linear operands and ", kLinearsPerBlock * L + 1, " group sizes");
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && lengths.numel() == n &&
+                  tokens.is_contiguous() && lengths.is_contiguous(),
+              "gptfast decode_step: tokens and lengths must be contiguous int64 tensors of one size");
+  check_float(tok_emb, "tok_emb", tok_emb.numel());
+  check_float(pos_emb, "pos_emb", S * C);
+  for (const at::Tensor& t : norms) check_float(t, "a LayerNorm parameter", C);
+  for (int64_t l = 0; l < L; ++l)
+    for (const at::Tensor& t : {k_cache[l], v_cache[l]})
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4 && t.size(0) >= n &&
+                      t.size(1) == n_heads && t.size(3) == D,
+                  "gptfast decode_step: each cache must be contiguous float32 (rows >= ", n, ", ", n_heads,
+                  ", slots, ", D, ")");
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  const int64_t slots = L ? k_cache[0].size(2) : S;
+  for (int64_t m = 0; m < n; ++m) {
+    TORCH_CHECK(0 <= tok[m] && tok[m] < vocab_size, "gptfast decode_step: token id ", tok[m], " of row ", m,
+                " is outside the vocabulary [0, ", vocab_size, ")");
+    TORCH_CHECK(0 <= len[m] && len[m] < std::min(S, slots), "gptfast decode_step: row ", m, " has length ", len[m],
+                "; the cache and the context hold ", std::min(S, slots), " positions");
+  }
+
+  auto linear = [&](const at::Tensor& x, int64_t i) {  // linear i of the list: x (n, K) -> (n, N)
+    return linear_cpu(x, *linears.get(3 * i), linears.get(3 * i + 1), linears.get(3 * i + 2), groups[i], "");
+  };
+  const auto opts = tok_emb.options();
+  at::Tensor x = at::empty({n, C}, opts), h = at::empty({n, C}, opts), att = at::empty({n, C}, opts);
+  float* xp = x.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  for (int64_t m = 0; m < n; ++m) {  // token + position embeddings
+    const float* te = tok_emb.data_ptr<float>() + tok[m] * C;
+    const float* pe = pos_emb.data_ptr<float>() + len[m] * C;
+    for (int64_t c = 0; c < C; ++c) xp[m * C + c] = te[c] + pe[c];
+  }
+  const auto norm = [&](int64_t i, const float* in, float* out) {
+    layer_norm(in, norms[i].data_ptr<float>(), norms[i + 1].data_ptr<float>(), static_cast<float>(eps), C, out);
+  };
+  const auto add_into_x = [&](const at::Tensor& y) {  // the residual stream: x += y
+    const float* yp = y.data_ptr<float>();
+    for (int64_t i = 0; i < n * C; ++i) xp[i] += yp[i];
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t m = 0; m < n; ++m) norm(kNormsPerBlock * l, xp + m * C, hp + m * C);
+    const at::Tensor qkv = linear(h, kLinearsPerBlock * l);  // (n, 3C): q, k, v, each (H, D)
+    const float* qp = qkv.data_ptr<float>();
+    float* ap = att.data_ptr<float>();
+    float* kc = k_cache[l].data_ptr<float>();
+    float* vc = v_cache[l].data_ptr<float>();
+    at::parallel_for(0, n * n_heads, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores(slots);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t m = i / n_heads, hd = i % n_heads;
+        const float* row = qp + m * 3 * C + hd * D;
+        const int64_t cache = (m * n_heads + hd) * slots * D;  // (row, head) of (rows, H, slots, D)
+        attend(row, row + C, row + 2 * C, kc + cache, vc + cache, len[m], D, scores.data(), ap + m * C + hd * D);
+      }
+    });
+    add_into_x(linear(att, kLinearsPerBlock * l + 1));
+    for (int64_t m = 0; m < n; ++m) norm(kNormsPerBlock * l + 2, xp + m * C, hp + m * C);
+    at::Tensor f = linear(h, kLinearsPerBlock * l + 2);  // (n, 4C)
+    gelu(f.data_ptr<float>(), f.numel());
+    add_into_x(linear(f, kLinearsPerBlock * l + 3));
+  }
+  for (int64_t m = 0; m < n; ++m) norm(kNormsPerBlock * L, xp + m * C, hp + m * C);
+  return linear(h, kLinearsPerBlock * L).narrow(1, 0, vocab_size).contiguous();  // (n, vocab_size): no padding rows
+}
+
+TORCH_LIBRARY_IMPL(gptfast, CPU, m) { m.impl("decode_step", decode_step_cpu); }
+
+}  // namespace gptfast

@@ -69,7 +69,12 @@ def _extensions():
     sources = ["csrc/register.cpp", "csrc/sampling.cpp", "csrc/linear_cpu.cpp", "csrc/linear_avx2.cpp",
                "csrc/decode_cpu.cpp"]
     cpu_paths = "avx2 + portable" if platform.machine().lower() in ("x86_64", "amd64") else "portable"
-    flags = {"cxx": ["-O3"]}
+    # at::parallel_for splits work over torch's threads only in code compiled with OpenMP (its
+    # header falls back to a serial loop otherwise): without -fopenmp every kernel ran on one core.
+    # libgomp.so.1 is the runtime torch itself loads, so there is one thread pool.
+    openmp = ["-fopenmp"] if platform.system() == "Linux" else []
+    flags = {"cxx": ["-O3", *openmp]}
+    cpu_paths += ", OpenMP threads" if openmp else ", one thread (no OpenMP on this platform)"
     wanted = os.environ.get("GPTFAST_CUDA", "")
     reason = "GPTFAST_CUDA=0" if wanted == "0" else _cuda_skip_reason(torch, cpp_extension)
     if reason is None:
@@ -77,12 +82,12 @@ def _extensions():
             "gptfast._C", sources + ["csrc/sampling_cuda.cu"],
             # no -std here: torch appends the standard its headers need (an explicit one
             # would clash with it: nvcc warns and takes the last)
-            extra_compile_args={**flags, "nvcc": ["-O3"]})
+            extra_compile_args={**flags, "nvcc": ["-O3"]}, extra_link_args=openmp)
         _say(f"building gptfast._C with the C++ (CPU; linear paths: {cpu_paths}) and CUDA kernels")
     else:
         if wanted == "1":
             raise SystemExit(f"gptfast setup: GPTFAST_CUDA=1 but the CUDA kernels cannot be built: {reason}")
-        ext = cpp_extension.CppExtension("gptfast._C", sources, extra_compile_args=flags)
+        ext = cpp_extension.CppExtension("gptfast._C", sources, extra_compile_args=flags, extra_link_args=openmp)
         _say(f"building gptfast._C with the C++ (CPU; linear paths: {cpu_paths}) kernels only; WARNING: CUDA kernels skipped: {reason}")
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 

@@ -114,7 +114,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="decode steps per kernel per round (mean taken)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--crossover", action="store_true",
-                    help="instead: the kernel vs dequantise + F.linear at prefill sizes (sets MAX_KERNEL_ROWS)")
+                    help="instead: the kernel vs dequantise + F.linear at prefill sizes (sets cpu_linear.MAX_KERNEL_ROWS)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_linear.md"))
     args = ap.parse_args()
     if args.threads:
@@ -177,9 +177,9 @@ def crossover(weights, args):
     """ms per pass over the 48 block layers at M rows: gptfast's kernel vs what cpu_linear.linear
     does above MAX_KERNEL_ROWS (dequantise, then F.linear), interleaved."""
     fns = {}
-    for fmt in ("fp32", "int8", "int4-g32"):
+    for fmt in ("fp32", "fp16", "int8", "int4-g32", "int4-g128"):
         packed = [stored(fmt, w) for w in weights]
-        for M in (16, 32, 64, 128, 256):
+        for M in (16, 32, 64, 128, 256, 512):
             xs = [torch.randn(M, w.shape[1]) for w in weights]
             fns[fmt, M, "kernel"] = lambda p=packed, xs=xs: _time(
                 decode_step([lambda x, q=q: torch.ops.gptfast.linear(x, q[0], q[1], None, q[2]) for q in p], xs), 1)

@@ -1,25 +1,24 @@
 """Where a decode token's time goes on CPU: gptfast's `Generator` (GPT-2 124M, random init,
-batch 1, greedy) under torch.profiler, per weight format: the linear layers (gptfast::linear)
-against everything else (attention, LayerNorm, GELU, the KV-cache writes, the sampler, and the
-Python between ops, which the profiler sees as the gap between op times and the wall time), and
-what the engine adds around the step (generate's time per token minus the step's).
+batch 1, greedy), per weight format. A step is one call of the fused C++ step
+(gptfast.cpu_decode), so the split is measured, not profiled: the step's 49 matmuls called on
+their own (the same operands through gptfast::linear) against the whole step; the rest of the
+step is attention, LayerNorm, GELU, the KV-cache writes and the embeddings; the engine's share
+is generate's time per token minus the step's. The eager step (the model's forward, ~350 ops
+and the Python between them) is timed beside it for comparison. Interleaved rounds, medians.
 
     python benchmarks/profile_decode.py [--dtypes float32 int8 int4] [--tokens 100] [--threads 1]
 
-Prints a table per token (ms) and the heaviest non-matmul ops; writes
-benchmarks/results/decode_profile_cpu.md.
+Prints a table per token (ms); writes benchmarks/results/decode_profile_cpu.md.
 """
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import datetime
+import statistics
 import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from gptfast import GPTConfig, GPTModel
 from gptfast.generate import Generator
@@ -27,64 +26,83 @@ from gptfast.generate import Generator
 from common import commit_id, device_name, load_average  # noqa: E402
 
 PROMPT = [6109, 3626, 6100, 345]
+COLUMNS = ("generate", "step", "matmuls", "eager step")
 
 
-def profile_dtype(model, dtype, tokens):
-    """(generate's wall ms per token, [a decode step's ms: plain, profiled], {op: self ms per
-    profiled step}). The
-    engine decodes on its own thread, which the profiler does not see, so the profiled steps
-    are the engine's runner driven from this thread over the same model and cache."""
-    gen = Generator(model, dtype=dtype)
-    gen.generate_ids([PROMPT], 8)  # warm-up
-    t = time.perf_counter()
-    gen.generate_ids([PROMPT], tokens)
-    wall = (time.perf_counter() - t) / tokens
-    runner, m = gen.engine.runner, gen.engine.model
-    steps = []
-    with torch.inference_mode():
-        for profiled in (False, True):  # timed plainly, then again under the profiler for the ops
-            runner.reserve(m, 1)
-            runner.prefill(m, [0], [PROMPT])
-            with profile(activities=[ProfilerActivity.CPU]) if profiled else contextlib.nullcontext() as prof:
-                t = time.perf_counter()
-                for i in range(tokens):
-                    runner.decode(m, [PROMPT[-1]], [len(PROMPT) + i])
-                steps.append(1e3 * (time.perf_counter() - t) / tokens)
-    ops = collections.Counter()
-    for e in prof.key_averages():
-        ops[e.key] += e.self_cpu_time_total / 1e3 / tokens  # ms per step
-    return 1e3 * wall, steps, ops
+class Timer:
+    """The four times (ms per token) of one weight format, one round at a time."""
+
+    def __init__(self, model, dtype):
+        self.gen = Generator(model, dtype=dtype)
+        self.gen.generate_ids([PROMPT], 8)  # warm-up
+        self.runner, self.model = self.gen.engine.runner, self.gen.engine.model
+        self.fused = self.runner.fused
+        if self.fused is None:
+            raise SystemExit(f"{dtype}: no fused CPU decode step here (gptfast._C not built?)")
+        C = model.cfg.emb_dim
+        n = len(self.fused.groups)  # 4 per block, then the head; proj (every 4th) takes 4C inputs
+        self.matmuls = [(torch.randn(1, 4 * C if i % 4 == 3 and i < n - 1 else C), *self.fused.linears[3 * i: 3 * i + 3],
+                         group) for i, group in enumerate(self.fused.groups)]
+
+    def _steps(self, tokens, fn) -> float:
+        """ms per call of fn(i) over `tokens` decode positions after a fresh prefill."""
+        self.runner.reserve(self.model, 1)
+        self.runner.prefill(self.model, [0], [PROMPT])
+        t = time.perf_counter()
+        for i in range(tokens):
+            fn(i)
+        return 1e3 * (time.perf_counter() - t) / tokens
+
+    def round(self, tokens) -> dict[str, float]:
+        t = time.perf_counter()
+        self.gen.generate_ids([PROMPT], tokens)
+        out = {"generate": 1e3 * (time.perf_counter() - t) / tokens}
+        decode = lambda i: self.runner.decode(self.model, [PROMPT[-1]], [len(PROMPT) + i])  # noqa: E731
+        with torch.inference_mode():
+            out["step"] = self._steps(tokens, decode)
+            out["matmuls"] = self._steps(tokens, lambda i: [torch.ops.gptfast.linear(*mm) for mm in self.matmuls])
+            self.runner.fused = None  # the model's own forward
+            try:
+                out["eager step"] = self._steps(tokens, decode)
+            finally:
+                self.runner.fused = self.fused
+        return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8", "int4"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "int8", "int4-g128"])
     ap.add_argument("--tokens", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--top", type=int, default=8, help="non-matmul ops listed per format")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_profile_cpu.md"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(123)
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").eval()
-    lines = [f"# Decode time per token on CPU, GPT-2 124M, batch 1, {args.tokens} tokens (torch.profiler)",
+    timers = {dtype: Timer(model, dtype) for dtype in args.dtypes}
+    times = {dtype: {c: [] for c in COLUMNS} for dtype in args.dtypes}
+    for _ in range(args.rounds):
+        for dtype, timer in timers.items():
+            for column, ms in timer.round(args.tokens).items():
+                times[dtype][column].append(ms)
+    lines = [f"# Decode time per token on CPU, GPT-2 124M, batch 1, {args.tokens} tokens",
              f"device: {device_name('cpu')}, torch {torch.__version__}, date "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}, "
-             f"load average {load_average()}", "",
-             "| weights | generate ms/token | decode step ms: plain / profiled | matmuls (gptfast::linear) | other ops "
-             "| Python and gaps | engine (generate - step) | matmul share of the step |",
+             f"load average {load_average()}",
+             f"command: python benchmarks/profile_decode.py --dtypes {' '.join(args.dtypes)} --tokens {args.tokens} "
+             f"--rounds {args.rounds}" + (f" --threads {args.threads}" if args.threads else ""),
+             f"medians of {args.rounds} interleaved rounds, ms per token", "",
+             "| weights | generate | fused step | its matmuls | rest of the step | engine (generate - step) "
+             "| matmul share of the step | eager step (model forward) |",
              "|---|---|---|---|---|---|---|---|"]
-    details = []
     for dtype in args.dtypes:
-        wall, (step, profiled), ops = profile_dtype(model, dtype, args.tokens)
-        mm = ops.pop("gptfast::linear", 0.0)
-        other = sum(ops.values())
-        lines.append(f"| {dtype} | {wall:.2f} | {step:.2f} / {profiled:.2f} | {mm:.2f} | {other:.2f} "
-                     f"| {max(0.0, profiled - mm - other):.2f} | {wall - step:.2f} | {100 * mm / profiled:.0f}% |")
-        top = ", ".join(f"{k} {v:.3f}" for k, v in ops.most_common(args.top))
-        details.append(f"- {dtype}: heaviest other ops (ms/token): {top}")
-    text = "\n".join(lines + [""] + details)
+        m = {c: statistics.median(v) for c, v in times[dtype].items()}
+        lines.append(f"| {dtype} | {m['generate']:.2f} | {m['step']:.2f} | {m['matmuls']:.2f} "
+                     f"| {max(0.0, m['step'] - m['matmuls']):.2f} | {m['generate'] - m['step']:.2f} "
+                     f"| {100 * min(1.0, m['matmuls'] / m['step']):.0f}% | {m['eager step']:.2f} |")
+    text = "\n".join(lines)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text + "\n")

@@ -26,7 +26,10 @@ except ImportError:  # not built: reference_linear is the fallback
     _HAS_OP = False
 
 INT4_GROUPS = (32, 64, 128)
-MAX_KERNEL_ROWS = 64  # beyond, dequantise + F.linear (benchmarks/bench_cpu_linear.py --crossover)
+# Rows of x up to which gptfast's kernel beats dequantise + F.linear (torch's GEMM), by weight
+# dtype (benchmarks/bench_cpu_linear.py --crossover, 2 threads): the integer formats would
+# dequantise every weight on each call, so their kernel wins up to long prompts.
+MAX_KERNEL_ROWS = {torch.float32: 32, torch.bfloat16: 96, torch.float16: 96, torch.int8: 512, torch.uint8: 256}
 
 if _HAS_OP:
     @torch.library.register_fake("gptfast::linear")
@@ -128,11 +131,11 @@ def reference_linear(x, weight, scale=None, bias=None, group=0):
 
 def linear(x, weight, scale=None, bias=None, group=0, path=""):
     """y (..., N) = x (..., K) W^T + bias (see the module docstring). On CPU, up to
-    MAX_KERNEL_ROWS rows run gptfast's kernel; more rows (the prefill of a long prompt) or no
+    MAX_KERNEL_ROWS[weight.dtype] rows run gptfast's kernel; more rows (a long prefill) or no
     kernel: the dequantised weight through F.linear (torch's GEMM blocks for cache, where the
     kernel's matrix-vector tiles would re-read x). int8 on CUDA: torch's `_weight_int8pack_mm`."""
-    if _HAS_OP and x.device.type == "cpu" and (x.dim() == 0 or x.numel() <= MAX_KERNEL_ROWS * x.shape[-1]):
-        # (a 0-d x goes to the op too, which names the problem)
+    rows = MAX_KERNEL_ROWS.get(weight.dtype, 1)  # (a 0-d x and other dtypes: the op names the problem)
+    if _HAS_OP and x.device.type == "cpu" and (x.dim() == 0 or x.numel() <= rows * x.shape[-1]):
         return torch.ops.gptfast.linear(x, weight, scale, bias, group, path)
     if x.is_cuda and weight.dtype == torch.int8:
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale.to(torch.bfloat16)).to(x.dtype)

@@ -138,10 +138,10 @@ def test_layer_without_kernel(make, monkeypatch):
 
 
 def test_long_prefill_takes_the_gemm_path():
-    # more rows than MAX_KERNEL_ROWS: dequantised weights through F.linear, the same function
+    # more rows than MAX_KERNEL_ROWS allows int8: dequantised weights through F.linear, the same function
     lin = torch.nn.Linear(64, 24)
     q = Int8Linear(lin)
-    x = torch.randn(cpu_linear.MAX_KERNEL_ROWS + 3, 64)
+    x = torch.randn(cpu_linear.MAX_KERNEL_ROWS[torch.int8] + 3, 64)
     with torch.no_grad():
         assert_close(q(x), torch.cat([q(x[:4]), q(x[4:])]), 1e-5, "int8 rows above and below the kernel limit")
 

@@ -73,7 +73,9 @@ def _extensions():
     # header falls back to a serial loop otherwise): without -fopenmp every kernel ran on one core.
     # libgomp.so.1 is the runtime torch itself loads, so there is one thread pool.
     openmp = ["-fopenmp"] if platform.system() == "Linux" else []
-    flags = {"cxx": ["-O3", *openmp]}
+    # -fno-trapping-math (clang's default): loops with a clamp or a division may then vectorise
+    # (decode_cpu.cpp's GELU and softmax); nothing here reads the floating-point exception flags
+    flags = {"cxx": ["-O3", "-fno-trapping-math", *openmp]}
     cpu_paths += ", OpenMP threads" if openmp else ", one thread (no OpenMP on this platform)"
     wanted = os.environ.get("GPTFAST_CUDA", "")
     reason = "GPTFAST_CUDA=0" if wanted == "0" else _cuda_skip_reason(torch, cpp_extension)

@@ -18,9 +18,19 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 #include "linear_cpu.h"
+
+// The loops below are plain C++; on x86-64 each is also built for AVX2 + FMA (x86-64-v3) and the
+// loader picks the clone this CPU runs (GCC/clang target_clones).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GPTFAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GPTFAST_CLONES
+#endif
 
 namespace gptfast {
 namespace {
@@ -29,7 +39,7 @@ constexpr int64_t kLinearsPerBlock = 4;  // qkv, out_proj, fc, proj (each: weigh
 constexpr int64_t kNormsPerBlock = 4;    // norm1 scale, shift, norm2 scale, shift
 
 // out = LayerNorm(x) of C values (two passes in fp32, as the reference module computes it).
-void layer_norm(const float* x, const float* scale, const float* shift, float eps, int64_t C, float* out) {
+GPTFAST_CLONES void layer_norm(const float* x, const float* scale, const float* shift, float eps, int64_t C, float* out) {
   float mean = 0.f;
   for (int64_t c = 0; c < C; ++c) mean += x[c];
   mean /= static_cast<float>(C);
@@ -43,7 +53,8 @@ void layer_norm(const float* x, const float* scale, const float* shift, float ep
 // range, in mul/add/div/min/max only, so the loop vectorises where std::tanh would not.
 inline float tanh_rational(float x) {
   constexpr float kClamp = 7.90531110763549805f;  // tanh rounds to +-1 in float beyond
-  x = x < -kClamp ? -kClamp : (x > kClamp ? kClamp : x);
+  x = x < -kClamp ? -kClamp : x;
+  x = x > kClamp ? kClamp : x;
   const float x2 = x * x;
   float p = -2.76076847742355e-16f;
   p = p * x2 + 2.00018790482477e-13f;
@@ -60,7 +71,7 @@ inline float tanh_rational(float x) {
 }
 
 // GPT-2's GELU (tanh form), in place.
-void gelu(float* x, int64_t count) {
+GPTFAST_CLONES void gelu(float* x, int64_t count) {
   constexpr float kSqrt2OverPi = 0.7978845608028654f;
   for (int64_t i = 0; i < count; ++i) {
     const float v = x[i];
@@ -68,22 +79,57 @@ void gelu(float* x, int64_t count) {
   }
 }
 
+// e^x for x <= 0 (softmax's shifted scores) within 1 float ulp: 2^n p(r) with n = round(x log2 e)
+// and Cephes expf's polynomial on |r| <= ln 2 / 2, in arithmetic and bit operations that
+// vectorise where std::exp is a library call per element.
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;  // e^-87 is still a normal float
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;         // x - n ln 2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) * (1 << 23);  // times 2^n
+  std::memcpy(&p, &bits, sizeof bits);
+  return p;
+}
+
+// sum a[d] b[d] in 8 interleaved partial sums (a fixed order that vectorises, where one running
+// sum would be a chain of dependent adds).
+inline float dot(const float* a, const float* b, int64_t D) {
+  float part[8] = {};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[d + j] * b[d + j];
+  for (; d < D; ++d) part[0] += a[d] * b[d];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
 // One head of one row: store the new key/value at slot L of the row's cache, then out (D) =
 // softmax(q K[0..L]^T / sqrt(D)) V[0..L]. k, v: the row's (S, D) slots of this head.
-void attend(const float* q, const float* k_new, const float* v_new, float* k, float* v, int64_t L, int64_t D,
-            float* scores, float* out) {
+GPTFAST_CLONES void attend(const float* q, const float* k_new, const float* v_new, float* k, float* v, int64_t L,
+                           int64_t D, float* scores, float* out) {
   std::copy_n(k_new, D, k + L * D);
   std::copy_n(v_new, D, v + L * D);
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  float big = -INFINITY;
+  float big = -INFINITY, sum = 0.f;
   for (int64_t s = 0; s <= L; ++s) {
-    float dot = 0.f;
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[s * D + d];
-    scores[s] = dot * scale;
+    scores[s] = dot(q, k + s * D, D) * scale;
     big = std::max(big, scores[s]);
+    sum += scores[s];
+  }
+  if (!std::isfinite(sum)) {  // a NaN or inf in q or the keys: NaN out, as the reference gives
+    std::fill_n(out, D, std::numeric_limits<float>::quiet_NaN());
+    return;
   }
   float total = 0.f;
-  for (int64_t s = 0; s <= L; ++s) total += (scores[s] = std::exp(scores[s] - big));
+  for (int64_t s = 0; s <= L; ++s) total += (scores[s] = exp_nonpositive(scores[s] - big));
   std::fill_n(out, D, 0.f);
   for (int64_t s = 0; s <= L; ++s) {
     const float p = scores[s] / total;

@@ -134,8 +134,8 @@ def linear(x, weight, scale=None, bias=None, group=0, path=""):
     MAX_KERNEL_ROWS[weight.dtype] rows run gptfast's kernel; more rows (a long prefill) or no
     kernel: the dequantised weight through F.linear (torch's GEMM blocks for cache, where the
     kernel's matrix-vector tiles would re-read x). int8 on CUDA: torch's `_weight_int8pack_mm`."""
-    rows = MAX_KERNEL_ROWS.get(weight.dtype, 1)  # (a 0-d x and other dtypes: the op names the problem)
-    if _HAS_OP and x.device.type == "cpu" and (x.dim() == 0 or x.numel() <= rows * x.shape[-1]):
+    rows = MAX_KERNEL_ROWS.get(weight.dtype)  # a 0-d x or a dtype that is no format: the op names the problem
+    if _HAS_OP and x.device.type == "cpu" and (x.dim() == 0 or rows is None or x.numel() <= rows * x.shape[-1]):
         return torch.ops.gptfast.linear(x, weight, scale, bias, group, path)
     if x.is_cuda and weight.dtype == torch.int8:
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale.to(torch.bfloat16)).to(x.dtype)

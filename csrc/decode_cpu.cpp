@@ -153,11 +153,17 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
   const int64_t D = C / n_heads, S = pos_emb.size(0);
   TORCH_CHECK(n_heads > 0 && C % n_heads == 0, "gptfast decode_step: ", C, " channels do not split into ",
               n_heads, " heads");
-  TORCH_CHECK(static_cast<int64_t>(v_cache.size()) == L && static_cast<int64_t>(norms.size()) == kNormsPerBlock * L + 2 &&
-                  static_cast<int64_t>(linears.size()) == 3 * (kLinearsPerBlock * L + 1) &&
-                  static_cast<int64_t>(groups.size()) == kLinearsPerBlock * L + 1,
+  const int64_t n_linears = kLinearsPerBlock * L + 1;
+  TORCH_CHECK(static_cast<int64_t>(v_cache.size()) == L &&
+                  static_cast<int64_t>(norms.size()) == kNormsPerBlock * L + 2 &&
+                  static_cast<int64_t>(linears.size()) == 3 * n_linears &&
+                  static_cast<int64_t>(groups.size()) == n_linears,
               "gptfast decode_step: operands for ", L, " layers need ", kNormsPerBlock * L + 2, " norm tensors, ",
-              3 * (kLinearsPerBlock * L + 1), " linear operands and ", kLinearsPerBlock * L + 1, " group sizes");
+              3 * n_linears, " linear operands and ", n_linears, " group sizes");
+  for (int64_t i = 0; i < n_linears; ++i)
+    TORCH_CHECK(linears.get(3 * i).has_value(), "gptfast decode_step: linear ", i, " has no weight");
+  TORCH_CHECK(tok_emb.dim() == 2 && tok_emb.size(0) >= vocab_size && pos_emb.dim() == 2,
+              "gptfast decode_step: tok_emb must be (>= vocab_size rows, C) and pos_emb (context, C)");
   TORCH_CHECK(tokens.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && lengths.numel() == n &&
                   tokens.is_contiguous() && lengths.is_contiguous(),
               "gptfast decode_step: tokens and lengths must be contiguous int64 tensors of one size");

@@ -28,8 +28,9 @@ SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # tra
 
 def auto_dtype(device) -> str:
     """The weight format `dtype="auto"` means on `device`: bfloat16 on CUDA; on CPU int8, the
-    fastest format at batch 4 and 16 that passes the quality gate and 1.7x float16 at batch 1
-    (benchmarks/results/generate_cpu.md), or float32 where gptfast's CPU kernel was not built
+    fastest format at batch 4 and 16 that passes the quality gate and 1.8x float16 at batch 1
+    (int4-g128 is faster at batch 1 but changes most greedy tokens where int8 keeps 7 in 10;
+    benchmarks/results/generate_cpu.md), or float32 where gptfast's CPU kernel was not built
     (every other format would then dequantise its weights on every call)."""
     if torch.device(device).type != "cpu":
         return "bfloat16"

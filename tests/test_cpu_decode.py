@@ -117,3 +117,17 @@ def test_bad_rows_are_one_line_errors():
             runner.fused(torch.tensor([500]), torch.tensor([2]), runner.caches)
         with pytest.raises(RuntimeError, match="row 0 has length 16; the cache and the context hold 16"):
             runner.fused(torch.tensor([3]), torch.tensor([16]), runner.caches)
+
+
+def test_bad_operands_are_one_line_errors():
+    model = tiny(ctx=16)
+    runner = Runner(model, 16, 2, CPU, static=False, fused=True)
+    fused = runner.fused
+    with torch.inference_mode():
+        runner.reserve(model, 1)
+        fused.linears = [None] + fused.linears[1:]  # the first layer's weight left out
+        with pytest.raises(RuntimeError, match="linear 0 has no weight"):
+            fused(torch.tensor([3]), torch.tensor([0]), runner.caches)
+        fused.linears, fused.groups = fused.linears[:-3], fused.groups[:-1]  # the head left out
+        with pytest.raises(RuntimeError, match="operands for 2 layers need"):
+            fused(torch.tensor([3]), torch.tensor([0]), runner.caches)

@@ -7,9 +7,9 @@
 // Why: at batch 1 a token is ~50 matmuls that read the weights plus ~300 small ops; in eager
 // PyTorch the small ops and the Python between them cost a third of the token (see
 // benchmarks/profile_decode.py). Here they are plain loops over a few thousand floats. The
-// matmuls are gptfast::linear's (linear_cpu.cpp), so every weight format it reads runs here,
-// with the same results bit for bit. The reference is the model's own forward through the
-// KV cache (gptfast.runner); tests/test_cpu_decode.py checks one against the other.
+// matmuls are gptfast::linear's kernel (linear_cpu.cpp), so every weight format it reads runs
+// here. The reference is the model's own forward through the KV cache (gptfast.runner);
+// tests/test_cpu_decode.py checks one against the other.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -39,7 +39,8 @@ constexpr int64_t kLinearsPerBlock = 4;  // qkv, out_proj, fc, proj (each: weigh
 constexpr int64_t kNormsPerBlock = 4;    // norm1 scale, shift, norm2 scale, shift
 
 // out = LayerNorm(x) of C values (two passes in fp32, as the reference module computes it).
-GPTFAST_CLONES void layer_norm(const float* x, const float* scale, const float* shift, float eps, int64_t C, float* out) {
+GPTFAST_CLONES void layer_norm(const float* x, const float* scale, const float* shift, float eps, int64_t C,
+                               float* out) {
   float mean = 0.f;
   for (int64_t c = 0; c < C; ++c) mean += x[c];
   mean /= static_cast<float>(C);
@@ -112,9 +113,9 @@ inline float dot(const float* a, const float* b, int64_t D) {
 }
 
 // One head of one row: store the new key/value at slot L of the row's cache, then out (D) =
-// softmax(q K[0..L]^T / sqrt(D)) V[0..L]. k, v: the row's (S, D) slots of this head.
-GPTFAST_CLONES void attend(const float* q, const float* k_new, const float* v_new, float* k, float* v, int64_t L,
-                           int64_t D, float* scores, float* out) {
+// softmax(q K[0..L]^T / sqrt(D)) V[0..L]. k, v: the row's (slots, D) cache of this head.
+GPTFAST_CLONES void attend(const float* q, const float* k_new, const float* v_new, float* k, float* v,
+                           int64_t L, int64_t D, float* scores, float* out) {
   std::copy_n(k_new, D, k + L * D);
   std::copy_n(v_new, D, v + L * D);
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
@@ -173,9 +174,9 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
   for (int64_t l = 0; l < L; ++l)
     for (const at::Tensor& t : {k_cache[l], v_cache[l]})
       TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4 && t.size(0) >= n &&
-                      t.size(1) == n_heads && t.size(3) == D,
-                  "gptfast decode_step: each cache must be contiguous float32 (rows >= ", n, ", ", n_heads,
-                  ", slots, ", D, ")");
+                      t.size(1) == n_heads && t.size(3) == D && t.sizes() == k_cache[0].sizes(),
+                  "gptfast decode_step: every cache must be contiguous float32 of one shape (rows >= ", n, ", ",
+                  n_heads, ", slots, ", D, ")");
   const int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t* len = lengths.data_ptr<int64_t>();
   const int64_t slots = L ? k_cache[0].size(2) : S;
@@ -186,8 +187,11 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
                 "; the cache and the context hold ", std::min(S, slots), " positions");
   }
 
-  auto linear = [&](const at::Tensor& x, int64_t i) {  // linear i of the list: x (n, K) -> (n, N)
-    return linear_cpu(x, *linears.get(3 * i), linears.get(3 * i + 1), linears.get(3 * i + 2), groups[i], "");
+  // linear i of the list: x (n, K) -> (n, N); N = 0: any width (fc: proj checks its K)
+  auto linear = [&](const at::Tensor& x, int64_t i, int64_t N) {
+    at::Tensor y = linear_cpu(x, *linears.get(3 * i), linears.get(3 * i + 1), linears.get(3 * i + 2), groups[i], "");
+    TORCH_CHECK(N == 0 || y.size(1) == N, "gptfast decode_step: linear ", i, " has ", y.size(1), " outputs, not ", N);
+    return y;
   };
   const auto opts = tok_emb.options();
   at::Tensor x = at::empty({n, C}, opts), h = at::empty({n, C}, opts), att = at::empty({n, C}, opts);
@@ -207,7 +211,7 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
   };
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t m = 0; m < n; ++m) norm(kNormsPerBlock * l, xp + m * C, hp + m * C);
-    const at::Tensor qkv = linear(h, kLinearsPerBlock * l);  // (n, 3C): q, k, v, each (H, D)
+    const at::Tensor qkv = linear(h, kLinearsPerBlock * l, 3 * C);  // (n, 3C): q, k, v, each (H, D)
     const float* qp = qkv.data_ptr<float>();
     float* ap = att.data_ptr<float>();
     float* kc = k_cache[l].data_ptr<float>();
@@ -221,14 +225,17 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
         attend(row, row + C, row + 2 * C, kc + cache, vc + cache, len[m], D, scores.data(), ap + m * C + hd * D);
       }
     });
-    add_into_x(linear(att, kLinearsPerBlock * l + 1));
+    add_into_x(linear(att, kLinearsPerBlock * l + 1, C));
     for (int64_t m = 0; m < n; ++m) norm(kNormsPerBlock * l + 2, xp + m * C, hp + m * C);
-    at::Tensor f = linear(h, kLinearsPerBlock * l + 2);  // (n, 4C)
+    at::Tensor f = linear(h, kLinearsPerBlock * l + 2, 0);  // (n, 4C)
     gelu(f.data_ptr<float>(), f.numel());
-    add_into_x(linear(f, kLinearsPerBlock * l + 3));
+    add_into_x(linear(f, kLinearsPerBlock * l + 3, C));
   }
   for (int64_t m = 0; m < n; ++m) norm(kNormsPerBlock * L, xp + m * C, hp + m * C);
-  return linear(h, kLinearsPerBlock * L).narrow(1, 0, vocab_size).contiguous();  // (n, vocab_size): no padding rows
+  at::Tensor logits = linear(h, kLinearsPerBlock * L, 0);  // (n, padded vocabulary)
+  TORCH_CHECK(logits.size(1) >= vocab_size, "gptfast decode_step: the head has ", logits.size(1), " outputs for ",
+              vocab_size, " tokens");
+  return logits.narrow(1, 0, vocab_size).contiguous();  // (n, vocab_size)
 }
 
 TORCH_LIBRARY_IMPL(gptfast, CPU, m) { m.impl("decode_step", decode_step_cpu); }

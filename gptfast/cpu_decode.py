@@ -2,12 +2,15 @@
 runs a GPT-2 decode step for rows at different lengths (embeddings, every block, the KV-cache
 write, the head) where the eager step runs ~350 small ops and the Python between them.
 
-`FusedDecode.for_model(model)` collects the model's operands once (they are the model's own
-tensors, so weights updated in place are seen) or returns None where the model holds something
-the C++ step does not run: a layer type other than nn.Linear or gptfast.quant's, non-fp32
-embeddings or norms, a backend other than torch's (the reference backend runs the reference
-modules, triton its kernels), or no _C. The reference is the model's own forward through the
-KV cache (gptfast.runner); tests/test_cpu_decode.py checks one against the other.
+`FusedDecode.for_model(model)` decides once whether the C++ step computes what the model does:
+a GPTModel of the classic blocks with nothing swapped or hooked, linear layers that are
+nn.Linear (fp32) or gptfast.quant's, contiguous fp32 embeddings and norms, in eval mode, on the
+torch backend (the reference backend runs the reference modules, triton its kernels), with _C
+built; else None, and the model's own forward runs. The step reads the model's tensors at each
+call, so weights updated in place are seen. Beyond `max_rows` rows (cpu_linear.MAX_KERNEL_ROWS
+of its weights) torch's GEMM beats the step's matmuls, and the eager step runs. The reference is
+the model's own forward through the KV cache (gptfast.runner); tests/test_cpu_decode.py checks
+one against the other.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from . import cpu_linear
-from .quant import KernelLinear
+from .model import GPTModel, MultiHeadAttention, TransformerBlock
+from .quant import FloatLinear, Int4Linear, Int8Linear
 
 try:
     from gptfast import _C  # noqa: F401  (registers the op)
@@ -31,16 +35,31 @@ def has_kernel() -> bool:
 
 def _linear_operands(layer) -> tuple | None:
     """(weight, scale, bias, group) of a layer the C++ step multiplies by, or None."""
-    if isinstance(layer, KernelLinear):
+    if type(layer) in (FloatLinear, Int8Linear, Int4Linear):
         return layer.weight, layer.scale, layer.bias, layer.group
-    if type(layer) is nn.Linear and layer.weight.dtype == torch.float32:
-        bias = None if layer.bias is None else layer.bias.detach()
-        return layer.weight.detach().contiguous(), None, bias, 0
+    if type(layer) is nn.Linear and _fp32(layer.weight) and (layer.bias is None or _fp32(layer.bias)):
+        return layer.weight, None, layer.bias, 0
     return None
 
 
 def _fp32(*tensors) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def _op(module) -> str | None:
+    return getattr(type(module), "op", None)
+
+
+def _classic(model) -> bool:
+    """The blocks the C++ step computes, in eval mode on the torch backend, with no hooks."""
+    hooks = nn.modules.module
+    if (type(model) is not GPTModel or model.active_backend != "torch" or model.training
+            or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+            or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())):
+        return False
+    return all(type(b) is TransformerBlock and type(b.att) is MultiHeadAttention and _op(b.att.attend) == "attention"
+               and _op(b.ff) == "feed_forward" and len(b.ff.layers) == 3 and _op(b.ff.layers[1]) == "gelu"
+               for b in model.trf_blocks)
 
 
 class FusedDecode:
@@ -48,27 +67,25 @@ class FusedDecode:
 
     def __init__(self, model, norms, linears, groups, eps):
         cfg = model.cfg
-        self.tok_emb, self.pos_emb = model.tok_emb.weight.detach(), model.pos_emb.weight.detach()
+        self.tok_emb, self.pos_emb = model.tok_emb.weight, model.pos_emb.weight
         self.norms, self.linears, self.groups = norms, linears, groups
         self.n_heads, self.eps, self.vocab_size = cfg.n_heads, eps, cfg.vocab_size
+        self.max_rows = min(cpu_linear.MAX_KERNEL_ROWS[w.dtype] for w in linears[::3])
 
     @classmethod
     def for_model(cls, model) -> FusedDecode | None:
-        if not _HAS_OP or model.active_backend != "torch" or model.training:
-            return None
-        if not _fp32(model.tok_emb.weight, model.pos_emb.weight):
+        if not _HAS_OP or not cpu_linear.has_kernel() or not _classic(model):
             return None
         norm_modules = [n for b in model.trf_blocks for n in (b.norm1, b.norm2)] + [model.final_norm]
-        if any(getattr(type(n), "op", None) != "layer_norm" or not _fp32(n.scale, n.shift) for n in norm_modules):
+        if not _fp32(model.tok_emb.weight, model.pos_emb.weight) or any(
+                _op(n) != "layer_norm" or not _fp32(n.scale, n.shift) for n in norm_modules):
             return None
         eps = {n.eps for n in norm_modules}
-        if len(eps) != 1 or any(getattr(type(b.ff.layers[1]), "op", None) != "gelu" for b in model.trf_blocks):
-            return None
         layers = [m for b in model.trf_blocks for m in (b.att.qkv, b.att.out_proj, b.ff.layers[0], b.ff.layers[2])]
         operands = [_linear_operands(m) for m in layers + [model.out_head]]
-        if any(o is None for o in operands) or not cpu_linear.has_kernel():
+        if len(eps) != 1 or any(o is None for o in operands):
             return None
-        norms = [t.detach() for n in norm_modules for t in (n.scale, n.shift)]
+        norms = [t for n in norm_modules for t in (n.scale, n.shift)]
         linears = [t for weight, scale, bias, _ in operands for t in (weight, scale, bias)]
         return cls(model, norms, linears, [o[3] for o in operands], eps.pop())
 

@@ -74,11 +74,12 @@ class Runner:
         n = len(tokens)
         if not self.static:
             lengths_t = torch.tensor(lengths, device=self.device)
-            if self.fused is not None:
+            if self.fused is not None and n <= self.fused.max_rows:
                 logits = self.fused(torch.tensor(tokens), lengths_t, self.caches)
-                return logits, (logits.argmax(-1) if params is None else sample(logits, params, seed))
-            self.step.decode(lengths_t, max(lengths) + 1, lengths[0] if min(lengths) == max(lengths) else None)
-            logits = self._forward(model, torch.tensor(tokens, device=self.device).view(n, 1), lengths_t.view(n, 1))
+            else:
+                self.step.decode(lengths_t, max(lengths) + 1, lengths[0] if min(lengths) == max(lengths) else None)
+                logits = self._forward(model, torch.tensor(tokens, device=self.device).view(n, 1),
+                                       lengths_t.view(n, 1))
             return logits, (logits.argmax(-1) if params is None else sample(logits, params, seed))
         size = next(s for s in self.sizes if s >= n)
         buf = self.buffers.get(size)

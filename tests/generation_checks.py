@@ -20,6 +20,16 @@ def varied(ids, at_least=8):
     assert len(set(ids)) >= at_least, f"degenerate model output {ids[:20]}...: the comparison would test nothing"
 
 
+def ids_of(handle):
+    """Each prompt's generated ids from an engine request's updates (no update may be an error)."""
+    out = [[] for _ in handle.prompt_tokens]
+    for batch in handle.updates():
+        for u in batch:
+            assert u.error is None, u.error
+            out[u.index] += u.ids
+    return out
+
+
 def first_diff(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 

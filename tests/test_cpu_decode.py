@@ -1,39 +1,46 @@
 """The fused CPU decode step (gptfast.cpu_decode, csrc/decode_cpu.cpp) against its reference,
 the model's own forward through the KV cache (gptfast.runner's eager step), with rows at
-different lengths, in every weight format; which models it refuses; its input errors."""
+different lengths, in every weight format; the engine with and without it; which models it
+refuses; its input errors."""
 import copy
 
 import pytest
 import torch
 
-from gptfast import cpu_decode
+from gptfast import cpu_decode, cpu_linear
 from gptfast.engine import Engine
 from gptfast.lora import apply_lora
 from gptfast.quant import inference_copy
 from gptfast.runner import Runner
+from gptfast.sampling import SamplingParams
 
-from generation_checks import tiny
+from generation_checks import ids_of, tiny, varied
 from kernel_checks import assert_close, assert_within_2x
 
 pytestmark = pytest.mark.skipif(not cpu_decode.has_kernel(), reason="gptfast._C was not built with its CPU decode step")
 
 CPU = torch.device("cpu")
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]  # three rows at three lengths
+SLOTS = 24  # the cache's slots: fewer than the models' context (40), so its stride is not pos_emb's
 
 
-def run_steps(model, fused: bool, steps: int, tokens=None):
-    """Prefill PROMPTS into rows 0..2, then `steps` decode steps feeding tokens[s] at step s:
-    (the logits of each step, the runner)."""
-    runner = Runner(model, model.cfg.context_length, 4, CPU, static=False, fused=fused)
+def prefilled(model, fused: bool) -> Runner:
+    """A runner with PROMPTS prefilled into rows 0..2 (call under inference_mode)."""
+    runner = Runner(model, SLOTS, 4, CPU, static=False, fused=fused)
     assert (runner.fused is not None) == fused
-    out = []
+    runner.reserve(model, len(PROMPTS))
+    for row, prompt in enumerate(PROMPTS):
+        runner.prefill(model, [row], [prompt])
+    return runner
+
+
+def run_steps(model, fused: bool, tokens, runner=None):
+    """Decode steps feeding tokens[s] at step s after PROMPTS: (the logits of each step, the runner)."""
+    out, lengths = [], [len(p) for p in PROMPTS]
     with torch.inference_mode():
-        runner.reserve(model, len(PROMPTS))
-        for row, prompt in enumerate(PROMPTS):
-            runner.prefill(model, [row], [prompt])
-        lengths = [len(p) for p in PROMPTS]
-        for s in range(steps):
-            logits, _ = runner.decode(model, tokens[s], lengths)
+        runner = runner or prefilled(model, fused)
+        for step_tokens in tokens:
+            logits, _ = runner.decode(model, step_tokens, lengths)
             out.append(logits.clone())
             lengths = [n + 1 for n in lengths]
     return out, runner
@@ -42,77 +49,128 @@ def run_steps(model, fused: bool, steps: int, tokens=None):
 def greedy_tokens(model, steps):
     """The eager step's greedy tokens, fed to both paths (teacher forcing: one wrong logit
     cannot change what the later steps are compared on)."""
-    runner = Runner(model, model.cfg.context_length, 4, CPU, static=False, fused=False)
     tokens, lengths, last = [], [len(p) for p in PROMPTS], [5, 6, 7]
     with torch.inference_mode():
-        runner.reserve(model, len(PROMPTS))
-        for row, prompt in enumerate(PROMPTS):
-            runner.prefill(model, [row], [prompt])
+        runner = prefilled(model, False)
         for _ in range(steps):
             tokens.append(last)
-            logits, ids = runner.decode(model, last, lengths)
+            _, ids = runner.decode(model, last, lengths)
             last, lengths = ids.tolist(), [n + 1 for n in lengths]
     return tokens
+
+
+def assert_steps_close(fused, eager, rtol, what):
+    for step, (a, b) in enumerate(zip(fused, eager)):
+        assert_close(a, b, rtol, name=f"{what} logits of step {step}")
 
 
 # integer formats round x to int16 steps (gptfast.cpu_linear.round_x): an input that differs in
 # its last fp32 bit can land one step over, so they get a looser (still small) bound
 FORMATS = {None: 1e-5, "float32": 1e-5, "bfloat16": 1e-5, "float16": 1e-5, "int8": 1e-3, "int4": 1e-3,
-           "int4-g128": 1e-3}
+           "int4-g64": 1e-3, "int4-g128": 1e-3}
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=[str(f) for f in FORMATS])
 def test_fused_step_equals_model_forward(fmt):
     model = inference_copy(tiny(ctx=40, emb=64, layers=3, pad_vocab=True), fmt, CPU)
     tokens = greedy_tokens(model, 12)
-    fused, fr = run_steps(model, True, 12, tokens)
-    eager, er = run_steps(model, False, 12, tokens)
-    for step, (a, b) in enumerate(zip(fused, eager)):
-        assert_close(a, b, FORMATS[fmt], name=f"{fmt} logits of step {step}")
+    fused, fr = run_steps(model, True, tokens)
+    eager, er = run_steps(model, False, tokens)
+    assert_steps_close(fused, eager, FORMATS[fmt], fmt)
     for layer, (fc, ec) in enumerate(zip(fr.caches, er.caches)):  # the keys and values written
         assert_close(fc.k, ec.k, FORMATS[fmt], name=f"layer {layer} keys")
         assert_close(fc.v, ec.v, FORMATS[fmt], name=f"layer {layer} values")
 
 
 def test_fp32_step_within_2x_of_torch_against_fp64():
-    # plain nn.Linear layers, no qkv bias, tied head: the fused fp32 step's error against an
-    # fp64 model is at most 2x the eager fp32 step's (plus a tiny atol)
-    model = tiny(ctx=40, emb=64, layers=3, qkv_bias=False, tie_weights=True)
+    # plain nn.Linear layers, no qkv bias, tied head, head size 12 (not a multiple of the dot
+    # product's 8 lanes): the fused fp32 step's error against an fp64 model is at most 2x the
+    # eager fp32 step's (plus a tiny atol)
+    model = tiny(ctx=40, emb=48, heads=4, layers=3, qkv_bias=False, tie_weights=True)
     tokens = greedy_tokens(model, 8)
-    truth, _ = run_steps(copy.deepcopy(model).double(), False, 8, tokens)
-    fused, _ = run_steps(model, True, 8, tokens)
-    eager, _ = run_steps(model, False, 8, tokens)
+    truth, _ = run_steps(copy.deepcopy(model).double(), False, tokens)
+    fused, _ = run_steps(model, True, tokens)
+    eager, _ = run_steps(model, False, tokens)
     for step, (a, low, t) in enumerate(zip(fused, eager, truth)):
         assert_within_2x(a.double(), low.double(), t, name=f"step {step}", atol=1e-6 * t.abs().max().item())
 
 
-def test_refuses_what_it_does_not_run():
-    model = tiny()
+@pytest.mark.parametrize("fmt", [None, "int8"], ids=["fp32", "int8"])
+def test_weights_updated_in_place_are_seen(fmt):
+    model = inference_copy(tiny(ctx=40, emb=64, layers=2), fmt, CPU)
+    tokens = greedy_tokens(model, 3)
+    with torch.inference_mode():
+        fr, er = prefilled(model, True), prefilled(model, False)
+        weight = model.trf_blocks[0].att.qkv.weight
+        weight.copy_(torch.flip(weight, [0]))  # in place, after the step was built
+    assert_steps_close(run_steps(model, True, tokens, fr)[0], run_steps(model, False, tokens, er)[0],
+                       FORMATS[fmt], "after the update")
+
+
+def test_a_nan_key_poisons_only_its_row():
+    model = tiny(ctx=40, emb=64, layers=2)
+    with torch.inference_mode():
+        runners = [prefilled(model, fused) for fused in (True, False)]
+        for r in runners:
+            r.caches[0].k[1, :, 0] = float("nan")  # row 1's first key in layer 0
+    (fused,), _ = run_steps(model, True, [[5, 6, 7]], runners[0])
+    (eager,), _ = run_steps(model, False, [[5, 6, 7]], runners[1])
+    assert fused[1].isnan().all() and eager[1].isnan().all()
+    assert_close(fused[[0, 2]], eager[[0, 2]], 1e-5, name="the other rows")
+
+
+def test_engine_with_and_without_the_fused_step():
+    # greedy requests of different lengths, some sliding past a context of 16, batched together:
+    # the same ids with the fused step as with the model's forward
+    model = tiny(ctx=16)
+    prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7, 9, 3], [2, 7]]
+    results = []
+    for fused in (True, False):
+        engine = Engine(model, max_batch=4, fused_cpu_step=fused)
+        assert (engine.runner.fused is not None) == fused
+        results.append(ids_of(engine.submit(prompts, [20, 6, 14, 3], SamplingParams())))
+        engine.close()
+    varied(results[0][0])
+    assert results[0] == results[1]
+
+
+def test_refuses_what_it_does_not_run(monkeypatch):
+    model = tiny()  # untied head: taken
     assert cpu_decode.FusedDecode.for_model(model) is not None
+    assert cpu_decode.FusedDecode.for_model(tiny(qkv_bias=False)) is not None
+    assert cpu_decode.FusedDecode.for_model(inference_copy(model, "int8", CPU)).max_rows == \
+        cpu_linear.MAX_KERNEL_ROWS[torch.int8]
     assert cpu_decode.FusedDecode.for_model(tiny(backend="reference")) is None  # runs the reference modules
     assert cpu_decode.FusedDecode.for_model(copy.deepcopy(model).train()) is None  # dropout
     assert cpu_decode.FusedDecode.for_model(copy.deepcopy(model).to(torch.bfloat16)) is None  # not fp32
     lora = copy.deepcopy(model)
     apply_lora(lora, rank=2, alpha=4)
     assert cpu_decode.FusedDecode.for_model(lora) is None  # a layer type it does not know
+    hooked = copy.deepcopy(model)
+    hooked.trf_blocks[1].register_forward_hook(lambda *args: None)
+    assert cpu_decode.FusedDecode.for_model(hooked) is None  # a hook would not run
+    swapped = copy.deepcopy(model)
+    swapped.trf_blocks[0].att = torch.nn.Identity()
+    assert cpu_decode.FusedDecode.for_model(swapped) is None
+    strided = copy.deepcopy(model)
+    strided.tok_emb.weight = torch.nn.Parameter(strided.tok_emb.weight.detach().t().contiguous().t())
+    assert cpu_decode.FusedDecode.for_model(strided) is None
+    monkeypatch.setattr(cpu_decode, "_HAS_OP", False)
+    assert cpu_decode.FusedDecode.for_model(model) is None
 
 
 def test_engine_decides_once():
-    # the engine's runner holds the fused step for a plain model, and none for a LoRA one
     model = tiny()
     lora = copy.deepcopy(model)
     apply_lora(lora, rank=2, alpha=4)
-    engine = Engine(lora, max_batch=2)
-    assert engine.runner.fused is None
+    assert Engine(lora, max_batch=2).runner.fused is None
     assert Engine(model, max_batch=2).runner.fused is not None
 
 
 def test_bad_rows_are_one_line_errors():
     model = tiny(ctx=16)
-    runner = Runner(model, 16, 2, CPU, static=False, fused=True)
     with torch.inference_mode():
-        runner.reserve(model, 1)
-        runner.prefill(model, [0], [[1, 2]])
+        runner = prefilled(model, True)
         with pytest.raises(RuntimeError, match="token id 500 of row 0 is outside the vocabulary"):
             runner.fused(torch.tensor([500]), torch.tensor([2]), runner.caches)
         with pytest.raises(RuntimeError, match="row 0 has length 16; the cache and the context hold 16"):
@@ -120,14 +178,21 @@ def test_bad_rows_are_one_line_errors():
 
 
 def test_bad_operands_are_one_line_errors():
-    model = tiny(ctx=16)
-    runner = Runner(model, 16, 2, CPU, static=False, fused=True)
-    fused = runner.fused
+    model = tiny(ctx=40)
     with torch.inference_mode():
-        runner.reserve(model, 1)
-        fused.linears = [None] + fused.linears[1:]  # the first layer's weight left out
+        runner = prefilled(model, True)
+        fused, step = runner.fused, lambda: runner.fused(torch.tensor([3]), torch.tensor([0]), runner.caches)
+        short = copy.copy(runner.caches[1])
+        short.k = short.k[:, :, :10].contiguous()  # layer 1's cache with fewer slots
+        with pytest.raises(RuntimeError, match="every cache must be contiguous float32 of one shape"):
+            fused(torch.tensor([3]), torch.tensor([0]), [runner.caches[0], short])
+        linears = fused.linears
+        fused.linears = linears[:3] + [linears[6], linears[7], linears[8]] + linears[6:]  # out_proj -> fc
+        with pytest.raises(RuntimeError, match="linear 1 has 128 outputs, not 32"):
+            step()
+        fused.linears = [None] + linears[1:]  # the first layer's weight left out
         with pytest.raises(RuntimeError, match="linear 0 has no weight"):
-            fused(torch.tensor([3]), torch.tensor([0]), runner.caches)
-        fused.linears, fused.groups = fused.linears[:-3], fused.groups[:-1]  # the head left out
+            step()
+        fused.linears, fused.groups = linears[:-3], fused.groups[:-1]  # the head left out
         with pytest.raises(RuntimeError, match="operands for 2 layers need"):
-            fused(torch.tensor([3]), torch.tensor([0]), runner.caches)
+            step()

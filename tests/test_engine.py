@@ -8,7 +8,8 @@ import threading
 import pytest
 import torch
 
-from generation_checks import first_diff, reference_ids, reference_sampled_ids, reference_sampled_rows, tiny, varied
+from generation_checks import (first_diff, ids_of, reference_ids, reference_sampled_ids, reference_sampled_rows, tiny,
+                               varied)
 from gptfast import generate as generate_mod
 from gptfast.engine import Engine, QueueFull
 from gptfast.textout import TextOutput
@@ -33,15 +34,6 @@ class Steps:
 
     def finished(self, reason):
         self.reasons.append(reason)
-
-
-def ids_of(handle):
-    out = [[] for _ in handle.prompt_tokens]
-    for batch in handle.updates():
-        for u in batch:
-            assert u.error is None, u.error
-            out[u.index] += u.ids
-    return out
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])

@@ -221,7 +221,7 @@ def report(args, device, results, inproc, http):
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
              f"command: python benchmarks/bench_serve.py --clients {' '.join(map(str, args.clients))} "
              f"--seconds {args.seconds:g} --requests {args.requests} --max-batch {args.max_batch} --device {args.device} "
-             f"--dtype {args.dtype}",
+             f"--dtype {args.dtype} --rounds {args.rounds}",
              f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
              f"(this machine: {os.cpu_count()} cores, shared)",
              f"mix: prompts of {'/'.join(map(str, PROMPT_LENGTHS))} tokens with {'/'.join(map(str, OUTPUT_LENGTHS))} "

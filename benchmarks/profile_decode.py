@@ -1,14 +1,14 @@
 """Where a decode token's time goes on CPU: gptfast's `Generator` (GPT-2 124M, random init,
-batch 1, greedy), per weight format. A step is one call of the fused C++ step
+greedy, batch 1 or --rows prompts at once), per weight format. A step is one call of the fused C++ step
 (gptfast.cpu_decode), so the split is measured, not profiled: the step's 49 matmuls called on
 their own (the same operands through gptfast::linear) against the whole step; the rest of the
 step is attention, LayerNorm, GELU, the KV-cache writes and the embeddings; the engine's share
 is generate's time per token minus the step's. The eager step (the model's forward, ~350 ops
 and the Python between them) is timed beside it for comparison. Interleaved rounds, medians.
 
-    python benchmarks/profile_decode.py [--dtypes float32 int8 int4] [--tokens 100] [--threads 1]
+    python benchmarks/profile_decode.py [--dtypes float32 int8 int4] [--tokens 100] [--rows 16] [--threads 1]
 
-Prints a table per token (ms); writes benchmarks/results/decode_profile_cpu.md.
+Prints a table per step (ms); writes benchmarks/results/decode_profile_cpu.md.
 """
 from __future__ import annotations
 
@@ -32,22 +32,22 @@ COLUMNS = ("generate", "step", "matmuls", "eager step")
 class Timer:
     """The four times (ms per token) of one weight format, one round at a time."""
 
-    def __init__(self, model, dtype):
-        self.gen = Generator(model, dtype=dtype)
-        self.gen.generate_ids([PROMPT], 8)  # warm-up
+    def __init__(self, model, dtype, rows):
+        self.gen, self.rows = Generator(model, dtype=dtype, max_batch=rows), rows
+        self.gen.generate_ids([PROMPT] * rows, 8)  # warm-up
         self.runner, self.model = self.gen.engine.runner, self.gen.engine.model
         self.fused = self.runner.fused
         if self.fused is None:
             raise SystemExit(f"{dtype}: no fused CPU decode step here (gptfast._C not built?)")
         C = model.cfg.emb_dim
         n = len(self.fused.groups)  # 4 per block, then the head; proj (every 4th) takes 4C inputs
-        self.matmuls = [(torch.randn(1, 4 * C if i % 4 == 3 and i < n - 1 else C),
+        self.matmuls = [(torch.randn(rows, 4 * C if i % 4 == 3 and i < n - 1 else C),
                          *self.fused.linears[3 * i: 3 * i + 3], group) for i, group in enumerate(self.fused.groups)]
 
     def _steps(self, tokens, fn) -> float:
-        """ms per call of fn(i) over `tokens` decode positions after a fresh prefill."""
-        self.runner.reserve(self.model, 1)
-        self.runner.prefill(self.model, [0], [PROMPT])
+        """ms per call of fn(i) over `tokens` decode positions after a fresh prefill of every row."""
+        self.runner.reserve(self.model, self.rows)
+        self.runner.prefill(self.model, list(range(self.rows)), [PROMPT] * self.rows)
         t = time.perf_counter()
         for i in range(tokens):
             fn(i)
@@ -55,9 +55,10 @@ class Timer:
 
     def round(self, tokens) -> dict[str, float]:
         t = time.perf_counter()
-        self.gen.generate_ids([PROMPT], tokens)
+        self.gen.generate_ids([PROMPT] * self.rows, tokens)
         out = {"generate": 1e3 * (time.perf_counter() - t) / tokens}
-        decode = lambda i: self.runner.decode(self.model, [PROMPT[-1]], [len(PROMPT) + i])  # noqa: E731
+        decode = lambda i: self.runner.decode(self.model, [PROMPT[-1]] * self.rows,  # noqa: E731
+                                              [len(PROMPT) + i] * self.rows)
         with torch.inference_mode():
             out["step"] = self._steps(tokens, decode)
             out["matmuls"] = self._steps(tokens, lambda i: [torch.ops.gptfast.linear(*mm) for mm in self.matmuls])
@@ -74,26 +75,27 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "int8", "int4-g128"])
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
+    ap.add_argument("--rows", type=int, default=1, help="prompts decoded together (a batched step)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_profile_cpu.md"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/decode_profile_cpu[_rowsN].md")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(123)
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").eval()
-    timers = {dtype: Timer(model, dtype) for dtype in args.dtypes}
+    timers = {dtype: Timer(model, dtype, args.rows) for dtype in args.dtypes}
     times = {dtype: {c: [] for c in COLUMNS} for dtype in args.dtypes}
     for _ in range(args.rounds):
         for dtype, timer in timers.items():
             for column, ms in timer.round(args.tokens).items():
                 times[dtype][column].append(ms)
-    lines = [f"# Decode time per token on CPU, GPT-2 124M, batch 1, {args.tokens} tokens",
+    lines = [f"# Decode time per step on CPU, GPT-2 124M, batch {args.rows}, {args.tokens} tokens",
              f"device: {device_name('cpu')}, torch {torch.__version__}, date "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}, "
              f"load average {load_average()}",
              f"command: python benchmarks/profile_decode.py --dtypes {' '.join(args.dtypes)} --tokens {args.tokens} "
-             f"--rounds {args.rounds}" + (f" --threads {args.threads}" if args.threads else ""),
-             f"medians of {args.rounds} interleaved rounds, ms per token (the matmuls are timed apart from the "
+             f"--rounds {args.rounds} --rows {args.rows}" + (f" --threads {args.threads}" if args.threads else ""),
+             f"medians of {args.rounds} interleaved rounds, ms per step of {args.rows} rows (the matmuls are timed apart from the "
              "step, so noise can make them the larger)", "",
              "| weights | generate | fused step | its matmuls | rest of the step | engine (generate - step) "
              "| matmul share of the step | eager step (model forward) |",
@@ -105,9 +107,11 @@ def main():
                      f"| {100 * m['matmuls'] / m['step']:.0f}% | {m['eager step']:.2f} |")
     text = "\n".join(lines)
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
-    print(f"written to {args.out}")
+    out = Path(args.out or Path(__file__).parent / "results" /
+               ("decode_profile_cpu.md" if args.rows == 1 else f"decode_profile_cpu_rows{args.rows}.md"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

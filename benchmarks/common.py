@@ -25,7 +25,9 @@ def _git(*args) -> str:
 
 
 def commit_id(paths=()) -> str:
-    """Short HEAD, marked -dirty when tracked files (or only `paths`, when given) differ from it."""
+    """Short HEAD, marked -dirty when tracked files (or only `paths`, when given) differ from it;
+    results files an earlier run rewrote (benchmarks/results/) do not count: they are not code."""
+    paths = paths or (".", ":(exclude)benchmarks/results")
     dirty = _git("status", "--porcelain", "--untracked-files=no", "--", *paths)
     return (_git("rev-parse", "--short", "HEAD") or "nogit") + ("-dirty" if dirty else "")
 

@@ -38,7 +38,7 @@ def environment() -> dict[str, str]:
     TensorFlow is looked up, never imported (importing it before triton would abort)."""
     import torch
 
-    from . import sampling
+    from . import cpu_decode, cpu_linear, sampling
     from .backends import resolve_device, triton_interpreting
     from .model import choose_backend, triton_modules
 
@@ -60,6 +60,9 @@ def environment() -> dict[str, str]:
         "backend auto": choose_backend("auto", device)[0],
         "triton kernels": "usable" if why is None else f"not used: {why}",
         "gptfast._C sample_top_k": f"kernels for {c_kernels}" + (f" ({sampling._C_ERROR})" if sampling._C_ERROR else ""),
+        "gptfast._C CPU decode": (f"fused step, matmul paths {', '.join(cpu_linear.kernel_paths())}, "
+                                  f"{torch.get_num_threads()} threads" if cpu_decode.has_kernel() else
+                                  "not built: the model's forward, weights dequantised per call"),
     }
 
 

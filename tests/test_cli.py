@@ -5,7 +5,7 @@ import importlib.metadata
 import pytest
 import torch
 
-from gptfast import GPTConfig, GPTModel, cli, sampling
+from gptfast import GPTConfig, GPTModel, cli, cpu_decode, cpu_linear, sampling
 from gptfast.backends import resolve_device, triton_interpreting
 
 
@@ -35,6 +35,9 @@ def test_info_reports_what_the_library_decides(capsys):
     assert report["backend auto"] == model.active_backend
     built = [d for d in ("cpu", "cuda") if sampling.has_kernel(d)]
     assert report["gptfast._C sample_top_k"].startswith(f"kernels for {', '.join(built) or 'none'}")
+    decode = report["gptfast._C CPU decode"]
+    assert decode.startswith("fused step") == cpu_decode.has_kernel(), decode
+    assert all(path in decode for path in cpu_linear.kernel_paths()), decode
     usable = torch.cuda.is_available() or triton_interpreting()
     assert report["triton kernels"].startswith("usable" if usable else "not used")
 

@@ -67,11 +67,13 @@ GPTFAST_AVX2 inline void load16(const uint8_t* r, int64_t k, __m256& lo, __m256&
     const float* p = reinterpret_cast<const float*>(r) + k;
     lo = _mm256_loadu_ps(p);
     hi = _mm256_loadu_ps(p + 8);
-  } else if constexpr (F == WFormat::BF16) {  // bf16 = the top half of an fp32
-    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * k)));
-    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * k + 16)));
+  } else if constexpr (F == WFormat::BF16) {
+    // bf16 = the top half of an fp32: each 32-bit lane holds inputs 2i (low) and 2i + 1 (high),
+    // so one shift and one mask give the even and the odd inputs (x is permuted to match:
+    // rows_bf16)
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 2 * k));
     lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    hi = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   } else {
     static_assert(F == WFormat::F16, "float formats only");
     lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * k)));
@@ -242,12 +244,34 @@ GPTFAST_AVX2 void rows_fmt(const Weight& w, const Input& in, float* y, int64_t l
   }
 }
 
+// bf16 weights read inputs k..k+15 as (k, k+2, ..., k+14) then (k+1, k+3, ..., k+15) (load16): x
+// is permuted the same way once per call, in whole blocks of 16 (the tail stays in order).
+GPTFAST_AVX2 void rows_bf16(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  thread_local std::vector<float> xp;
+  const int64_t K = w.K, K16 = K / 16 * 16;
+  xp.resize(in.M * K);
+  for (int64_t m = 0; m < in.M; ++m) {
+    const float* src = in.x + m * in.ld;
+    float* dst = xp.data() + m * K;
+    for (int64_t k = 0; k < K16; k += 16)
+      for (int i = 0; i < 8; ++i) {
+        dst[k + i] = src[k + 2 * i];
+        dst[k + 8 + i] = src[k + 2 * i + 1];
+      }
+    std::copy(src + K16, src + K, dst + K16);
+  }
+  Input permuted = in;
+  permuted.x = xp.data();
+  permuted.ld = K;
+  rows_fmt<WFormat::BF16>(w, permuted, y, ldy, n0, n1);
+}
+
 }  // namespace
 
 void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   switch (w.fmt) {
     case WFormat::F32: return rows_fmt<WFormat::F32>(w, in, y, ldy, n0, n1);
-    case WFormat::BF16: return rows_fmt<WFormat::BF16>(w, in, y, ldy, n0, n1);
+    case WFormat::BF16: return rows_bf16(w, in, y, ldy, n0, n1);
     case WFormat::F16: return rows_fmt<WFormat::F16>(w, in, y, ldy, n0, n1);
     case WFormat::I8: return rows_fmt<WFormat::I8>(w, in, y, ldy, n0, n1);
     case WFormat::I4: return rows_fmt<WFormat::I4>(w, in, y, ldy, n0, n1);

@@ -132,15 +132,18 @@ class _Stream:
         """Update batches until every prompt is done; with `request`, stop if its client leaves."""
         left, get = len(self.texts), None
         while left:
-            get = get or asyncio.ensure_future(self.updates.get())
-            done, _ = await asyncio.wait({get}, timeout=0.25 if request is not None else None)
-            if not done:
-                if await request.is_disconnected():
-                    get.cancel()
-                    self.handle.cancel()
-                    return
-                continue
-            batch, get = get.result(), None
+            if request is None:  # streaming: the response notices a client that left
+                batch = await self.updates.get()
+            else:
+                get = get or asyncio.ensure_future(self.updates.get())
+                done, _ = await asyncio.wait({get}, timeout=0.25)
+                if not done:
+                    if await request.is_disconnected():
+                        get.cancel()
+                        self.handle.cancel()
+                        return
+                    continue
+                batch, get = get.result(), None
             for u in batch:
                 if u.error is not None or u.finish == "cancelled":
                     raise ApiError(500 if u.error else 503, f"generation failed: {u.error}" if u.error else

@@ -114,8 +114,10 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="decode steps per kernel per round (mean taken)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--crossover", action="store_true",
-                    help="instead: the kernel vs dequantise + F.linear at prefill sizes (sets cpu_linear.MAX_KERNEL_ROWS)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_linear.md"))
+                    help="instead: the kernel vs dequantise + F.linear at prefill sizes "
+                         "(sets cpu_linear.MAX_KERNEL_ROWS)")
+    ap.add_argument("--out", default=None,
+                    help="default: benchmarks/results/cpu_linear.md (--crossover: cpu_linear_crossover.md)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,23 +125,29 @@ def main():
     if not paths:
         print("gptfast._C has no CPU linear kernel (not built): only PyTorch's kernels are timed")
     weights = model_weights()
-    if args.crossover:
-        return crossover(weights[:-1], args)
-    floor = ReadFloor()
-    lines = [f"# CPU decode matmuls: GPT-2 124M linear layers (48 + head) per decode step",
+    title = ("the kernel vs dequantise + F.linear per pass over the 48 block layers (ms, best of the rounds)"
+             if args.crossover else "GPT-2 124M linear layers (48 + head) per decode step")
+    lines = [f"# CPU decode matmuls: {title}",
              f"device: {device_name('cpu')}, torch {torch.__version__}, kernel paths {paths}, "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
-             f"command: python benchmarks/bench_cpu_linear.py --rows {' '.join(map(str, args.rows))} "
-             f"--rounds {args.rounds} --steps {args.steps}" + (f" --threads {args.threads}" if args.threads else ""),
+             "command: python benchmarks/bench_cpu_linear.py " + (
+                 "--crossover" if args.crossover else f"--rows {' '.join(map(str, args.rows))} --steps {args.steps}")
+             + f" --rounds {args.rounds}" + (f" --threads {args.threads}" if args.threads else ""),
              f"load average at the start: {load_average()}", ""]
-    for M in args.rows:
-        lines += bench_rows(M, weights, args, paths, floor) + [""]
+    if args.crossover:
+        lines += crossover(weights[:-1], args) + [""]
+    else:
+        floor = ReadFloor()
+        for M in args.rows:
+            lines += bench_rows(M, weights, args, paths, floor) + [""]
     lines.append(f"load average at the end: {load_average()}")
     text = "\n".join(lines)
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
-    print(f"written to {args.out}")
+    out = Path(args.out or Path(__file__).parent / "results" /
+               ("cpu_linear_crossover.md" if args.crossover else "cpu_linear.md"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(f"written to {out}")
 
 
 def bench_rows(M, weights, args, paths, floor):
@@ -174,8 +182,8 @@ def bench_rows(M, weights, args, paths, floor):
 
 
 def crossover(weights, args):
-    """ms per pass over the 48 block layers at M rows: gptfast's kernel vs what cpu_linear.linear
-    does above MAX_KERNEL_ROWS (dequantise, then F.linear), interleaved."""
+    """Table lines, ms per pass over the 48 block layers at M rows: gptfast's kernel vs what
+    cpu_linear.linear does above MAX_KERNEL_ROWS (dequantise, then F.linear), interleaved."""
     fns = {}
     for fmt in ("fp32", "fp16", "int8", "int4-g32", "int4-g128"):
         packed = [stored(fmt, w) for w in weights]
@@ -190,7 +198,7 @@ def crossover(weights, args):
     for fmt, M, _ in list(times)[::2]:
         lines.append(f"| {fmt} | {M} | {1e3 * min(times[fmt, M, 'kernel']):.1f} | "
                      f"{1e3 * min(times[fmt, M, 'dequantise + F.linear']):.1f} |")
-    print("\n".join(lines))
+    return lines
 
 
 def _time(step, n):

@@ -28,8 +28,8 @@ except ImportError:  # not built: reference_linear is the fallback
 INT4_GROUPS = (32, 64, 128)
 # Rows of x up to which gptfast's kernel beats dequantise + F.linear (torch's GEMM), by weight
 # dtype (benchmarks/bench_cpu_linear.py --crossover, 2 threads; results/cpu_linear_crossover.md;
-# int4 takes its groups of 32's limit): the integer formats would
-# dequantise every weight on each call, so their kernel wins up to long prompts.
+# int4 takes the limit of its groups of 32): the integer formats would dequantise every weight on
+# each call, so their kernel wins up to long prompts.
 MAX_KERNEL_ROWS = {torch.float32: 32, torch.bfloat16: 96, torch.float16: 96, torch.int8: 512, torch.uint8: 256}
 
 if _HAS_OP:

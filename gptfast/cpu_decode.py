@@ -21,11 +21,7 @@ from . import cpu_linear
 from .model import GPTModel, MultiHeadAttention, TransformerBlock
 from .quant import FloatLinear, Int4Linear, Int8Linear
 
-try:
-    from gptfast import _C  # noqa: F401  (registers the op)
-    _HAS_OP = torch._C._dispatch_has_kernel_for_dispatch_key("gptfast::decode_step", "CPU")
-except ImportError:
-    _HAS_OP = False
+_HAS_OP = cpu_linear.op_built("decode_step")
 
 
 def has_kernel() -> bool:
@@ -74,7 +70,7 @@ class FusedDecode:
 
     @classmethod
     def for_model(cls, model) -> FusedDecode | None:
-        if not _HAS_OP or not cpu_linear.has_kernel() or not _classic(model):
+        if not _HAS_OP or not _classic(model):
             return None
         norm_modules = [n for b in model.trf_blocks for n in (b.norm1, b.norm2)] + [model.final_norm]
         if not _fp32(model.tok_emb.weight, model.pos_emb.weight) or any(

@@ -19,11 +19,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    from gptfast import _C  # noqa: F401  (loading it registers torch.ops.gptfast.linear)
-    _HAS_OP = torch._C._dispatch_has_kernel_for_dispatch_key("gptfast::linear", "CPU")
-except ImportError:  # not built: reference_linear is the fallback
-    _HAS_OP = False
+
+def op_built(op: str) -> bool:
+    """Whether gptfast._C is built and registered a CPU kernel for torch.ops.gptfast.<op>."""
+    try:
+        from gptfast import _C  # noqa: F401  (loading it registers the ops)
+    except ImportError:  # not built: reference_linear is the fallback
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gptfast::{op}", "CPU")
+
+
+_HAS_OP = op_built("linear")
 
 INT4_GROUPS = (32, 64, 128)
 # Rows of x up to which gptfast's kernel beats dequantise + F.linear (torch's GEMM), by weight

@@ -39,10 +39,10 @@ class Timer:
         self.fused = self.runner.fused
         if self.fused is None:
             raise SystemExit(f"{dtype}: no fused CPU decode step here (gptfast._C not built?)")
-        C = model.cfg.emb_dim
-        n = len(self.fused.groups)  # 4 per block, then the head; proj (every 4th) takes 4C inputs
-        self.matmuls = [(torch.randn(rows, 4 * C if i % 4 == 3 and i < n - 1 else C),
-                         *self.fused.linears[3 * i: 3 * i + 3], group) for i, group in enumerate(self.fused.groups)]
+        ops = self.fused.linears
+        # inputs per layer: the weight's columns (packed int4: two a byte)
+        self.matmuls = [(torch.randn(rows, w.shape[1] * (2 if w.dtype == torch.uint8 else 1)), w, scale, bias, group)
+                        for (w, scale, bias), group in zip(zip(ops[::3], ops[1::3], ops[2::3]), self.fused.groups)]
 
     def _steps(self, tokens, fn) -> float:
         """ms per call of fn(i) over `tokens` decode positions after a fresh prefill of every row."""
@@ -79,6 +79,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/decode_profile_cpu[_rowsN].md")
     args = ap.parse_args()
+    if args.rows < 1 or args.tokens < 1 or args.rounds < 1:
+        ap.error("--rows, --tokens and --rounds must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(123)
@@ -95,8 +97,8 @@ def main():
              f"load average {load_average()}",
              f"command: python benchmarks/profile_decode.py --dtypes {' '.join(args.dtypes)} --tokens {args.tokens} "
              f"--rounds {args.rounds} --rows {args.rows}" + (f" --threads {args.threads}" if args.threads else ""),
-             f"medians of {args.rounds} interleaved rounds, ms per step of {args.rows} rows (the matmuls are timed apart from the "
-             "step, so noise can make them the larger)", "",
+             f"medians of {args.rounds} interleaved rounds, ms per step of {args.rows} rows (the matmuls are timed "
+             "apart from the step, so noise can make them the larger)", "",
              "| weights | generate | fused step | its matmuls | rest of the step | engine (generate - step) "
              "| matmul share of the step | eager step (model forward) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -143,6 +143,8 @@ void check_float(const at::Tensor& t, const char* what, int64_t numel) {
               "gptfast decode_step: ", what, " must be a contiguous float32 tensor of ", numel, " values");
 }
 
+void check_float(const at::Tensor& t, const char* what) { check_float(t, what, t.numel()); }
+
 }  // namespace
 
 at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, const at::Tensor& tok_emb,
@@ -168,7 +170,7 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
   TORCH_CHECK(tokens.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && lengths.numel() == n &&
                   tokens.is_contiguous() && lengths.is_contiguous(),
               "gptfast decode_step: tokens and lengths must be contiguous int64 tensors of one size");
-  check_float(tok_emb, "tok_emb", tok_emb.numel());
+  check_float(tok_emb, "tok_emb");
   check_float(pos_emb, "pos_emb", S * C);
   for (const at::Tensor& t : norms) check_float(t, "a LayerNorm parameter", C);
   for (int64_t l = 0; l < L; ++l)

@@ -65,6 +65,34 @@ def test_rows_independent_of_batch(path, fmt):
 
 
 @needs_c
+@pytest.mark.parametrize("M, K, N", [(8, 16, 16), (13, 15, 17), (16, 768, 50), (33, 1031, 5), (9, 1, 3)])
+def test_int8_many_rows_equal_portable(M, K, N):
+    # int8 from 8 x rows on runs the packed tiles (16 weight rows transposed into pairs of inputs):
+    # integer sums are exact on every path, so y is bitwise the portable path's. K odd (the last
+    # input alone), K = 1 (no pair), K past one 512-input int32 chunk, N not a multiple of 16,
+    # M not a multiple of 4 (a tile with zero rows)
+    if "avx2" not in cl.kernel_paths():
+        pytest.skip("this CPU (or build) lacks AVX2 + FMA + F16C: only the portable path exists")
+    gen = torch.Generator().manual_seed(M * K + N)
+    weight = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
+    scale, x = torch.rand(N, generator=gen) + 0.5, torch.randn(M, K, generator=gen)
+    y = cl.linear(x, weight, scale, None, 0, "avx2")
+    assert torch.equal(y, cl.linear(x, weight, scale, None, 0, "portable")), (y - cl.linear(x, weight, scale, None, 0, "portable")).abs().max()
+
+
+@needs_c
+def test_int8_many_rows_no_overflow():
+    # the largest products (-128 x -32767, every input) over 3072 inputs: int32 lanes are widened to
+    # int64 every 256 pairs; the sum (1.29e10) must come back exactly (as fp32)
+    K = 3072
+    weight = torch.full((16, K), -128, dtype=torch.int8)
+    x = torch.full((8, K), -1.0)  # rounds to -32767 per row
+    y = cl.linear(x, weight, torch.ones(16), None, 0)
+    expected = torch.tensor(128.0 * 32767 * K / 32767)  # x_scale = 1 / 32767
+    assert torch.allclose(y, expected.expand(8, 16), rtol=1e-6), y[0, 0]
+
+
+@needs_c
 def test_leading_dimensions():
     # x (..., K) -> y (..., N), the same as the rows flattened
     gen = torch.Generator().manual_seed(8)

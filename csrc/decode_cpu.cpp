@@ -204,15 +204,21 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
     const float* pe = pos_emb.data_ptr<float>() + len[m] * C;
     for (int64_t c = 0; c < C; ++c) xp[m * C + c] = te[c] + pe[c];
   }
-  const auto norm = [&](int64_t i, const float* in, float* out) {
-    layer_norm(in, norms[i].data_ptr<float>(), norms[i + 1].data_ptr<float>(), static_cast<float>(eps), C, out);
+  // the n rows of x through norm i into h, rows split over the threads from 8 rows on (a step of
+  // a few rows stays on this thread: a fork costs more than it saves there)
+  const auto norm_rows = [&](int64_t i) {
+    at::parallel_for(0, n, 8, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        layer_norm(xp + m * C, norms[i].data_ptr<float>(), norms[i + 1].data_ptr<float>(), static_cast<float>(eps),
+                   C, hp + m * C);
+    });
   };
   const auto add_into_x = [&](const at::Tensor& y) {  // the residual stream: x += y
     const float* yp = y.data_ptr<float>();
     for (int64_t i = 0; i < n * C; ++i) xp[i] += yp[i];
   };
   for (int64_t l = 0; l < L; ++l) {
-    for (int64_t m = 0; m < n; ++m) norm(kNormsPerBlock * l, xp + m * C, hp + m * C);
+    norm_rows(kNormsPerBlock * l);
     const at::Tensor qkv = linear(h, kLinearsPerBlock * l, 3 * C);  // (n, 3C): q, k, v, each (H, D)
     const float* qp = qkv.data_ptr<float>();
     float* ap = att.data_ptr<float>();
@@ -228,12 +234,14 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
       }
     });
     add_into_x(linear(att, kLinearsPerBlock * l + 1, C));
-    for (int64_t m = 0; m < n; ++m) norm(kNormsPerBlock * l + 2, xp + m * C, hp + m * C);
+    norm_rows(kNormsPerBlock * l + 2);
     at::Tensor f = linear(h, kLinearsPerBlock * l + 2, 0);  // (n, 4C)
-    gelu(f.data_ptr<float>(), f.numel());
+    float* fp = f.data_ptr<float>();
+    const int64_t F = f.size(1);  // whole rows per thread: each value sees the same vector lanes as alone
+    at::parallel_for(0, n, 8, [&](int64_t m0, int64_t m1) { gelu(fp + m0 * F, (m1 - m0) * F); });
     add_into_x(linear(f, kLinearsPerBlock * l + 3, C));
   }
-  for (int64_t m = 0; m < n; ++m) norm(kNormsPerBlock * L, xp + m * C, hp + m * C);
+  norm_rows(kNormsPerBlock * L);
   at::Tensor logits = linear(h, kLinearsPerBlock * L, 0);  // (n, padded vocabulary)
   TORCH_CHECK(logits.size(1) >= vocab_size, "gptfast decode_step: the head has ", logits.size(1), " outputs for ",
               vocab_size, " tokens");

@@ -124,6 +124,7 @@ def main():
 def header(args, device, floors):
     cmd = " ".join(["python benchmarks/bench_generate.py", "--batches", *map(str, args.batches), "--rounds",
                     str(args.rounds), "--new-tokens", str(args.new_tokens)]
+                   + (["--engines", *args.engines] if list(args.engines) != list(DEFAULT_ENGINES) else [])
                    + (["--threads", str(args.threads)] if args.threads else []) + (["--no-quality"] * args.no_quality))
     return [f"# Generation: GPT-2 124M (random init), greedy, 4-token prompts, {args.new_tokens} new tokens",
             f"device: {device.type} ({device_name(device)}), torch {torch.__version__}, "

@@ -6,7 +6,7 @@ step is attention, LayerNorm, GELU, the KV-cache writes and the embeddings; the 
 is generate's time per token minus the step's. The eager step (the model's forward, ~350 ops
 and the Python between them) is timed beside it for comparison. Interleaved rounds, medians.
 
-    python benchmarks/profile_decode.py [--dtypes float32 int8 int4] [--tokens 100] [--rows 16] [--threads 1]
+    python benchmarks/profile_decode.py [--dtypes float32 int8 int4] [--tokens 100] [--rows 16] [--cached 100] [--threads 1]
 
 Prints a table per step (ms); writes benchmarks/results/decode_profile_cpu.md.
 """
@@ -32,9 +32,9 @@ COLUMNS = ("generate", "step", "matmuls", "eager step")
 class Timer:
     """The four times (ms per token) of one weight format, one round at a time."""
 
-    def __init__(self, model, dtype, rows):
-        self.gen, self.rows = Generator(model, dtype=dtype, max_batch=rows), rows
-        self.gen.generate_ids([PROMPT] * rows, 8)  # warm-up
+    def __init__(self, model, dtype, rows, prompt):
+        self.gen, self.rows, self.prompt = Generator(model, dtype=dtype, max_batch=rows), rows, prompt
+        self.gen.generate_ids([prompt] * rows, 8)  # warm-up
         self.runner, self.model = self.gen.engine.runner, self.gen.engine.model
         self.fused = self.runner.fused
         if self.fused is None:
@@ -47,7 +47,7 @@ class Timer:
     def _steps(self, tokens, fn) -> float:
         """ms per call of fn(i) over `tokens` decode positions after a fresh prefill of every row."""
         self.runner.reserve(self.model, self.rows)
-        self.runner.prefill(self.model, list(range(self.rows)), [PROMPT] * self.rows)
+        self.runner.prefill(self.model, list(range(self.rows)), [self.prompt] * self.rows)
         t = time.perf_counter()
         for i in range(tokens):
             fn(i)
@@ -55,10 +55,10 @@ class Timer:
 
     def round(self, tokens) -> dict[str, float]:
         t = time.perf_counter()
-        self.gen.generate_ids([PROMPT] * self.rows, tokens)
+        self.gen.generate_ids([self.prompt] * self.rows, tokens)
         out = {"generate": 1e3 * (time.perf_counter() - t) / tokens}
-        decode = lambda i: self.runner.decode(self.model, [PROMPT[-1]] * self.rows,  # noqa: E731
-                                              [len(PROMPT) + i] * self.rows)
+        decode = lambda i: self.runner.decode(self.model, [self.prompt[-1]] * self.rows,  # noqa: E731
+                                              [len(self.prompt) + i] * self.rows)
         with torch.inference_mode():
             out["step"] = self._steps(tokens, decode)
             out["matmuls"] = self._steps(tokens, lambda i: [torch.ops.gptfast.linear(*mm) for mm in self.matmuls])
@@ -76,29 +76,39 @@ def main():
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     ap.add_argument("--rows", type=int, default=1, help="prompts decoded together (a batched step)")
+    ap.add_argument("--cached", type=int, default=len(PROMPT),
+                    help="tokens in each row's KV cache when the timed steps start (the prompt's length): "
+                         "attention reads them all at every step")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/decode_profile_cpu[_rowsN].md")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/decode_profile_cpu[_rowsN][_cachedN].md")
     args = ap.parse_args()
-    if args.rows < 1 or args.tokens < 1 or args.rounds < 1:
-        ap.error("--rows, --tokens and --rounds must be at least 1")
+    if args.rows < 1 or args.tokens < 1 or args.rounds < 1 or args.cached < 1:
+        ap.error("--rows, --tokens, --rounds and --cached must be at least 1")
+    config = GPTConfig.from_preset("gpt2-small")
+    if args.cached + args.tokens > config.context_length:
+        ap.error(f"--cached + --tokens must fit the context ({config.context_length})")
+    prompt = (PROMPT * args.cached)[:args.cached]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(123)
-    model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").eval()
-    timers = {dtype: Timer(model, dtype, args.rows) for dtype in args.dtypes}
+    model = GPTModel(config, backend="auto").eval()
+    timers = {dtype: Timer(model, dtype, args.rows, prompt) for dtype in args.dtypes}
     times = {dtype: {c: [] for c in COLUMNS} for dtype in args.dtypes}
     for _ in range(args.rounds):
         for dtype, timer in timers.items():
             for column, ms in timer.round(args.tokens).items():
                 times[dtype][column].append(ms)
-    lines = [f"# Decode time per step on CPU, GPT-2 124M, batch {args.rows}, {args.tokens} tokens",
+    lines = [f"# Decode time per step on CPU, GPT-2 124M, batch {args.rows}, {args.tokens} tokens after "
+             f"{args.cached} cached",
              f"device: {device_name('cpu')}, torch {torch.__version__}, date "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}, "
              f"load average {load_average()}",
              f"command: python benchmarks/profile_decode.py --dtypes {' '.join(args.dtypes)} --tokens {args.tokens} "
-             f"--rounds {args.rounds} --rows {args.rows}" + (f" --threads {args.threads}" if args.threads else ""),
+             f"--rounds {args.rounds} --rows {args.rows} --cached {args.cached}"
+             + (f" --threads {args.threads}" if args.threads else ""),
              f"medians of {args.rounds} interleaved rounds, ms per step of {args.rows} rows (the matmuls are timed "
-             "apart from the step, so noise can make them the larger)", "",
+             "apart from the step, so noise can make them the larger; generate's time per token includes its "
+             "prefill of the cached tokens)", "",
              "| weights | generate | fused step | its matmuls | rest of the step | engine (generate - step) "
              "| matmul share of the step | eager step (model forward) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -110,7 +120,8 @@ def main():
     text = "\n".join(lines)
     print(text)
     out = Path(args.out or Path(__file__).parent / "results" /
-               ("decode_profile_cpu.md" if args.rows == 1 else f"decode_profile_cpu_rows{args.rows}.md"))
+               ("decode_profile_cpu" + (f"_rows{args.rows}" if args.rows > 1 else "")
+                + (f"_cached{args.cached}" if args.cached != len(PROMPT) else "") + ".md"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     print(f"written to {out}")

@@ -292,8 +292,9 @@ GPTFAST_AVX2 void pack_pairs(const Weight& w, int64_t n, int64_t rows, int8_t* p
     for (; 2 * p + 16 <= K; p += 8) {
       __m256i a[8], t[8], u[8];
       for (int c = 0; c < 8; ++c)
-        a[c] = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(r[c + 8] + 2 * p),
-                                   reinterpret_cast<const __m128i*>(r[c] + 2 * p));
+        a[c] = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r[c] + 2 * p))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[c + 8] + 2 * p)), 1);
       for (int c = 0; c < 4; ++c) {
         t[2 * c] = _mm256_unpacklo_epi16(a[2 * c], a[2 * c + 1]);
         t[2 * c + 1] = _mm256_unpackhi_epi16(a[2 * c], a[2 * c + 1]);

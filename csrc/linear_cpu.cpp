@@ -167,30 +167,33 @@ void quantize_x(const at::Tensor& xf, int64_t group, at::Tensor& xq, at::Tensor&
   const int64_t M = xf.size(0), K = xf.size(1);
   xq = at::empty({M, K}, xf.options().dtype(at::kShort));
   x_scale = at::empty({M}, xf.options());
-  for (int64_t m = 0; m < M; ++m) {
-    const float* x = xf.data_ptr<float>() + m * K;
-    int16_t* q = xq.data_ptr<int16_t>() + m * K;
-    float big = 0.f;
-    bool finite = true;
-    for (int64_t k = 0; k < K; ++k) {
-      finite &= std::isfinite(x[k]);
-      big = std::max(big, std::fabs(x[k]));
+  // rows split over the threads from 8 rows on (a batched step, a prefill); fewer stay here
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* x = xf.data_ptr<float>() + m * K;
+      int16_t* q = xq.data_ptr<int16_t>() + m * K;
+      float big = 0.f;
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) {
+        finite &= std::isfinite(x[k]);
+        big = std::max(big, std::fabs(x[k]));
+      }
+      if (!finite) {
+        x_scale.data_ptr<float>()[m] = std::numeric_limits<float>::quiet_NaN();
+        std::fill_n(q, K, int16_t{0});
+        continue;
+      }
+      const float s = big > 0.f ? big / 32767.f : 1.f, inv = big > 0.f ? 32767.f / big : 0.f;
+      x_scale.data_ptr<float>()[m] = s;
+      // round to nearest even by the 1.5 * 2^23 trick (|x * inv| <= 32767.x): plain adds that
+      // vectorise at the baseline ISA, where std::nearbyint is a library call per element
+      constexpr float kMagic = 12582912.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float r = (x[k] * inv + kMagic) - kMagic;
+        q[k] = static_cast<int16_t>(std::clamp(r, -32767.f, 32767.f));
+      }
     }
-    if (!finite) {
-      x_scale.data_ptr<float>()[m] = std::numeric_limits<float>::quiet_NaN();
-      std::fill_n(q, K, int16_t{0});
-      continue;
-    }
-    const float s = big > 0.f ? big / 32767.f : 1.f, inv = big > 0.f ? 32767.f / big : 0.f;
-    x_scale.data_ptr<float>()[m] = s;
-    // round to nearest even by the 1.5 * 2^23 trick (|x * inv| <= 32767.x): plain adds that
-    // vectorise at the baseline ISA, where std::nearbyint is a library call per element
-    constexpr float kMagic = 12582912.f;
-    for (int64_t k = 0; k < K; ++k) {
-      const float r = (x[k] * inv + kMagic) - kMagic;
-      q[k] = static_cast<int16_t>(std::clamp(r, -32767.f, 32767.f));
-    }
-  }
+  });
   if (group == 0) return;
   group_sum = at::empty({M, K / group}, xf.options());
   float* gs = group_sum.data_ptr<float>();

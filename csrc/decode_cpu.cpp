@@ -14,7 +14,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -103,40 +108,95 @@ inline float exp_nonpositive(float x) {
 
 // sum a[d] b[d] in 8 interleaved partial sums (a fixed order that vectorises, where one running
 // sum would be a chain of dependent adds).
-inline float dot(const float* a, const float* b, int64_t D) {
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t D) {
   float part[8] = {};
   int64_t d = 0;
   for (; d + 8 <= D; d += 8)
-    for (int j = 0; j < 8; ++j) part[j] += a[d + j] * b[d + j];
-  for (; d < D; ++d) part[0] += a[d] * b[d];
+    for (int j = 0; j < 8; ++j) part[j] += a[d + j] * static_cast<float>(b[d + j]);
+  for (; d < D; ++d) part[0] += a[d] * static_cast<float>(b[d]);
   return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
 }
 
-// One head of one row: store the new key/value at slot L of the row's cache, then out (D) =
-// softmax(q K[0..L]^T / sqrt(D)) V[0..L]. k, v: the row's (slots, D) cache of this head.
-GPTFAST_CLONES void attend(const float* q, const float* k_new, const float* v_new, float* k, float* v,
-                           int64_t L, int64_t D, float* scores, float* out) {
-  std::copy_n(k_new, D, k + L * D);
-  std::copy_n(v_new, D, v + L * D);
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+// scores[0..S) = softmax(scores * scale) in place; false (scores untouched after the scaling) where
+// a score is NaN or infinite (a NaN or inf in q or the keys), whose row the caller makes NaN.
+GPTFAST_CLONES bool softmax(float* scores, int64_t S, float scale) {
   float big = -INFINITY, sum = 0.f;
-  for (int64_t s = 0; s <= L; ++s) {
-    scores[s] = dot(q, k + s * D, D) * scale;
+  for (int64_t s = 0; s < S; ++s) {
+    scores[s] *= scale;
     big = std::max(big, scores[s]);
     sum += scores[s];
   }
-  if (!std::isfinite(sum)) {  // a NaN or inf in q or the keys: NaN out, as the reference gives
+  if (!std::isfinite(sum)) return false;
+  float total = 0.f;
+  for (int64_t s = 0; s < S; ++s) total += (scores[s] = exp_nonpositive(scores[s] - big));
+  for (int64_t s = 0; s < S; ++s) scores[s] /= total;
+  return true;
+}
+
+// One head of one row: store the new key/value at slot L of the row's cache, then out (D) =
+// softmax(q K[0..L]^T / sqrt(D)) V[0..L]. k, v: the row's (slots, D) cache of this head, float32
+// or (portable, a conversion call per value) float16.
+template <typename T>
+GPTFAST_CLONES void attend(const float* q, const float* k_new, const float* v_new, T* k, T* v,
+                           int64_t L, int64_t D, float* scores, float* out) {
+  for (int64_t d = 0; d < D; ++d) {  // float16: rounded to nearest even, as torch's copy rounds
+    k[L * D + d] = static_cast<T>(k_new[d]);
+    v[L * D + d] = static_cast<T>(v_new[d]);
+  }
+  for (int64_t s = 0; s <= L; ++s) scores[s] = dot(q, k + s * D, D);
+  if (!softmax(scores, L + 1, 1.f / std::sqrt(static_cast<float>(D)))) {  // NaN out, as the reference gives
     std::fill_n(out, D, std::numeric_limits<float>::quiet_NaN());
     return;
   }
-  float total = 0.f;
-  for (int64_t s = 0; s <= L; ++s) total += (scores[s] = exp_nonpositive(scores[s] - big));
+  std::fill_n(out, D, 0.f);
+  for (int64_t s = 0; s <= L; ++s)
+    for (int64_t d = 0; d < D; ++d) out[d] += scores[s] * static_cast<float>(v[s * D + d]);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GPTFAST_F16C __attribute__((target("avx2,fma,f16c")))
+GPTFAST_F16C inline __m256 widen8(const uint16_t* p) {  // 8 float16 values as fp32
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// attend over a float16 cache with F16C: 8 values per conversion instruction, where the compiler
+// leaves float16 loops scalar. A float16 cache halves the bytes the step reads per cached token
+// (the fp32 cache is read at the memory floor). Keys: 8 partial sums per key, as dot's.
+GPTFAST_F16C void attend_f16(const float* q, const float* k_new, const float* v_new, uint16_t* k, uint16_t* v,
+                             int64_t L, int64_t D, float* scores, float* out) {
+  const int64_t D8 = D / 8 * 8;
+  for (int64_t d = 0; d < D8; d += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(k + L * D + d), _mm256_cvtps_ph(_mm256_loadu_ps(k_new + d), 0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(v + L * D + d), _mm256_cvtps_ph(_mm256_loadu_ps(v_new + d), 0));
+  }
+  for (int64_t d = D8; d < D; ++d) {
+    k[L * D + d] = _cvtss_sh(k_new[d], 0);
+    v[L * D + d] = _cvtss_sh(v_new[d], 0);
+  }
+  for (int64_t s = 0; s <= L; ++s) {
+    const uint16_t* key = k + s * D;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D8; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), widen8(key + d), acc);
+    alignas(32) float part[8];
+    _mm256_store_ps(part, acc);
+    for (int64_t d = D8; d < D; ++d) part[0] += q[d] * _cvtsh_ss(key[d]);
+    scores[s] = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  }
+  if (!softmax(scores, L + 1, 1.f / std::sqrt(static_cast<float>(D)))) {
+    std::fill_n(out, D, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
   std::fill_n(out, D, 0.f);
   for (int64_t s = 0; s <= L; ++s) {
-    const float p = scores[s] / total;
-    for (int64_t d = 0; d < D; ++d) out[d] += p * v[s * D + d];
+    const uint16_t* value = v + s * D;
+    const __m256 p = _mm256_set1_ps(scores[s]);
+    for (int64_t d = 0; d < D8; d += 8)
+      _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p, widen8(value + d), _mm256_loadu_ps(out + d)));
+    for (int64_t d = D8; d < D; ++d) out[d] += scores[s] * _cvtsh_ss(value[d]);
   }
 }
+#endif
 
 void check_float(const at::Tensor& t, const char* what, int64_t numel) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == numel,
@@ -173,12 +233,17 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
   check_float(tok_emb, "tok_emb");
   check_float(pos_emb, "pos_emb", S * C);
   for (const at::Tensor& t : norms) check_float(t, "a LayerNorm parameter", C);
+  const bool half_cache = L > 0 && k_cache[0].scalar_type() == at::kHalf;
   for (int64_t l = 0; l < L; ++l)
     for (const at::Tensor& t : {k_cache[l], v_cache[l]})
-      TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4 && t.size(0) >= n &&
-                      t.size(1) == n_heads && t.size(3) == D && t.sizes() == k_cache[0].sizes(),
-                  "gptfast decode_step: every cache must be contiguous float32 of one shape (rows >= ", n, ", ",
-                  n_heads, ", slots, ", D, ")");
+      TORCH_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf) &&
+                      t.scalar_type() == k_cache[0].scalar_type() && t.is_contiguous() && t.dim() == 4 &&
+                      t.size(0) >= n && t.size(1) == n_heads && t.size(3) == D && t.sizes() == k_cache[0].sizes(),
+                  "gptfast decode_step: every cache must be contiguous, float32 or float16, of one dtype and "
+                  "shape (rows >= ", n, ", ", n_heads, ", slots, ", D, ")");
+#if defined(GPTFAST_F16C)
+  const bool f16c = half_cache && avx2_chosen();
+#endif
   const int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t* len = lengths.data_ptr<int64_t>();
   const int64_t slots = L ? k_cache[0].size(2) : S;
@@ -204,7 +269,7 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
     const float* pe = pos_emb.data_ptr<float>() + len[m] * C;
     for (int64_t c = 0; c < C; ++c) xp[m * C + c] = te[c] + pe[c];
   }
-  // the n rows of x through norm i into h, rows split over the threads from 8 rows on (a step of
+  // the n rows of x through norm i into h, rows split over the threads beyond 8 rows (a step of
   // a few rows stays on this thread: a fork costs more than it saves there)
   const auto norm_rows = [&](int64_t i) {
     at::parallel_for(0, n, 8, [&](int64_t m0, int64_t m1) {
@@ -222,15 +287,28 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
     const at::Tensor qkv = linear(h, kLinearsPerBlock * l, 3 * C);  // (n, 3C): q, k, v, each (H, D)
     const float* qp = qkv.data_ptr<float>();
     float* ap = att.data_ptr<float>();
-    float* kc = k_cache[l].data_ptr<float>();
-    float* vc = v_cache[l].data_ptr<float>();
+    const at::Tensor &kc = k_cache[l], &vc = v_cache[l];
     at::parallel_for(0, n * n_heads, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores(slots);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m = i / n_heads, hd = i % n_heads;
         const float* row = qp + m * 3 * C + hd * D;
-        const int64_t cache = (m * n_heads + hd) * slots * D;  // (row, head) of (rows, H, slots, D)
-        attend(row, row + C, row + 2 * C, kc + cache, vc + cache, len[m], D, scores.data(), ap + m * C + hd * D);
+        const int64_t at = (m * n_heads + hd) * slots * D;  // (row, head) of (rows, H, slots, D)
+        float* out = ap + m * C + hd * D;
+        if (!half_cache) {
+          attend(row, row + C, row + 2 * C, kc.data_ptr<float>() + at, vc.data_ptr<float>() + at, len[m], D,
+                 scores.data(), out);
+          continue;
+        }
+        c10::Half *kh = kc.data_ptr<c10::Half>() + at, *vh = vc.data_ptr<c10::Half>() + at;
+#if defined(GPTFAST_F16C)
+        if (f16c) {
+          attend_f16(row, row + C, row + 2 * C, reinterpret_cast<uint16_t*>(kh), reinterpret_cast<uint16_t*>(vh),
+                     len[m], D, scores.data(), out);
+          continue;
+        }
+#endif
+        attend(row, row + C, row + 2 * C, kh, vh, len[m], D, scores.data(), out);
       }
     });
     add_into_x(linear(att, kLinearsPerBlock * l + 1, C));

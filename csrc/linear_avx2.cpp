@@ -275,10 +275,14 @@ GPTFAST_AVX2 void rows_bf16(const Weight& w, const Input& in, float* y, int64_t 
 // 8 vpmaddwd where the row-dot tiles read 288. Sums are exact integers, as there, so every path
 // gives the same y.
 constexpr int64_t kPackRows = 16;
-// From 8 x rows on (a 16-row int8 decode step of GPT-2 124M: 45 ms against 54 with the row-dot
-// tiles; 4 rows: 22 against 16, as repacking is then a large share of the work)
+// From 8 x rows on: a 16-row int8 decode step of GPT-2 124M took 45 ms against 54 with the row-dot
+// tiles, 4 rows 22 against 16 (repacking is then a large share of the work), 8 rows about even
+// (interleaved in one process with a temporary switch; benchmarks/results/decode_profile_cpu_rows16.md
+// has the step before and after)
 constexpr int64_t kPackedMinRows = 8;
 constexpr int64_t kPairChunk = 256;  // pairs of int8 x int16 products per int32 lane before int64
+// |q| <= 128 and |xq| <= 32767 (quantize_x clamps to +-32767: -32768 would overflow here)
+static_assert(kPairChunk * 2 * 128 * 32767 <= INT32_MAX, "an int32 lane must hold a chunk's sums");
 
 // pk (pairs, 16, 2) from rows [n, n + rows) of w; pairs = ceil(K / 2).
 GPTFAST_AVX2 void pack_pairs(const Weight& w, int64_t n, int64_t rows, int8_t* pk) {
@@ -333,6 +337,7 @@ GPTFAST_AVX2 inline void add_wide(int64_t* total, __m256i acc) {  // total[0..8)
 GPTFAST_AVX2 void tile_i8_packed(const int8_t* pk, int64_t p0, int64_t p1, const int16_t* const x[4],
                                  int64_t (*total)[kPackRows]) {
   __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+  const int16_t *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];  // in registers despite the memory clobber
   for (int64_t p = p0; p < p1; ++p) {
     __m256i w0, w1, b, t;
     __asm__(
@@ -353,16 +358,16 @@ GPTFAST_AVX2 void tile_i8_packed(const int8_t* pk, int64_t p0, int64_t p1, const
         : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11), [a20] "+x"(a20),
           [a21] "+x"(a21), [a30] "+x"(a30), [a31] "+x"(a31), [w0] "=&x"(w0), [w1] "=&x"(w1),
           [b] "=&x"(b), [t] "=&x"(t)
-        : [w] "r"(pk + p * 32), [x0] "r"(x[0] + 2 * p), [x1] "r"(x[1] + 2 * p), [x2] "r"(x[2] + 2 * p),
-          [x3] "r"(x[3] + 2 * p)
+        : [w] "r"(pk + p * 32), [x0] "r"(x0 + 2 * p), [x1] "r"(x1 + 2 * p), [x2] "r"(x2 + 2 * p),
+          [x3] "r"(x3 + 2 * p)
         : "memory");
   }
   add_wide(total[0], a00), add_wide(total[0] + 8, a01), add_wide(total[1], a10), add_wide(total[1] + 8, a11);
   add_wide(total[2], a20), add_wide(total[2] + 8, a21), add_wide(total[3], a30), add_wide(total[3] + 8, a31);
 }
 
-// Blocks of 16 weight rows: pack, then chunks of kPairChunk pairs (8 KB of the packed block and
-// 1 KB of each x row, which stay in L1 while every tile of 4 x rows passes over them).
+// Blocks of 16 weight rows: pack, then chunks of kPairChunk pairs (8 KB of the packed block, 1 KB of
+// each x row) that every tile of 4 x rows passes over while they are in cache.
 GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t K = w.K, full = K / 2, M4 = (in.M + 3) / 4 * 4;
   thread_local std::vector<int8_t> pk;

@@ -122,6 +122,12 @@ const Path& choose_path(const std::string& requested) {
   return kPaths[std::size(kPaths) - 1];
 }
 
+}  // namespace
+
+bool avx2_chosen() { return std::string(choose_path("").name) == "avx2"; }
+
+namespace {
+
 // The weight's format and view, checked against x (M, K) and the scale.
 Weight weight_view(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
                    int64_t group) {
@@ -167,7 +173,7 @@ void quantize_x(const at::Tensor& xf, int64_t group, at::Tensor& xq, at::Tensor&
   const int64_t M = xf.size(0), K = xf.size(1);
   xq = at::empty({M, K}, xf.options().dtype(at::kShort));
   x_scale = at::empty({M}, xf.options());
-  // rows split over the threads from 8 rows on (a batched step, a prefill); fewer stay here
+  // rows split over the threads beyond 8 rows (a batched step, a prefill); fewer stay here
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* x = xf.data_ptr<float>() + m * K;

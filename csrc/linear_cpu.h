@@ -77,6 +77,10 @@ void rows_portable(const Weight& w, const Input& in, float* y, int64_t ldy, int6
 void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
 #endif
 
+// Whether the linear op's default path (GPTFAST_CPU_KERNEL, else the best this CPU runs) is
+// the AVX2 + FMA + F16C one; decode_cpu.cpp's float16 KV cache follows the same choice.
+bool avx2_chosen();
+
 // The op itself (registered as gptfast::linear; decode_cpu.cpp calls it directly).
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
                       const c10::optional<at::Tensor>& bias, int64_t group_size, c10::string_view path);

@@ -179,11 +179,13 @@ class Engine:
     """The continuous-batching loop over one model (run as `private_model(model)`).
     `max_batch` sequences run at once (the cache grows to it on demand); `max_queue` bounds the
     prompts waiting (None: no bound); `cuda_graph` decodes through captured graphs on CUDA,
-    `fused_cpu_step` through one C++ call per step on CPU (gptfast.cpu_decode) where it can.
+    `fused_cpu_step` through one C++ call per step on CPU (gptfast.cpu_decode) where it can;
+    `kv_dtype` is the KV cache's dtype (None: float16 under the fused step, else the model's).
     `observer`, when given, hears about steps, tokens and finished requests (gptfast.serve)."""
 
     def __init__(self, model, context_size: int | None = None, max_batch: int = 32, max_queue: int | None = None,
-                 cuda_graph: bool = True, observer=None, fused_cpu_step: bool = True):
+                 cuda_graph: bool = True, observer=None, fused_cpu_step: bool = True,
+                 kv_dtype: torch.dtype | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1):
@@ -196,7 +198,7 @@ class Engine:
         self.max_batch, self.max_queue, self.observer = max_batch, max_queue, observer
         self.runner = Runner(self.model, self.context_size, max_batch, self.device,
                              static=cuda_graph and self.device.type == "cuda",
-                             fused=fused_cpu_step and self.device.type == "cpu")
+                             fused=fused_cpu_step and self.device.type == "cpu", kv_dtype=kv_dtype)
         self._lock = threading.Lock()
         self._queue: deque[_Group] = deque()
         self._waiting = 0  # prompts in the queue

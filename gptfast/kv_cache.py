@@ -61,8 +61,8 @@ class KVCache:
     def update(self, k: torch.Tensor, v: torch.Tensor):
         st = self.step
         if st.prefill_rows is not None:  # k, v (B, H, T, D) for rows prefill_rows (B,)
-            self.k[st.prefill_rows, :, : k.shape[2]] = k
-            self.v[st.prefill_rows, :, : k.shape[2]] = v
+            self.k[st.prefill_rows, :, : k.shape[2]] = k.to(self.k.dtype)
+            self.v[st.prefill_rows, :, : k.shape[2]] = v.to(self.v.dtype)
             return k, v
         n = k.shape[0]  # k, v (n, H, 1, D); row i's new key goes to slot lengths[i]
         if st.same is not None:
@@ -70,9 +70,10 @@ class KVCache:
             self.v[:n, :, st.same] = v[:, :, 0]
         else:
             rows = torch.arange(n, device=k.device)
-            self.k[rows, :, st.lengths] = k[:, :, 0]
-            self.v[rows, :, st.lengths] = v[:, :, 0]
-        return self.k[:n, :, : st.span], self.v[:n, :, : st.span]
+            self.k[rows, :, st.lengths] = k[:, :, 0].to(self.k.dtype)
+            self.v[rows, :, st.lengths] = v[:, :, 0].to(self.v.dtype)
+        # a cache kept in another dtype (float16 under an fp32 model: gptfast.runner) is read in k's
+        return self.k[:n, :, : st.span].to(k.dtype), self.v[:n, :, : st.span].to(k.dtype)
 
     def mask(self, T: int) -> torch.Tensor | None:
         return self.step.allowed

@@ -32,13 +32,15 @@ def batch_sizes(max_batch: int) -> list[int]:
 
 class Runner:
     def __init__(self, model, context_size: int, max_batch: int, device: torch.device, static: bool,
-                 fused: bool = False):
+                 fused: bool = False, kv_dtype: torch.dtype | None = None):
         self.cfg, self.context_size, self.device = model.cfg, context_size, device
         self.sizes = batch_sizes(max_batch)
         self.static = static  # decode through the fixed-shape step (captured as a graph on CUDA)
         # eager steps in one C++ call (CPU), when asked for and the model has nothing it cannot run
         self.fused = FusedDecode.for_model(model) if fused and not static else None
-        self.dtype = model.tok_emb.weight.dtype
+        # the KV cache's dtype; by default float16 under the fused step, whose attention reads the
+        # whole cache at every step (fp32: at the memory floor), else the model's
+        self.dtype = kv_dtype or (torch.float16 if self.fused is not None else model.tok_emb.weight.dtype)
         self.step = CacheStep()
         self.rows, self.caches = 0, []
         self.graphs, self.buffers = {}, {}

@@ -30,6 +30,16 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def two_threads():
+    """torch's CPU threads at 2 for one test (xdist workers run with 1 each): the C++ kernels'
+    splits over threads only run with more than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on a 2-core CPU")

@@ -24,9 +24,10 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]  # three rows at three lengths
 SLOTS = 24  # the cache's slots: fewer than the models' context (40), so its stride is not pos_emb's
 
 
-def prefilled(model, fused: bool) -> Runner:
-    """A runner with PROMPTS prefilled into rows 0..2 (call under inference_mode)."""
-    runner = Runner(model, SLOTS, 4, CPU, static=False, fused=fused)
+def prefilled(model, fused: bool, kv=torch.float16) -> Runner:
+    """A runner with PROMPTS prefilled into rows 0..2 (call under inference_mode); its KV cache
+    in `kv` (float16: what the engine keeps under the fused step), the same for both paths."""
+    runner = Runner(model, SLOTS, 4, CPU, static=False, fused=fused, kv_dtype=kv)
     assert (runner.fused is not None) == fused
     runner.reserve(model, len(PROMPTS))
     for row, prompt in enumerate(PROMPTS):
@@ -34,11 +35,11 @@ def prefilled(model, fused: bool) -> Runner:
     return runner
 
 
-def run_steps(model, fused: bool, tokens, runner=None):
+def run_steps(model, fused: bool, tokens, runner=None, kv=torch.float16):
     """Decode steps feeding tokens[s] at step s after PROMPTS: (the logits of each step, the runner)."""
     out, lengths = [], [len(p) for p in PROMPTS]
     with torch.inference_mode():
-        runner = runner or prefilled(model, fused)
+        runner = runner or prefilled(model, fused, kv)
         for step_tokens in tokens:
             logits, _ = runner.decode(model, step_tokens, lengths)
             out.append(logits.clone())
@@ -71,30 +72,36 @@ FORMATS = {None: 1e-5, "float32": 1e-5, "bfloat16": 1e-5, "float16": 1e-5, "int8
            "int4-g64": 2e-4, "int4-g128": 2e-4}
 
 
+@pytest.mark.parametrize("kv", [torch.float16, torch.float32], ids=["kv16", "kv32"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=[str(f) for f in FORMATS])
-def test_fused_step_equals_model_forward(fmt):
+def test_fused_step_equals_model_forward(fmt, kv):
     model = inference_copy(tiny(ctx=40, emb=64, layers=3, pad_vocab=True), fmt, CPU)
     tokens = greedy_tokens(model, 12)
-    fused, fr = run_steps(model, True, tokens)
-    eager, er = run_steps(model, False, tokens)
+    fused, fr = run_steps(model, True, tokens, kv=kv)
+    eager, er = run_steps(model, False, tokens, kv=kv)
     assert_steps_close(fused, eager, FORMATS[fmt], fmt)
-    for layer, (fc, ec) in enumerate(zip(fr.caches, er.caches)):  # the keys and values written
-        assert_close(fc.k, ec.k, FORMATS[fmt], name=f"layer {layer} keys")
-        assert_close(fc.v, ec.v, FORMATS[fmt], name=f"layer {layer} values")
+    # the keys and values written; a float16 cache: each path rounds its own fp32 key, and keys that
+    # differ in their last fp32 bits can round one float16 step (2^-11 of the value) apart
+    rtol = max(FORMATS[fmt], 2.0**-10 if kv == torch.float16 else 0)
+    for layer, (fc, ec) in enumerate(zip(fr.caches, er.caches)):
+        assert fc.k.dtype == kv
+        assert_close(fc.k.float(), ec.k.float(), rtol, name=f"layer {layer} keys")
+        assert_close(fc.v.float(), ec.v.float(), rtol, name=f"layer {layer} values")
 
 
 @pytest.mark.parametrize("fmt", [None, "int8"], ids=["fp32", "int8"])
-def test_many_rows_equal_each_row_alone(fmt):
-    # 10 rows at 10 lengths in one step (from 8 rows the step splits its norms and GELU over the
-    # threads and int8 runs the packed tiles): each row's logits and the eager step's, and
-    # bitwise the same row decoded alone (batched greedy decoding = single-request decoding)
+def test_many_rows_equal_each_row_alone(fmt, two_threads):
+    # 10 rows at 10 lengths in one step, 2 threads (beyond 8 rows the step splits its norms, GELU
+    # and the rounding of x over the threads, and int8 runs the packed tiles): each row's logits
+    # and the eager step's, and bitwise the same row decoded alone (batched greedy decoding =
+    # single-request decoding)
     model = inference_copy(tiny(ctx=40, emb=64, layers=3, pad_vocab=True), fmt, CPU)
     prompts = [[(7 * r + i) % 50 + 1 for i in range(r + 1)] for r in range(10)]
     tokens = [(3 * r) % 50 for r in range(10)]
 
     def step(fused, rows):
         with torch.inference_mode():
-            runner = Runner(model, SLOTS, 16, CPU, static=False, fused=fused)
+            runner = Runner(model, SLOTS, 16, CPU, static=False, fused=fused, kv_dtype=torch.float16)
             runner.reserve(model, len(rows))
             for row, r in enumerate(rows):
                 runner.prefill(model, [row], [prompts[r]])
@@ -106,17 +113,27 @@ def test_many_rows_equal_each_row_alone(fmt):
         assert torch.equal(step(True, [r])[0], batch[r]), f"row {r}: alone differs from in the batch"
 
 
-def test_fp32_step_within_2x_of_torch_against_fp64():
-    # plain nn.Linear layers, no qkv bias, tied head, head size 12 (not a multiple of the dot
-    # product's 8 lanes): the fused fp32 step's error against an fp64 model is at most 2x the
-    # eager fp32 step's (plus a tiny atol)
+@pytest.mark.parametrize("kv", [torch.float16, torch.float32], ids=["kv16", "kv32"])
+def test_fp32_step_within_2x_of_torch_against_fp64(kv):
+    # plain nn.Linear layers, no qkv bias, tied head, head size 12 (not a multiple of the vector
+    # loops' 8 lanes): the fused fp32 step's error against an fp64 model (fp64 cache) is at most 2x
+    # the eager fp32 step's with the same cache dtype (plus a tiny atol)
     model = tiny(ctx=40, emb=48, heads=4, layers=3, qkv_bias=False, tie_weights=True)
     tokens = greedy_tokens(model, 8)
-    truth, _ = run_steps(copy.deepcopy(model).double(), False, tokens)
-    fused, _ = run_steps(model, True, tokens)
-    eager, _ = run_steps(model, False, tokens)
+    truth, _ = run_steps(copy.deepcopy(model).double(), False, tokens, kv=torch.float64)
+    fused, _ = run_steps(model, True, tokens, kv=kv)
+    eager, _ = run_steps(model, False, tokens, kv=kv)
     for step, (a, low, t) in enumerate(zip(fused, eager, truth)):
         assert_within_2x(a.double(), low.double(), t, name=f"step {step}", atol=1e-6 * t.abs().max().item())
+
+
+def test_float16_cache_portable_path(monkeypatch):
+    # GPTFAST_CPU_KERNEL=portable: the float16 cache through plain C++ (c10::Half conversions)
+    # instead of F16C, against the eager step on the same cache
+    model = tiny(ctx=40, emb=48, heads=4, layers=2)
+    tokens = greedy_tokens(model, 6)
+    monkeypatch.setenv("GPTFAST_CPU_KERNEL", "portable")
+    assert_steps_close(run_steps(model, True, tokens)[0], run_steps(model, False, tokens)[0], 1e-5, "portable")
 
 
 @pytest.mark.parametrize("fmt", [None, "int8"], ids=["fp32", "int8"])
@@ -150,7 +167,7 @@ def test_engine_with_and_without_the_fused_step():
     prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7, 9, 3], [2, 7]]
     results = []
     for fused in (True, False):
-        engine = Engine(model, max_batch=4, fused_cpu_step=fused)
+        engine = Engine(model, max_batch=4, fused_cpu_step=fused, kv_dtype=torch.float16)
         assert (engine.runner.fused is not None) == fused
         results.append(ids_of(engine.submit(prompts, [20, 6, 14, 3], SamplingParams())))
         engine.close()
@@ -208,8 +225,12 @@ def test_bad_operands_are_one_line_errors():
         fused, step = runner.fused, lambda: runner.fused(torch.tensor([3]), torch.tensor([0]), runner.caches)
         short = copy.copy(runner.caches[1])
         short.k = short.k[:, :, :10].contiguous()  # layer 1's cache with fewer slots
-        with pytest.raises(RuntimeError, match="every cache must be contiguous float32 of one shape"):
+        with pytest.raises(RuntimeError, match="every cache must be contiguous, float32 or float16, of one dtype and shape"):
             fused(torch.tensor([3]), torch.tensor([0]), [runner.caches[0], short])
+        mixed = copy.copy(runner.caches[1])
+        mixed.k = mixed.k.float()  # layer 1's keys in float32, the others float16
+        with pytest.raises(RuntimeError, match="of one dtype and shape"):
+            fused(torch.tensor([3]), torch.tensor([0]), [runner.caches[0], mixed])
         linears = fused.linears
         fused.linears = linears[:3] + [linears[6], linears[7], linears[8]] + linears[6:]  # out_proj -> fc
         with pytest.raises(RuntimeError, match="linear 1 has 128 outputs, not 32"):

@@ -65,12 +65,14 @@ def test_rows_independent_of_batch(path, fmt):
 
 
 @needs_c
-@pytest.mark.parametrize("M, K, N", [(8, 16, 16), (13, 15, 17), (16, 768, 50), (33, 1031, 5), (9, 1, 3)])
-def test_int8_many_rows_equal_portable(M, K, N):
+@pytest.mark.parametrize("M, K, N", [(8, 16, 16), (13, 15, 17), (16, 768, 50), (33, 1031, 5), (9, 1, 3),
+                                     (9, 1031, 40), (12, 3072, 36)])
+def test_int8_many_rows_equal_portable(M, K, N, two_threads):
     # int8 from 8 x rows on runs the packed tiles (16 weight rows transposed into pairs of inputs):
     # integer sums are exact on every path, so y is bitwise the portable path's. K odd (the last
-    # input alone), K = 1 (no pair), K past one 512-input int32 chunk, N not a multiple of 16,
-    # M not a multiple of 4 (a tile with zero rows)
+    # input alone; after whole 16-row blocks: 1031), K = 1 (no pair), K past one 512-input int32
+    # chunk, N not a multiple of 16, M not a multiple of 4 (a tile with zero rows), 2 threads
+    # (each takes a range of rows, 36: one ends inside a 16-row block)
     if "avx2" not in cl.kernel_paths():
         pytest.skip("this CPU (or build) lacks AVX2 + FMA + F16C: only the portable path exists")
     gen = torch.Generator().manual_seed(M * K + N)
@@ -87,7 +89,7 @@ def test_int8_many_rows_no_overflow():
     K = 3072
     weight = torch.full((16, K), -128, dtype=torch.int8)
     x = torch.full((8, K), -1.0)  # rounds to -32767 per row
-    y = cl.linear(x, weight, torch.ones(16), None, 0)
+    y = cl.linear(x, weight, torch.ones(16), None, 0, "avx2" if "avx2" in cl.kernel_paths() else "portable")
     expected = torch.tensor(128.0 * 32767 * K / 32767)  # x_scale = 1 / 32767
     assert torch.allclose(y, expected.expand(8, 16), rtol=1e-6), y[0, 0]
 

@@ -106,6 +106,11 @@ inline float exp_nonpositive(float x) {
   return p;
 }
 
+// The 8 partial sums of a dot product added up, in the one order every path uses.
+inline float sum8(const float* part) {
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
 // sum a[d] b[d] in 8 interleaved partial sums (a fixed order that vectorises, where one running
 // sum would be a chain of dependent adds).
 template <typename T>
@@ -115,18 +120,21 @@ inline float dot(const float* a, const T* b, int64_t D) {
   for (; d + 8 <= D; d += 8)
     for (int j = 0; j < 8; ++j) part[j] += a[d + j] * static_cast<float>(b[d + j]);
   for (; d < D; ++d) part[0] += a[d] * static_cast<float>(b[d]);
-  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  return sum8(part);
 }
 
-// scores[0..S) = softmax(scores * scale) in place; false (scores untouched after the scaling) where
-// a score is NaN or infinite (a NaN or inf in q or the keys), whose row the caller makes NaN.
-GPTFAST_CLONES bool softmax(float* scores, int64_t S, float scale) {
+// scores[0..S) = softmax(scores / sqrt(D)) in place and out (D) zeroed, for out += p_s v_s; where a
+// score is NaN or infinite (a NaN or inf in q or the keys) out is NaN, as the reference gives, and
+// false tells the caller to stop there.
+GPTFAST_CLONES bool softmax(float* scores, int64_t S, int64_t D, float* out) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
   float big = -INFINITY, sum = 0.f;
   for (int64_t s = 0; s < S; ++s) {
     scores[s] *= scale;
     big = std::max(big, scores[s]);
     sum += scores[s];
   }
+  std::fill_n(out, D, std::isfinite(sum) ? 0.f : std::numeric_limits<float>::quiet_NaN());
   if (!std::isfinite(sum)) return false;
   float total = 0.f;
   for (int64_t s = 0; s < S; ++s) total += (scores[s] = exp_nonpositive(scores[s] - big));
@@ -145,11 +153,7 @@ GPTFAST_CLONES void attend(const float* q, const float* k_new, const float* v_ne
     v[L * D + d] = static_cast<T>(v_new[d]);
   }
   for (int64_t s = 0; s <= L; ++s) scores[s] = dot(q, k + s * D, D);
-  if (!softmax(scores, L + 1, 1.f / std::sqrt(static_cast<float>(D)))) {  // NaN out, as the reference gives
-    std::fill_n(out, D, std::numeric_limits<float>::quiet_NaN());
-    return;
-  }
-  std::fill_n(out, D, 0.f);
+  if (!softmax(scores, L + 1, D, out)) return;
   for (int64_t s = 0; s <= L; ++s)
     for (int64_t d = 0; d < D; ++d) out[d] += scores[s] * static_cast<float>(v[s * D + d]);
 }
@@ -181,13 +185,9 @@ GPTFAST_F16C void attend_f16(const float* q, const float* k_new, const float* v_
     alignas(32) float part[8];
     _mm256_store_ps(part, acc);
     for (int64_t d = D8; d < D; ++d) part[0] += q[d] * _cvtsh_ss(key[d]);
-    scores[s] = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+    scores[s] = sum8(part);
   }
-  if (!softmax(scores, L + 1, 1.f / std::sqrt(static_cast<float>(D)))) {
-    std::fill_n(out, D, std::numeric_limits<float>::quiet_NaN());
-    return;
-  }
-  std::fill_n(out, D, 0.f);
+  if (!softmax(scores, L + 1, D, out)) return;
   for (int64_t s = 0; s <= L; ++s) {
     const uint16_t* value = v + s * D;
     const __m256 p = _mm256_set1_ps(scores[s]);

@@ -99,7 +99,7 @@ def main():
     dec, pre = timed.seconds["decode"], timed.seconds["prefill"]
     steps = max(1, timed.calls["decode"])
     lines = [f"# One Engine under load, no HTTP: GPT-2 124M random init, {dtype} weights, "
-             f"KV cache {engine.runner.dtype}, greedy",
+             f"KV cache {engine.runner.kv_dtype}, greedy",
              f"device: {device_name('cpu')}, torch {torch.__version__}, date "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}, "
              f"load average {load_average()}",

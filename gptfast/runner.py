@@ -40,7 +40,12 @@ class Runner:
         self.fused = FusedDecode.for_model(model) if fused and not static else None
         # the KV cache's dtype; by default float16 under the fused step, whose attention reads the
         # whole cache at every step (fp32: at the memory floor), else the model's
-        self.dtype = kv_dtype or (torch.float16 if self.fused is not None else model.tok_emb.weight.dtype)
+        if kv_dtype is not None and not (isinstance(kv_dtype, torch.dtype) and kv_dtype.is_floating_point):
+            raise ValueError(f"kv_dtype must be a floating-point torch.dtype or None, got {kv_dtype!r}")
+        if self.fused is not None and kv_dtype not in (None, torch.float32, torch.float16):
+            raise ValueError(f"the fused CPU decode step keeps its KV cache in torch.float32 or torch.float16, "
+                             f"got {kv_dtype}; pass fused_cpu_step=False for another dtype")
+        self.kv_dtype = kv_dtype or (torch.float16 if self.fused is not None else model.tok_emb.weight.dtype)
         self.step = CacheStep()
         self.rows, self.caches = 0, []
         self.graphs, self.buffers = {}, {}
@@ -52,7 +57,7 @@ class Runner:
         size = next(s for s in self.sizes if s >= rows)
         if size <= self.rows:
             return
-        new = make_caches(model, size, self.context_size, self.dtype, self.device, self.step)
+        new = make_caches(model, size, self.context_size, self.kv_dtype, self.device, self.step)
         for old, c in zip(self.caches, new):
             c.k[: self.rows], c.v[: self.rows] = old.k, old.v
         self.rows, self.caches, self.graphs, self.buffers = size, new, {}, {}

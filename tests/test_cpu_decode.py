@@ -208,6 +208,17 @@ def test_engine_decides_once():
     assert Engine(model, max_batch=2).runner.fused is not None
 
 
+def test_bad_kv_dtype_is_a_one_line_error():
+    model = tiny()
+    with pytest.raises(ValueError, match="kv_dtype must be a floating-point torch.dtype or None, got 'float16'"):
+        Engine(model, max_batch=2, kv_dtype="float16")
+    with pytest.raises(ValueError, match="kv_dtype must be a floating-point torch.dtype or None, got torch.int8"):
+        Engine(model, max_batch=2, kv_dtype=torch.int8)
+    with pytest.raises(ValueError, match="keeps its KV cache in torch.float32 or torch.float16, got torch.bfloat16"):
+        Engine(model, max_batch=2, kv_dtype=torch.bfloat16)
+    assert Engine(model, max_batch=2, kv_dtype=torch.bfloat16, fused_cpu_step=False).runner.kv_dtype == torch.bfloat16
+
+
 def test_bad_rows_are_one_line_errors():
     model = tiny(ctx=16)
     with torch.inference_mode():

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from gptfast import cpu_linear as cl
 from gptfast.quant import SHORT_DTYPES
 
-from common import ReadFloor, commit_id, device_name, interleaved, load_average  # noqa: E402
+from common import ReadFloor, commit_id, device_name, interleaved, load_average, save_report  # noqa: E402
 
 LAYERS, EMB, VOCAB = 12, 768, 50257
 SHAPES = [(3 * EMB, EMB), (EMB, EMB), (4 * EMB, EMB), (EMB, 4 * EMB)]  # (out, in) per block
@@ -141,13 +141,8 @@ def main():
         for M in args.rows:
             lines += bench_rows(M, weights, args, paths, floor) + [""]
     lines.append(f"load average at the end: {load_average()}")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out or Path(__file__).parent / "results" /
-               ("cpu_linear_crossover.md" if args.crossover else "cpu_linear.md"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"written to {out}")
+    save_report(lines, args.out or Path(__file__).parent / "results" /
+                ("cpu_linear_crossover.md" if args.crossover else "cpu_linear.md"))
 
 
 def bench_rows(M, weights, args, paths, floor):

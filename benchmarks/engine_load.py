@@ -20,14 +20,11 @@ import torch
 
 from gptfast import GPTConfig, GPTModel
 from gptfast.engine import Engine
-from gptfast.quant import DTYPES, auto_dtype, inference_copy
+from gptfast.quant import DTYPES, FLOAT_DTYPES, auto_dtype, inference_copy
 from gptfast.sampling import SamplingParams
 
 from bench_serve import workload  # noqa: E402  (benchmarks/ is on sys.path)
 from common import commit_id, device_name, load_average, save_report  # noqa: E402
-
-KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
 
 class Timed:
     """Wraps the runner's prefill and decode: seconds, calls, rows decoded, tokens prefilled."""
@@ -81,7 +78,7 @@ def main():
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="weight format (auto: CPU default)")
-    ap.add_argument("--kv-dtype", default=None, choices=sorted(KV_DTYPES),
+    ap.add_argument("--kv-dtype", default=None, choices=("float16", "float32"),
                     help="KV cache dtype (default: the engine's choice, float16 under the fused CPU step)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_load_cpu.md"))
     args = ap.parse_args()
@@ -90,7 +87,7 @@ def main():
     torch.manual_seed(0)
     dtype = auto_dtype("cpu") if args.dtype == "auto" else args.dtype
     model = inference_copy(GPTModel(GPTConfig.from_preset("gpt2-small")).eval(), dtype, torch.device("cpu"))
-    engine = Engine(model, max_batch=32, kv_dtype=KV_DTYPES.get(args.kv_dtype))
+    engine = Engine(model, max_batch=32, kv_dtype=FLOAT_DTYPES.get(args.kv_dtype))
     timed = Timed(engine.runner)
     list(engine.submit([[1, 2, 3]], 4, SamplingParams()).updates())  # warm-up, not counted
     timed.reset()

@@ -23,7 +23,7 @@ import torch
 from gptfast import GPTConfig, GPTModel
 from gptfast.generate import Generator
 
-from common import commit_id, device_name, load_average  # noqa: E402
+from common import commit_id, device_name, load_average, save_report  # noqa: E402
 
 PROMPT = [6109, 3626, 6100, 345]
 COLUMNS = ("generate", "step", "matmuls", "eager step")
@@ -117,14 +117,9 @@ def main():
         lines.append(f"| {dtype} | {m['generate']:.2f} | {m['step']:.2f} | {m['matmuls']:.2f} "
                      f"| {m['step'] - m['matmuls']:.2f} | {m['generate'] - m['step']:.2f} "
                      f"| {100 * m['matmuls'] / m['step']:.0f}% | {m['eager step']:.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out or Path(__file__).parent / "results" /
-               ("decode_profile_cpu" + (f"_rows{args.rows}" if args.rows > 1 else "")
-                + (f"_cached{args.cached}" if args.cached != len(PROMPT) else "") + ".md"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"written to {out}")
+    save_report(lines, args.out or Path(__file__).parent / "results" /
+                ("decode_profile_cpu" + (f"_rows{args.rows}" if args.rows > 1 else "")
+                 + (f"_cached{args.cached}" if args.cached != len(PROMPT) else "") + ".md"))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]  # three rows at three lengths
 SLOTS = 24  # the cache's slots: fewer than the models' context (40), so its stride is not pos_emb's
 
 
-def prefilled(model, fused: bool, kv=torch.float16) -> Runner:
-    """A runner with PROMPTS prefilled into rows 0..2 (call under inference_mode); its KV cache
-    in `kv` (float16: what the engine keeps under the fused step), the same for both paths."""
-    runner = Runner(model, SLOTS, 4, CPU, static=False, fused=fused, kv_dtype=kv)
+def prefilled(model, fused: bool, kv=torch.float16, prompts=PROMPTS) -> Runner:
+    """A runner with `prompts` prefilled into rows 0, 1, ... (call under inference_mode); its KV
+    cache in `kv` (float16: what the engine keeps under the fused step), the same for both paths."""
+    runner = Runner(model, SLOTS, max(4, len(prompts)), CPU, static=False, fused=fused, kv_dtype=kv)
     assert (runner.fused is not None) == fused
-    runner.reserve(model, len(PROMPTS))
-    for row, prompt in enumerate(PROMPTS):
+    runner.reserve(model, len(prompts))
+    for row, prompt in enumerate(prompts):
         runner.prefill(model, [row], [prompt])
     return runner
 
@@ -101,10 +101,7 @@ def test_many_rows_equal_each_row_alone(fmt, two_threads):
 
     def step(fused, rows):
         with torch.inference_mode():
-            runner = Runner(model, SLOTS, 16, CPU, static=False, fused=fused, kv_dtype=torch.float16)
-            runner.reserve(model, len(rows))
-            for row, r in enumerate(rows):
-                runner.prefill(model, [row], [prompts[r]])
+            runner = prefilled(model, fused, prompts=[prompts[r] for r in rows])
             return runner.decode(model, [tokens[r] for r in rows], [len(prompts[r]) for r in rows])[0]
 
     batch = step(True, range(10))

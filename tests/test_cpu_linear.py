@@ -12,9 +12,9 @@ from kernel_checks import assert_within_2x
 needs_c = pytest.mark.skipif(not cl.has_kernel(), reason="gptfast._C was not built with its CPU linear kernel")
 U32 = 2.0**-24  # fp32 unit roundoff
 FORMATS = ["float32", "bfloat16", "float16", "int8", "int4-g32", "int4-g64", "int4-g128"]
+needs_avx2 = pytest.mark.skipif("avx2" not in cl.kernel_paths(), reason="this CPU (or build) lacks AVX2 + FMA + F16C")
 # every path the kernel has; one this CPU cannot run is skipped with the reason
-PATHS = [pytest.param("avx2", marks=pytest.mark.skipif(
-    "avx2" not in cl.kernel_paths(), reason="this CPU (or build) lacks AVX2 + FMA + F16C")), "portable"]
+PATHS = [pytest.param("avx2", marks=needs_avx2), "portable"]
 
 
 def check_fp32(y, x, w_deq, bias, x_rounded=False):
@@ -65,6 +65,7 @@ def test_rows_independent_of_batch(path, fmt):
 
 
 @needs_c
+@needs_avx2
 @pytest.mark.parametrize("M, K, N", [(8, 16, 16), (13, 15, 17), (16, 768, 50), (33, 1031, 5), (9, 1, 3),
                                      (9, 1031, 40), (12, 3072, 36)])
 def test_int8_many_rows_equal_portable(M, K, N, two_threads):
@@ -73,13 +74,11 @@ def test_int8_many_rows_equal_portable(M, K, N, two_threads):
     # input alone; after whole 16-row blocks: 1031), K = 1 (no pair), K past one 512-input int32
     # chunk, N not a multiple of 16, M not a multiple of 4 (a tile with zero rows), 2 threads
     # (each takes a range of rows, 36: one ends inside a 16-row block)
-    if "avx2" not in cl.kernel_paths():
-        pytest.skip("this CPU (or build) lacks AVX2 + FMA + F16C: only the portable path exists")
     gen = torch.Generator().manual_seed(M * K + N)
     weight = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
     scale, x = torch.rand(N, generator=gen) + 0.5, torch.randn(M, K, generator=gen)
-    y = cl.linear(x, weight, scale, None, 0, "avx2")
-    assert torch.equal(y, cl.linear(x, weight, scale, None, 0, "portable")), (y - cl.linear(x, weight, scale, None, 0, "portable")).abs().max()
+    y, ref = cl.linear(x, weight, scale, None, 0, "avx2"), cl.linear(x, weight, scale, None, 0, "portable")
+    assert torch.equal(y, ref), f"worst difference {(y - ref).abs().max()}"
 
 
 @needs_c

@@ -22,6 +22,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -288,9 +289,12 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
     const float* qp = qkv.data_ptr<float>();
     float* ap = att.data_ptr<float>();
     const at::Tensor &kc = k_cache[l], &vc = v_cache[l];
-    at::parallel_for(0, n * n_heads, 1, [&](int64_t i0, int64_t i1) {
+    // (row, head) pairs handed out one at a time: rows at different lengths make fixed halves
+    // of the pairs uneven, and the thread that finishes first would wait at the join
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n * n_heads), 1, [&](int64_t, int64_t) {
       std::vector<float> scores(slots);
-      for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t i = next++; i < n * n_heads; i = next++) {
         const int64_t m = i / n_heads, hd = i % n_heads;
         const float* row = qp + m * 3 * C + hd * D;
         const int64_t at = (m * n_heads + hd) * slots * D;  // (row, head) of (rows, H, slots, D)

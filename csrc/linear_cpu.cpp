@@ -246,13 +246,19 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     const int64_t n0 = kRowBlock * b0, n1 = std::min(N, kRowBlock * b1);
     p.rows(w, in, yp, N, n0, n1);
-    if (in.x_scale == nullptr && bp == nullptr) return;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = n0; n < n1; ++n) {
-        float v = yp[m * N + n];
-        if (in.x_scale) v *= w.row_scale ? w.row_scale[n] * in.x_scale[m] : in.x_scale[m];
-        yp[m * N + n] = bp ? v + bp[n] : v;
+    // the scales, then the bias: branch-free loops over a row (they vectorise)
+    for (int64_t m = 0; m < M; ++m) {
+      float* ym = yp + m * N;
+      if (in.x_scale && w.row_scale) {
+        const float xs = in.x_scale[m];
+        for (int64_t n = n0; n < n1; ++n) ym[n] *= w.row_scale[n] * xs;
+      } else if (in.x_scale) {
+        const float xs = in.x_scale[m];
+        for (int64_t n = n0; n < n1; ++n) ym[n] *= xs;
       }
+      if (bp)
+        for (int64_t n = n0; n < n1; ++n) ym[n] += bp[n];
+    }
   });
   y = y.view(out_shape);  // (..., N)
   return xt == at::kFloat ? y : y.to(xt);

@@ -36,7 +36,7 @@ from gptfast.backends import resolve_device
 from gptfast.checkpoint import save_checkpoint
 from gptfast.generate import Generator
 
-from common import commit_id, device_name, save_report  # noqa: E402  (benchmarks/ is on sys.path)
+from common import ComputeProbe, commit_id, device_name, save_report  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROMPT_LENGTHS = (8, 32, 96)  # tokens; request i of client c takes mix entry (c + i) % 3
 OUTPUT_LENGTHS = (32, 64, 96)
@@ -204,18 +204,21 @@ def main():
             check_outputs(gen, servers)
             inproc, http = per_token(gen, servers["batching"].url, args.rounds)
             del gen
+            probe = ComputeProbe() if device.type == "cpu" else None
+            host = [probe.summary("before the load windows")] if probe else []
             results = {}
             for clients in args.clients:
                 for label, server in servers.items():  # the two servers take turns: same load around them
                     results[clients, label] = s = asyncio.run(load(server.url, clients, args.seconds, args.requests))
                     print(f"{clients} clients, {label}: {s['tokens'] / s['seconds']:.1f} tokens/s, {s['done']} requests")
+            host += [probe.summary("after them")] if probe else []
         finally:
             for s in servers.values():
                 s.stop()
-    report(args, device, results, inproc, http)
+    report(args, device, results, inproc, http, host)
 
 
-def report(args, device, results, inproc, http):
+def report(args, device, results, inproc, http, host):
     lines = [f"# Serving, GPT-2 124M random init, `gptfast serve --dtype {args.dtype}`, greedy, streamed",
              f"device: {device.type} ({device_name(device)}), torch {torch.__version__}, "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
@@ -223,7 +226,7 @@ def report(args, device, results, inproc, http):
              f"--seconds {args.seconds:g} --requests {args.requests} --max-batch {args.max_batch} --device {args.device} "
              f"--dtype {args.dtype} --rounds {args.rounds}",
              f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
-             f"(this machine: {os.cpu_count()} cores, shared)",
+             f"(this machine: {os.cpu_count()} cores, shared)", *host,
              f"mix: prompts of {'/'.join(map(str, PROMPT_LENGTHS))} tokens with {'/'.join(map(str, OUTPUT_LENGTHS))} "
              "new tokens, in turn; each window: until --seconds or --requests finished", "",
              "| clients | server | tokens/s | vs one at a time | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "

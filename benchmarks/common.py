@@ -96,6 +96,40 @@ class ReadFloor:
         return self.data.numel() * 4 / (time.perf_counter() - t) / 1e9
 
 
+class ComputeProbe:
+    """The host's arithmetic speed at the moment of the call: the int8 matmul of a batched decode
+    step (gptfast::linear, 16 rows by a 768 x 768 weight: operands in cache, so almost no memory
+    traffic), timed `calls` times in a row. On a shared host a core's speed swings with its
+    neighbours' load: a fixed vpmaddwd loop here ran at a median 1.8x its best time. Batched
+    decoding, bound by arithmetic, swings with it; batch-1 decoding, bound by reading the
+    weights, hardly does (9% between the best and the median 1-row int8 matmul where 16 rows saw
+    46%). So their ratio measured on such a host is lower than on a quiet one; `summary` says how
+    much of its arithmetic a run had."""
+
+    def __init__(self, calls=500):
+        from gptfast import cpu_linear
+
+        self.calls, self.linear = calls, cpu_linear.linear
+        self.x = torch.randn(16, 768)
+        self.q, self.scale = cpu_linear.quantize_int8(torch.randn(768, 768))
+
+    def __call__(self) -> tuple[float, float]:
+        """(best, median) GMAC/s over the calls."""
+        times = []
+        for _ in range(self.calls):
+            t = time.perf_counter()
+            self.linear(self.x, self.q, self.scale, None, 0)
+            times.append(time.perf_counter() - t)
+        macs = self.x.numel() * self.q.shape[0]
+        times.sort()
+        return macs / times[0] / 1e9, macs / times[len(times) // 2] / 1e9
+
+    def summary(self, when: str) -> str:
+        best, median = self()
+        return (f"host arithmetic {when}: a fixed 16-row int8 matmul ran at a median {median:.0f} GMAC/s, "
+                f"{100 * median / best:.0f}% of its best {best:.0f} ({self.calls} calls)")
+
+
 def interleaved(fns: dict, rounds: int) -> dict:
     """{name: [one value per round]}: every fn (no arguments, returns a measurement) runs once
     per round, the order rotated from round to round, so a change in machine load hits all

@@ -24,7 +24,7 @@ from gptfast.quant import DTYPES, FLOAT_DTYPES, auto_dtype, inference_copy
 from gptfast.sampling import SamplingParams
 
 from bench_serve import workload  # noqa: E402  (benchmarks/ is on sys.path)
-from common import commit_id, device_name, load_average, save_report  # noqa: E402
+from common import ComputeProbe, commit_id, device_name, load_average, save_report  # noqa: E402
 
 class Timed:
     """Wraps the runner's prefill and decode: seconds, calls, rows decoded, tokens prefilled."""
@@ -90,9 +90,12 @@ def main():
     engine = Engine(model, max_batch=32, kv_dtype=FLOAT_DTYPES.get(args.kv_dtype))
     timed = Timed(engine.runner)
     list(engine.submit([[1, 2, 3]], 4, SamplingParams()).updates())  # warm-up, not counted
+    probe = ComputeProbe()
+    host = [probe.summary("before the run")]
     timed.reset()
     tokens, wall = run(engine, args.clients, args.seconds)
     engine.close()
+    host.append(probe.summary("after it"))
     dec, pre = timed.seconds["decode"], timed.seconds["prefill"]
     steps = max(1, timed.calls["decode"])
     lines = [f"# One Engine under load, no HTTP: GPT-2 124M random init, {dtype} weights, "
@@ -102,7 +105,7 @@ def main():
              f"load average {load_average()}",
              f"command: python benchmarks/engine_load.py --clients {args.clients} --seconds {args.seconds:g} "
              f"--dtype {args.dtype}" + (f" --kv-dtype {args.kv_dtype}" if args.kv_dtype else ""),
-             "mix: bench_serve.py's (prompts of 8/32/96 tokens with 32/64/96 new tokens, in turn)", "",
+             "mix: bench_serve.py's (prompts of 8/32/96 tokens with 32/64/96 new tokens, in turn)", *host, "",
              "| clients | tokens/s | wall s | decode s | steps | rows per step | ms per step | ms per row "
              "| prefill s | prompt tokens | ms per prompt token | other s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|",

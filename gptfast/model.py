@@ -293,4 +293,23 @@ def triton_modules() -> tuple[dict[str, type] | None, str | None]:
         from gptfast.kernels import op_modules
     except Exception as e:  # Triton missing or broken: fall back, never crash
         return None, f"Triton is unavailable ({type(e).__name__}: {e})"
+    if triton_interpreting() and (why := interpreter_problem()):
+        return None, why
     return op_modules(), None
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels with the installed versions, or None:
+    before Triton 3.7 it turns a runtime loop bound into an int by int() of a 1-element array,
+    which NumPy 2.4 rejects (triton-lang/triton#9171): every kernel with a row loop fails."""
+    import numpy
+    import triton
+
+    def major_minor(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails under NumPy {numpy.__version__} (triton-lang/"
+                f"triton#9171: 'only 0-dimensional arrays can be converted to Python scalars'); install numpy<2.4 "
+                f"or Triton >= 3.7")
+    return None

@@ -150,6 +150,22 @@ def test_auto_backend_on_cpu_is_torch():
     assert type(model.trf_blocks[0].att.attend) is TorchCausalAttention
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.9.0", "2.5.0", False)])
+def test_triton_falls_back_where_its_interpreter_cannot_run(monkeypatch, triton_version, numpy_version, broken):
+    """Triton before 3.7 with NumPy 2.4 fails every kernel with a row loop in its interpreter
+    (triton-lang/triton#9171): "triton" on CPU then runs as "torch" and says why."""
+    triton = pytest.importorskip("triton", reason="the check reads Triton's version")
+    import numpy
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    name, _, why = choose_backend("triton", torch.device("cpu"))
+    assert (name, why is not None) == (("torch", True) if broken else ("triton", False))
+    if broken:
+        assert "triton-lang/triton#9171" in why and "numpy<2.4" in why
+
+
 def test_switching_backend_keeps_parameters_state_dict_and_outputs():
     """set_backend only changes the op modules' classes: the very same Parameter objects, the
     same state-dict keys and values, and the same logits (within float tolerance)."""

@@ -6,10 +6,12 @@ weights everywhere; speed does not depend on them), the server's default dtype, 
     python benchmarks/bench_serve.py [--clients 1 4 16 64] [--seconds 30] [--requests 64] [--device cpu]
 
 The load generator (asyncio + httpx, localhost only) runs each client as a loop of streamed
-requests over a fixed mix of prompt and output lengths, for --seconds or --requests finished
-requests, whichever comes first; the two servers take turns at each level. Reported: aggregate
-generated tokens/s (every token received in the window), p50/p99 time to first token and
-inter-token latency (gaps between a request's streamed chunks). Correctness first: both
+requests over a fixed mix of prompt and output lengths, in one window that closes after
+--seconds or when the --requests-th request finishes, whichever comes first; the two servers
+take turns at each level. Reported: aggregate generated tokens/s (the tokens received in the
+window over its length: every client busy throughout; requests still running when it closes
+are dropped, not drained, since a drain is time at fewer clients than the level names),
+p50/p99 time to first token and inter-token latency (gaps between a request's streamed chunks). Correctness first: both
 servers' greedy text equals the in-process Generator's, alone and with 4 concurrent clients.
 Results to benchmarks/results/serve_<device>.md with device, date, commit and load average.
 """
@@ -83,9 +85,10 @@ def new_stats():
     return {"ttft": [], "itl": [], "per_token": [], "tokens": 0, "done": 0}
 
 
-async def one_request(http, url, prompt, max_tokens, stats, deadline):
+async def one_request(http, url, prompt, max_tokens, stats, window):
     """Stream one greedy request: its time to first token, the gaps between its chunks, its
-    decode time per token; the tokens received count even when the window closes first."""
+    decode time per token; the tokens received before window["end"] count even when the window
+    closes first (the request is then dropped: the server sees the disconnect)."""
     body = {"model": "gpt2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start, first, last, text, chunks = time.perf_counter(), None, None, [], 0
@@ -95,6 +98,8 @@ async def one_request(http, url, prompt, max_tokens, stats, deadline):
             if not line.startswith("data: {"):
                 continue
             event, now = json.loads(line[6:]), time.perf_counter()
+            if now > window["end"]:
+                return None  # the window closed: its tokens so far count, the request does not
             if event["choices"] and event["choices"][0]["text"]:
                 text.append(event["choices"][0]["text"])
                 if last is None:
@@ -109,33 +114,34 @@ async def one_request(http, url, prompt, max_tokens, stats, deadline):
                 stats["tokens"] += n - chunks
                 if n > 1:
                     stats["per_token"].append((last - first) / (n - 1))
-            if now > deadline:
-                return None  # the window closed: its tokens so far count, the request does not
     stats["done"] += 1
     return "".join(text)
 
 
 async def load(url, clients, seconds, max_requests):
-    """`clients` concurrent loops of requests, for `seconds` or `max_requests` finished ones."""
+    """`clients` concurrent loops of requests in one window: `seconds` long, or closed when the
+    `max_requests`-th request finishes."""
     stats = new_stats()
     start = time.perf_counter()
-    deadline = start + seconds
+    window = {"end": start + seconds}
 
     async def client(c):
         i = 0
-        while time.perf_counter() < deadline and stats["done"] < max_requests:
-            await one_request(http, url, *workload(c, i), stats, deadline)
+        while time.perf_counter() < window["end"]:
+            await one_request(http, url, *workload(c, i), stats, window)
+            if stats["done"] >= max_requests:
+                window["end"] = min(window["end"], time.perf_counter())
             i += 1
     async with httpx.AsyncClient(timeout=seconds + 600, limits=httpx.Limits(max_connections=clients + 4)) as http:
         await asyncio.gather(*(client(c) for c in range(clients)))
-    stats["seconds"] = time.perf_counter() - start
+    stats["seconds"] = window["end"] - start
     return stats
 
 
 async def concurrently(url, jobs):
     """Greedy texts of `jobs` (prompt, max_tokens) sent at once."""
     async with httpx.AsyncClient(timeout=600) as http:
-        return await asyncio.gather(*(one_request(http, url, p, n, new_stats(), float("inf")) for p, n in jobs))
+        return await asyncio.gather(*(one_request(http, url, p, n, new_stats(), {"end": float("inf")}) for p, n in jobs))
 
 
 def check_outputs(gen, servers):
@@ -164,7 +170,7 @@ def per_token(gen, url, rounds):
 
 async def load_one(url, prompt, n, stats):
     async with httpx.AsyncClient(timeout=600) as http:
-        await one_request(http, url, prompt, n, stats, float("inf"))
+        await one_request(http, url, prompt, n, stats, {"end": float("inf")})
 
 
 def pct(values, q):
@@ -228,7 +234,7 @@ def report(args, device, results, inproc, http, host):
              f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
              f"(this machine: {os.cpu_count()} cores, shared)", *host,
              f"mix: prompts of {'/'.join(map(str, PROMPT_LENGTHS))} tokens with {'/'.join(map(str, OUTPUT_LENGTHS))} "
-             "new tokens, in turn; each window: until --seconds or --requests finished", "",
+             "new tokens, in turn; each window: --seconds, or until the --requests-th request finishes (the rest dropped, not drained)", "",
              "| clients | server | tokens/s | vs one at a time | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
              "| ITL p99 (ms) | requests done | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for clients in args.clients:

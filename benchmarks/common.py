@@ -100,7 +100,8 @@ class ComputeProbe:
     """The host's arithmetic speed at the moment of the call: the int8 matmul of a batched decode
     step (gptfast::linear, 16 rows by a 768 x 768 weight: operands in cache, so almost no memory
     traffic), timed `calls` times in a row. On a shared host a core's speed swings with its
-    neighbours' load: a fixed vpmaddwd loop here ran at a median 1.8x its best time. Batched
+    neighbours' load: two copies of a fixed vpmaddwd loop, one per core, ran here at a median
+    1.8x their best time. Batched
     decoding, bound by arithmetic, swings with it; batch-1 decoding, bound by reading the
     weights, hardly does (9% between the best and the median 1-row int8 matmul where 16 rows saw
     46%). So their ratio measured on such a host is lower than on a quiet one; `summary` says how

@@ -126,9 +126,12 @@ class ComputeProbe:
         return macs / times[0] / 1e9, macs / times[len(times) // 2] / 1e9
 
     def summary(self, when: str) -> str:
+        """The probe's line, with the read bandwidth beside it (ReadFloor): a loaded engine's
+        speed has moved by 15% over minutes where the arithmetic probe did not."""
         best, median = self()
-        return (f"host arithmetic {when}: a fixed 16-row int8 matmul ran at a median {median:.0f} GMAC/s, "
-                f"{100 * median / best:.0f}% of its best {best:.0f} ({self.calls} calls)")
+        return (f"host {when}: a fixed 16-row int8 matmul ran at a median {median:.0f} GMAC/s, "
+                f"{100 * median / best:.0f}% of its best {best:.0f} ({self.calls} calls); reads at "
+                f"{ReadFloor()():.1f} GB/s (Tensor.max over 256 MB)")
 
 
 def interleaved(fns: dict, rounds: int) -> dict:

@@ -11,8 +11,9 @@ requests over a fixed mix of prompt and output lengths, in one window that close
 take turns at each level. Reported: aggregate generated tokens/s (the tokens received in the
 window over its length: every client busy throughout; requests still running when it closes
 are dropped, not drained, since a drain is time at fewer clients than the level names),
-p50/p99 time to first token and inter-token latency (gaps between a request's streamed chunks). Correctness first: both
-servers' greedy text equals the in-process Generator's, alone and with 4 concurrent clients.
+p50/p99 time to first token (also of requests whose first token comes after the window) and
+inter-token latency (gaps between a request's streamed chunks). Correctness first: both servers'
+greedy text equals the in-process Generator's, alone and with 4 concurrent clients.
 Results to benchmarks/results/serve_<device>.md with device, date, commit and load average.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ from common import ComputeProbe, commit_id, device_name, save_report  # noqa: E4
 
 PROMPT_LENGTHS = (8, 32, 96)  # tokens; request i of client c takes mix entry (c + i) % 3
 OUTPUT_LENGTHS = (32, 64, 96)
+NO_WINDOW = {"end": float("inf")}  # one_request's window for requests outside a load window
 
 
 def workload(client: int, i: int) -> tuple[list[int], int]:
@@ -98,13 +100,15 @@ async def one_request(http, url, prompt, max_tokens, stats, window):
             if not line.startswith("data: {"):
                 continue
             event, now = json.loads(line[6:]), time.perf_counter()
+            has_text = bool(event["choices"] and event["choices"][0]["text"])
+            if has_text and last is None:  # a latency: kept even when it comes after the window
+                stats["ttft"].append(now - start)  # (else the longest waits would go uncounted)
             if now > window["end"]:
                 return None  # the window closed: its tokens so far count, the request does not
-            if event["choices"] and event["choices"][0]["text"]:
+            if has_text:
                 text.append(event["choices"][0]["text"])
                 if last is None:
                     first = now
-                    stats["ttft"].append(now - start)
                 else:
                     stats["itl"].append(now - last)
                 last, chunks = now, chunks + 1
@@ -141,7 +145,7 @@ async def load(url, clients, seconds, max_requests):
 async def concurrently(url, jobs):
     """Greedy texts of `jobs` (prompt, max_tokens) sent at once."""
     async with httpx.AsyncClient(timeout=600) as http:
-        return await asyncio.gather(*(one_request(http, url, p, n, new_stats(), {"end": float("inf")}) for p, n in jobs))
+        return await asyncio.gather(*(one_request(http, url, p, n, new_stats(), NO_WINDOW) for p, n in jobs))
 
 
 def check_outputs(gen, servers):
@@ -170,7 +174,7 @@ def per_token(gen, url, rounds):
 
 async def load_one(url, prompt, n, stats):
     async with httpx.AsyncClient(timeout=600) as http:
-        await one_request(http, url, prompt, n, stats, {"end": float("inf")})
+        await one_request(http, url, prompt, n, stats, NO_WINDOW)
 
 
 def pct(values, q):
@@ -234,7 +238,8 @@ def report(args, device, results, inproc, http, host):
              f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
              f"(this machine: {os.cpu_count()} cores, shared)", *host,
              f"mix: prompts of {'/'.join(map(str, PROMPT_LENGTHS))} tokens with {'/'.join(map(str, OUTPUT_LENGTHS))} "
-             "new tokens, in turn; each window: --seconds, or until the --requests-th request finishes (the rest dropped, not drained)", "",
+             "new tokens, in turn; each window: --seconds, or until the --requests-th request finishes "
+             "(the rest dropped, not drained)", "",
              "| clients | server | tokens/s | vs one at a time | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
              "| ITL p99 (ms) | requests done | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for clients in args.clients:

@@ -101,18 +101,20 @@ class ComputeProbe:
     step (gptfast::linear, 16 rows by a 768 x 768 weight: operands in cache, so almost no memory
     traffic), timed `calls` times in a row. On a shared host a core's speed swings with its
     neighbours' load: two copies of a fixed vpmaddwd loop, one per core, ran here at a median
-    1.8x their best time. Batched
-    decoding, bound by arithmetic, swings with it; batch-1 decoding, bound by reading the
-    weights, hardly does (9% between the best and the median 1-row int8 matmul where 16 rows saw
-    46%). So their ratio measured on such a host is lower than on a quiet one; `summary` says how
-    much of its arithmetic a run had."""
+    1.8x their best time. Batched decoding, bound by arithmetic, swings with it; batch-1
+    decoding, bound by reading the weights, hardly does (9% between the best and the median
+    1-row int8 matmul where 16 rows saw 46%). So their ratio measured on such a host is lower
+    than on a quiet one; `summary` says how much of its arithmetic (and of its read bandwidth)
+    a run had."""
 
     def __init__(self, calls=500):
         from gptfast import cpu_linear
 
-        self.calls, self.linear = calls, cpu_linear.linear
-        self.x = torch.randn(16, 768)
-        self.q, self.scale = cpu_linear.quantize_int8(torch.randn(768, 768))
+        self.calls, self.linear, self.read = calls, cpu_linear.linear, ReadFloor()
+        self.what = "int8 matmul" if cpu_linear.has_kernel() else "int8 matmul (PyTorch fallback: _C not built)"
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(16, 768, generator=g)
+        self.q, self.scale = cpu_linear.quantize_int8(torch.randn(768, 768, generator=g))
 
     def __call__(self) -> tuple[float, float]:
         """(best, median) GMAC/s over the calls."""
@@ -129,9 +131,9 @@ class ComputeProbe:
         """The probe's line, with the read bandwidth beside it (ReadFloor): a loaded engine's
         speed has moved by 15% over minutes where the arithmetic probe did not."""
         best, median = self()
-        return (f"host {when}: a fixed 16-row int8 matmul ran at a median {median:.0f} GMAC/s, "
-                f"{100 * median / best:.0f}% of its best {best:.0f} ({self.calls} calls); reads at "
-                f"{ReadFloor()():.1f} GB/s (Tensor.max over 256 MB)")
+        return (f"host {when}: a fixed 16-row {self.what} ran at a median {median:.0f} GMAC/s, "
+                f"{100 * median / best:.0f}% of its best {best:.0f} ({self.calls} calls); reads at up to "
+                f"{max(self.read() for _ in range(3)):.1f} GB/s (Tensor.max over 256 MB, best of 3)")
 
 
 def interleaved(fns: dict, rounds: int) -> dict:

@@ -330,13 +330,11 @@ GPTFAST_AVX2 inline void add_wide(int64_t* total, __m256i acc) {  // total[0..8)
   _mm256_storeu_si256(t + 1, _mm256_add_epi64(_mm256_loadu_si256(t + 1), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc, 1))));
 }
 
-// y[0..8) = t[0..8) rounded to float as static_cast<float> rounds them, in one vector store. A
-// block's 256 scalar stores, into 16 lines of y not yet in cache, filled the store queue and
-// stalled the tiles (8% of this path's samples under a loaded engine; the 16-row step's matmuls
-// ran 4-6% faster at the median without them in four interleaved runs, though a loaded engine
-// showed no difference beyond its noise). AVX2 has no int64 ->
-// float conversion: |t| < 2^51 (K * 128 * 32767 for any K below 2^29) is exact in a double by
-// the 1.5 * 2^52 trick (t added to that double's bits), which then rounds to float once.
+// y[0..8) = t[0..8) rounded to float as static_cast<float> rounds them, in one vector store: a
+// block's 256 scalar stores, into lines of y not yet in cache, filled the store queue (8% of this
+// path's samples under load). AVX2 has no int64 -> float conversion. Any |t| < 2^51 (so any K
+// below 2^29: K * 128 * 32767) is exact in a double by the 1.5 * 2^52 trick (t added to that
+// double's bits), which then rounds to float once.
 GPTFAST_AVX2 inline void store_f32(const int64_t* t, float* y) {
   const __m256d magic = _mm256_set1_pd(6755399441055744.0);  // 1.5 * 2^52
   __m128 half[2];

@@ -13,6 +13,7 @@ from-scratch code (separate att.W_query/W_key/W_value and a saved att.mask) load
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import torch
@@ -305,8 +306,8 @@ def interpreter_problem() -> str | None:
     import numpy
     import triton
 
-    def major_minor(version: str) -> tuple[int, ...]:
-        return tuple(int(part) for part in version.split(".")[:2])
+    def major_minor(version: str) -> tuple[int, ...]:  # "3.6.0+git..." and "3.7rc1" alike
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
 
     if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
         return (f"Triton {triton.__version__}'s interpreter fails under NumPy {numpy.__version__} (triton-lang/"

@@ -39,7 +39,7 @@ from gptfast.backends import resolve_device
 from gptfast.checkpoint import save_checkpoint
 from gptfast.generate import Generator
 
-from common import ComputeProbe, commit_id, device_name, save_report  # noqa: E402  (benchmarks/ is on sys.path)
+from common import ComputeProbe, commit_id, device_name, load_average, save_report  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROMPT_LENGTHS = (8, 32, 96)  # tokens; request i of client c takes mix entry (c + i) % 3
 OUTPUT_LENGTHS = (32, 64, 96)
@@ -235,7 +235,7 @@ def report(args, device, results, inproc, http, host):
              f"command: python benchmarks/bench_serve.py --clients {' '.join(map(str, args.clients))} "
              f"--seconds {args.seconds:g} --requests {args.requests} --max-batch {args.max_batch} --device {args.device} "
              f"--dtype {args.dtype} --rounds {args.rounds}",
-             f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+             f"load average at the end: {load_average()} "
              f"(this machine: {os.cpu_count()} cores, shared)", *host,
              f"mix: prompts of {'/'.join(map(str, PROMPT_LENGTHS))} tokens with {'/'.join(map(str, OUTPUT_LENGTHS))} "
              "new tokens, in turn; each window: --seconds, or until the --requests-th request finishes "

@@ -26,6 +26,7 @@ from gptfast.sampling import SamplingParams
 from bench_serve import workload  # noqa: E402  (benchmarks/ is on sys.path)
 from common import ComputeProbe, commit_id, device_name, load_average, save_report  # noqa: E402
 
+
 class Timed:
     """Wraps the runner's prefill and decode: seconds, calls, rows decoded, tokens prefilled."""
 

@@ -299,20 +299,17 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
         const float* row = qp + m * 3 * C + hd * D;
         const int64_t at = (m * n_heads + hd) * slots * D;  // (row, head) of (rows, H, slots, D)
         float* out = ap + m * C + hd * D;
-        if (!half_cache) {
+        if (!half_cache)
           attend(row, row + C, row + 2 * C, kc.data_ptr<float>() + at, vc.data_ptr<float>() + at, len[m], D,
                  scores.data(), out);
-          continue;
-        }
-        c10::Half *kh = kc.data_ptr<c10::Half>() + at, *vh = vc.data_ptr<c10::Half>() + at;
 #if defined(GPTFAST_F16C)
-        if (f16c) {
-          attend_f16(row, row + C, row + 2 * C, reinterpret_cast<uint16_t*>(kh), reinterpret_cast<uint16_t*>(vh),
-                     len[m], D, scores.data(), out);
-          continue;
-        }
+        else if (f16c)
+          attend_f16(row, row + C, row + 2 * C, reinterpret_cast<uint16_t*>(kc.data_ptr<c10::Half>() + at),
+                     reinterpret_cast<uint16_t*>(vc.data_ptr<c10::Half>() + at), len[m], D, scores.data(), out);
 #endif
-        attend(row, row + C, row + 2 * C, kh, vh, len[m], D, scores.data(), out);
+        else
+          attend(row, row + C, row + 2 * C, kc.data_ptr<c10::Half>() + at, vc.data_ptr<c10::Half>() + at, len[m], D,
+                 scores.data(), out);
       }
     });
     add_into_x(linear(att, kLinearsPerBlock * l + 1, C));

@@ -1,6 +1,7 @@
 """Where a loaded engine's time goes, without HTTP: --clients threads each submit bench_serve's
 request mix to one `Engine` (GPT-2 124M random init, greedy, the CPU default dtype), one request
-after another, for --seconds; the engine's decode steps and prefills are timed as they run.
+after another, for --seconds; the engine's decode steps, the steps that take prompts beside the
+decoding rows, and any eager prefills are timed as they run.
 bench_serve.py measures the server end to end; this splits the engine's share of it.
 
     python benchmarks/engine_load.py [--clients 16] [--seconds 30] [--dtype int8] [--kv-dtype float16]
@@ -28,26 +29,31 @@ from common import ComputeProbe, commit_id, device_name, load_average, save_repo
 
 
 class Timed:
-    """Wraps the runner's prefill and decode: seconds, calls, rows decoded, tokens prefilled."""
+    """Wraps the runner's three kinds of call: decode steps (rows decoded), steps that take prompts
+    beside the decoding rows (fused_step: prompt tokens, decoding rows) and eager prefills
+    (prompt tokens); their seconds and calls."""
 
     def __init__(self, runner):
         self.reset()
-        for name in ("prefill", "decode"):
+        for name in ("prefill", "decode", "fused_step"):
             setattr(runner, name, self._wrap(name, getattr(runner, name)))
 
     def reset(self):
-        self.seconds, self.calls, self.rows, self.prompt_tokens = collections.Counter(), collections.Counter(), 0, 0
+        self.seconds, self.calls, self.rows, self.prompt_tokens = (collections.Counter() for _ in range(4))
 
     def _wrap(self, name, fn):
-        def timed(model, *args, **kwargs):
+        def timed(*args, **kwargs):
             t = time.perf_counter()
-            out = fn(model, *args, **kwargs)
+            out = fn(*args, **kwargs)
             self.seconds[name] += time.perf_counter() - t
             self.calls[name] += 1
-            if name == "decode":
-                self.rows += len(args[0])
-            else:
-                self.prompt_tokens += len(args[1]) * len(args[1][0])
+            if name == "decode":  # (model, tokens, lengths, ...)
+                self.rows[name] += len(args[1])
+            elif name == "prefill":  # (model, rows, windows)
+                self.prompt_tokens[name] += len(args[2]) * len(args[2][0])
+            else:  # (rows, windows, starts): a decoding row's one token starts past 0, a prompt at 0
+                self.rows[name] += sum(start > 0 for start in args[2])
+                self.prompt_tokens[name] += sum(len(w) for w, start in zip(args[1], args[2]) if start == 0)
             return out
         return timed
 
@@ -97,8 +103,12 @@ def main():
     tokens, wall = run(engine, args.clients, args.seconds)
     engine.close()
     host.append(probe.summary("after it"))
-    dec, pre = timed.seconds["decode"], timed.seconds["prefill"]
-    steps = max(1, timed.calls["decode"])
+    sec, calls, rows, prompts = timed.seconds, timed.calls, timed.rows, timed.prompt_tokens
+    steps = max(1, calls["decode"])
+    ms_row = 1e3 * sec["decode"] / max(1, rows["decode"])
+    # a prompt token's share of the steps it joined: their time less their decoding rows at the
+    # decode-only steps' time per row
+    marginal = (1e3 * sec["fused_step"] - ms_row * rows["fused_step"]) / max(1, prompts["fused_step"])
     lines = [f"# One Engine under load, no HTTP: GPT-2 124M random init, {dtype} weights, "
              f"KV cache {engine.runner.kv_dtype}, greedy",
              f"device: {device_name('cpu')}, torch {torch.__version__}, date "
@@ -107,12 +117,16 @@ def main():
              f"command: python benchmarks/engine_load.py --clients {args.clients} --seconds {args.seconds:g} "
              f"--dtype {args.dtype}" + (f" --kv-dtype {args.kv_dtype}" if args.kv_dtype else ""),
              "mix: bench_serve.py's (prompts of 8/32/96 tokens with 32/64/96 new tokens, in turn)", *host, "",
-             "| clients | tokens/s | wall s | decode s | steps | rows per step | ms per step | ms per row "
-             "| prefill s | prompt tokens | ms per prompt token | other s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| {args.clients} | {tokens / wall:.1f} | {wall:.1f} | {dec:.1f} | {steps} | {timed.rows / steps:.1f} "
-             f"| {1e3 * dec / steps:.1f} | {1e3 * dec / max(1, timed.rows):.2f} | {pre:.1f} | {timed.prompt_tokens} "
-             f"| {1e3 * pre / max(1, timed.prompt_tokens):.2f} | {wall - dec - pre:.1f} |"]
+             "decode steps: only decoding rows; steps with prompts: prompts prefilled in the same fused call as "
+             "the decoding rows (their share per prompt token estimated as the step's time less its decoding rows "
+             "at the decode steps' time per row); eager prefills: prompts through the model's forward", "",
+             "| clients | tokens/s | wall s | decode steps | s | rows per step | ms per step | ms per row "
+             "| steps with prompts | s | prompt tokens | decoding rows | ms per prompt token | eager prefill s | other s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| {args.clients} | {tokens / wall:.1f} | {wall:.1f} | {calls['decode']} | {sec['decode']:.1f} "
+             f"| {rows['decode'] / steps:.1f} | {1e3 * sec['decode'] / steps:.1f} | {ms_row:.2f} "
+             f"| {calls['fused_step']} | {sec['fused_step']:.1f} | {prompts['fused_step']} | {rows['fused_step']} "
+             f"| {marginal:.2f} | {sec['prefill']:.1f} | {wall - sum(sec.values()):.1f} |"]
     save_report(lines, args.out)
 
 

@@ -1,18 +1,22 @@
-// gptfast::decode_step: one decode step of GPT-2 on CPU in one call. Each of n rows brings one
-// token at its own position (its length so far in the KV cache); the step embeds the tokens,
-// runs every block (LayerNorm, qkv, the new key/value written into the cache, attention over
-// the row's own slots, out_proj, residual, LayerNorm, fc + GELU, proj, residual), the final
-// LayerNorm and the output head, and returns the logits (n, vocab_size).
+// gptfast::decode_step: one step of GPT-2 on CPU in one call, for n tokens of any number of
+// sequences. Each token brings its cache row and position: a decoding sequence one token at its
+// length so far, a prompt being prefilled all its tokens from position 0 (or any run of
+// consecutive positions). The step embeds the tokens, runs every block (LayerNorm, qkv, the new
+// keys/values written into the cache, each token's attention over its row's slots up to its own
+// position, out_proj, residual, LayerNorm, fc + GELU, proj, residual), then the final LayerNorm and
+// the output head for the tokens asked for (a sequence's last), and returns their logits.
 //
 // Why: at batch 1 a token is ~50 matmuls that read the weights plus ~300 small ops; in eager
 // PyTorch the small ops and the Python between them cost a third of the token (see
 // benchmarks/profile_decode.py). Here they are plain loops over a few thousand floats. The
 // matmuls are gptfast::linear's kernel (linear_cpu.cpp), so every weight format it reads runs
-// here. The reference is the model's own forward through the KV cache (gptfast.runner);
+// here. Prompts prefilled in the same call as the decoding rows add their tokens to the rows of
+// each matmul, where a separate prefill would read every weight once more. The reference is the model's own forward through the KV cache (gptfast.runner);
 // tests/test_cpu_decode.py checks one against the other.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -143,16 +147,20 @@ GPTFAST_CLONES bool softmax(float* scores, int64_t S, int64_t D, float* out) {
   return true;
 }
 
-// One head of one row: store the new key/value at slot L of the row's cache, then out (D) =
-// softmax(q K[0..L]^T / sqrt(D)) V[0..L]. k, v: the row's (slots, D) cache of this head, float32
-// or (portable, a conversion call per value) float16.
+// The new key and value of one head of one token to slot L of its row's cache (float16: rounded
+// to nearest even, as torch's copy rounds).
 template <typename T>
-GPTFAST_CLONES void attend(const float* q, const float* k_new, const float* v_new, T* k, T* v,
-                           int64_t L, int64_t D, float* scores, float* out) {
-  for (int64_t d = 0; d < D; ++d) {  // float16: rounded to nearest even, as torch's copy rounds
+void store_kv(const float* k_new, const float* v_new, T* k, T* v, int64_t L, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
     k[L * D + d] = static_cast<T>(k_new[d]);
     v[L * D + d] = static_cast<T>(v_new[d]);
   }
+}
+
+// One head of one token at position L: out (D) = softmax(q K[0..L]^T / sqrt(D)) V[0..L]. k, v: its
+// row's (slots, D) cache of this head, float32 or (portable, a conversion call per value) float16.
+template <typename T>
+GPTFAST_CLONES void attend(const float* q, const T* k, const T* v, int64_t L, int64_t D, float* scores, float* out) {
   for (int64_t s = 0; s <= L; ++s) scores[s] = dot(q, k + s * D, D);
   if (!softmax(scores, L + 1, D, out)) return;
   for (int64_t s = 0; s <= L; ++s)
@@ -165,11 +173,8 @@ GPTFAST_F16C inline __m256 widen8(const uint16_t* p) {  // 8 float16 values as f
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// attend over a float16 cache with F16C: 8 values per conversion instruction, where the compiler
-// leaves float16 loops scalar. A float16 cache halves the bytes the step reads per cached token
-// (the fp32 cache is read at the memory floor). Keys: 8 partial sums per key, as dot's.
-GPTFAST_F16C void attend_f16(const float* q, const float* k_new, const float* v_new, uint16_t* k, uint16_t* v,
-                             int64_t L, int64_t D, float* scores, float* out) {
+GPTFAST_F16C void store_kv_f16(const float* k_new, const float* v_new, uint16_t* k, uint16_t* v, int64_t L,
+                               int64_t D) {
   const int64_t D8 = D / 8 * 8;
   for (int64_t d = 0; d < D8; d += 8) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(k + L * D + d), _mm256_cvtps_ph(_mm256_loadu_ps(k_new + d), 0));
@@ -179,6 +184,14 @@ GPTFAST_F16C void attend_f16(const float* q, const float* k_new, const float* v_
     k[L * D + d] = _cvtss_sh(k_new[d], 0);
     v[L * D + d] = _cvtss_sh(v_new[d], 0);
   }
+}
+
+// attend over a float16 cache with F16C: 8 values per conversion instruction, where the compiler
+// leaves float16 loops scalar. A float16 cache halves the bytes the step reads per cached token
+// (the fp32 cache is read at the memory floor). Keys: 8 partial sums per key, as dot's.
+GPTFAST_F16C void attend_f16(const float* q, const uint16_t* k, const uint16_t* v, int64_t L, int64_t D,
+                             float* scores, float* out) {
+  const int64_t D8 = D / 8 * 8;
   for (int64_t s = 0; s <= L; ++s) {
     const uint16_t* key = k + s * D;
     __m256 acc = _mm256_setzero_ps();
@@ -206,13 +219,44 @@ void check_float(const at::Tensor& t, const char* what, int64_t numel) {
 
 void check_float(const at::Tensor& t, const char* what) { check_float(t, what, t.numel()); }
 
+// The step's tokens against the cache (rows of `slots` slots) and the context S: ids in the
+// vocabulary, rows and positions in range, each row's tokens one run of consecutive positions
+// (its keys are written before any token attends, so a run attends causally within itself),
+// and the outputs indices of tokens.
+void check_tokens(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& rows,
+                  const at::Tensor& outputs, int64_t vocab_size, int64_t cache_rows, int64_t positions_held) {
+  const int64_t n = tokens.numel();
+  for (const at::Tensor* t : {&tokens, &positions, &rows, &outputs})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1,
+                "gptfast decode_step: tokens, positions, rows and outputs must be contiguous 1-D int64 tensors");
+  TORCH_CHECK(positions.numel() == n && rows.numel() == n,
+              "gptfast decode_step: tokens, positions and rows must have one size");
+  const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(), *row = rows.data_ptr<int64_t>();
+  std::vector<bool> seen(cache_rows, false);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(0 <= tok[i] && tok[i] < vocab_size, "gptfast decode_step: token id ", tok[i], " of token ", i,
+                " is outside the vocabulary [0, ", vocab_size, ")");
+    TORCH_CHECK(0 <= row[i] && row[i] < cache_rows, "gptfast decode_step: token ", i, " is for cache row ", row[i],
+                "; the cache has ", cache_rows, " rows");
+    TORCH_CHECK(0 <= pos[i] && pos[i] < positions_held, "gptfast decode_step: token ", i, " has position ", pos[i],
+                "; the cache and the context hold ", positions_held, " positions");
+    const bool continues = i > 0 && row[i] == row[i - 1];
+    TORCH_CHECK(continues ? pos[i] == pos[i - 1] + 1 : !seen[row[i]], "gptfast decode_step: the tokens of cache row ",
+                row[i], " must be one run of consecutive positions");
+    seen[row[i]] = true;
+  }
+  const int64_t* out = outputs.data_ptr<int64_t>();
+  for (int64_t j = 0; j < outputs.numel(); ++j)
+    TORCH_CHECK(0 <= out[j] && out[j] < n, "gptfast decode_step: output ", j, " names token ", out[j], " of ", n);
+}
+
 }  // namespace
 
-at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, const at::Tensor& tok_emb,
-                           const at::Tensor& pos_emb, at::TensorList norms,
-                           const c10::List<c10::optional<at::Tensor>>& linears, at::IntArrayRef groups,
-                           at::TensorList k_cache, at::TensorList v_cache, int64_t n_heads, double eps,
-                           int64_t vocab_size) {
+at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& rows,
+                           const at::Tensor& outputs, const at::Tensor& tok_emb, const at::Tensor& pos_emb,
+                           at::TensorList norms, const c10::List<c10::optional<at::Tensor>>& linears,
+                           at::IntArrayRef groups, at::TensorList k_cache, at::TensorList v_cache, int64_t n_heads,
+                           double eps, int64_t vocab_size) {
   const int64_t L = static_cast<int64_t>(k_cache.size()), n = tokens.numel(), C = tok_emb.size(1);
   const int64_t D = C / n_heads, S = pos_emb.size(0);
   TORCH_CHECK(n_heads > 0 && C % n_heads == 0, "gptfast decode_step: ", C, " channels do not split into ",
@@ -228,9 +272,6 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
     TORCH_CHECK(linears.get(3 * i).has_value(), "gptfast decode_step: linear ", i, " has no weight");
   TORCH_CHECK(tok_emb.dim() == 2 && tok_emb.size(0) >= vocab_size && pos_emb.dim() == 2,
               "gptfast decode_step: tok_emb must be (>= vocab_size rows, C) and pos_emb (context, C)");
-  TORCH_CHECK(tokens.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && lengths.numel() == n &&
-                  tokens.is_contiguous() && lengths.is_contiguous(),
-              "gptfast decode_step: tokens and lengths must be contiguous int64 tensors of one size");
   check_float(tok_emb, "tok_emb");
   check_float(pos_emb, "pos_emb", S * C);
   for (const at::Tensor& t : norms) check_float(t, "a LayerNorm parameter", C);
@@ -239,21 +280,15 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
     for (const at::Tensor& t : {k_cache[l], v_cache[l]})
       TORCH_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf) &&
                       t.scalar_type() == k_cache[0].scalar_type() && t.is_contiguous() && t.dim() == 4 &&
-                      t.size(0) >= n && t.size(1) == n_heads && t.size(3) == D && t.sizes() == k_cache[0].sizes(),
+                      t.size(1) == n_heads && t.size(3) == D && t.sizes() == k_cache[0].sizes(),
                   "gptfast decode_step: every cache must be contiguous, float32 or float16, of one dtype and "
-                  "shape (rows >= ", n, ", ", n_heads, ", slots, ", D, ")");
+                  "shape (rows, ", n_heads, ", slots, ", D, ")");
+  const int64_t cache_rows = L ? k_cache[0].size(0) : n, slots = L ? k_cache[0].size(2) : S;
+  check_tokens(tokens, positions, rows, outputs, vocab_size, cache_rows, std::min(S, slots));
 #if defined(GPTFAST_F16C)
   const bool f16c = half_cache && avx2_chosen();
 #endif
-  const int64_t* tok = tokens.data_ptr<int64_t>();
-  const int64_t* len = lengths.data_ptr<int64_t>();
-  const int64_t slots = L ? k_cache[0].size(2) : S;
-  for (int64_t m = 0; m < n; ++m) {
-    TORCH_CHECK(0 <= tok[m] && tok[m] < vocab_size, "gptfast decode_step: token id ", tok[m], " of row ", m,
-                " is outside the vocabulary [0, ", vocab_size, ")");
-    TORCH_CHECK(0 <= len[m] && len[m] < std::min(S, slots), "gptfast decode_step: row ", m, " has length ", len[m],
-                "; the cache and the context hold ", std::min(S, slots), " positions");
-  }
+  const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(), *row = rows.data_ptr<int64_t>();
 
   // linear i of the list: x (n, K) -> (n, N); N = 0: any width (fc: proj checks its K)
   auto linear = [&](const at::Tensor& x, int64_t i, int64_t N) {
@@ -264,19 +299,18 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
   const auto opts = tok_emb.options();
   at::Tensor x = at::empty({n, C}, opts), h = at::empty({n, C}, opts), att = at::empty({n, C}, opts);
   float* xp = x.data_ptr<float>();
-  float* hp = h.data_ptr<float>();
   for (int64_t m = 0; m < n; ++m) {  // token + position embeddings
     const float* te = tok_emb.data_ptr<float>() + tok[m] * C;
-    const float* pe = pos_emb.data_ptr<float>() + len[m] * C;
+    const float* pe = pos_emb.data_ptr<float>() + pos[m] * C;
     for (int64_t c = 0; c < C; ++c) xp[m * C + c] = te[c] + pe[c];
   }
-  // the n rows of x through norm i into h, rows split over the threads beyond 8 rows (a step of
-  // a few rows stays on this thread: a fork costs more than it saves there)
-  const auto norm_rows = [&](int64_t i) {
-    at::parallel_for(0, n, 8, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m)
-        layer_norm(xp + m * C, norms[i].data_ptr<float>(), norms[i + 1].data_ptr<float>(), static_cast<float>(eps),
-                   C, hp + m * C);
+  // the rows of `in` through norm i into `out`, split over the threads beyond 8 rows (a step of a
+  // few rows stays on this thread: a fork costs more than it saves there)
+  const auto norm_rows = [&](int64_t i, const at::Tensor& in, at::Tensor& out) {
+    const float *ip = in.data_ptr<float>(), *scale = norms[i].data_ptr<float>(), *shift = norms[i + 1].data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, in.size(0), 8, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) layer_norm(ip + m * C, scale, shift, static_cast<float>(eps), C, op + m * C);
     });
   };
   const auto add_into_x = [&](const at::Tensor& y) {  // the residual stream: x += y
@@ -284,47 +318,64 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& lengths, 
     for (int64_t i = 0; i < n * C; ++i) xp[i] += yp[i];
   };
   for (int64_t l = 0; l < L; ++l) {
-    norm_rows(kNormsPerBlock * l);
+    norm_rows(kNormsPerBlock * l, x, h);
     const at::Tensor qkv = linear(h, kLinearsPerBlock * l, 3 * C);  // (n, 3C): q, k, v, each (H, D)
     const float* qp = qkv.data_ptr<float>();
     float* ap = att.data_ptr<float>();
     const at::Tensor &kc = k_cache[l], &vc = v_cache[l];
-    // (row, head) pairs handed out one at a time: rows at different lengths make fixed halves
-    // of the pairs uneven, and the thread that finishes first would wait at the join
+    const auto at = [&](int64_t m, int64_t hd) { return (row[m] * n_heads + hd) * slots * D; };  // (rows, H, slots, D)
+    // every token's key and value first: a prompt's tokens attend to each other's
+    for (int64_t i = 0; i < n * n_heads; ++i) {
+      const int64_t m = i / n_heads, hd = i % n_heads;
+      const float* kv = qp + m * 3 * C + C + hd * D;
+      if (!half_cache)
+        store_kv(kv, kv + C, kc.data_ptr<float>() + at(m, hd), vc.data_ptr<float>() + at(m, hd), pos[m], D);
+#if defined(GPTFAST_F16C)
+      else if (f16c)
+        store_kv_f16(kv, kv + C, reinterpret_cast<uint16_t*>(kc.data_ptr<c10::Half>() + at(m, hd)),
+                     reinterpret_cast<uint16_t*>(vc.data_ptr<c10::Half>() + at(m, hd)), pos[m], D);
+#endif
+      else
+        store_kv(kv, kv + C, kc.data_ptr<c10::Half>() + at(m, hd), vc.data_ptr<c10::Half>() + at(m, hd), pos[m], D);
+    }
+    // (token, head) pairs handed out one at a time: tokens at different positions make fixed
+    // halves of the pairs uneven, and the thread that finishes first would wait at the join
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n * n_heads), 1, [&](int64_t, int64_t) {
       std::vector<float> scores(slots);
       for (int64_t i = next++; i < n * n_heads; i = next++) {
         const int64_t m = i / n_heads, hd = i % n_heads;
-        const float* row = qp + m * 3 * C + hd * D;
-        const int64_t at = (m * n_heads + hd) * slots * D;  // (row, head) of (rows, H, slots, D)
+        const float* q = qp + m * 3 * C + hd * D;
         float* out = ap + m * C + hd * D;
         if (!half_cache)
-          attend(row, row + C, row + 2 * C, kc.data_ptr<float>() + at, vc.data_ptr<float>() + at, len[m], D,
-                 scores.data(), out);
+          attend(q, kc.data_ptr<float>() + at(m, hd), vc.data_ptr<float>() + at(m, hd), pos[m], D, scores.data(), out);
 #if defined(GPTFAST_F16C)
         else if (f16c)
-          attend_f16(row, row + C, row + 2 * C, reinterpret_cast<uint16_t*>(kc.data_ptr<c10::Half>() + at),
-                     reinterpret_cast<uint16_t*>(vc.data_ptr<c10::Half>() + at), len[m], D, scores.data(), out);
+          attend_f16(q, reinterpret_cast<const uint16_t*>(kc.data_ptr<c10::Half>() + at(m, hd)),
+                     reinterpret_cast<const uint16_t*>(vc.data_ptr<c10::Half>() + at(m, hd)), pos[m], D, scores.data(),
+                     out);
 #endif
         else
-          attend(row, row + C, row + 2 * C, kc.data_ptr<c10::Half>() + at, vc.data_ptr<c10::Half>() + at, len[m], D,
+          attend(q, kc.data_ptr<c10::Half>() + at(m, hd), vc.data_ptr<c10::Half>() + at(m, hd), pos[m], D,
                  scores.data(), out);
       }
     });
     add_into_x(linear(att, kLinearsPerBlock * l + 1, C));
-    norm_rows(kNormsPerBlock * l + 2);
+    norm_rows(kNormsPerBlock * l + 2, x, h);
     at::Tensor f = linear(h, kLinearsPerBlock * l + 2, 0);  // (n, 4C)
     float* fp = f.data_ptr<float>();
     const int64_t F = f.size(1);  // whole rows per thread: each value sees the same vector lanes as alone
     at::parallel_for(0, n, 8, [&](int64_t m0, int64_t m1) { gelu(fp + m0 * F, (m1 - m0) * F); });
     add_into_x(linear(f, kLinearsPerBlock * l + 3, C));
   }
-  norm_rows(kNormsPerBlock * L);
-  at::Tensor logits = linear(h, kLinearsPerBlock * L, 0);  // (n, padded vocabulary)
+  // the final norm and the head for the tokens asked for only
+  const at::Tensor last = x.index_select(0, outputs);  // (r, C)
+  at::Tensor last_h = at::empty_like(last);
+  norm_rows(kNormsPerBlock * L, last, last_h);
+  at::Tensor logits = linear(last_h, kLinearsPerBlock * L, 0);  // (r, padded vocabulary)
   TORCH_CHECK(logits.size(1) >= vocab_size, "gptfast decode_step: the head has ", logits.size(1), " outputs for ",
               vocab_size, " tokens");
-  return logits.narrow(1, 0, vocab_size).contiguous();  // (n, vocab_size)
+  return logits.narrow(1, 0, vocab_size).contiguous();  // (r, vocab_size)
 }
 
 TORCH_LIBRARY_IMPL(gptfast, CPU, m) { m.impl("decode_step", decode_step_cpu); }

@@ -1,6 +1,8 @@
-"""The fused CPU decode step: one call of `torch.ops.gptfast.decode_step` (csrc/decode_cpu.cpp)
-runs a GPT-2 decode step for rows at different lengths (embeddings, every block, the KV-cache
-write, the head) where the eager step runs ~350 small ops and the Python between them.
+"""The fused CPU step: one call of `torch.ops.gptfast.decode_step` (csrc/decode_cpu.cpp) runs a
+GPT-2 step for rows at different lengths (embeddings, every block, the KV-cache write, the head)
+where the eager step runs ~350 small ops and the Python between them. Its tokens are any mix of
+decoding rows (one token each) and prompts being prefilled (all their tokens), so prompts that
+arrive while others decode join their step's matmuls.
 
 `FusedDecode.for_model(model)` decides once whether the C++ step computes what the model does:
 a GPTModel of the classic blocks with nothing swapped or hooked, linear layers that are
@@ -85,9 +87,11 @@ class FusedDecode:
         linears = [t for weight, scale, bias, _ in operands for t in (weight, scale, bias)]
         return cls(model, norms, linears, [o[3] for o in operands], eps.pop())
 
-    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, caches) -> torch.Tensor:
-        """Logits (n, vocab_size) of one decode step: tokens (n,) at positions lengths (n,) of
-        cache rows [0, n); each row's key/value goes to slot lengths[i] of its cache row."""
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, outputs: torch.Tensor,
+                 caches) -> torch.Tensor:
+        """Logits (len(outputs), vocab_size) of one step of n tokens (int64 tensors (n,)): token i
+        at positions[i] of cache row rows[i], its key/value written to that slot; a row's tokens
+        are one run of consecutive positions. outputs: the tokens whose logits are returned."""
         return torch.ops.gptfast.decode_step(
-            tokens, lengths, self.tok_emb, self.pos_emb, self.norms, self.linears, self.groups,
+            tokens, positions, rows, outputs, self.tok_emb, self.pos_emb, self.norms, self.linears, self.groups,
             [c.k for c in caches], [c.v for c in caches], self.n_heads, self.eps, self.vocab_size)

@@ -334,7 +334,13 @@ class Engine:
         running = [s for g in self._live if id(g) not in new for s in g.running()]
         refill = [s for s in running if s.filled >= ctx]
         dec = [s for s in running if s.filled < ctx]
+        for s in refill:
+            s.window = s.window[-ctx:]  # a full window slides: recompute it without the cache
+        prompts = refill + [s for g in admitted for s in g.running()]
         logits, parts = {}, []
+        if self.runner.fused is not None and prompts:  # the prompts join the decoding rows' step
+            self._fused(dec, prompts, logits)
+            return logits, parts
         if dec:
             fused = None if admitted or refill else self._fused_group(dec)
             n = 1 + max(s.slot for s in dec)
@@ -346,10 +352,35 @@ class Engine:
             out, ids = self.runner.decode(model, tokens, lengths, *((fused.params, fused.seed) if fused else ()))
             logits.update((s, out[s.slot]) for s in dec)
             parts.append((ids, owner))
-        for s in refill:
-            s.window = s.window[-ctx:]  # a full window slides: recompute it without the cache
-        self._prefill(model, refill + [s for g in admitted for s in g.running()], logits)
+        self._prefill(model, prompts, logits)
         return logits, parts
+
+    def _fused(self, dec, prompts, logits):
+        """Decoding sequences and prompts together through the fused CPU step, in calls of at most
+        its max_rows tokens (the decoding ones in the first); a prompt longer than that alone is
+        prefilled by the model's forward. A failed call fails the requests in it."""
+        limit = self.runner.fused.max_rows
+        pieces = [(s, [s.pending], s.filled) for s in dec] + [(s, s.window, 0) for s in prompts if len(s.window) <= limit]
+        calls, size = [[]], 0
+        for piece in pieces:
+            if size + len(piece[1]) > limit:
+                calls.append([])
+                size = 0
+            calls[-1].append(piece)
+            size += len(piece[1])
+        for call in calls:
+            call = [p for p in call if not p[0].out.done]
+            if not call:
+                continue
+            try:
+                out = self.runner.fused_step([s.slot for s, _, _ in call], [w for _, w, _ in call], [p for _, _, p in call])
+            except Exception as e:
+                for g in {id(s.group): s.group for s, _, _ in call}.values():
+                    self._fail(g, e)
+                continue
+            for (s, window, start), row in zip(call, out):
+                logits[s], s.filled = row, start + len(window)
+        self._prefill(self.model, [s for s in prompts if len(s.window) > limit], logits)
 
     def _prefill(self, model, seqs, logits):
         """Prefill windows of equal length together; a failed forward fails the requests in it."""

@@ -2,7 +2,8 @@
 sequence, the prefill of one row, and one decode step over rows [0, n) at different lengths.
 
 Eager (CPU): a decode step runs the n rows over the keys filled so far, in one call of the fused
-C++ step (gptfast.cpu_decode) where the model allows, else through the model's forward. Static (CUDA): the
+C++ step (gptfast.cpu_decode) where the model allows, else through the model's forward; the
+fused step also takes prompts, alone or beside the decoding rows (fused_step). Static (CUDA): the
 step has fixed shapes — the batch padded up to the next of a few sizes (1, 2, 4, ... up to
 max_batch), the whole cache buffer, every index a device tensor — and is captured once per
 size as a CUDA graph, the chosen token included (argmax, or the sampler with a device seed),
@@ -12,6 +13,7 @@ slot 0 of rows that are free or about to be prefilled, which rewrites them anywa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 
 import torch
@@ -73,6 +75,18 @@ class Runner:
         self.step.prefill(torch.tensor(rows, device=self.device), len(windows[0]))
         return self._forward(model, torch.tensor(windows, device=self.device))
 
+    def fused_step(self, rows: list[int], windows: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """One call of the fused CPU step (self.fused) for sequences at any stage: windows[i] at
+        positions starts[i], starts[i] + 1, ... of cache row rows[i] (a decoding sequence: its one
+        pending token at its length; a prompt: all of it from 0). Logits (len(rows), V) of each
+        window's last token."""
+        tokens = [t for w in windows for t in w]
+        positions = [p for w, start in zip(windows, starts) for p in range(start, start + len(w))]
+        row_of = [r for w, r in zip(windows, rows) for _ in w]
+        last = list(itertools.accumulate(len(w) for w in windows))
+        return self.fused(torch.tensor(tokens), torch.tensor(positions), torch.tensor(row_of),
+                          torch.tensor(last) - 1, self.caches)
+
     def decode(self, model, tokens: list[int], lengths: list[int], params: SamplingParams | None = None,
                seed: torch.Tensor | None = None):
         """One token per row of rows [0, n): tokens[i] goes to slot lengths[i] of row i (its
@@ -82,7 +96,8 @@ class Runner:
         if not self.static:
             lengths_t = torch.tensor(lengths, device=self.device)
             if self.fused is not None and n <= self.fused.max_rows:
-                logits = self.fused(torch.tensor(tokens), lengths_t, self.caches)
+                rows = torch.arange(n)
+                logits = self.fused(torch.tensor(tokens), lengths_t, rows, rows, self.caches)
             else:
                 self.step.decode(lengths_t, max(lengths) + 1, lengths[0] if min(lengths) == max(lengths) else None)
                 logits = self._forward(model, torch.tensor(tokens, device=self.device).view(n, 1),

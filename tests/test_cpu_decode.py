@@ -111,6 +111,36 @@ def test_many_rows_equal_each_row_alone(fmt, two_threads):
 
 
 @pytest.mark.parametrize("kv", [torch.float16, torch.float32], ids=["kv16", "kv32"])
+@pytest.mark.parametrize("fmt", [None, "int8"], ids=["fp32", "int8"])
+def test_prompts_in_the_decoding_step(fmt, kv, two_threads):
+    # one call: PROMPTS' rows decode a token each while two new prompts (rows 3 and 4, 6 and 9
+    # tokens) are prefilled beside them. The decoding rows' logits are bitwise those of a step
+    # without the prompts; each prompt's last logits and its keys are bitwise those of it prefilled
+    # alone by the fused step, and close to the model's own forward (the eager prefill). A float16
+    # cache: the fused prompt attends to its earlier tokens' keys as the cache holds them, rounded
+    # to float16 (2^-11 of each value), where the eager prefill attends to them in fp32
+    model = inference_copy(tiny(ctx=40, emb=64, layers=3, pad_vocab=True), fmt, CPU)
+    new = [[(5 * i + 3) % 50 for i in range(6)], [(11 * i + 1) % 50 for i in range(9)]]
+    dec = [5, 6, 7]
+    rtol = max(FORMATS[fmt], 2.0**-10 if kv == torch.float16 else 0)
+    with torch.inference_mode():
+        mixed = prefilled(model, True, kv, prompts=PROMPTS + [[1], [1]])
+        out = mixed.fused_step([0, 1, 2, 3, 4], [[t] for t in dec] + new, [len(p) for p in PROMPTS] + [0, 0])
+        alone = prefilled(model, True, kv)
+        decoded = alone.decode(model, dec, [len(p) for p in PROMPTS])[0]
+        assert torch.equal(out[:3], decoded), "the decoding rows changed with prompts beside them"
+        for i, prompt in enumerate(new):
+            one = prefilled(model, True, kv, prompts=[[1]])
+            assert torch.equal(one.fused_step([0], [prompt], [0])[0], out[3 + i]), f"prompt {i}: alone differs"
+            eager = prefilled(model, False, kv, prompts=[prompt])
+            assert_close(out[3 + i], eager.prefill(model, [0], [prompt])[0], rtol, name=f"{fmt} prompt {i}")
+            for layer, (mc, oc, ec) in enumerate(zip(mixed.caches, one.caches, eager.caches)):
+                T = len(prompt)
+                assert torch.equal(mc.k[3 + i, :, :T], oc.k[0, :, :T]), f"prompt {i}, layer {layer}: keys differ"
+                assert_close(mc.v[3 + i, :, :T].float(), ec.v[0, :, :T].float(), rtol, name=f"prompt {i} layer {layer} values")
+
+
+@pytest.mark.parametrize("kv", [torch.float16, torch.float32], ids=["kv16", "kv32"])
 def test_fp32_step_within_2x_of_torch_against_fp64(kv):
     # plain nn.Linear layers, no qkv bias, tied head, head size 12 (not a multiple of the vector
     # loops' 8 lanes): the fused fp32 step's error against an fp64 model (fp64 cache) is at most 2x
@@ -216,29 +246,44 @@ def test_bad_kv_dtype_is_a_one_line_error():
     assert Engine(model, max_batch=2, kv_dtype=torch.bfloat16, fused_cpu_step=False).runner.kv_dtype == torch.bfloat16
 
 
-def test_bad_rows_are_one_line_errors():
+def one_step(runner, tokens, positions, rows=None, outputs=None, caches=None):
+    """A call of the fused step with lists (rows: 0, 1, ...; outputs: every token by default)."""
+    rows = list(range(len(tokens))) if rows is None else rows
+    outputs = list(range(len(tokens))) if outputs is None else outputs
+    t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return runner.fused(t(tokens), t(positions), t(rows), t(outputs), runner.caches if caches is None else caches)
+
+
+@pytest.mark.parametrize("tokens, positions, rows, outputs, message", [
+    ([500], [2], [0], [0], "token id 500 of token 0 is outside the vocabulary"),
+    ([3], [16], [0], [0], "token 0 has position 16; the cache and the context hold 16"),
+    ([3], [2], [4], [0], "token 0 is for cache row 4; the cache has 4 rows"),
+    ([3, 4], [2, 4], [1, 1], [1], "the tokens of cache row 1 must be one run of consecutive positions"),
+    ([3, 4, 5], [2, 0, 3], [1, 0, 1], [2], "the tokens of cache row 1 must be one run"),
+    ([3, 4], [2, 3], [1, 1], [2], "output 0 names token 2 of 2"),
+    ([3, 4], [2, 3], [1], [1], "tokens, positions and rows must have one size"),
+])
+def test_bad_tokens_are_one_line_errors(tokens, positions, rows, outputs, message):
     model = tiny(ctx=16)
     with torch.inference_mode():
         runner = prefilled(model, True)
-        with pytest.raises(RuntimeError, match="token id 500 of row 0 is outside the vocabulary"):
-            runner.fused(torch.tensor([500]), torch.tensor([2]), runner.caches)
-        with pytest.raises(RuntimeError, match="row 0 has length 16; the cache and the context hold 16"):
-            runner.fused(torch.tensor([3]), torch.tensor([16]), runner.caches)
+        with pytest.raises(RuntimeError, match=message):
+            one_step(runner, tokens, positions, rows, outputs)
 
 
 def test_bad_operands_are_one_line_errors():
     model = tiny(ctx=40)
     with torch.inference_mode():
         runner = prefilled(model, True)
-        fused, step = runner.fused, lambda: runner.fused(torch.tensor([3]), torch.tensor([0]), runner.caches)
+        fused, step = runner.fused, lambda: one_step(runner, [3], [0])
         short = copy.copy(runner.caches[1])
         short.k = short.k[:, :, :10].contiguous()  # layer 1's cache with fewer slots
         with pytest.raises(RuntimeError, match="every cache must be contiguous, float32 or float16, of one dtype and shape"):
-            fused(torch.tensor([3]), torch.tensor([0]), [runner.caches[0], short])
+            one_step(runner, [3], [0], caches=[runner.caches[0], short])
         mixed = copy.copy(runner.caches[1])
         mixed.k = mixed.k.float()  # layer 1's keys in float32, the others float16
         with pytest.raises(RuntimeError, match="of one dtype and shape"):
-            fused(torch.tensor([3]), torch.tensor([0]), [runner.caches[0], mixed])
+            one_step(runner, [3], [0], caches=[runner.caches[0], mixed])
         linears = fused.linears
         fused.linears = linears[:3] + [linears[6], linears[7], linears[8]] + linears[6:]  # out_proj -> fc
         with pytest.raises(RuntimeError, match="linear 1 has 128 outputs, not 32"):

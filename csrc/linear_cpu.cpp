@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -248,10 +249,15 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
                  group_sum.defined() ? group_sum.data_ptr<float>() : nullptr, M, w.K};
   float* yp = y.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  // whole row blocks, at least ~64 KB of weights per task
+  // chunks of whole row blocks (at least ~64 KB of weights, a multiple of 48 rows: whole 16-row
+  // blocks of the packed int8 tiles) handed out one at a time, so that a thread the OS preempts
+  // (a server's event loop shares these cores) leaves its chunks to the others instead of holding
+  // them all at the join: under 16 streaming clients the server gave 1.01-1.14x the tokens/s of
+  // fixed halves (6 interleaved rounds), at one client the same within noise
+  static_assert(4 * kRowBlock % 16 == 0, "a chunk holds whole 16-row blocks of the packed int8 tiles");
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
-  const int64_t grain = std::max<int64_t>(1, 65536 / (kRowBlock * w.row_bytes));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+  const int64_t chunk = (std::max<int64_t>(1, 65536 / (kRowBlock * w.row_bytes)) + 3) / 4 * 4;
+  const auto run = [&](int64_t b0, int64_t b1) {
     const int64_t n0 = kRowBlock * b0, n1 = std::min(N, kRowBlock * b1);
     p.rows(w, in, yp, N, n0, n1);
     // the scales, then the bias: branch-free loops over a row (they vectorise)
@@ -267,6 +273,10 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
       if (bp)
         for (int64_t n = n0; n < n1; ++n) ym[n] += bp[n];
     }
+  };
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), (blocks + chunk - 1) / chunk), 1, [&](int64_t, int64_t) {
+    for (int64_t b0 = next.fetch_add(chunk); b0 < blocks; b0 = next.fetch_add(chunk)) run(b0, std::min(blocks, b0 + chunk));
   });
   y = y.view(out_shape);  // (..., N)
   return xt == at::kFloat ? y : y.to(xt);

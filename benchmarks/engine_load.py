@@ -121,7 +121,8 @@ def main():
              "the decoding rows (their share per prompt token estimated as the step's time less its decoding rows "
              "at the decode steps' time per row); eager prefills: prompts through the model's forward", "",
              "| clients | tokens/s | wall s | decode steps | s | rows per step | ms per step | ms per row "
-             "| steps with prompts | s | prompt tokens | decoding rows | ms per prompt token | eager prefill s | other s |",
+             "| steps with prompts | s | prompt tokens | decoding rows | ms per prompt token "
+             "| eager prefill s | other s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| {args.clients} | {tokens / wall:.1f} | {wall:.1f} | {calls['decode']} | {sec['decode']:.1f} "
              f"| {rows['decode'] / steps:.1f} | {1e3 * sec['decode'] / steps:.1f} | {ms_row:.2f} "

@@ -11,8 +11,9 @@
 // benchmarks/profile_decode.py). Here they are plain loops over a few thousand floats. The
 // matmuls are gptfast::linear's kernel (linear_cpu.cpp), so every weight format it reads runs
 // here. Prompts prefilled in the same call as the decoding rows add their tokens to the rows of
-// each matmul, where a separate prefill would read every weight once more. The reference is the model's own forward through the KV cache (gptfast.runner);
-// tests/test_cpu_decode.py checks one against the other.
+// each matmul, where a separate prefill would read every weight once more. The reference is the
+// model's own forward through the KV cache (gptfast.runner); tests/test_cpu_decode.py checks one
+// against the other.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -231,7 +232,8 @@ void check_tokens(const at::Tensor& tokens, const at::Tensor& positions, const a
                 "gptfast decode_step: tokens, positions, rows and outputs must be contiguous 1-D int64 tensors");
   TORCH_CHECK(positions.numel() == n && rows.numel() == n,
               "gptfast decode_step: tokens, positions and rows must have one size");
-  const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(), *row = rows.data_ptr<int64_t>();
+  const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
   std::vector<bool> seen(cache_rows, false);
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(0 <= tok[i] && tok[i] < vocab_size, "gptfast decode_step: token id ", tok[i], " of token ", i,
@@ -288,9 +290,10 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
 #if defined(GPTFAST_F16C)
   const bool f16c = half_cache && avx2_chosen();
 #endif
-  const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(), *row = rows.data_ptr<int64_t>();
+  const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
 
-  // linear i of the list: x (n, K) -> (n, N); N = 0: any width (fc: proj checks its K)
+  // linear i of the list: x (rows, K) -> (rows, N); N = 0: any width (fc: proj checks its K)
   auto linear = [&](const at::Tensor& x, int64_t i, int64_t N) {
     at::Tensor y = linear_cpu(x, *linears.get(3 * i), linears.get(3 * i + 1), linears.get(3 * i + 2), groups[i], "");
     TORCH_CHECK(N == 0 || y.size(1) == N, "gptfast decode_step: linear ", i, " has ", y.size(1), " outputs, not ", N);
@@ -307,7 +310,8 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
   // the rows of `in` through norm i into `out`, split over the threads beyond 8 rows (a step of a
   // few rows stays on this thread: a fork costs more than it saves there)
   const auto norm_rows = [&](int64_t i, const at::Tensor& in, at::Tensor& out) {
-    const float *ip = in.data_ptr<float>(), *scale = norms[i].data_ptr<float>(), *shift = norms[i + 1].data_ptr<float>();
+    const float *ip = in.data_ptr<float>(), *scale = norms[i].data_ptr<float>();
+    const float* shift = norms[i + 1].data_ptr<float>();
     float* op = out.data_ptr<float>();
     at::parallel_for(0, in.size(0), 8, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) layer_norm(ip + m * C, scale, shift, static_cast<float>(eps), C, op + m * C);
@@ -323,20 +327,21 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
     const float* qp = qkv.data_ptr<float>();
     float* ap = att.data_ptr<float>();
     const at::Tensor &kc = k_cache[l], &vc = v_cache[l];
-    const auto at = [&](int64_t m, int64_t hd) { return (row[m] * n_heads + hd) * slots * D; };  // (rows, H, slots, D)
+    // where token m's head hd starts in a cache laid out (rows, H, slots, D)
+    const auto base = [&](int64_t m, int64_t hd) { return (row[m] * n_heads + hd) * slots * D; };
     // every token's key and value first: a prompt's tokens attend to each other's
     for (int64_t i = 0; i < n * n_heads; ++i) {
       const int64_t m = i / n_heads, hd = i % n_heads;
       const float* kv = qp + m * 3 * C + C + hd * D;
       if (!half_cache)
-        store_kv(kv, kv + C, kc.data_ptr<float>() + at(m, hd), vc.data_ptr<float>() + at(m, hd), pos[m], D);
+        store_kv(kv, kv + C, kc.data_ptr<float>() + base(m, hd), vc.data_ptr<float>() + base(m, hd), pos[m], D);
 #if defined(GPTFAST_F16C)
       else if (f16c)
-        store_kv_f16(kv, kv + C, reinterpret_cast<uint16_t*>(kc.data_ptr<c10::Half>() + at(m, hd)),
-                     reinterpret_cast<uint16_t*>(vc.data_ptr<c10::Half>() + at(m, hd)), pos[m], D);
+        store_kv_f16(kv, kv + C, reinterpret_cast<uint16_t*>(kc.data_ptr<c10::Half>() + base(m, hd)),
+                     reinterpret_cast<uint16_t*>(vc.data_ptr<c10::Half>() + base(m, hd)), pos[m], D);
 #endif
       else
-        store_kv(kv, kv + C, kc.data_ptr<c10::Half>() + at(m, hd), vc.data_ptr<c10::Half>() + at(m, hd), pos[m], D);
+        store_kv(kv, kv + C, kc.data_ptr<c10::Half>() + base(m, hd), vc.data_ptr<c10::Half>() + base(m, hd), pos[m], D);
     }
     // (token, head) pairs handed out one at a time: tokens at different positions make fixed
     // halves of the pairs uneven, and the thread that finishes first would wait at the join
@@ -348,15 +353,16 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
         const float* q = qp + m * 3 * C + hd * D;
         float* out = ap + m * C + hd * D;
         if (!half_cache)
-          attend(q, kc.data_ptr<float>() + at(m, hd), vc.data_ptr<float>() + at(m, hd), pos[m], D, scores.data(), out);
+          attend(q, kc.data_ptr<float>() + base(m, hd), vc.data_ptr<float>() + base(m, hd), pos[m], D, scores.data(),
+                 out);
 #if defined(GPTFAST_F16C)
         else if (f16c)
-          attend_f16(q, reinterpret_cast<const uint16_t*>(kc.data_ptr<c10::Half>() + at(m, hd)),
-                     reinterpret_cast<const uint16_t*>(vc.data_ptr<c10::Half>() + at(m, hd)), pos[m], D, scores.data(),
-                     out);
+          attend_f16(q, reinterpret_cast<const uint16_t*>(kc.data_ptr<c10::Half>() + base(m, hd)),
+                     reinterpret_cast<const uint16_t*>(vc.data_ptr<c10::Half>() + base(m, hd)), pos[m], D,
+                     scores.data(), out);
 #endif
         else
-          attend(q, kc.data_ptr<c10::Half>() + at(m, hd), vc.data_ptr<c10::Half>() + at(m, hd), pos[m], D,
+          attend(q, kc.data_ptr<c10::Half>() + base(m, hd), vc.data_ptr<c10::Half>() + base(m, hd), pos[m], D,
                  scores.data(), out);
       }
     });

@@ -244,35 +244,13 @@ GPTFAST_AVX2 void rows_fmt(const Weight& w, const Input& in, float* y, int64_t l
   }
 }
 
-// bf16 weights read inputs k..k+15 as (k, k+2, ..., k+14) then (k+1, k+3, ..., k+15) (load16): x
-// is permuted the same way once per call, in whole blocks of 16 (the tail stays in order).
-GPTFAST_AVX2 void rows_bf16(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  thread_local std::vector<float> xp;
-  const int64_t K = w.K, K16 = K / 16 * 16;
-  xp.resize(in.M * K);
-  for (int64_t m = 0; m < in.M; ++m) {
-    const float* src = in.x + m * in.ld;
-    float* dst = xp.data() + m * K;
-    for (int64_t k = 0; k < K16; k += 16)
-      for (int i = 0; i < 8; ++i) {
-        dst[k + i] = src[k + 2 * i];
-        dst[k + 8 + i] = src[k + 2 * i + 1];
-      }
-    std::copy(src + K16, src + K, dst + K16);
-  }
-  Input permuted = in;
-  permuted.x = xp.data();
-  permuted.ld = K;
-  rows_fmt<WFormat::BF16>(w, permuted, y, ldy, n0, n1);
-}
-
 // int8 weights against many x rows (M >= kPackedMinRows): arithmetic, not reading the weights,
 // bounds the step there, and the row-dot tiles above reload x for every weight row. So each
 // block of 16 weight rows is first transposed into pairs of inputs, pk[p][c][e] = w[n + c][2p + e]
 // (one 32-byte line per pair, zero past the block's rows and K), and then each step of the tile
 // below sign-extends two lines, broadcasts each x row's pair (x[2p], x[2p + 1]) and adds one
-// vpmaddwd per 8 columns: 8 column sums per register, no horizontal adds, and 48 bytes read per
-// 8 vpmaddwd where the row-dot tiles read 288. Sums are exact integers, as there, so every path
+// vpmaddwd per 8 columns: 8 column sums per register, no horizontal adds, and 56 bytes read per
+// 12 vpmaddwd (6 x rows) where the row-dot tiles read 288 per 8. Sums are exact integers, as there, so every path
 // gives the same y.
 constexpr int64_t kPackRows = 16;
 // From 8 x rows on: a 16-row int8 decode step of GPT-2 124M took 45 ms against 54 with the row-dot
@@ -399,7 +377,10 @@ GPTFAST_AVX2 void tile_i8_packed(const int8_t* pk, int64_t p0, int64_t p1, const
   }
   add_wide(total[0], a00), add_wide(total[0] + 8, a01), add_wide(total[1], a10), add_wide(total[1] + 8, a11);
   add_wide(total[2], a20), add_wide(total[2] + 8, a21), add_wide(total[3], a30), add_wide(total[3] + 8, a31);
-  if constexpr (R == 6) add_wide(total[4], a40), add_wide(total[4] + 8, a41), add_wide(total[5], a50), add_wide(total[5] + 8, a51);
+  if constexpr (R == 6) {
+    add_wide(total[4], a40), add_wide(total[4] + 8, a41);
+    add_wide(total[5], a50), add_wide(total[5] + 8, a51);
+  }
 }
 #undef GPTFAST_PAIR_ROW
 #undef GPTFAST_LOAD_PAIRS
@@ -412,7 +393,7 @@ inline int tile_height(int64_t M, int64_t m) {
 }
 
 // Blocks of 16 weight rows: pack, then chunks of kPairChunk pairs (8 KB of the packed block, 1 KB of
-// each x row) that every tile of 4 x rows passes over while they are in cache.
+// each x row) that every tile of x rows passes over while they are in cache.
 GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t K = w.K, full = K / 2;
   thread_local std::vector<int8_t> pk;
@@ -461,10 +442,33 @@ GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int
 
 }  // namespace
 
+// bf16 weights read inputs k..k+15 as (k, k+2, ..., k+14) then (k+1, k+3, ..., k+15) (load16): x
+// is permuted the same way, in whole blocks of 16 (the tail stays in order), once per call before
+// the threads take their rows.
+GPTFAST_AVX2 Input prepare_avx2(const Weight& w, const Input& in, std::vector<float>& xp) {
+  if (w.fmt != WFormat::BF16) return in;
+  const int64_t K = w.K, K16 = K / 16 * 16;
+  xp.resize(in.M * K);
+  for (int64_t m = 0; m < in.M; ++m) {
+    const float* src = in.x + m * in.ld;
+    float* dst = xp.data() + m * K;
+    for (int64_t k = 0; k < K16; k += 16)
+      for (int i = 0; i < 8; ++i) {
+        dst[k + i] = src[k + 2 * i];
+        dst[k + 8 + i] = src[k + 2 * i + 1];
+      }
+    std::copy(src + K16, src + K, dst + K16);
+  }
+  Input permuted = in;
+  permuted.x = xp.data();
+  permuted.ld = K;
+  return permuted;
+}
+
 void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   switch (w.fmt) {
     case WFormat::F32: return rows_fmt<WFormat::F32>(w, in, y, ldy, n0, n1);
-    case WFormat::BF16: return rows_bf16(w, in, y, ldy, n0, n1);
+    case WFormat::BF16: return rows_fmt<WFormat::BF16>(w, in, y, ldy, n0, n1);  // x from prepare_avx2
     case WFormat::F16: return rows_fmt<WFormat::F16>(w, in, y, ldy, n0, n1);
     case WFormat::I8:
       return in.M >= kPackedMinRows ? rows_i8_packed(w, in, y, ldy, n0, n1)

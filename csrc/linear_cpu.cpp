@@ -80,12 +80,16 @@ void rows_portable(const Weight& w, const Input& in, float* y, int64_t ldy, int6
 namespace {
 
 using RowsFn = void (*)(const Weight&, const Input&, float*, int64_t, int64_t, int64_t);
+using PrepareFn = Input (*)(const Weight&, const Input&, std::vector<float>&);
 
 struct Path {
   const char* name;
   RowsFn rows;
   bool (*supported)();
+  PrepareFn prepare;
 };
+
+Input as_is(const Weight&, const Input& in, std::vector<float>&) { return in; }
 
 #if defined(__x86_64__) || defined(_M_X64)
 bool has_avx2() {
@@ -96,9 +100,9 @@ bool has_avx2() {
 
 const Path kPaths[] = {  // best first
 #if defined(__x86_64__) || defined(_M_X64)
-    {"avx2", rows_avx2, has_avx2},
+    {"avx2", rows_avx2, has_avx2, prepare_avx2},
 #endif
-    {"portable", rows_portable, [] { return true; }},
+    {"portable", rows_portable, [] { return true; }, as_is},
 };
 
 const Path& find_path(const std::string& name) {
@@ -188,7 +192,9 @@ float quantize_row(const float* x, int64_t K, int16_t* q) {
     return std::numeric_limits<float>::quiet_NaN();
   }
   const float big = c10::bit_cast<float>(top);
-  const float inv = big > 0.f ? 32767.f / big : 0.f;
+  // a largest magnitude below 32767 / FLT_MAX would make inv infinite, and 0 * inf a NaN (whose
+  // conversion to int16 is undefined); such a row's scale is subnormal anyway
+  const float inv = big > 0.f ? std::min(32767.f / big, std::numeric_limits<float>::max()) : 0.f;
   // round to nearest even by the 1.5 * 2^23 trick (|x * inv| <= 32767.x): plain adds that
   // vectorise, where std::nearbyint is a library call per element
   constexpr float kMagic = 12582912.f;
@@ -244,9 +250,12 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   }
   at::Tensor y = at::empty({M, N}, xf.options()), xq, x_scale, group_sum;
   if (w.fmt == WFormat::I8 || w.fmt == WFormat::I4) quantize_x(xf, w.group, xq, x_scale, group_sum);
-  const Input in{xf.data_ptr<float>(), xq.defined() ? xq.data_ptr<int16_t>() : nullptr,
-                 x_scale.defined() ? x_scale.data_ptr<float>() : nullptr,
-                 group_sum.defined() ? group_sum.data_ptr<float>() : nullptr, M, w.K};
+  std::vector<float> scratch;
+  const Input in = p.prepare(w,
+                             {xf.data_ptr<float>(), xq.defined() ? xq.data_ptr<int16_t>() : nullptr,
+                              x_scale.defined() ? x_scale.data_ptr<float>() : nullptr,
+                              group_sum.defined() ? group_sum.data_ptr<float>() : nullptr, M, w.K},
+                             scratch);
   float* yp = y.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   // chunks of whole row blocks (at least ~64 KB of weights, a multiple of 48 rows: whole 16-row
@@ -276,7 +285,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   };
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), (blocks + chunk - 1) / chunk), 1, [&](int64_t, int64_t) {
-    for (int64_t b0 = next.fetch_add(chunk); b0 < blocks; b0 = next.fetch_add(chunk)) run(b0, std::min(blocks, b0 + chunk));
+    for (int64_t b0 = next.fetch_add(chunk); b0 < blocks; b0 = next.fetch_add(chunk))
+      run(b0, std::min(blocks, b0 + chunk));
   });
   y = y.view(out_shape);  // (..., N)
   return xt == at::kFloat ? y : y.to(xt);

@@ -15,6 +15,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace gptfast {
 
@@ -71,10 +72,12 @@ constexpr int64_t kI8Chunk = 2048;
 
 // The kernel paths: rows [n0, n1) of y (M, N) = x (M, K) W^T, y with leading dimension ldy,
 // before the row and x scales and the bias (int8/int4: in units of x_scale). Each writes every
-// y[m, n] it owns.
+// y[m, n] it owns. A path's prepare runs once per call before the threads split the rows and
+// returns the Input its rows read (its own copy of x, if it needs one, in `scratch`).
 void rows_portable(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
 #if defined(__x86_64__) || defined(_M_X64)
 void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
+Input prepare_avx2(const Weight& w, const Input& in, std::vector<float>& scratch);
 #endif
 
 // Whether the linear op's default path (GPTFAST_CPU_KERNEL, else the best this CPU runs) is

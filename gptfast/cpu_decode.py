@@ -9,8 +9,10 @@ a GPTModel of the classic blocks with nothing swapped or hooked, linear layers t
 nn.Linear (fp32) or gptfast.quant's, contiguous fp32 embeddings and norms, in eval mode, on the
 torch backend (the reference backend runs the reference modules, triton its kernels), with _C
 built; else None, and the model's own forward runs. The step reads the model's tensors at each
-call, so weights updated in place are seen. Beyond `max_rows` rows (cpu_linear.MAX_KERNEL_ROWS
-of its weights) torch's GEMM beats the step's matmuls, and the eager step runs. The reference is
+call, so weights updated in place are seen. Beyond `max_rows` tokens in a call
+(cpu_linear.MAX_KERNEL_ROWS of its weights) torch's GEMM beats the step's matmuls: more decoding
+rows take the eager step, prompts go in several calls, and a longer prompt is prefilled eagerly
+(gptfast.engine). The reference is
 the model's own forward through the KV cache (gptfast.runner); tests/test_cpu_decode.py checks
 one against the other.
 """

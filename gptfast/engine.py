@@ -2,9 +2,10 @@
 
 `Engine.submit` queues a request (one or more prompts, as token ids) from any thread and
 returns a `Handle`. The engine's loop thread (started on demand, gone when idle) runs steps:
-at each step boundary it admits queued requests into free cache rows and prefills them,
-then decodes one token for every running sequence in one batch (rows at different lengths:
-gptfast.runner), samples, and reports each request's new text. A finished sequence frees
+at each step boundary it admits queued requests into free cache rows, then decodes one token
+for every running sequence in one batch (rows at different lengths: gptfast.runner) and
+prefills the new prompts (on CPU in the same fused call), samples, and reports each request's
+new text. A finished sequence frees
 its row at once, so short requests never wait for long ones.
 
 Each request keeps the semantics of running alone: its prompt is cut from the left to the
@@ -337,30 +338,36 @@ class Engine:
         for s in refill:
             s.window = s.window[-ctx:]  # a full window slides: recompute it without the cache
         prompts = refill + [s for g in admitted for s in g.running()]
+        fused = self.runner.fused
         logits, parts = {}, []
-        if self.runner.fused is not None and prompts:  # the prompts join the decoding rows' step
-            self._fused(dec, prompts, logits)
+        if fused is not None and prompts and len(dec) <= fused.max_rows:
+            self._fused(model, dec, prompts, logits)  # the prompts join the decoding rows' step
             return logits, parts
         if dec:
-            fused = None if admitted or refill else self._fused_group(dec)
+            group = None if prompts else self._fused_group(dec)
             n = 1 + max(s.slot for s in dec)
             tokens, lengths, owner = [0] * n, [0] * n, [None] * n
             for s in dec:
                 tokens[s.slot], lengths[s.slot] = s.pending, s.filled
-                owner[s.slot] = s if s.group.params.greedy or s.group is fused else None
+                owner[s.slot] = s if s.group.params.greedy or s.group is group else None
                 s.filled += 1
-            out, ids = self.runner.decode(model, tokens, lengths, *((fused.params, fused.seed) if fused else ()))
+            out, ids = self.runner.decode(model, tokens, lengths, *((group.params, group.seed) if group else ()))
             logits.update((s, out[s.slot]) for s in dec)
             parts.append((ids, owner))
-        self._prefill(model, prompts, logits)
+        if fused is not None:
+            self._fused(model, [], prompts, logits)
+        else:
+            self._prefill(model, prompts, logits)
         return logits, parts
 
-    def _fused(self, dec, prompts, logits):
-        """Decoding sequences and prompts together through the fused CPU step, in calls of at most
-        its max_rows tokens (the decoding ones in the first); a prompt longer than that alone is
-        prefilled by the model's forward. A failed call fails the requests in it."""
+    def _fused(self, model, dec, prompts, logits):
+        """Decoding sequences (at most max_rows) and prompts through the fused CPU step: the
+        decoding ones and the prompts that fit in the first call, the other prompts in calls of
+        at most max_rows tokens; a prompt longer than that alone is prefilled by the model's
+        forward. A failed call fails the requests in it."""
         limit = self.runner.fused.max_rows
-        pieces = [(s, [s.pending], s.filled) for s in dec] + [(s, s.window, 0) for s in prompts if len(s.window) <= limit]
+        pieces = [(s, [s.pending], s.filled) for s in dec]
+        pieces += [(s, s.window, 0) for s in prompts if len(s.window) <= limit]
         calls, size = [[]], 0
         for piece in pieces:
             if size + len(piece[1]) > limit:
@@ -370,17 +377,11 @@ class Engine:
             size += len(piece[1])
         for call in calls:
             call = [p for p in call if not p[0].out.done]
-            if not call:
-                continue
-            try:
-                out = self.runner.fused_step([s.slot for s, _, _ in call], [w for _, w, _ in call], [p for _, _, p in call])
-            except Exception as e:
-                for g in {id(s.group): s.group for s, _, _ in call}.values():
-                    self._fail(g, e)
-                continue
+            out = self._failing_alone([s for s, _, _ in call], lambda: self.runner.fused_step(
+                [s.slot for s, _, _ in call], [w for _, w, _ in call], [p for _, _, p in call]))
             for (s, window, start), row in zip(call, out):
                 logits[s], s.filled = row, start + len(window)
-        self._prefill(self.model, [s for s in prompts if len(s.window) > limit], logits)
+        self._prefill(model, [s for s in prompts if len(s.window) > limit], logits)
 
     def _prefill(self, model, seqs, logits):
         """Prefill windows of equal length together; a failed forward fails the requests in it."""
@@ -390,16 +391,22 @@ class Engine:
         for same in by_length.values():
             for i in range(0, len(same), self.max_batch):
                 chunk = [s for s in same[i: i + self.max_batch] if not s.out.done]
-                if not chunk:
-                    continue
-                try:
-                    out = self.runner.prefill(model, [s.slot for s in chunk], [s.window for s in chunk])
-                except Exception as e:
-                    for g in {id(s.group): s.group for s in chunk}.values():
-                        self._fail(g, e)
-                    continue
+                out = self._failing_alone(chunk, lambda: self.runner.prefill(
+                    model, [s.slot for s in chunk], [s.window for s in chunk]))
                 for s, row in zip(chunk, out):
                     logits[s], s.filled = row, len(s.window)
+
+    def _failing_alone(self, seqs, forward):
+        """forward()'s logits for `seqs`; if it raises, their requests fail (the others go on) and
+        there are none."""
+        if not seqs:
+            return []
+        try:
+            return forward()
+        except Exception as e:
+            for g in {id(s.group): s.group for s in seqs}.values():
+                self._fail(g, e)
+            return []
 
     @staticmethod
     def _fused_group(dec):

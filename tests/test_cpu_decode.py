@@ -132,12 +132,16 @@ def test_prompts_in_the_decoding_step(fmt, kv, two_threads):
         for i, prompt in enumerate(new):
             one = prefilled(model, True, kv, prompts=[[1]])
             assert torch.equal(one.fused_step([0], [prompt], [0])[0], out[3 + i]), f"prompt {i}: alone differs"
+            halves = prefilled(model, True, kv, prompts=[[1]])  # a run that starts past position 0
+            halves.fused_step([0], [prompt[:4]], [0])
+            assert torch.equal(halves.fused_step([0], [prompt[4:]], [4])[0], out[3 + i]), f"prompt {i} in two calls"
             eager = prefilled(model, False, kv, prompts=[prompt])
             assert_close(out[3 + i], eager.prefill(model, [0], [prompt])[0], rtol, name=f"{fmt} prompt {i}")
             for layer, (mc, oc, ec) in enumerate(zip(mixed.caches, one.caches, eager.caches)):
                 T = len(prompt)
                 assert torch.equal(mc.k[3 + i, :, :T], oc.k[0, :, :T]), f"prompt {i}, layer {layer}: keys differ"
-                assert_close(mc.v[3 + i, :, :T].float(), ec.v[0, :, :T].float(), rtol, name=f"prompt {i} layer {layer} values")
+                assert_close(mc.v[3 + i, :, :T].float(), ec.v[0, :, :T].float(), rtol,
+                             name=f"prompt {i} layer {layer} values")
 
 
 @pytest.mark.parametrize("kv", [torch.float16, torch.float32], ids=["kv16", "kv32"])

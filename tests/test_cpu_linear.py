@@ -65,6 +65,25 @@ def test_rows_independent_of_batch(path, fmt):
 
 
 @needs_c
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32"])
+def test_integer_formats_non_finite_and_extreme_rows(path, fmt):
+    # x is rounded per row from its largest magnitude, found with any inf or NaN in one pass over
+    # the bit patterns: a row holding +inf, -inf or NaN gives NaN outputs (as fp32 arithmetic
+    # would) and leaves the other rows alone; rows of zeros and of -0.0 give zeros
+    gen = torch.Generator().manual_seed(7)
+    w, x = torch.randn(24, 40, generator=gen) * 0.1, torch.randn(6, 40, generator=gen)
+    x[1, 3], x[2, 5], x[3, 0], x[4], x[5] = float("inf"), float("-inf"), float("nan"), 0.0, -0.0
+    weight, scale, group = cl.quantize(w, fmt)
+    y = cl.linear(x, weight, scale, None, group, path)
+    assert y[1:4].isnan().all(), "a row with inf or NaN did not give NaN outputs"
+    assert (y[4:] == 0).all(), "a row of zeros did not give zeros"
+    finite = [0, 4, 5]
+    assert torch.isfinite(y[finite]).all(), f"non-finite outputs in rows {finite}"
+    check_fp32(y[finite], x[finite], cl.dequantize(weight, scale, group, 40), None, x_rounded=True)
+
+
+@needs_c
 @needs_avx2
 @pytest.mark.parametrize("M, K, N", [(8, 16, 16), (13, 15, 17), (16, 768, 50), (33, 1031, 5), (9, 1, 3),
                                      (9, 1031, 40), (12, 3072, 36), (11, 769, 20), (10, 768, 300)])

@@ -45,6 +45,8 @@ def test_requests_join_a_running_batch(static):
     steps = Steps()
     engine = Engine(model, max_batch=4, observer=steps)
     engine.runner.static = static
+    if static:  # as a static runner is built: no fused CPU step
+        engine.runner.fused = None
     jobs = [([7], 60), ([1, 2, 3, 4, 5], 9), (list(range(10, 50)), 12), ([3, 1, 4], 30), ([9, 9], 3), ([5], 25)]
     first = engine.submit([jobs[0][0]], jobs[0][1], GREEDY)
     updates = first.updates()
@@ -92,6 +94,28 @@ def test_failure_stays_with_its_request(monkeypatch):
     assert ids_of(good[0])[0] == reference_ids(model, [1, 2, 3], 20)
     assert ids_of(good[1])[0] == reference_ids(model, [4, 5], 25)
     assert ids_of(engine.submit([[6, 7]], 5, GREEDY))[0] == reference_ids(model, [6, 7], 5)  # still serving
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "model-forward"])
+def test_a_failed_prefill_fails_its_request_alone(fused):
+    # the call that prefills [13, 13, 13] raises (on CPU the fused step, which would also carry any
+    # decoding rows of that step; else the model's forward): that request fails with the error,
+    # and the requests before and after it are served as alone
+    model = tiny()
+    engine = Engine(model, max_batch=4, fused_cpu_step=fused)
+    name = "fused_step" if fused else "prefill"
+    real = getattr(engine.runner, name)
+
+    def flaky(*args):
+        if [13, 13, 13] in args[-2 if fused else 2]:  # the windows
+            raise RuntimeError("prefill exploded")
+        return real(*args)
+    setattr(engine.runner, name, flaky)
+    assert ids_of(engine.submit([[1, 2, 3]], 6, GREEDY))[0] == reference_ids(model, [1, 2, 3], 6)
+    bad = engine.submit([[13, 13, 13]], 6, GREEDY)
+    assert [u.error for batch in bad.updates() for u in batch if u.error] == ["RuntimeError: prefill exploded"]
+    assert ids_of(engine.submit([[4, 5]], 6, GREEDY))[0] == reference_ids(model, [4, 5], 6)  # still serving
+    engine.close()
 
 
 def test_cancel_frees_the_row_and_queue_bound():

@@ -412,9 +412,10 @@ GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int
     std::fill(total.begin(), total.end(), 0);
     auto* tot = reinterpret_cast<int64_t(*)[kPackRows]>(total.data());
     // the next block's rows (contiguous) are fetched a share before each tile, so that memory
-    // keeps pace with the arithmetic (read in one burst by pack_pairs, they stalled it)
-    const char* next = reinterpret_cast<const char*>(row_ptr(w, std::min(n1, n + kPackRows)));
-    const char* next_end = reinterpret_cast<const char*>(row_ptr(w, std::min(n1, n + 2 * kPackRows)));
+    // keeps pace with the arithmetic (read in one burst by pack_pairs, they stalled it); past n1
+    // too, where this thread's next chunk of rows usually starts (linear_cpu.cpp)
+    const char* next = reinterpret_cast<const char*>(row_ptr(w, std::min(w.N, n + kPackRows)));
+    const char* next_end = reinterpret_cast<const char*>(row_ptr(w, std::min(w.N, n + 2 * kPackRows)));
     const int64_t share = ((next_end - next) / 64 + tiles) / tiles * 64;
     for (int64_t p0 = 0; p0 < full; p0 += kPairChunk)
       for (int64_t m = 0, h; m < in.M; m += h) {

@@ -262,7 +262,11 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   // blocks of the packed int8 tiles) handed out one at a time, so that a thread the OS preempts
   // (a server's event loop shares these cores) leaves its chunks to the others instead of holding
   // them all at the join: under 16 streaming clients the server gave 1.01-1.14x the tokens/s of
-  // fixed halves (6 interleaved rounds), at one client the same within noise
+  // fixed halves (6 interleaved rounds), at one client the same within noise. Each thread first
+  // takes the chunks of its own share of the rows, in order, so that one chunk's prefetch of the
+  // rows past it serves the thread's next chunk, then helps with the others' shares: a GPT-2
+  // step's matmuls on two threads ran 4-6% faster at 16 and 32 rows and 7% at 1 row than with
+  // one shared order (20 interleaved rounds each)
   static_assert(4 * kRowBlock % 16 == 0, "a chunk holds whole 16-row blocks of the packed int8 tiles");
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
   const int64_t chunk = (std::max<int64_t>(1, 65536 / (kRowBlock * w.row_bytes)) + 3) / 4 * 4;
@@ -283,10 +287,16 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
         for (int64_t n = n0; n < n1; ++n) ym[n] += bp[n];
     }
   };
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), (blocks + chunk - 1) / chunk), 1, [&](int64_t, int64_t) {
-    for (int64_t b0 = next.fetch_add(chunk); b0 < blocks; b0 = next.fetch_add(chunk))
-      run(b0, std::min(blocks, b0 + chunk));
+  const int64_t chunks = (blocks + chunk - 1) / chunk;
+  const int64_t shares = std::min<int64_t>(at::get_num_threads(), chunks), per = (chunks + shares - 1) / shares;
+  std::vector<std::atomic<int64_t>> next(shares);  // the next chunk of each share
+  for (int64_t s = 0; s < shares; ++s) next[s] = s * per;
+  at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t r = 0; r < shares; ++r) {
+        const int64_t s = (t + r) % shares, end = std::min(chunks, (s + 1) * per);
+        for (int64_t c = next[s]++; c < end; c = next[s]++) run(c * chunk, std::min(blocks, (c + 1) * chunk));
+      }
   });
   y = y.view(out_shape);  // (..., N)
   return xt == at::kFloat ? y : y.to(xt);

@@ -101,11 +101,11 @@ class ComputeProbe:
     step (gptfast::linear, 16 rows by a 768 x 768 weight: operands in cache, so almost no memory
     traffic), timed `calls` times in a row. On a shared host a core's speed swings with its
     neighbours' load: two copies of a fixed vpmaddwd loop, one per core, ran here at a median
-    1.8x their best time. Batched decoding, bound by arithmetic, swings with it; batch-1
-    decoding, bound by reading the weights, hardly does (9% between the best and the median
-    1-row int8 matmul where 16 rows saw 46%). So their ratio measured on such a host is lower
-    than on a quiet one; `summary` says how much of its arithmetic (and of its read bandwidth)
-    a run had."""
+    1.8x their best time one day and at their speed alone another. Batched decoding, bound by
+    arithmetic, swings with it; batch-1 decoding, bound by reading the weights, hardly does (9%
+    between the best and the median 1-row int8 matmul where 16 rows saw 46%). So their ratio
+    measured on such a host is lower than on a quiet one; `summary` says how much of its
+    arithmetic (and of its read bandwidth) a run had."""
 
     def __init__(self, calls=500):
         from gptfast import cpu_linear

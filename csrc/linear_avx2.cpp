@@ -250,8 +250,8 @@ GPTFAST_AVX2 void rows_fmt(const Weight& w, const Input& in, float* y, int64_t l
 // (one 32-byte line per pair, zero past the block's rows and K), and then each step of the tile
 // below sign-extends two lines, broadcasts each x row's pair (x[2p], x[2p + 1]) and adds one
 // vpmaddwd per 8 columns: 8 column sums per register, no horizontal adds, and 56 bytes read per
-// 12 vpmaddwd (6 x rows) where the row-dot tiles read 288 per 8. Sums are exact integers, as there, so every path
-// gives the same y.
+// 12 vpmaddwd (6 x rows) where the row-dot tiles read 288 per 8. Sums are exact integers, as
+// there, so every path gives the same y.
 constexpr int64_t kPackRows = 16;
 // From 8 x rows on: a 16-row int8 decode step of GPT-2 124M took 45 ms against 54 with the row-dot
 // tiles, 4 rows 22 against 16 (repacking is then a large share of the work), 8 rows about even

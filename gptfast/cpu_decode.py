@@ -12,9 +12,8 @@ built; else None, and the model's own forward runs. The step reads the model's t
 call, so weights updated in place are seen. Beyond `max_rows` tokens in a call
 (cpu_linear.MAX_KERNEL_ROWS of its weights) torch's GEMM beats the step's matmuls: more decoding
 rows take the eager step, prompts go in several calls, and a longer prompt is prefilled eagerly
-(gptfast.engine). The reference is
-the model's own forward through the KV cache (gptfast.runner); tests/test_cpu_decode.py checks
-one against the other.
+(gptfast.engine). The reference is the model's own forward through the KV cache
+(gptfast.runner); tests/test_cpu_decode.py checks one against the other.
 """
 from __future__ import annotations
 

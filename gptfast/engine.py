@@ -5,8 +5,7 @@ returns a `Handle`. The engine's loop thread (started on demand, gone when idle)
 at each step boundary it admits queued requests into free cache rows, then decodes one token
 for every running sequence in one batch (rows at different lengths: gptfast.runner) and
 prefills the new prompts (on CPU in the same fused call), samples, and reports each request's
-new text. A finished sequence frees
-its row at once, so short requests never wait for long ones.
+new text. A finished sequence frees its row at once, so short requests never wait for long ones.
 
 Each request keeps the semantics of running alone: its prompt is cut from the left to the
 context, a window that fills up slides (the last `context_size` tokens are recomputed

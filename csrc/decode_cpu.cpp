@@ -187,29 +187,72 @@ GPTFAST_F16C void store_kv_f16(const float* k_new, const float* v_new, uint16_t*
   }
 }
 
+// sum8 of a vector's lanes, in sum8's order: (lanes + upper half) then ((0 + 1) + (2 + 3)).
+GPTFAST_F16C inline float sum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_shuffle_ps(s, s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)));
+}
+
+// scores[s + j] = q . key s + j for J keys at once: J independent chains of FMAs where one key
+// alone is a chain of D / 8 dependent ones (each key's sums in the same order either way).
+template <int J>
+GPTFAST_F16C inline void key_scores(const float* q, const uint16_t* k, const uint16_t* v, int64_t s, int64_t D,
+                                    float* scores) {
+  constexpr int64_t kAhead = 8;
+  const int64_t D8 = D / 8 * 8;
+  __m256 acc[J];
+  for (int j = 0; j < J; ++j) acc[j] = _mm256_setzero_ps();
+  // the keys kAhead on and these keys' values into cache: one head's keys and values are a few
+  // KB each, too short a stream for the hardware prefetcher to catch
+  for (int64_t b = 0; b < J * D * 2; b += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(k + (s + kAhead) * D) + b, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v + s * D) + b, _MM_HINT_T0);
+  }
+  for (int64_t d = 0; d < D8; d += 8) {
+    const __m256 qd = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < J; ++j) acc[j] = _mm256_fmadd_ps(qd, widen8(k + (s + j) * D + d), acc[j]);
+  }
+  for (int j = 0; j < J; ++j) {
+    if (D8 < D) {  // the tail into lane 0, as dot's part[0]
+      alignas(32) float part[8];
+      _mm256_store_ps(part, acc[j]);
+      for (int64_t d = D8; d < D; ++d) part[0] += q[d] * _cvtsh_ss(k[(s + j) * D + d]);
+      acc[j] = _mm256_load_ps(part);
+    }
+    scores[s + j] = sum8(acc[j]);
+  }
+}
+
+// out[d0, d0 + 8 NB) += sum_s p_s v_s over the S values, in NB registers across the keys (through
+// memory, each key's FMAs waited on the store of the key before).
+template <int NB>
+GPTFAST_F16C inline void add_values(const float* p, const uint16_t* v, int64_t S, int64_t D, int64_t d0, float* out) {
+  __m256 o[NB];
+  for (int j = 0; j < NB; ++j) o[j] = _mm256_loadu_ps(out + d0 + 8 * j);
+  for (int64_t s = 0; s < S; ++s) {
+    const __m256 ps = _mm256_set1_ps(p[s]);
+    for (int j = 0; j < NB; ++j) o[j] = _mm256_fmadd_ps(ps, widen8(v + s * D + d0 + 8 * j), o[j]);
+  }
+  for (int j = 0; j < NB; ++j) _mm256_storeu_ps(out + d0 + 8 * j, o[j]);
+}
+
 // attend over a float16 cache with F16C: 8 values per conversion instruction, where the compiler
 // leaves float16 loops scalar. A float16 cache halves the bytes the step reads per cached token
-// (the fp32 cache is read at the memory floor). Keys: 8 partial sums per key, as dot's.
+// (the fp32 cache is read at the memory floor). The same sums in the same order as attend's.
 GPTFAST_F16C void attend_f16(const float* q, const uint16_t* k, const uint16_t* v, int64_t L, int64_t D,
                              float* scores, float* out) {
-  const int64_t D8 = D / 8 * 8;
-  for (int64_t s = 0; s <= L; ++s) {
-    const uint16_t* key = k + s * D;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D8; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), widen8(key + d), acc);
-    alignas(32) float part[8];
-    _mm256_store_ps(part, acc);
-    for (int64_t d = D8; d < D; ++d) part[0] += q[d] * _cvtsh_ss(key[d]);
-    scores[s] = sum8(part);
-  }
-  if (!softmax(scores, L + 1, D, out)) return;
-  for (int64_t s = 0; s <= L; ++s) {
-    const uint16_t* value = v + s * D;
-    const __m256 p = _mm256_set1_ps(scores[s]);
-    for (int64_t d = 0; d < D8; d += 8)
-      _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p, widen8(value + d), _mm256_loadu_ps(out + d)));
-    for (int64_t d = D8; d < D; ++d) out[d] += scores[s] * _cvtsh_ss(value[d]);
-  }
+  constexpr int kKeys = 4, kBlock = 8;  // keys per chain group; value registers per block of D
+  const int64_t S = L + 1, D8 = D / 8 * 8;
+  int64_t s = 0;
+  for (; s + kKeys <= S; s += kKeys) key_scores<kKeys>(q, k, v, s, D, scores);
+  for (; s < S; ++s) key_scores<1>(q, k, v, s, D, scores);
+  if (!softmax(scores, S, D, out)) return;
+  int64_t d0 = 0;
+  for (; d0 + 8 * kBlock <= D8; d0 += 8 * kBlock) add_values<kBlock>(scores, v, S, D, d0, out);
+  for (; d0 < D8; d0 += 8) add_values<1>(scores, v, S, D, d0, out);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t d = D8; d < D; ++d) out[d] += scores[s] * _cvtsh_ss(v[s * D + d]);
 }
 #endif
 

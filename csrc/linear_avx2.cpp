@@ -253,11 +253,12 @@ GPTFAST_AVX2 void rows_fmt(const Weight& w, const Input& in, float* y, int64_t l
 // 12 vpmaddwd (6 x rows) where the row-dot tiles read 288 per 8. Sums are exact integers, as
 // there, so every path gives the same y.
 constexpr int64_t kPackRows = 16;
-// From 8 x rows on: a 16-row int8 decode step of GPT-2 124M took 45 ms against 54 with the row-dot
-// tiles, 4 rows 22 against 16 (repacking is then a large share of the work), 8 rows about even
-// (interleaved in one process with a temporary switch; benchmarks/results/decode_profile_cpu_rows16.md
-// has the step before and after)
-constexpr int64_t kPackedMinRows = 8;
+// From 5 x rows on: a 16-row int8 decode step of GPT-2 124M took 45 ms against 54 with the row-dot
+// tiles (benchmarks/results/decode_profile_cpu_rows16.md has the step before and after). Since the
+// packed tiles prefetch step by step, a GPT-2 step's matmuls on two threads run 1.05x at 5 rows,
+// 1.05-1.18x at 6 and 1.12x at 7 against the row-dot tiles, 0.97x at 4 and 0.75x at 2, where
+// repacking is a large share of the work (interleaved rounds in one process, a temporary switch).
+constexpr int64_t kPackedMinRows = 5;
 constexpr int64_t kPairChunk = 256;  // pairs of int8 x int16 products per int32 lane before int64
 // |q| <= 128 and |xq| <= 32767 (quantize_x clamps to +-32767: -32768 would overflow here)
 static_assert(kPairChunk * 2 * 128 * 32767 <= INT32_MAX, "an int32 lane must hold a chunk's sums");
@@ -330,10 +331,10 @@ GPTFAST_AVX2 inline void store_f32(const int64_t* t, float* y) {
   "vpbroadcastd (%[" X "]), %[b]\n\t"                                   \
   "vpmaddwd %[b], %[w0], %[t]\n\tvpaddd %[t], %[" A0 "], %[" A0 "]\n\t" \
   "vpmaddwd %[b], %[w1], %[t]\n\tvpaddd %[t], %[" A1 "], %[" A1 "]\n\t"
-#define GPTFAST_LOAD_PAIRS "vpmovsxbw (%[w]), %[w0]\n\tvpmovsxbw 16(%[w]), %[w1]\n\t"
+#define GPTFAST_LOAD_PAIRS "prefetcht1 (%[pf])\n\tvpmovsxbw (%[w]), %[w0]\n\tvpmovsxbw 16(%[w]), %[w1]\n\t"
 
 // total[j][c] += the 16 packed columns times x rows x[0..R) over pairs [p0, p1) (at most
-// kPairChunk), R = 4 or 6. The step is written in assembly: GCC computed all the products of a
+// kPairChunk), R = 4 or 6; each step also prefetches the line at pf + pf_step * (p - p0). The step is written in assembly: GCC computed all the products of a
 // step before adding any of them, which needs more than the 16 vector registers, and spilled an
 // accumulator (a store-to-load round trip per step; the tile ran at a third of vpmaddwd's
 // throughput). 6 rows fill the registers (12 accumulators, 2 weight vectors, the broadcast and
@@ -343,7 +344,7 @@ GPTFAST_AVX2 inline void store_f32(const int64_t* t, float* y) {
 // An asm statement takes at most 30 operands, so 6 rows take two (the second reuses w0 and w1).
 template <int R>
 GPTFAST_AVX2 void tile_i8_packed(const int8_t* pk, int64_t p0, int64_t p1, const int16_t* const x[R],
-                                 int64_t (*total)[kPackRows]) {
+                                 int64_t (*total)[kPackRows], const char* pf, int64_t pf_step) {
   static_assert(R == 4 || R == 6, "tiles of 4 or 6 x rows");
   __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
   __m256i a40 = a00, a41 = a00, a50 = a00, a51 = a00;
@@ -358,14 +359,15 @@ GPTFAST_AVX2 void tile_i8_packed(const int8_t* pk, int64_t p0, int64_t p1, const
                 [a21] "+x"(a21), [a30] "+x"(a30), [a31] "+x"(a31), [w0] "=&x"(w0), [w1] "=&x"(w1),
                 [b] "=&x"(b), [t] "=&x"(t)
               : [w] "r"(pk + p * 32), [x0] "r"(x0 + 2 * p), [x1] "r"(x1 + 2 * p), [x2] "r"(x2 + 2 * p),
-                [x3] "r"(x3 + 2 * p)
+                [x3] "r"(x3 + 2 * p), [pf] "r"(pf + pf_step * (p - p0))
               : "memory");
     } else {
       __asm__(GPTFAST_LOAD_PAIRS GPTFAST_PAIR_ROW("x0", "a00", "a01") GPTFAST_PAIR_ROW("x1", "a10", "a11")
                   GPTFAST_PAIR_ROW("x2", "a20", "a21")
               : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11), [a20] "+x"(a20),
                 [a21] "+x"(a21), [w0] "=&x"(w0), [w1] "=&x"(w1), [b] "=&x"(b), [t] "=&x"(t)
-              : [w] "r"(pk + p * 32), [x0] "r"(x0 + 2 * p), [x1] "r"(x1 + 2 * p), [x2] "r"(x2 + 2 * p)
+              : [w] "r"(pk + p * 32), [x0] "r"(x0 + 2 * p), [x1] "r"(x1 + 2 * p), [x2] "r"(x2 + 2 * p),
+                [pf] "r"(pf + pf_step * (p - p0))
               : "memory");
       __asm__(GPTFAST_PAIR_ROW("x3", "a30", "a31") GPTFAST_PAIR_ROW("x4", "a40", "a41")
                   GPTFAST_PAIR_ROW("x5", "a50", "a51")
@@ -404,29 +406,32 @@ GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int
   total.resize((in.M + 5) * kPackRows);
   int64_t groups = 0;
   for (int64_t m = 0; m < in.M; m += tile_height(in.M, m)) ++groups;
+  // The weight rows two blocks on are prefetched while this block's tiles run, one line per
+  // tile step at the pace that covers a block per block: rows of a few hundred bytes are too
+  // short a stream for the hardware prefetcher, and the block's share fetched in one burst before
+  // each tile stalled on the full miss queue (the step after a burst took 8% of this function's
+  // samples). Spread over the steps: a GPT-2 step's matmuls on two threads 1.25x at 8 x rows,
+  // 1.13x at 16, 1.03x at 32 and 96 (interleaved rounds in one process). Past n1 too, where this
+  // thread's next chunk of rows usually starts (linear_cpu.cpp); a prefetch never faults.
+  const int64_t steps = std::max<int64_t>(1, full * groups);
+  const int64_t pf_step = (kPackRows * w.row_bytes + steps - 1) / steps;
   const int16_t* x[6];
-  const int64_t tiles = std::max<int64_t>(1, (full + kPairChunk - 1) / kPairChunk * groups);
   for (int64_t n = n0; n < n1; n += kPackRows) {
     const int64_t cols = std::min(kPackRows, n1 - n);
     pack_pairs(w, n, cols, pk.data());
     std::fill(total.begin(), total.end(), 0);
     auto* tot = reinterpret_cast<int64_t(*)[kPackRows]>(total.data());
-    // the next block's rows (contiguous) are fetched a share before each tile, so that memory
-    // keeps pace with the arithmetic (read in one burst by pack_pairs, they stalled it); past n1
-    // too, where this thread's next chunk of rows usually starts (linear_cpu.cpp)
-    const char* next = reinterpret_cast<const char*>(row_ptr(w, std::min(w.N, n + kPackRows)));
-    const char* next_end = reinterpret_cast<const char*>(row_ptr(w, std::min(w.N, n + 2 * kPackRows)));
-    const int64_t share = ((next_end - next) / 64 + tiles) / tiles * 64;
+    const char* pf = reinterpret_cast<const char*>(row_ptr(w, std::min(w.N, n + 2 * kPackRows)));
     for (int64_t p0 = 0; p0 < full; p0 += kPairChunk)
       for (int64_t m = 0, h; m < in.M; m += h) {
         h = tile_height(in.M, m);
-        for (const char* end = std::min(next_end, next + share); next < end; next += 64) _mm_prefetch(next, _MM_HINT_T1);
         for (int j = 0; j < h; ++j) x[j] = m + j < in.M ? in.xq + (m + j) * in.ld : zeros.data();
         const int64_t p1 = std::min(full, p0 + kPairChunk);
         if (h == 6)
-          tile_i8_packed<6>(pk.data(), p0, p1, x, tot + m);
+          tile_i8_packed<6>(pk.data(), p0, p1, x, tot + m, pf, pf_step);
         else
-          tile_i8_packed<4>(pk.data(), p0, p1, x, tot + m);
+          tile_i8_packed<4>(pk.data(), p0, p1, x, tot + m, pf, pf_step);
+        pf += pf_step * (p1 - p0);
       }
     for (int64_t m = 0; m < in.M; ++m) {
       if (K % 2)  // the last input

@@ -86,13 +86,14 @@ def test_integer_formats_non_finite_and_extreme_rows(path, fmt):
 @needs_c
 @needs_avx2
 @pytest.mark.parametrize("M, K, N", [(8, 16, 16), (13, 15, 17), (16, 768, 50), (33, 1031, 5), (9, 1, 3),
-                                     (9, 1031, 40), (12, 3072, 36), (11, 769, 20), (10, 768, 300)])
+                                     (9, 1031, 40), (12, 3072, 36), (11, 769, 20), (10, 768, 300),
+                                     (5, 770, 33), (7, 64, 48)])
 def test_int8_many_rows_equal_portable(M, K, N, two_threads):
-    # int8 from 8 x rows on runs the packed tiles (16 weight rows transposed into pairs of inputs):
+    # int8 from 5 x rows on runs the packed tiles (16 weight rows transposed into pairs of inputs):
     # integer sums are exact on every path, so y is bitwise the portable path's. K odd (the last
     # input alone; after whole 16-row blocks: 1031), K = 1 (no pair), K past one 512-input int32
     # chunk, N not a multiple of 16, tiles of 4 and 6 x rows with rows of zeros past M (13: 6 + 4 + 4,
-    # 11: 6 + 6), 2 threads (taking chunks of weight rows in turn: 300 rows at K = 768 are 4 chunks
+    # 11: 6 + 6, 5: 6, 7: 4 + 4), 2 threads (taking chunks of weight rows in turn: 300 rows at K = 768 are 4 chunks
     # of 96; 36, 40: a last 16-row block cut short)
     gen = torch.Generator().manual_seed(M * K + N)
     weight = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)

@@ -37,7 +37,7 @@
 
 // The loops below are plain C++; on x86-64 each is also built for AVX2 + FMA (x86-64-v3) and the
 // loader picks the clone this CPU runs (GCC/clang target_clones).
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(GPTFAST_X86_GNU)
 #define GPTFAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define GPTFAST_CLONES
@@ -168,7 +168,7 @@ GPTFAST_CLONES void attend(const float* q, const T* k, const T* v, int64_t L, in
     for (int64_t d = 0; d < D; ++d) out[d] += scores[s] * static_cast<float>(v[s * D + d]);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(GPTFAST_X86_GNU)
 #define GPTFAST_F16C __attribute__((target("avx2,fma,f16c")))
 GPTFAST_F16C inline __m256 widen8(const uint16_t* p) {  // 8 float16 values as fp32
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

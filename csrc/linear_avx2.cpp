@@ -14,13 +14,13 @@
 // single-request decoding). Rows are contiguous, so a tile prefetches the tile two ahead at the
 // pace it reads its own (rows of a few hundred bytes are too short a stream for the hardware
 // prefetcher: int8 ran 2.5x slower without it).
-#if defined(__x86_64__) || defined(_M_X64)
+#include "linear_cpu.h"
+
+#if defined(GPTFAST_X86_GNU)
 #include <immintrin.h>
 
 #include <algorithm>
 #include <vector>
-
-#include "linear_cpu.h"
 
 #define GPTFAST_AVX2 __attribute__((target("avx2,fma,f16c")))
 

@@ -91,7 +91,7 @@ struct Path {
 
 Input as_is(const Weight&, const Input& in, std::vector<float>&) { return in; }
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(GPTFAST_X86_GNU)
 bool has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -99,7 +99,7 @@ bool has_avx2() {
 #endif
 
 const Path kPaths[] = {  // best first
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(GPTFAST_X86_GNU)
     {"avx2", rows_avx2, has_avx2, prepare_avx2},
 #endif
     {"portable", rows_portable, [] { return true; }, as_is},
@@ -177,7 +177,7 @@ Weight weight_view(const at::Tensor& x, const at::Tensor& weight, const c10::opt
 // (its outputs are then NaN, as fp32 arithmetic would make them). On x86-64 also built for AVX2,
 // chosen at load time: 8 lanes where the baseline has 4, and no FMA (which would round the
 // scaled value once instead of twice, so a quantised row would depend on the CPU).
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(GPTFAST_X86_GNU)
 __attribute__((target_clones("avx2", "default")))
 #endif
 float quantize_row(const float* x, int64_t K, int16_t* q) {

@@ -17,6 +17,11 @@
 #include <cstdint>
 #include <vector>
 
+// x86-64 built by GCC or clang: the vector paths use their target attributes and CPU builtins.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GPTFAST_X86_GNU 1
+#endif
+
 namespace gptfast {
 
 enum class WFormat { F32, BF16, F16, I8, I4 };
@@ -75,7 +80,7 @@ constexpr int64_t kI8Chunk = 2048;
 // y[m, n] it owns. A path's prepare runs once per call before the threads split the rows and
 // returns the Input its rows read (its own copy of x, if it needs one, in `scratch`).
 void rows_portable(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(GPTFAST_X86_GNU)
 void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
 Input prepare_avx2(const Weight& w, const Input& in, std::vector<float>& scratch);
 #endif

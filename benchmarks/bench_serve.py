@@ -37,6 +37,7 @@ import torch
 from gptfast import GPTConfig, GPTModel
 from gptfast.backends import resolve_device
 from gptfast.checkpoint import save_checkpoint
+from gptfast.engine import PREFILL_CHUNK
 from gptfast.generate import Generator
 
 from common import ComputeProbe, commit_id, device_name, load_average, save_report  # noqa: E402  (benchmarks/ is on sys.path)
@@ -54,7 +55,7 @@ def workload(client: int, i: int) -> tuple[list[int], int]:
 
 
 class ServerProcess:
-    def __init__(self, checkpoint, device, dtype, max_batch, max_queue):
+    def __init__(self, checkpoint, device, dtype, max_batch, max_queue, prefill_chunk):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -64,6 +65,7 @@ class ServerProcess:
             [sys.executable, "-m", "gptfast.cli", "serve", "--checkpoint", str(checkpoint), "--device", str(device),
              "--dtype", dtype,
              "--port", str(self.port), "--max-batch", str(max_batch), "--max-queue", str(max_queue),
+             "--prefill-chunk", str(prefill_chunk),
              "--model-name", "gpt2", "--log-level", "warning"])
 
     def wait_up(self, timeout=300):
@@ -195,6 +197,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=30.0, help="length of each measured window")
     ap.add_argument("--requests", type=int, default=64, help="or stop after this many finished requests")
     ap.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
+    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                    help="both servers' --prefill-chunk (0: every waiting prompt whole)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the HTTP-overhead check")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="the servers' and the in-process Generator's --dtype")
@@ -205,8 +209,8 @@ def main():
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").eval()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = save_checkpoint(Path(tmp) / "gpt2-124m-random.pt", model)
-        servers = {"batching": ServerProcess(checkpoint, device, args.dtype, args.max_batch, 256),
-                   "one at a time": ServerProcess(checkpoint, device, args.dtype, 1, 256)}
+        servers = {"batching": ServerProcess(checkpoint, device, args.dtype, args.max_batch, 256, args.prefill_chunk),
+                   "one at a time": ServerProcess(checkpoint, device, args.dtype, 1, 256, args.prefill_chunk)}
         try:
             for s in servers.values():
                 s.wait_up()
@@ -234,7 +238,7 @@ def report(args, device, results, inproc, http, host):
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
              f"command: python benchmarks/bench_serve.py --clients {' '.join(map(str, args.clients))} "
              f"--seconds {args.seconds:g} --requests {args.requests} --max-batch {args.max_batch} --device {args.device} "
-             f"--dtype {args.dtype} --rounds {args.rounds}",
+             f"--dtype {args.dtype} --prefill-chunk {args.prefill_chunk} --rounds {args.rounds}",
              f"load average at the end: {load_average()} "
              f"(this machine: {os.cpu_count()} cores, shared)", *host,
              f"mix: prompts of {'/'.join(map(str, PROMPT_LENGTHS))} tokens with {'/'.join(map(str, OUTPUT_LENGTHS))} "

@@ -4,7 +4,7 @@ after another, for --seconds; the engine's decode steps, the steps that take pro
 decoding rows, and any eager prefills are timed as they run.
 bench_serve.py measures the server end to end; this splits the engine's share of it.
 
-    python benchmarks/engine_load.py [--clients 16] [--seconds 30] [--dtype int8] [--kv-dtype float16]
+    python benchmarks/engine_load.py [--clients 16] [--seconds 30] [--dtype int8] [--kv-dtype float16] [--prefill-chunk 64]
 
 Prints a table and writes benchmarks/results/engine_load_cpu.md (device, date, commit).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from gptfast import GPTConfig, GPTModel
-from gptfast.engine import Engine
+from gptfast.engine import PREFILL_CHUNK, Engine
 from gptfast.quant import DTYPES, FLOAT_DTYPES, auto_dtype, inference_copy
 from gptfast.sampling import SamplingParams
 
@@ -51,9 +51,10 @@ class Timed:
                 self.rows[name] += len(args[1])
             elif name == "prefill":  # (model, rows, windows)
                 self.prompt_tokens[name] += len(args[2]) * len(args[2][0])
-            else:  # (rows, windows, starts): a decoding row's one token starts past 0, a prompt at 0
-                self.rows[name] += sum(start > 0 for start in args[2])
-                self.prompt_tokens[name] += sum(len(w) for w, start in zip(args[1], args[2]) if start == 0)
+            else:  # (rows, windows, starts, outputs): a decoding row is one token past position 0
+                decoding = sum(len(w) == 1 and start > 0 for w, start in zip(args[1], args[2]))
+                self.rows[name] += decoding  # (so is a prompt's last chunk of one token, rarely)
+                self.prompt_tokens[name] += sum(map(len, args[1])) - decoding
             return out
         return timed
 
@@ -87,14 +88,17 @@ def main():
     ap.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="weight format (auto: CPU default)")
     ap.add_argument("--kv-dtype", default=None, choices=("float16", "float32"),
                     help="KV cache dtype (default: the engine's choice, float16 under the fused CPU step)")
+    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                    help="prompt tokens a step takes at most (0: every waiting prompt whole)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_load_cpu.md"))
     args = ap.parse_args()
-    if args.clients < 1 or args.seconds <= 0:
-        ap.error("--clients must be at least 1 and --seconds positive")
+    if args.clients < 1 or args.seconds <= 0 or args.prefill_chunk < 0:
+        ap.error("--clients must be at least 1, --seconds positive and --prefill-chunk at least 0")
     torch.manual_seed(0)
     dtype = auto_dtype("cpu") if args.dtype == "auto" else args.dtype
     model = inference_copy(GPTModel(GPTConfig.from_preset("gpt2-small")).eval(), dtype, torch.device("cpu"))
-    engine = Engine(model, max_batch=32, kv_dtype=FLOAT_DTYPES.get(args.kv_dtype))
+    engine = Engine(model, max_batch=32, kv_dtype=FLOAT_DTYPES.get(args.kv_dtype),
+                    prefill_chunk=args.prefill_chunk or None)
     timed = Timed(engine.runner)
     list(engine.submit([[1, 2, 3]], 4, SamplingParams()).updates())  # warm-up, not counted
     probe = ComputeProbe()
@@ -115,7 +119,8 @@ def main():
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}, "
              f"load average {load_average()}",
              f"command: python benchmarks/engine_load.py --clients {args.clients} --seconds {args.seconds:g} "
-             f"--dtype {args.dtype}" + (f" --kv-dtype {args.kv_dtype}" if args.kv_dtype else ""),
+             f"--dtype {args.dtype} --prefill-chunk {args.prefill_chunk}"
+             + (f" --kv-dtype {args.kv_dtype}" if args.kv_dtype else ""),
              "mix: bench_serve.py's (prompts of 8/32/96 tokens with 32/64/96 new tokens, in turn)", *host, "",
              "decode steps: only decoding rows; steps with prompts: prompts prefilled in the same fused call as "
              "the decoding rows (their share per prompt token estimated as the step's time less its decoding rows "

@@ -4,8 +4,10 @@
 returns a `Handle`. The engine's loop thread (started on demand, gone when idle) runs steps:
 at each step boundary it admits queued requests into free cache rows, then decodes one token
 for every running sequence in one batch (rows at different lengths: gptfast.runner) and
-prefills the new prompts (on CPU in the same fused call), samples, and reports each request's
-new text. A finished sequence frees its row at once, so short requests never wait for long ones.
+prefills the new prompts, samples, and reports each request's new text. A finished sequence
+frees its row at once, so short requests never wait for long ones. On CPU the prompts join the
+decoding rows' fused call, at most `prefill_chunk` of their tokens a step (a long prompt takes
+a few steps), so a new prompt never stalls the decoding sequences for more than that.
 
 Each request keeps the semantics of running alone: its prompt is cut from the left to the
 context, a window that fills up slides (the last `context_size` tokens are recomputed
@@ -38,6 +40,12 @@ from .textout import TextOutput
 
 class QueueFull(RuntimeError):
     """The engine's queue holds max_queue prompts already; try again later."""
+
+
+# Prompt tokens a fused CPU step takes beside its decoding rows: a GPT-2 124M step of 16 int8 rows
+# takes ~40 ms and each prompt token ~1.3 ms more, so a waiting 96-token prompt adds at most
+# ~80 ms to the decoding sequences' next token instead of ~130 (bench_serve.py: ITL p99).
+PREFILL_CHUNK = 64
 
 
 # ---- input checks (one place: the Generator, the classic generate and the server use them) ----
@@ -131,6 +139,7 @@ class _Seq:
         self.index, self.number, self.window, self.out = index, number, window, out
         self.group = self.slot = self.pending = None
         self.filled = 0  # cache slots holding this sequence's keys
+        self.held = None  # logits of a prompt prefilled before the rest of its request's prompts
         self.last = None  # when its last token came (time to first token, inter-token gaps)
 
 
@@ -145,6 +154,11 @@ class _Group:
 
     def running(self):
         return [s for s in self.seqs if not s.out.done]
+
+    def draw_seed(self):
+        """The seed of the request's next draw (one per step that samples it)."""
+        self.seed = self.seeds(self.step)
+        self.step += 1
 
 
 def counter_seeds(seed: int, chunk: int = 0, chunks: int = 1):
@@ -181,13 +195,18 @@ class Engine:
     prompts waiting (None: no bound); `cuda_graph` decodes through captured graphs on CUDA,
     `fused_cpu_step` through one C++ call per step on CPU (gptfast.cpu_decode) where it can;
     `kv_dtype` is the KV cache's dtype (None: float16 under the fused step, else the model's).
+    `prefill_chunk`: under the fused step, the most prompt tokens a step takes beside the
+    decoding rows (None: every waiting prompt whole).
     `observer`, when given, hears about steps, tokens and finished requests (gptfast.serve)."""
 
     def __init__(self, model, context_size: int | None = None, max_batch: int = 32, max_queue: int | None = None,
                  cuda_graph: bool = True, observer=None, fused_cpu_step: bool = True,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, prefill_chunk: int | None = PREFILL_CHUNK):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be an integer >= 1 or None, got {prefill_chunk!r}")
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1):
             raise ValueError(f"max_queue must be an integer >= 1 or None, got {max_queue!r}")
         self.model = private_model(model)
@@ -196,6 +215,7 @@ class Engine:
         ctx = self.cfg.context_length
         self.context_size = ctx if context_size is None else check_context_size(context_size, ctx)
         self.max_batch, self.max_queue, self.observer = max_batch, max_queue, observer
+        self.prefill_chunk = prefill_chunk
         self.runner = Runner(self.model, self.context_size, max_batch, self.device,
                              static=cuda_graph and self.device.type == "cuda",
                              fused=fused_cpu_step and self.device.type == "cpu", kv_dtype=kv_dtype)
@@ -318,32 +338,33 @@ class Engine:
         if not self._live:
             return
         self.runner.reserve(model, 1 + max(s.slot for g in self._live for s in g.running()))
-        for g in self._live:
-            if not g.params.greedy:
-                g.seed = g.seeds(g.step)  # one draw per step, whichever path samples
-                g.step += 1
         start = time.perf_counter()
         logits, parts = self._forward(model, admitted)
         self._sample(logits, parts)
         self._deliver(parts, start)
 
     def _forward(self, model, admitted):
-        """Run every running sequence one token further: (its logits (V,) by sequence, and
-        [(ids, sequences they decide)] for the ids the decode step chose already)."""
-        ctx, new = self.context_size, {id(g) for g in admitted}
-        running = [s for g in self._live if id(g) not in new for s in g.running()]
-        refill = [s for s in running if s.filled >= ctx]
-        dec = [s for s in running if s.filled < ctx]
-        for s in refill:
-            s.window = s.window[-ctx:]  # a full window slides: recompute it without the cache
-        prompts = refill + [s for g in admitted for s in g.running()]
+        """Run every running sequence one token further, and the prompts' next tokens into the
+        cache: (logits (V,) by sequence that now has them, and [(ids, sequences they decide)]
+        for the ids the decode step chose already)."""
+        ctx = self.context_size
+        seqs = [s for g in self._live for s in g.running()]
+        for s in seqs:
+            if s.pending is not None and s.filled >= ctx:  # a full window slides: recompute it without the cache
+                s.window, s.filled = s.window[-ctx:], 0
+        dec = [s for s in seqs if s.pending is not None and s.filled == len(s.window) - 1]
+        decoding = set(dec)
+        # new prompts, slid windows, and prompts partly prefilled (not those held for their request)
+        prompts = [s for s in seqs if s not in decoding and s.filled < len(s.window)]
         fused = self.runner.fused
         logits, parts = {}, []
         if fused is not None and prompts and len(dec) <= fused.max_rows:
             self._fused(model, dec, prompts, logits)  # the prompts join the decoding rows' step
-            return logits, parts
+            return self._whole_requests(logits), parts
         if dec:
             group = None if prompts else self._fused_group(dec)
+            if group is not None:
+                group.draw_seed()
             n = 1 + max(s.slot for s in dec)
             tokens, lengths, owner = [0] * n, [0] * n, [None] * n
             for s in dec:
@@ -357,16 +378,26 @@ class Engine:
             self._fused(model, [], prompts, logits)
         else:
             self._prefill(model, prompts, logits)
-        return logits, parts
+        return self._whole_requests(logits), parts
 
     def _fused(self, model, dec, prompts, logits):
         """Decoding sequences (at most max_rows) and prompts through the fused CPU step: the
-        decoding ones and the prompts that fit in the first call, the other prompts in calls of
-        at most max_rows tokens; a prompt longer than that alone is prefilled by the model's
-        forward. A failed call fails the requests in it."""
-        limit = self.runner.fused.max_rows
-        pieces = [(s, [s.pending], s.filled) for s in dec]
-        pieces += [(s, s.window, 0) for s in prompts if len(s.window) <= limit]
+        decoding ones with at most `prefill_chunk` prompt tokens, oldest prompt first (a
+        prompt's logits once its last token is in), in calls of at most max_rows tokens;
+        without a chunk, a prompt longer than max_rows is prefilled by the model's forward. A
+        failed call fails the requests in it."""
+        limit, budget = self.runner.fused.max_rows, self.prefill_chunk
+        pieces, whole = [(s, [s.pending], s.filled) for s in dec], []
+        for s in prompts:
+            take = len(s.window) - s.filled
+            if budget is not None:
+                take = min(take, budget)
+                budget -= take
+            elif take > limit:
+                whole.append(s)
+                continue
+            if take:
+                pieces.append((s, s.window[s.filled: s.filled + take], s.filled))
         calls, size = [[]], 0
         for piece in pieces:
             if size + len(piece[1]) > limit:
@@ -376,11 +407,32 @@ class Engine:
             size += len(piece[1])
         for call in calls:
             call = [p for p in call if not p[0].out.done]
+            ends = [i for i, (s, w, start) in enumerate(call) if start + len(w) == len(s.window)]
             out = self._failing_alone([s for s, _, _ in call], lambda: self.runner.fused_step(
-                [s.slot for s, _, _ in call], [w for _, w, _ in call], [p for _, _, p in call]))
-            for (s, window, start), row in zip(call, out):
-                logits[s], s.filled = row, start + len(window)
-        self._prefill(model, [s for s in prompts if len(s.window) > limit], logits)
+                [s.slot for s, _, _ in call], [w for _, w, _ in call], [p for _, _, p in call], ends))
+            if out is None:
+                continue
+            for s, window, start in call:
+                s.filled = start + len(window)
+            logits.update((call[i][0], row) for i, row in zip(ends, out))
+        self._prefill(model, whole, logits)
+
+    @staticmethod
+    def _whole_requests(logits):
+        """`logits` less the sequences whose request still has prompts being prefilled (held until
+        the last is in, so a request's prompts draw together, as when they are prefilled in one
+        step), plus the held ones of requests whose last prompt is now in."""
+        groups = {id(s.group): s.group for s in logits}.values()
+        for g in groups:
+            if any(s.filled < len(s.window) for s in g.running()):
+                for s in g.running():
+                    if s in logits:
+                        s.held = logits.pop(s)
+            else:
+                for s in g.running():
+                    if s.held is not None:
+                        logits[s], s.held = s.held, None
+        return logits
 
     def _prefill(self, model, seqs, logits):
         """Prefill windows of equal length together; a failed forward fails the requests in it."""
@@ -392,12 +444,12 @@ class Engine:
                 chunk = [s for s in same[i: i + self.max_batch] if not s.out.done]
                 out = self._failing_alone(chunk, lambda: self.runner.prefill(
                     model, [s.slot for s in chunk], [s.window for s in chunk]))
-                for s, row in zip(chunk, out):
+                for s, row in zip(chunk, out if out is not None else []):
                     logits[s], s.filled = row, len(s.window)
 
     def _failing_alone(self, seqs, forward):
         """forward()'s logits for `seqs`; if it raises, their requests fail (the others go on) and
-        there are none."""
+        there are none (None)."""
         if not seqs:
             return []
         try:
@@ -405,7 +457,7 @@ class Engine:
         except Exception as e:
             for g in {id(s.group): s.group for s in seqs}.values():
                 self._fail(g, e)
-            return []
+            return None
 
     @staticmethod
     def _fused_group(dec):
@@ -427,6 +479,7 @@ class Engine:
             parts.append((torch.stack([logits[s] for s in greedy]).argmax(-1), greedy))
         for g in {id(s.group): s.group for s in rest if not s.group.params.greedy}.values():
             filler = next(logits[s] for s in g.seqs if s in logits)  # rows of finished prompts: unused
+            g.draw_seed()
             try:
                 ids = sample(torch.stack([logits.get(s, filler) for s in g.seqs]), g.params, g.seed)
             except Exception as e:

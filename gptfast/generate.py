@@ -19,7 +19,7 @@ import weakref
 import torch
 
 from .backends import resolve_device
-from .engine import Engine, check_context_size, check_eos_id, check_max_new_tokens
+from .engine import PREFILL_CHUNK, Engine, check_context_size, check_eos_id, check_max_new_tokens
 from .quant import DTYPES, SHORT_DTYPES, auto_dtype, inference_copy
 from .sampling import SamplingParams, check_temperature, check_top_k, check_top_p, sample_top_k
 from .tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
@@ -155,10 +155,11 @@ class Generator:
     A converted copy is made when needed; the caller's model is never modified, nor switched
     to eval mode (the engine runs its own eval-mode module tree over the same weights).
     `max_batch`: prompts decoded together (more wait for a free row); `max_queue`: prompts
-    allowed to wait (None: any number; else the engine raises QueueFull)."""
+    allowed to wait (None: any number; else the engine raises QueueFull); `prefill_chunk`: on CPU,
+    the most prompt tokens one step takes beside the decoding rows (gptfast.engine.Engine)."""
 
     def __init__(self, model, tokenizer=None, dtype="auto", device=None, context_size=None, cuda_graph=True,
-                 max_batch=64, max_queue=None):
+                 max_batch=64, max_queue=None, prefill_chunk=PREFILL_CHUNK):
         device = resolve_device(device) if device is not None else model.tok_emb.weight.device
         if dtype == "auto":
             dtype = auto_dtype(device)
@@ -169,7 +170,8 @@ class Generator:
         ctx = self.cfg.context_length
         self.context_size = ctx if context_size is None else check_context_size(context_size, ctx)
         self.model = inference_copy(model, dtype, device)
-        self.engine = Engine(self.model, self.context_size, max_batch, max_queue, cuda_graph)
+        self.engine = Engine(self.model, self.context_size, max_batch, max_queue, cuda_graph,
+                             prefill_chunk=prefill_chunk)
         self._tokenizer = tokenizer
         self.stats = {}  # timings of the last finished call
 

@@ -75,17 +75,18 @@ class Runner:
         self.step.prefill(torch.tensor(rows, device=self.device), len(windows[0]))
         return self._forward(model, torch.tensor(windows, device=self.device))
 
-    def fused_step(self, rows: list[int], windows: list[list[int]], starts: list[int]) -> torch.Tensor:
+    def fused_step(self, rows: list[int], windows: list[list[int]], starts: list[int],
+                   outputs: list[int]) -> torch.Tensor:
         """One call of the fused CPU step (self.fused) for sequences at any stage: windows[i] at
         positions starts[i], starts[i] + 1, ... of cache row rows[i] (a decoding sequence: its one
-        pending token at its length; a prompt: all of it from 0). Logits (len(rows), V) of each
-        window's last token."""
+        pending token at its length; a prompt: all of it, or its next chunk). Logits
+        (len(outputs), V) of the last token of windows[i] for i in outputs."""
         tokens = [t for w in windows for t in w]
         positions = [p for w, start in zip(windows, starts) for p in range(start, start + len(w))]
         row_of = [r for w, r in zip(windows, rows) for _ in w]
         last = list(itertools.accumulate(len(w) for w in windows))
         return self.fused(torch.tensor(tokens), torch.tensor(positions), torch.tensor(row_of),
-                          torch.tensor(last) - 1, self.caches)
+                          torch.tensor([last[i] - 1 for i in outputs], dtype=torch.long), self.caches)
 
     def decode(self, model, tokens: list[int], lengths: list[int], params: SamplingParams | None = None,
                seed: torch.Tensor | None = None):

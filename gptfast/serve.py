@@ -11,6 +11,7 @@ import signal
 import threading
 from pathlib import Path
 
+from .engine import PREFILL_CHUNK
 from .generate import Generator, add_model_source, checked_type, load_model_source
 
 
@@ -28,6 +29,10 @@ def add_parser(subparsers):
                    help="sequences decoded together")
     p.add_argument("--max-queue", type=checked_type(int, _check_positive("--max-queue")), default=256,
                    help="prompts allowed to wait for a batch row; more get 429")
+    p.add_argument("--prefill-chunk", type=checked_type(int, _check_nonnegative("--prefill-chunk")),
+                   default=PREFILL_CHUNK, help="on CPU, the most prompt tokens one decoding step takes (a longer "
+                   "prompt is prefilled over several steps, so the running requests' next tokens wait at most "
+                   "that long); 0: every waiting prompt whole")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ "
                    "(not given: $GPTFAST_API_KEY if set, else no key)")
     p.add_argument("--model-name", default=None,
@@ -56,6 +61,13 @@ def _check_positive(flag):
     return check
 
 
+def _check_nonnegative(flag):
+    def check(n):
+        if n < 0:
+            raise ValueError(f"{flag} must be >= 0, got {n}")
+    return check
+
+
 def model_name_of(args) -> str:
     if args.model_name:
         return args.model_name
@@ -72,7 +84,8 @@ def run_cli(args):
                        "pip install 'gptfast[serve]'") from None
     from .api_server import create_app
     model, device = load_model_source(args)
-    gen = Generator(model, dtype=args.dtype, device=device, max_batch=args.max_batch, max_queue=args.max_queue)
+    gen = Generator(model, dtype=args.dtype, device=device, max_batch=args.max_batch, max_queue=args.max_queue,
+                    prefill_chunk=args.prefill_chunk or None)
     app = create_app(gen, model_name_of(args), args.api_key or os.environ.get("GPTFAST_API_KEY"))
 
     class Server(uvicorn.Server):

@@ -125,16 +125,17 @@ def test_prompts_in_the_decoding_step(fmt, kv, two_threads):
     rtol = max(FORMATS[fmt], 2.0**-10 if kv == torch.float16 else 0)
     with torch.inference_mode():
         mixed = prefilled(model, True, kv, prompts=PROMPTS + [[1], [1]])
-        out = mixed.fused_step([0, 1, 2, 3, 4], [[t] for t in dec] + new, [len(p) for p in PROMPTS] + [0, 0])
+        out = mixed.fused_step([0, 1, 2, 3, 4], [[t] for t in dec] + new, [len(p) for p in PROMPTS] + [0, 0],
+                               list(range(5)))
         alone = prefilled(model, True, kv)
         decoded = alone.decode(model, dec, [len(p) for p in PROMPTS])[0]
         assert torch.equal(out[:3], decoded), "the decoding rows changed with prompts beside them"
         for i, prompt in enumerate(new):
             one = prefilled(model, True, kv, prompts=[[1]])
-            assert torch.equal(one.fused_step([0], [prompt], [0])[0], out[3 + i]), f"prompt {i}: alone differs"
+            assert torch.equal(one.fused_step([0], [prompt], [0], [0])[0], out[3 + i]), f"prompt {i}: alone differs"
             halves = prefilled(model, True, kv, prompts=[[1]])  # a run that starts past position 0
-            halves.fused_step([0], [prompt[:4]], [0])
-            assert torch.equal(halves.fused_step([0], [prompt[4:]], [4])[0], out[3 + i]), f"prompt {i} in two calls"
+            assert halves.fused_step([0], [prompt[:4]], [0], []).shape == (0, model.cfg.vocab_size)  # no logits
+            assert torch.equal(halves.fused_step([0], [prompt[4:]], [4], [0])[0], out[3 + i]), f"prompt {i} in two calls"
             eager = prefilled(model, False, kv, prompts=[prompt])
             assert_close(out[3 + i], eager.prefill(model, [0], [prompt])[0], rtol, name=f"{fmt} prompt {i}")
             for layer, (mc, oc, ec) in enumerate(zip(mixed.caches, one.caches, eager.caches)):

@@ -107,7 +107,7 @@ def test_a_failed_prefill_fails_its_request_alone(fused):
     real = getattr(engine.runner, name)
 
     def flaky(*args):
-        if [13, 13, 13] in args[-2 if fused else 2]:  # the windows
+        if [13, 13, 13] in args[1 if fused else 2]:  # the windows
             raise RuntimeError("prefill exploded")
         return real(*args)
     setattr(engine.runner, name, flaky)
@@ -116,6 +116,39 @@ def test_a_failed_prefill_fails_its_request_alone(fused):
     assert [u.error for batch in bad.updates() for u in batch if u.error] == ["RuntimeError: prefill exploded"]
     assert ids_of(engine.submit([[4, 5]], 6, GREEDY))[0] == reference_ids(model, [4, 5], 6)  # still serving
     engine.close()
+
+
+def test_prompts_prefilled_in_chunks():
+    # prefill_chunk=3 on the fused CPU step: no call takes more than 3 prompt tokens, so a long
+    # prompt is prefilled over several steps while the running requests keep decoding in them,
+    # and every request still gives exactly what it gives alone: greedy ones (a prompt longer
+    # than the context, a window that slides and is recomputed in chunks) and sampled requests of
+    # two prompts of different lengths, whose first draw waits for both (alone: the 9-token
+    # prompt's logits are held for two steps, its last chunk using the step's whole budget)
+    model = tiny(ctx=24)
+    engine = Engine(model, max_batch=4, prefill_chunk=3)
+    calls, real = [], engine.runner.fused_step
+
+    def recorded(rows, windows, starts, outputs):
+        calls.append([len(w) for w in windows])
+        return real(rows, windows, starts, outputs)
+    engine.runner.fused_step = recorded
+    kw = dict(temperature=1.2, top_k=20)
+    first = engine.submit([[7]], 40, GREEDY)
+    greedy = [([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 9), (list(range(10, 40)), 5), ([3, 1, 4], 30)]
+    handles = [engine.submit([p], n, GREEDY) for p, n in greedy]
+    sampled = engine.submit([list(range(20, 29)), [6]], 12, SamplingParams(**kw, seed=5))
+    assert ids_of(first)[0] == reference_ids(model, [7], 40)
+    for (prompt, n), h in zip(greedy, handles):
+        assert ids_of(h)[0] == reference_ids(model, prompt, n), f"prompt {prompt[:3]}..."
+    want = reference_sampled_rows(model, [list(range(20, 29)), [6]], 12, 5, **kw)
+    assert ids_of(sampled) == want
+    assert ids_of(Engine(model, max_batch=4, prefill_chunk=3).submit(
+        [list(range(20, 29)), [6]], 12, SamplingParams(**kw, seed=5))) == want
+    assert calls and all(sum(n for n in call if n > 1) <= 3 for call in calls), f"a call took more: {calls}"
+    assert any(1 in call and max(call) > 1 for call in calls), "no prompt chunk rode along a decoding row"
+    with pytest.raises(ValueError, match="prefill_chunk must be an integer >= 1 or None, got 0"):
+        Engine(model, prefill_chunk=0)
 
 
 def test_cancel_frees_the_row_and_queue_bound():

@@ -382,11 +382,13 @@ class Engine:
 
     def _fused(self, model, dec, prompts, logits):
         """Decoding sequences (at most max_rows) and prompts through the fused CPU step: the
-        decoding ones with at most `prefill_chunk` prompt tokens, oldest prompt first (a
-        prompt's logits once its last token is in), in calls of at most max_rows tokens;
-        without a chunk, a prompt longer than max_rows is prefilled by the model's forward. A
-        failed call fails the requests in it."""
+        decoding ones with at most `prefill_chunk` prompt tokens (and at most max_rows, the rows
+        up to which the step's matmuls beat torch's), oldest prompt first (a prompt's logits once
+        its last token is in), in calls of at most max_rows tokens; without a chunk, a prompt
+        longer than max_rows is prefilled by the model's forward. A failed call fails the
+        requests in it."""
         limit, budget = self.runner.fused.max_rows, self.prefill_chunk
+        budget = budget if budget is None else min(budget, limit)
         pieces, whole = [(s, [s.pending], s.filled) for s in dec], []
         for s in prompts:
             take = len(s.window) - s.filled

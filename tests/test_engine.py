@@ -149,6 +149,15 @@ def test_prompts_prefilled_in_chunks():
     assert any(1 in call and max(call) > 1 for call in calls), "no prompt chunk rode along a decoding row"
     with pytest.raises(ValueError, match="prefill_chunk must be an integer >= 1 or None, got 0"):
         Engine(model, prefill_chunk=0)
+    # the default chunk (64) is cut to the step's max_rows (32 for fp32 weights, where torch's
+    # GEMM wins beyond): a 45-token prompt in calls of at most 32 tokens
+    model = tiny(ctx=48)
+    engine = Engine(model, max_batch=2)
+    calls.clear()
+    real = engine.runner.fused_step
+    engine.runner.fused_step = recorded
+    assert ids_of(engine.submit([list(range(3, 48))], 4, GREEDY))[0] == reference_ids(model, list(range(3, 48)), 4)
+    assert max(map(sum, calls)) <= engine.runner.fused.max_rows == 32, f"a call over max_rows: {calls}"
 
 
 def test_cancel_frees_the_row_and_queue_bound():

@@ -205,8 +205,11 @@ GPTFAST_F16C inline void key_scores(const float* q, const uint16_t* k, const uin
   for (int j = 0; j < J; ++j) acc[j] = _mm256_setzero_ps();
   // the keys kAhead on and these keys' values into cache: one head's keys and values are a few
   // KB each, too short a stream for the hardware prefetcher to catch
+  // (addresses as integers: the keys ahead can lie past the row, where a prefetch is harmless
+  // but pointer arithmetic is not defined)
+  const uintptr_t keys_ahead = reinterpret_cast<uintptr_t>(k) + (s + kAhead) * D * 2;
   for (int64_t b = 0; b < J * D * 2; b += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(k + (s + kAhead) * D) + b, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(keys_ahead + b), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(v + s * D) + b, _MM_HINT_T0);
   }
   for (int64_t d = 0; d < D8; d += 8) {

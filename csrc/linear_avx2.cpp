@@ -334,7 +334,8 @@ GPTFAST_AVX2 inline void store_f32(const int64_t* t, float* y) {
 #define GPTFAST_LOAD_PAIRS "prefetcht1 (%[pf])\n\tvpmovsxbw (%[w]), %[w0]\n\tvpmovsxbw 16(%[w]), %[w1]\n\t"
 
 // total[j][c] += the 16 packed columns times x rows x[0..R) over pairs [p0, p1) (at most
-// kPairChunk), R = 4 or 6; each step also prefetches the line at pf + pf_step * (p - p0). The step is written in assembly: GCC computed all the products of a
+// kPairChunk), R = 4 or 6; each step also prefetches the line at address pf + pf_step * (p - p0)
+// (an integer: it runs past the weights at the last blocks, where a prefetch is harmless). The step is written in assembly: GCC computed all the products of a
 // step before adding any of them, which needs more than the 16 vector registers, and spilled an
 // accumulator (a store-to-load round trip per step; the tile ran at a third of vpmaddwd's
 // throughput). 6 rows fill the registers (12 accumulators, 2 weight vectors, the broadcast and
@@ -344,7 +345,7 @@ GPTFAST_AVX2 inline void store_f32(const int64_t* t, float* y) {
 // An asm statement takes at most 30 operands, so 6 rows take two (the second reuses w0 and w1).
 template <int R>
 GPTFAST_AVX2 void tile_i8_packed(const int8_t* pk, int64_t p0, int64_t p1, const int16_t* const x[R],
-                                 int64_t (*total)[kPackRows], const char* pf, int64_t pf_step) {
+                                 int64_t (*total)[kPackRows], uintptr_t pf, int64_t pf_step) {
   static_assert(R == 4 || R == 6, "tiles of 4 or 6 x rows");
   __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
   __m256i a40 = a00, a41 = a00, a50 = a00, a51 = a00;
@@ -421,7 +422,7 @@ GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int
     pack_pairs(w, n, cols, pk.data());
     std::fill(total.begin(), total.end(), 0);
     auto* tot = reinterpret_cast<int64_t(*)[kPackRows]>(total.data());
-    const char* pf = reinterpret_cast<const char*>(row_ptr(w, std::min(w.N, n + 2 * kPackRows)));
+    uintptr_t pf = reinterpret_cast<uintptr_t>(row_ptr(w, std::min(w.N, n + 2 * kPackRows)));
     for (int64_t p0 = 0; p0 < full; p0 += kPairChunk)
       for (int64_t m = 0, h; m < in.M; m += h) {
         h = tile_height(in.M, m);

@@ -12,8 +12,9 @@ a few steps), so a new prompt never stalls the decoding sequences for more than 
 Each request keeps the semantics of running alone: its prompt is cut from the left to the
 context, a window that fills up slides (the last `context_size` tokens are recomputed
 without the cache, as the classic `generate` does), and its random draws depend only on its
-own seed and step (one draw per step for the request's prompts together, row = prompt index),
-never on what else is in the batch. A failure is confined to the request it belongs to.
+own seed and how many it has made (one draw per token for the request's prompts together, row
+= prompt index; a prompt prefilled before the others waits for them), never on what else is in
+the batch. A failure is confined to the request it belongs to.
 """
 from __future__ import annotations
 
@@ -247,7 +248,7 @@ class Engine:
         if seed is None and not draw_each_step and not params.greedy:  # torch.manual_seed governs it
             seed = int(seed_tensor(None, generator)[0])
         # greedy prompts need nothing from each other: each joins the batch on its own; sampled
-        # ones share one draw per step, so they run together (a request over max_batch in chunks)
+        # ones share one draw per token, so they run together (a request over max_batch in chunks)
         size = 1 if params.greedy else self.max_batch
         chunks = [range(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
         now = time.perf_counter()
@@ -339,27 +340,28 @@ class Engine:
             return
         self.runner.reserve(model, 1 + max(s.slot for g in self._live for s in g.running()))
         start = time.perf_counter()
-        logits, parts = self._forward(model, admitted)
+        logits, parts = self._forward(model)
         self._sample(logits, parts)
         self._deliver(parts, start)
 
-    def _forward(self, model, admitted):
-        """Run every running sequence one token further, and the prompts' next tokens into the
-        cache: (logits (V,) by sequence that now has them, and [(ids, sequences they decide)]
-        for the ids the decode step chose already)."""
+    def _forward(self, model):
+        """Run the decoding sequences one token further and the prompts' next tokens into the
+        cache (all of them; on CPU at most a chunk): (logits (V,) by sequence whose next token
+        is due now, and [(ids, sequences they decide)] for the ids the decode step chose already)."""
         ctx = self.context_size
         seqs = [s for g in self._live for s in g.running()]
-        for s in seqs:
-            if s.pending is not None and s.filled >= ctx:  # a full window slides: recompute it without the cache
+        for s in seqs:  # a full window slides: recompute it without the cache (one held has no new token)
+            if s.pending is not None and ctx <= s.filled < len(s.window):
                 s.window, s.filled = s.window[-ctx:], 0
         dec = [s for s in seqs if s.pending is not None and s.filled == len(s.window) - 1]
         decoding = set(dec)
-        # new prompts, slid windows, and prompts partly prefilled (not those held for their request)
-        prompts = [s for s in seqs if s not in decoding and s.filled < len(s.window)]
-        fused = self.runner.fused
+        # prompts new or partly prefilled, then slid windows (a sliding sequence comes back at
+        # each of its tokens: first, it would take every chunk); not those held for their request
+        waiting = [s for s in seqs if s not in decoding and s.filled < len(s.window)]
+        prompts = [s for s in waiting if s.pending is None] + [s for s in waiting if s.pending is not None]
         logits, parts = {}, []
-        if fused is not None and prompts and len(dec) <= fused.max_rows:
-            self._fused(model, dec, prompts, logits)  # the prompts join the decoding rows' step
+        if self.runner.fused is not None and prompts:  # the prompts join the decoding rows' calls
+            self._fused(model, dec, prompts, logits)
             return self._whole_requests(logits), parts
         if dec:
             group = None if prompts else self._fused_group(dec)
@@ -374,11 +376,8 @@ class Engine:
             out, ids = self.runner.decode(model, tokens, lengths, *((group.params, group.seed) if group else ()))
             logits.update((s, out[s.slot]) for s in dec)
             parts.append((ids, owner))
-        if fused is not None:
-            self._fused(model, [], prompts, logits)
-        else:
-            self._prefill(model, prompts, logits)
-        return self._whole_requests(logits), parts
+        self._prefill(model, prompts, logits)  # whole prompts (no fused step), after the decode's padding rows
+        return logits, parts
 
     def _fused(self, model, dec, prompts, logits):
         """Decoding sequences (at most max_rows) and prompts through the fused CPU step: the

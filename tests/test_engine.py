@@ -4,6 +4,7 @@ lengths (and sliding windows) each give exactly what they give alone (the no-cac
 bound confined to their request; generate()'s cached engine; the fused decode step."""
 import gc
 import threading
+import time
 
 import pytest
 import torch
@@ -158,6 +159,52 @@ def test_prompts_prefilled_in_chunks():
     engine.runner.fused_step = recorded
     assert ids_of(engine.submit([list(range(3, 48))], 4, GREEDY))[0] == reference_ids(model, list(range(3, 48)), 4)
     assert max(map(sum, calls)) <= engine.runner.fused.max_rows == 32, f"a call over max_rows: {calls}"
+
+
+def test_chunked_prefill_edge_cases():
+    # chunks of 3: (1) a sampled request of two prompts that both run past the context: a held
+    # prompt must not slide again (it would recompute forever); (2) a sliding sequence's
+    # recompute comes back at each of its tokens, after new prompts: a new 1-token prompt is
+    # answered at once, not when the sliding request ends; (3) more decoding rows (34) than the
+    # step's max_rows (32, fp32 weights) beside a prompt being prefilled in row 0, below them: the
+    # calls hold no padding rows, whose dummy keys would overwrite the prompt's first slot
+    kw = dict(temperature=1.2, top_k=20)
+    model = tiny(ctx=24)
+    both = [list(range(30, 50)), list(range(60, 83))]
+    handle, got = Engine(model, max_batch=4, prefill_chunk=3).submit(both, 8, SamplingParams(**kw, seed=3)), []
+    reader = threading.Thread(target=lambda: got.append(ids_of(handle)), daemon=True)
+    reader.start()
+    reader.join(60)  # a request that never ends fails the test instead of hanging it
+    assert got == [reference_sampled_rows(model, both, 8, 3, **kw)], "never finished" if not got else got
+
+    engine = Engine(model, max_batch=4, prefill_chunk=3)
+    calls, real = [0], engine.runner.fused_step
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+    engine.runner.fused_step = counted
+    seen, late = [], {}
+
+    def sink(updates):  # at the long request's 5th token (it slides from its first) a short one comes
+        seen.extend(u for u in updates)
+        if sum(len(u.ids) for u in seen) == 5 and not late:
+            late["at"] = calls[0]
+            late["handle"] = engine.submit([[7]], 1, GREEDY, sink=lambda u: late.setdefault("done", calls[0]))
+    engine.submit([list(range(1, 25))], 15, GREEDY, sink=sink)
+    while not any(u.finish for u in seen):
+        time.sleep(0.01)
+    assert [t for u in seen for t in u.ids] == reference_ids(model, list(range(1, 25)), 15)
+    assert late["done"] - late["at"] <= 2, f"the short prompt waited {late['done'] - late['at']} calls"
+
+    model = tiny(ctx=48)
+    engine = Engine(model, max_batch=35, prefill_chunk=3)
+    first = engine.submit([[5]], 3, GREEDY)  # leaves row 0 to the prompt, below the decoding rows
+    decoding = [engine.submit([[i + 10]], 40, GREEDY) for i in range(34)]
+    prompt = [100] + list(range(41, 60))
+    assert ids_of(engine.submit([prompt], 15, GREEDY))[0] == reference_ids(model, prompt, 15)
+    assert all(ids_of(h)[0] == reference_ids(model, [i + 10], 40) for i, h in enumerate(decoding))
+    assert ids_of(first)[0] == reference_ids(model, [5], 3)
 
 
 def test_cancel_frees_the_row_and_queue_bound():

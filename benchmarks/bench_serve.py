@@ -205,6 +205,8 @@ def main():
     ap.add_argument("--dtype", default="auto", help="the servers' and the in-process Generator's --dtype")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
+    if args.prefill_chunk < 0:
+        ap.error(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
     device = resolve_device(args.device)
     torch.manual_seed(123)
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").eval()

@@ -4,7 +4,8 @@ after another, for --seconds; the engine's decode steps, the steps that take pro
 decoding rows, and any eager prefills are timed as they run.
 bench_serve.py measures the server end to end; this splits the engine's share of it.
 
-    python benchmarks/engine_load.py [--clients 16] [--seconds 30] [--dtype int8] [--kv-dtype float16] [--prefill-chunk 64]
+    python benchmarks/engine_load.py [--clients 16] [--seconds 30] [--dtype int8] [--kv-dtype float16]
+                                     [--prefill-chunk 64]
 
 Prints a table and writes benchmarks/results/engine_load_cpu.md (device, date, commit).
 """

@@ -204,9 +204,9 @@ GPTFAST_F16C inline void key_scores(const float* q, const uint16_t* k, const uin
   __m256 acc[J];
   for (int j = 0; j < J; ++j) acc[j] = _mm256_setzero_ps();
   // the keys kAhead on and these keys' values into cache: one head's keys and values are a few
-  // KB each, too short a stream for the hardware prefetcher to catch
-  // (addresses as integers: the keys ahead can lie past the row, where a prefetch is harmless
-  // but pointer arithmetic is not defined)
+  // KB each, too short a stream for the hardware prefetcher to catch (the address as an integer:
+  // the keys ahead can lie past the row, where a prefetch is harmless but pointer arithmetic is
+  // not defined)
   const uintptr_t keys_ahead = reinterpret_cast<uintptr_t>(k) + (s + kAhead) * D * 2;
   for (int64_t b = 0; b < J * D * 2; b += 64) {
     _mm_prefetch(reinterpret_cast<const char*>(keys_ahead + b), _MM_HINT_T0);
@@ -254,7 +254,7 @@ GPTFAST_F16C void attend_f16(const float* q, const uint16_t* k, const uint16_t* 
   int64_t d0 = 0;
   for (; d0 + 8 * kBlock <= D8; d0 += 8 * kBlock) add_values<kBlock>(scores, v, S, D, d0, out);
   for (; d0 < D8; d0 += 8) add_values<1>(scores, v, S, D, d0, out);
-  for (int64_t s = 0; s < S; ++s)
+  for (s = 0; s < S; ++s)
     for (int64_t d = D8; d < D; ++d) out[d] += scores[s] * _cvtsh_ss(v[s * D + d]);
 }
 #endif

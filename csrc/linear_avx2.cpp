@@ -335,10 +335,10 @@ GPTFAST_AVX2 inline void store_f32(const int64_t* t, float* y) {
 
 // total[j][c] += the 16 packed columns times x rows x[0..R) over pairs [p0, p1) (at most
 // kPairChunk), R = 4 or 6; each step also prefetches the line at address pf + pf_step * (p - p0)
-// (an integer: it runs past the weights at the last blocks, where a prefetch is harmless). The step is written in assembly: GCC computed all the products of a
-// step before adding any of them, which needs more than the 16 vector registers, and spilled an
-// accumulator (a store-to-load round trip per step; the tile ran at a third of vpmaddwd's
-// throughput). 6 rows fill the registers (12 accumulators, 2 weight vectors, the broadcast and
+// (an integer: it runs past the weights at the last blocks, where a prefetch is harmless). The
+// step is written in assembly: GCC computed all the products of a step before adding any of
+// them, which needs more than the 16 vector registers, and spilled an accumulator (a
+// store-to-load round trip per step; the tile ran at a third of vpmaddwd's throughput). 6 rows fill the registers (12 accumulators, 2 weight vectors, the broadcast and
 // a product): the weights' sign extensions and the loop's overhead spread over 12 vpmaddwd
 // instead of 8. On Zen 3 the tile alone ran 5-20% faster; a GPT-2 step's matmuls (one thread,
 // order-balanced interleaved rounds) 16% faster at 96 x rows (a prefill), 10% at 32, even at 16.

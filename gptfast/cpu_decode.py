@@ -10,9 +10,9 @@ nn.Linear (fp32) or gptfast.quant's, contiguous fp32 embeddings and norms, in ev
 torch backend (the reference backend runs the reference modules, triton its kernels), with _C
 built; else None, and the model's own forward runs. The step reads the model's tensors at each
 call, so weights updated in place are seen. Beyond `max_rows` tokens in a call
-(cpu_linear.MAX_KERNEL_ROWS of its weights) torch's GEMM beats the step's matmuls: more decoding
-rows take the eager step, prompts go in several calls, and a longer prompt is prefilled eagerly
-(gptfast.engine). The reference is the model's own forward through the KV cache
+(cpu_linear.MAX_KERNEL_ROWS of its weights) torch's GEMM beats the step's matmuls: a step of
+more decoding rows alone takes the eager step; beside prompts they go in several calls, and the
+prompts in chunks of at most max_rows (gptfast.engine). The reference is the model's own forward through the KV cache
 (gptfast.runner); tests/test_cpu_decode.py checks one against the other.
 """
 from __future__ import annotations

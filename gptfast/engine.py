@@ -50,6 +50,14 @@ PREFILL_CHUNK = 64
 
 
 # ---- input checks (one place: the Generator, the classic generate and the server use them) ----
+def check_count(name, n, optional=False):
+    """n an int >= 1 (or None when optional)."""
+    if optional and n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name} must be an integer >= 1{' or None' if optional else ''}, got {n!r}")
+
+
 def check_max_new_tokens(n):
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}")
@@ -203,13 +211,9 @@ class Engine:
     def __init__(self, model, context_size: int | None = None, max_batch: int = 32, max_queue: int | None = None,
                  cuda_graph: bool = True, observer=None, fused_cpu_step: bool = True,
                  kv_dtype: torch.dtype | None = None, prefill_chunk: int | None = PREFILL_CHUNK):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                          or prefill_chunk < 1):
-            raise ValueError(f"prefill_chunk must be an integer >= 1 or None, got {prefill_chunk!r}")
-        if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1):
-            raise ValueError(f"max_queue must be an integer >= 1 or None, got {max_queue!r}")
+        check_count("max_batch", max_batch)
+        check_count("max_queue", max_queue, optional=True)
+        check_count("prefill_chunk", prefill_chunk, optional=True)
         self.model = private_model(model)
         self.cfg = model.cfg
         self.device = model.tok_emb.weight.device
@@ -380,12 +384,11 @@ class Engine:
         return logits, parts
 
     def _fused(self, model, dec, prompts, logits):
-        """Decoding sequences (at most max_rows) and prompts through the fused CPU step: the
-        decoding ones with at most `prefill_chunk` prompt tokens (and at most max_rows, the rows
-        up to which the step's matmuls beat torch's), oldest prompt first (a prompt's logits once
-        its last token is in), in calls of at most max_rows tokens; without a chunk, a prompt
-        longer than max_rows is prefilled by the model's forward. A failed call fails the
-        requests in it."""
+        """Decoding sequences and prompts through the fused CPU step: the decoding ones with at
+        most `prefill_chunk` prompt tokens (and at most max_rows, the rows up to which the step's
+        matmuls beat torch's), in `prompts`' order (a prompt's logits once its last token is in),
+        in calls of at most max_rows tokens; without a chunk, a prompt longer than max_rows is
+        prefilled by the model's forward. A failed call fails the requests in it."""
         limit, budget = self.runner.fused.max_rows, self.prefill_chunk
         budget = budget if budget is None else min(budget, limit)
         pieces, whole = [(s, [s.pending], s.filled) for s in dec], []

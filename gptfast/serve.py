@@ -5,12 +5,14 @@ for tools that speak the OpenAI API. FastAPI and uvicorn are an optional extra
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import signal
 import threading
 from pathlib import Path
 
+from .config import check_number
 from .engine import PREFILL_CHUNK
 from .generate import Generator, add_model_source, checked_type, load_model_source
 
@@ -25,11 +27,11 @@ def add_parser(subparsers):
     add_model_source(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=checked_type(int, _check_port), default=8000, help="TCP port (0: any free one)")
-    p.add_argument("--max-batch", type=checked_type(int, _check_positive("--max-batch")), default=32,
+    p.add_argument("--max-batch", type=checked_type(int, _check_at_least("--max-batch", 1)), default=32,
                    help="sequences decoded together")
-    p.add_argument("--max-queue", type=checked_type(int, _check_positive("--max-queue")), default=256,
+    p.add_argument("--max-queue", type=checked_type(int, _check_at_least("--max-queue", 1)), default=256,
                    help="prompts allowed to wait for a batch row; more get 429")
-    p.add_argument("--prefill-chunk", type=checked_type(int, _check_nonnegative("--prefill-chunk")),
+    p.add_argument("--prefill-chunk", type=checked_type(int, _check_at_least("--prefill-chunk", 0)),
                    default=PREFILL_CHUNK, help="on CPU, the most prompt tokens one decoding step takes (a longer "
                    "prompt is prefilled over several steps, so the running requests' next tokens wait at most "
                    "that long); 0: every waiting prompt whole")
@@ -54,18 +56,8 @@ def _check_timeout(seconds):
         raise ValueError(f"--shutdown-timeout must be a finite number >= 0, got {seconds}")
 
 
-def _check_positive(flag):
-    def check(n):
-        if n < 1:
-            raise ValueError(f"{flag} must be >= 1, got {n}")
-    return check
-
-
-def _check_nonnegative(flag):
-    def check(n):
-        if n < 0:
-            raise ValueError(f"{flag} must be >= 0, got {n}")
-    return check
+def _check_at_least(flag, low):
+    return functools.partial(check_number, flag, integer=True, op=">=", bound=low)
 
 
 def model_name_of(args) -> str:

@@ -135,7 +135,8 @@ def test_prompts_in_the_decoding_step(fmt, kv, two_threads):
             assert torch.equal(one.fused_step([0], [prompt], [0], [0])[0], out[3 + i]), f"prompt {i}: alone differs"
             halves = prefilled(model, True, kv, prompts=[[1]])  # a run that starts past position 0
             assert halves.fused_step([0], [prompt[:4]], [0], []).shape == (0, model.cfg.vocab_size)  # no logits
-            assert torch.equal(halves.fused_step([0], [prompt[4:]], [4], [0])[0], out[3 + i]), f"prompt {i} in two calls"
+            second = halves.fused_step([0], [prompt[4:]], [4], [0])[0]
+            assert torch.equal(second, out[3 + i]), f"prompt {i} in two calls"
             eager = prefilled(model, False, kv, prompts=[prompt])
             assert_close(out[3 + i], eager.prefill(model, [0], [prompt])[0], rtol, name=f"{fmt} prompt {i}")
             for layer, (mc, oc, ec) in enumerate(zip(mixed.caches, one.caches, eager.caches)):

@@ -360,3 +360,17 @@ def test_without_fastapi_one_line(monkeypatch, capsys):
     assert main(["serve", "--gpt2", "124M"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "gptfast serve: error: gptfast serve needs FastAPI and uvicorn (fastapi is missing): pip install 'gptfast[serve]'"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    (["--max-queue", "0"], "--max-queue must be >= 1, got 0"),
+    (["--prefill-chunk", "-1"], "--prefill-chunk must be >= 0, got -1"),
+])
+def test_bad_serve_settings_are_one_line_errors(tmp_path, capsys, argv, message):
+    # argparse's usage, then one line naming the flag and the rule, before any model is loaded
+    from gptfast import cli
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--checkpoint", str(tmp_path / "none.pt"), *argv])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and last == f"gptfast serve: error: argument {argv[0]}: {message}", last

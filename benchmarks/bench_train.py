@@ -34,13 +34,18 @@ VARIANTS = [("reference", "fp32", False), ("torch", "fp32", False), ("reference"
             ("torch", "bf16", False), ("triton", "bf16", False), ("torch", "bf16", True)]
 
 
-@pytest.fixture(scope="module")
-def setup():
+def inputs():
+    """(config, reference state, x, y): one batch of random tokens and a model's initial state."""
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset(PRESET, context_length=T, drop_rate=0.0)
     state = GPTModel(cfg, backend="reference").state_dict()
     x = torch.randint(cfg.vocab_size, (B, T))
     return cfg, state, x, x.roll(-1, 1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return inputs()
 
 
 def make_step(cfg, state, x, y, backend, dtype, compiled):

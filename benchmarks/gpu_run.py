@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -62,17 +62,18 @@ def check_stages(py: str) -> list[Stage]:
     def gpu_tests(*args):
         return _pytest(py, "-m", "gpu", *args)
     return [
-        Stage("build", 90, "gptfast._C rebuilt with its CUDA kernel (fails if nvcc or a CUDA torch is missing)",
+        Stage("build", 70, "gptfast._C rebuilt with its CUDA kernel (fails if nvcc or a CUDA torch is missing)",
               (py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."),
               env={"GPTFAST_CUDA": "1"}),
         Stage("info", 10, "gptfast info: versions, backend and kernels this machine gets", (py, "-m", "gptfast.cli", "info")),
-        Stage("kernels", 65, "every Triton kernel vs its reference at GPT-2 shapes, fp32/fp16/bf16, forward and every "
+        Stage("kernels", 60, "every Triton kernel vs its reference at GPT-2 shapes, fp32/fp16/bf16, forward and every "
               "gradient; attention T=4096 x head_dim 128, dropout over 16x12x1024; CE 16x1024x50257; linear-CE "
               "memory", gpu_tests("-n", "3", "tests/test_layer_norm.py", "tests/test_gelu.py", "tests/test_attention.py",
                                   "tests/test_attention_decode.py", "tests/test_cross_entropy.py"), pytest=True),
-        Stage("sampler", 25, "CUDA sample_top_k vs the CPU op, CUDA-graph replay", gpu_tests("tests/test_sampling.py"),
-              pytest=True),
-        Stage("generate", 25, "CUDA-graph decode == eager decode, 200 greedy tokens, batch 1 and left-padded 4",
+        # 52 tests, 36 of them a 256-row CPU draw each: over 25 s on one process (H200, 2026-11-30)
+        Stage("sampler", 45, "CUDA sample_top_k vs the CPU op, CUDA-graph replay",
+              gpu_tests("-n", "4", "tests/test_sampling.py"), pytest=True),
+        Stage("generate", 30, "CUDA-graph decode == eager decode, 200 greedy tokens, batch 1 and left-padded 4",
               gpu_tests("tests/test_generate.py"), pytest=True),
         Stage("train", 25, "one GPT-2 124M training step, triton vs torch backend by the 2x rule",
               gpu_tests("tests/test_triton_backend.py"), pytest=True),
@@ -86,21 +87,28 @@ def bench_stages(py: str, scratch: str) -> list[Stage]:
     attention = [f"benchmarks/bench_attention.py::test_attention[{shape}-{impl}-fwd+bwd]"
                  for shape in ("T=1024", "T=4096") for impl in ("native", "triton")]
     return [
-        Stage("attention", 45, "causal attention fwd+bwd, 16x1024 and 4x4096 tokens bf16: TFLOP/s vs SDPA-flash",
+        Stage("attention", 25, "causal attention fwd+bwd, 16x1024 and 4x4096 tokens bf16: TFLOP/s vs SDPA-flash",
               bench(*attention), pytest=True),
-        Stage("memory-bound", 60, "LayerNorm, GELU, CE, linear-CE vs PyTorch: GB/s, % of a same-run copy, peak memory",
+        Stage("memory-bound", 40, "LayerNorm, GELU, CE, linear-CE vs PyTorch: GB/s, % of a same-run copy, peak memory",
               bench("benchmarks/bench_layer_norm.py", "benchmarks/bench_gelu.py", "benchmarks/bench_cross_entropy.py",
                     "-k", "native or triton"), pytest=True),
-        Stage("sampler", 30, "sample_top_k us at B=1 and B=64, k=50, vs the six-op path",
+        Stage("sampler", 15, "sample_top_k us at B=1 and B=64, k=50, vs the six-op path",
               (py, "benchmarks/bench_sampling.py", "--device", "cuda", "--batches", "1", "64", "--ks", "50")),
-        Stage("train", 110, "GPT-2 124M training step, 16x1024 bf16: tokens/s, triton vs torch vs torch.compile",
+        Stage("train", 75, "GPT-2 124M training step, 16x1024 bf16: tokens/s, triton vs torch vs torch.compile",
               bench("benchmarks/bench_train.py", "-k", "torch-bf16 or triton-bf16"),
               env={"GPTFAST_BENCH_PRESET": "gpt2-small", "GPTFAST_BENCH_T": "1024", "GPTFAST_BENCH_B": "16"},
               pytest=True),
-        Stage("decode", 55, "decode tokens/s, batch 1, 200 tokens: bf16 with CUDA graphs vs transformers",
+        Stage("decode", 40, "decode tokens/s, batch 1, 200 tokens: bf16 with CUDA graphs vs transformers",
               (py, "benchmarks/bench_generate.py", "--device", "cuda", "--new-tokens", "200", "--batches", "1",
                "--rounds", "2", "--engines", "transformers-fp32", "float32", "bfloat16", "--no-quality",
                "--out", scratch)),
+        # where the time goes, for the next optimisation: launch configurations, top kernels
+        Stage("tune", 35, "LayerNorm / GELU backward launch configurations timed (benchmarks/tune_gpu.py)",
+              (py, "benchmarks/tune_gpu.py")),
+        Stage("profile-train", 45, "top kernels of a GPT-2 124M bf16 training step: triton vs torch.compile",
+              (py, "benchmarks/profile_gpu.py", "train")),
+        Stage("profile-decode", 25, "a batch-1 bf16 decode token: engine, runner and GPU time, kernels per token",
+              (py, "benchmarks/profile_gpu.py", "decode")),
     ]
 
 
@@ -266,7 +274,7 @@ def list_stages(command: str, stages: list[Stage], with_collect: bool, limit_sca
     print(f"gpu-{command}: {len(stages)} stages, limits sum to {total:.0f} s (contract {CONTRACT_S[command]} s)")
     ok = True
     for i, s in enumerate(stages, 1):
-        print(f"  {i}. {s.name:<13} limit {s.limit_s * limit_scale:>4.0f} s  {s.what}\n"
+        print(f"  {i}. {s.name:<14} limit {s.limit_s * limit_scale:>4.0f} s  {s.what}\n"
               f"     $ {shlex.join(s.argv)}" + "".join(f"\n     env {k}={v}" for k, v in s.env.items()))
         if with_collect and s.pytest:
             n, last = collect(s)

@@ -269,6 +269,20 @@ def _dw_accumulator(dw, hidden):
     return add
 
 
+def _dh_writer(hidden):
+    """(dh, write(logits, weight, rows)): grad_hidden and how a chunk's product goes into it,
+    decided once per forward. fp16/bf16 on CUDA write an fp32 dh, cast at the end: a chunk has
+    few rows against a 50257-long inner dimension, so cuBLAS splits that dimension, and by default
+    (torch's allow_bf16_reduced_precision_reduction) it adds the splits in bf16, which gave 5x
+    F.cross_entropy's bf16 error at GPT-2 124M's 16 x 1024 tokens on an H200."""
+    M, H = hidden.shape
+    if hidden.is_cuda and hidden.dtype != torch.float32 and _FP32_OUT_ADDMM:
+        dh = torch.empty(M, H, dtype=torch.float32, device=hidden.device)
+        return dh, lambda logits, weight, rows: torch.mm(logits, weight, out_dtype=torch.float32, out=dh[rows])
+    dh = torch.empty_like(hidden)
+    return dh, lambda logits, weight, rows: torch.mm(logits, weight, out=dh[rows])
+
+
 def _chunk_tokens(M: int, H: int, V: int) -> int:
     """Tokens per chunk: chunk logits about 8x the size of the hidden states (GPT-2 124M at
     16 x 1024 tokens: 2048-token chunks of 200 MiB in bf16, 8 chunks; fewer, larger chunks
@@ -284,7 +298,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss_rows = torch.empty(M, dtype=torch.float32, device=hidden.device)
         # fp16: the gradient unscaled (times 1) keeps the chunk's grad_weight product in range
         ctx.mult = _fp16_mult(hidden.dtype, 1.0)
-        dh = torch.empty_like(hidden) if need_dh else None
+        dh, write_dh = _dh_writer(hidden) if need_dh else (None, None)
         # grad_weight adds up over chunks: accumulate in fp32, whatever the weight dtype
         dw = torch.zeros(V, H, dtype=torch.float32, device=weight.device) if need_dw else None
         add_dw = _dw_accumulator(dw, hidden) if need_dw else None
@@ -297,18 +311,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             _launch(logits, logits, targets[start:start + chunk], loss_rows[start:start + chunk],
                     n_valid, ignore_index, need_dh or need_dw, ctx.mult, n_cols=_round_up(V, 16))
             if need_dh:
-                torch.mm(logits, weight, out=dh[start:start + chunk])
+                write_dh(logits, weight, slice(start, start + chunk))
             if need_dw:
                 add_dw(logits, h)
-        ctx.save_for_backward(dh, dw, n_valid)  # dw stays fp32 until scaled (fp16: unscaled sums)
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(dh, dw, n_valid)  # dw (and dh on CUDA) stay fp32 until scaled (fp16: unscaled sums)
+        ctx.dtypes = hidden.dtype, weight.dtype
         return _mean(loss_rows, n_valid)
 
     @staticmethod
     def backward(ctx, grad_output):
         dh, dw, n_valid = ctx.saved_tensors
         _scale([dh, dw], grad_output, n_valid, ctx.mult)
-        return dh, dw if dw is None else dw.to(ctx.weight_dtype), None, None, None, None, None
+        dh, dw = (None if g is None else g.to(dtype) for g, dtype in zip((dh, dw), ctx.dtypes))
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):

@@ -2,8 +2,9 @@
 
 bias_gelu(x, bias) = gelu(x + bias), the feed-forward up-projection's epilogue: one read of
 x and one write of y instead of an add pass and a GELU pass. Backward recomputes x + bias
-(cheaper than storing it) and writes dx; each (rows x columns) tile also writes its column sums
-of dx, so dbias costs a small fp32 reduction instead of another pass over dx.
+(cheaper than storing it) and writes dx; each program walks one column block down a group of
+rows, keeping dx's column sums in registers, so dbias costs a few fp32 partial rows instead of
+another pass over dx.
 
 Numerics: fp32 inside. gelu(z) = z (1 + tanh(u)) / 2 = z sigmoid(2u), and sigmoid(2u) is
 1 / (1 + e) or e / (1 + e) with e = exp(-2|u|) <= 1: it never overflows and, unlike 1 + tanh,
@@ -28,6 +29,9 @@ import triton.language as tl
 from gptfast.backends import FUSED_DTYPES, TorchGELU, fused_dtypes
 
 NUM_WARPS = 8  # 16 elements of a 4096-element tile per thread: few registers, many programs per SM
+# backward: enough loads in flight, few dbias partial rows; 1.76x the one-tile-a-program backward
+# on an H200 (benchmarks/results/gpu-bench-nvidia-h200-20261130-1134-*; tune_gpu.py times others)
+BWD_PROGRAMS_PER_SM = 4
 
 
 def bias_gelu_ref(x, bias=None, upcast: bool = False):
@@ -74,19 +78,33 @@ def _bias_gelu_fwd(X, BIAS, Y, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _bias_gelu_bwd(DY, X, BIAS, DX, DBIAS_PART, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    offs, mask, cols, pid_m = _tile(M, N, BLOCK_M, BLOCK_N)
-    z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+def _bias_gelu_bwd(DY, X, BIAS, DX, DBIAS_PART, M, N, rows_per_prog, HAS_BIAS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One column block of `rows_per_prog` rows (a multiple of BLOCK_M), BLOCK_M rows a step;
+    dbias's column sums stay an fp32 tile in registers and are reduced once, at the end."""
+    n_col_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // n_col_blocks
+    cols = (tl.program_id(0) % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
     if HAS_BIAS:
-        z += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    s, ds = _tanh_gelu_parts(z)
-    # ds is exactly 0 wherever z is clamped, so z * ds stays finite
-    dz = tl.where(mask, dy * (s + z * ds), 0.0)
-    tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
-    if HAS_BIAS:  # this tile's column sums of dz: one fp32 row of dbias partials per row block
-        tl.store(DBIAS_PART + pid_m * N + cols, tl.sum(dz, axis=0), mask=cols < N)
+        bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row0 = pid_m.to(tl.int64) * rows_per_prog  # int64: M * N may pass 2**31
+    for start in range(0, rows_per_prog, BLOCK_M):
+        rows = row0 + start + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < M) & col_mask[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z += bias[None, :]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        s, ds = _tanh_gelu_parts(z)
+        # ds is exactly 0 wherever z is clamped, so z * ds stays finite
+        dz = tl.where(mask, dy * (s + z * ds), 0.0)
+        tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
+        acc += dz
+    if HAS_BIAS:  # one fp32 row of dbias partials per row group
+        tl.store(DBIAS_PART + pid_m * N + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
 def _tiles(M: int, N: int):
@@ -95,6 +113,22 @@ def _tiles(M: int, N: int):
     block_m = min(4096 // block_n, 64)
     row_blocks = triton.cdiv(M, block_m)
     return row_blocks, (row_blocks * triton.cdiv(N, block_n),), block_m, block_n
+
+
+def _bwd_tiles(M: int, N: int, device: torch.device):
+    """(row groups, grid, rows per program, BLOCK_M, BLOCK_N) of the backward: each program walks
+    one column block down a group of rows, BWD_PROGRAMS_PER_SM programs per SM in all (on CPU,
+    two row groups: the interpreter's tests still take several steps per program)."""
+    _, _, block_m, block_n = _tiles(M, N)
+    col_blocks = triton.cdiv(N, block_n)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        groups = triton.cdiv(BWD_PROGRAMS_PER_SM * sms, col_blocks)
+    else:
+        groups = 2
+    rows_per_prog = triton.cdiv(triton.cdiv(M, groups), block_m) * block_m
+    groups = triton.cdiv(M, rows_per_prog)
+    return groups, (groups * col_blocks,), rows_per_prog, block_m, block_n
 
 
 class BiasGeluFunction(torch.autograd.Function):
@@ -118,12 +152,13 @@ class BiasGeluFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         N = x.shape[-1]
         M = x.numel() // max(N, 1)  # x as (M, N)
-        row_blocks, grid, bm, bn = _tiles(M, N)
         has_bias = bias is not None
-        part = torch.zeros(row_blocks if has_bias else 1, N, dtype=torch.float32, device=x.device)
-        if x.numel():
-            _bias_gelu_bwd[grid](dy, x, bias if has_bias else x, dx, part, M, N, HAS_BIAS=has_bias,
-                                 BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS)
+        if not x.numel():
+            return dx, torch.zeros_like(bias) if has_bias and ctx.needs_input_grad[1] else None
+        groups, grid, rows_per_prog, bm, bn = _bwd_tiles(M, N, x.device)
+        part = torch.empty(groups if has_bias else 1, N, dtype=torch.float32, device=x.device)
+        _bias_gelu_bwd[grid](dy, x, bias if has_bias else x, dx, part, M, N, rows_per_prog, HAS_BIAS=has_bias,
+                             BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS)
         dbias = part.sum(0).to(bias.dtype) if has_bias and ctx.needs_input_grad[1] else None
         return dx, dbias
 

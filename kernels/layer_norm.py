@@ -94,9 +94,12 @@ def _launch_config(N: int):
     return block, min(max(block // 256, 1), 16)
 
 
+BWD_PROGRAMS_PER_SM = 8  # enough to hide latency, few partial rows (benchmarks/tune_gpu.py times others)
+
+
 def _bwd_programs(M: int, device: torch.device) -> int:
-    if device.type == "cuda":  # a few programs per SM: enough to hide latency, few partials
-        return min(M, 8 * torch.cuda.get_device_properties(device).multi_processor_count)
+    if device.type == "cuda":
+        return min(M, BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
     return min(M, 8)
 
 

@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_run  # noqa: E402
 
 STAGES = {"check": ["build", "info", "kernels", "sampler", "generate", "train"],  # issue 11's order
-          "bench": ["attention", "memory-bound", "sampler", "train", "decode"]}
+          "bench": ["attention", "memory-bound", "sampler", "train", "decode",
+                    "tune", "profile-train", "profile-decode"]}
 
 
 def test_dry_run_lists_every_stage_and_the_limits_fit_the_contract(capsys):
@@ -31,7 +32,7 @@ def test_dry_run_lists_every_stage_and_the_limits_fit_the_contract(capsys):
         assert total <= gpu_run.CONTRACT_S[command], f"gpu-{command}: limits sum to {total} s"
         assert f"gpu-{command}: {len(names)} stages, limits sum to {total:.0f} s" in out
         for i, s in enumerate(stages, 1):
-            assert f"{i}. {s.name:<13} limit {s.limit_s:>4.0f} s" in out
+            assert f"{i}. {s.name:<14} limit {s.limit_s:>4.0f} s" in out
     check = gpu_run.stages_for("check", "/tmp", None)
     assert check[0].env == {"GPTFAST_CUDA": "1"}, "the build must fail when the CUDA kernel cannot be built"
     assert all(s.argv[3:7] == ("-q", "-rs", "-p", "no:cacheprovider") and "gpu" in s.argv for s in check if s.pytest)

@@ -22,11 +22,12 @@ with the padding masked out, so the JIT's divisibility hints apply and the loads
 (tests/test_triton_compile.py checks the PTX).
 
 `linear_cross_entropy(hidden, weight, targets)` is the output head + loss (Liger-Kernel's
-FusedLinearCrossEntropy design): tokens go through in chunks; each chunk's logits are
-computed with a torch matmul, overwritten in place with their gradient by the kernel, and
-folded into grad_hidden and grad_weight right away, so the [tokens x vocab] logits never
-exist at once (one chunk buffer serves every chunk; fp16/bf16 grad_weight products go straight
-into the fp32 sum on CUDA).
+FusedLinearCrossEntropy design): tokens go through in chunks; each chunk's logits are computed
+with a torch matmul, overwritten in place with their gradient by the kernel, and folded into
+grad_hidden and grad_weight right away, so the [tokens x vocab] logits never exist at once (one
+chunk buffer serves every chunk; fp16/bf16 grad_weight products go straight into the fp32 sum
+on CUDA). The weight is padded with zero rows to a multiple of 64, so every GEMM has aligned
+sizes: cuBLAS's kernels for an odd 50257 are several times slower.
 
 `LinearCrossEntropyLoss` is the "triton" backend's LM-head loss module (see gptfast.backends);
 `cross_entropy_ref` / `linear_cross_entropy_ref` are the references the tests and benchmarks
@@ -290,6 +291,20 @@ def _chunk_tokens(M: int, H: int, V: int) -> int:
     return max(1, min(M, triton.next_power_of_2(triton.cdiv(8 * M * H, V))))
 
 
+def _padded_weight(weight):
+    """weight (V, H) with zero rows appended up to a multiple of 64 rows, so that every GEMM of
+    the chunk loop has aligned sizes: for GPT-2's odd 50257, cuBLAS falls back to `align1`
+    kernels (sm75 CUTLASS), which took 25.8 of a 61 ms bf16 training step on an H200
+    (benchmarks/results/gpu-bench-nvidia-h200-20261130-1134-*/profile_train.md). The zero rows
+    give zero logits (masked by the kernel), zero gradient columns and zero grad_weight rows."""
+    V, H = weight.shape
+    if V % 64 == 0:
+        return weight
+    padded = weight.new_zeros(_round_up(V, 64), H)
+    padded[:V] = weight
+    return padded
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, n_valid, ignore_index, need_dh, need_dw):
@@ -298,30 +313,32 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss_rows = torch.empty(M, dtype=torch.float32, device=hidden.device)
         # fp16: the gradient unscaled (times 1) keeps the chunk's grad_weight product in range
         ctx.mult = _fp16_mult(hidden.dtype, 1.0)
+        weight = _padded_weight(weight)  # (Vp, H), Vp = V rounded up to 64
         dh, write_dh = _dh_writer(hidden) if need_dh else (None, None)
         # grad_weight adds up over chunks: accumulate in fp32, whatever the weight dtype
-        dw = torch.zeros(V, H, dtype=torch.float32, device=weight.device) if need_dw else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
         add_dw = _dw_accumulator(dw, hidden) if need_dw else None
         chunk = _chunk_tokens(M, H, V)
-        # one buffer for every chunk's logits, rows padded to 64: aligned, vectorised kernel loads
+        # one buffer for every chunk's logits, Vp wide: aligned GEMMs, vectorised kernel loads
         buf, _ = _padded_empty(min(chunk, M), V, hidden, pad=True)
         for start in range(0, M, chunk):
             h = hidden[start:start + chunk]  # (c, H)
-            logits = torch.mm(h, weight.T, out=buf[:h.shape[0], :V])  # (c, V), becomes its own gradient
-            _launch(logits, logits, targets[start:start + chunk], loss_rows[start:start + chunk],
+            logits = torch.mm(h, weight.T, out=buf[:h.shape[0]])  # (c, Vp), becomes its own gradient
+            _launch(logits[:, :V], logits[:, :V], targets[start:start + chunk], loss_rows[start:start + chunk],
                     n_valid, ignore_index, need_dh or need_dw, ctx.mult, n_cols=_round_up(V, 16))
             if need_dh:
                 write_dh(logits, weight, slice(start, start + chunk))
             if need_dw:
                 add_dw(logits, h)
         ctx.save_for_backward(dh, dw, n_valid)  # dw (and dh on CUDA) stay fp32 until scaled (fp16: unscaled sums)
-        ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.dtypes, ctx.vocab = (hidden.dtype, weight.dtype), V
         return _mean(loss_rows, n_valid)
 
     @staticmethod
     def backward(ctx, grad_output):
         dh, dw, n_valid = ctx.saved_tensors
         _scale([dh, dw], grad_output, n_valid, ctx.mult)
+        dw = None if dw is None else dw[:ctx.vocab]  # (V, H): the padding rows are zero
         dh, dw = (None if g is None else g.to(dtype) for g, dtype in zip((dh, dw), ctx.dtypes))
         return dh, dw, None, None, None, None, None
 

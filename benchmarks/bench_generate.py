@@ -100,7 +100,7 @@ def main():
     ref_ids = engines.check_logits_and_reference(model, built, device, prompts(1)[0], n)
     check_fp32(built, model, prompts(1)[0], ref_ids, device)
 
-    floor = ReadFloor()
+    floor = ReadFloor(device)
     fns = {"floor": floor}
     for batch in args.batches:
         ps = prompts(batch)
@@ -111,7 +111,7 @@ def main():
     bytes_of = {name: weight_bytes(model, name) for name in built if name in DTYPES}
     bytes_of.update({p: bytes_of.get(d) for p, d in (("transformers-fp32", "float32"), ("ct2-float32", "float32"),
                                                      ("ct2-int8", "int8")) if d in bytes_of})
-    lines = header(args, device, floors)
+    lines = header(args, device, floors, floor.mbytes)
     for batch in args.batches:
         lines += speed_table(batch, {name: times[b, name] for b, name in times if b == batch}, bytes_of,
                              statistics.median(floors)) + [""]
@@ -121,7 +121,7 @@ def main():
     save_report(lines, Path(args.out) / f"generate_{device.type}.md")
 
 
-def header(args, device, floors):
+def header(args, device, floors, floor_mb):
     cmd = " ".join(["python benchmarks/bench_generate.py", "--batches", *map(str, args.batches), "--rounds",
                     str(args.rounds), "--new-tokens", str(args.new_tokens)]
                    + (["--engines", *args.engines] if list(args.engines) != list(DEFAULT_ENGINES) else [])
@@ -130,7 +130,7 @@ def header(args, device, floors):
             f"device: {device.type} ({device_name(device)}), torch {torch.__version__}, "
             f"{engines.versions()}, date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
             f"commit {commit_id()}", f"command: {cmd}", f"load average at the start: {engines.START_LOAD}",
-            f"read floor (Tensor.max over 256 MB, once per round): best {max(floors):.1f}, median "
+            f"read floor (Tensor.max over {floor_mb} MB, once per round): best {max(floors):.1f}, median "
             f"{statistics.median(floors):.1f} GB/s; '% of its floor' = tokens/s x weight bytes / median floor",
             f"{args.rounds} interleaved rounds per engine and batch size", ""]
 

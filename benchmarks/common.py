@@ -82,17 +82,23 @@ class PeakMemory:
 
 
 class ReadFloor:
-    """The CPU's practical read bandwidth: GB/s of `Tensor.max()` over 256 MB of fp32 (it
-    reads every byte once and computes almost nothing; torch's fp16 matrix-vector product
-    reaches about the same). Call it between the timed engines' rounds: each call is one
-    measurement, so it sees the same machine load they do."""
+    """The device's practical read bandwidth: GB/s of `Tensor.max()` over fp32 data (it reads
+    every byte once and computes almost nothing; on CPU torch's fp16 matrix-vector product reaches
+    about the same). On CUDA the data is 2 GB, timed between syncs, so launch and sync stay small
+    beside it. Call it between the timed engines' rounds: each call is one measurement, so it
+    sees the same machine load they do."""
 
-    def __init__(self, mbytes=256):
-        self.data = torch.rand(mbytes * 2**20 // 4)
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.mbytes = 2048 if self.device.type == "cuda" else 256
+        self.data = torch.rand(self.mbytes * 2**20 // 4, device=self.device)
 
     def __call__(self) -> float:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
         t = time.perf_counter()
         self.data.max()
+        sync()
         return self.data.numel() * 4 / (time.perf_counter() - t) / 1e9
 
 

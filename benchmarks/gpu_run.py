@@ -87,26 +87,26 @@ def bench_stages(py: str, scratch: str) -> list[Stage]:
     attention = [f"benchmarks/bench_attention.py::test_attention[{shape}-{impl}-fwd+bwd]"
                  for shape in ("T=1024", "T=4096") for impl in ("native", "triton")]
     return [
-        Stage("attention", 25, "causal attention fwd+bwd, 16x1024 and 4x4096 tokens bf16: TFLOP/s vs SDPA-flash",
+        Stage("attention", 20, "causal attention fwd+bwd, 16x1024 and 4x4096 tokens bf16: TFLOP/s vs SDPA-flash",
               bench(*attention), pytest=True),
-        Stage("memory-bound", 40, "LayerNorm, GELU, CE, linear-CE vs PyTorch: GB/s, % of a same-run copy, peak memory",
+        Stage("memory-bound", 35, "LayerNorm, GELU, CE, linear-CE vs PyTorch: GB/s, % of a same-run copy, peak memory",
               bench("benchmarks/bench_layer_norm.py", "benchmarks/bench_gelu.py", "benchmarks/bench_cross_entropy.py",
                     "-k", "native or triton"), pytest=True),
         Stage("sampler", 15, "sample_top_k us at B=1 and B=64, k=50, vs the six-op path",
               (py, "benchmarks/bench_sampling.py", "--device", "cuda", "--batches", "1", "64", "--ks", "50")),
-        Stage("train", 75, "GPT-2 124M training step, 16x1024 bf16: tokens/s, triton vs torch vs torch.compile",
+        Stage("train", 70, "GPT-2 124M training step, 16x1024 bf16: tokens/s, triton vs torch vs torch.compile",
               bench("benchmarks/bench_train.py", "-k", "torch-bf16 or triton-bf16"),
               env={"GPTFAST_BENCH_PRESET": "gpt2-small", "GPTFAST_BENCH_T": "1024", "GPTFAST_BENCH_B": "16"},
               pytest=True),
-        Stage("decode", 40, "decode tokens/s, batch 1, 200 tokens: bf16 with CUDA graphs vs transformers",
+        Stage("decode", 35, "decode tokens/s, batch 1, 200 tokens: bf16 with CUDA graphs vs transformers",
               (py, "benchmarks/bench_generate.py", "--device", "cuda", "--new-tokens", "200", "--batches", "1",
                "--rounds", "2", "--engines", "transformers-fp32", "float32", "bfloat16", "--no-quality",
                "--out", scratch)),
         # where the time goes, for the next optimisation: launch configurations, top kernels
-        Stage("tune", 35, "LayerNorm / GELU backward launch configurations timed (benchmarks/tune_gpu.py)",
+        Stage("tune", 60, "LayerNorm / GELU backward and cross-entropy launch configurations, each checked, then timed",
               (py, "benchmarks/tune_gpu.py")),
-        Stage("profile-train", 45, "top kernels of a GPT-2 124M bf16 training step: triton vs torch.compile",
-              (py, "benchmarks/profile_gpu.py", "train")),
+        Stage("profile-train", 40, "top kernels of a GPT-2 124M bf16 training step, triton backend",
+              (py, "benchmarks/profile_gpu.py", "train", "--backends", "triton")),
         Stage("profile-decode", 25, "a batch-1 bf16 decode token: engine, runner and GPU time, kernels per token",
               (py, "benchmarks/profile_gpu.py", "decode")),
     ]

@@ -114,7 +114,8 @@ def diagnose(model, dtype, n_tokens, rounds):
     s3 = prof(lambda: runner_loop(long_))
     run = {k: v / long_ for k, v in s3.items() if k != "kernels_by_name"}
     print(f"  profiler per token          {'engine':>10} {'runner-only':>12}")
-    for key, label in (("kernels", "GPU kernels"), ("gpu_us", "GPU busy us"), ("launch_calls", "kernel launch API calls"),
+    for key, label in (("kernels", "GPU kernels"), ("gpu_us", "GPU busy us"),
+                       ("launch_calls", "kernel launch API calls"),
                        ("graph_launches", "cudaGraphLaunch"), ("memcpy_calls", "cudaMemcpy* calls"),
                        ("d2h", "memcpy D2H"), ("h2d", "memcpy H2D"), ("syncs", "*Synchronize calls")):
         print(f"    {label:26s} {eng[key]:10.2f} {run[key]:12.2f}")
@@ -175,7 +176,8 @@ def profile_backend(backend: str, steps: int, top: int, compiled: bool = False) 
     launches = sum(e.count for e in kernels) / steps
     name = backend + ("+compile" if compiled else "")
     lines = ["", f"### {name} bf16: {wall:.1f} ms/step wall (under the profiler), {busy:.1f} ms GPU-busy, "
-             f"{launches:.0f} kernels/step", "", "| kernel | calls/step | ms/step | % of GPU time |", "|---|---|---|---|"]
+             f"{launches:.0f} kernels/step", "", "| kernel | calls/step | ms/step | % of GPU time |",
+             "|---|---|---|---|"]
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
         ms = e.self_device_time_total / steps / 1e3
         lines.append(f"| {e.key[:90]} | {e.count / steps:.0f} | {ms:.2f} | {100 * ms / busy:.1f}% |")

@@ -1,14 +1,14 @@
-"""Launch configurations of the memory-bound backward kernels, chosen from timings on a GPU.
+"""Launch configurations of the memory-bound kernels, chosen from timings on a GPU.
 
-    python benchmarks/tune_gpu.py                 # every op's candidates at GPT-2 124M training shapes
-    python benchmarks/tune_gpu.py --ops gelu      # one op
+    python benchmarks/tune_gpu.py                  # every op's candidates at GPT-2 124M training shapes
+    python benchmarks/tune_gpu.py --ops gelu       # one op
 
 For each candidate the module's knobs are set (kernels/layer_norm.py: BWD_PROGRAMS_PER_SM;
-kernels/gelu.py: NUM_WARPS and BWD_PROGRAMS_PER_SM), the backward is
-checked against the fp32 truth by the tests' 2x rule at the benchmark shape, then timed
-(median of triton.testing.do_bench, L2 flushed) beside the PyTorch-native op's backward. The
-table goes to stdout and, with --out, to a markdown file; the best candidate is the one to write
-into the kernel file (the current defaults are marked).
+kernels/gelu.py: NUM_WARPS, BWD_PROGRAMS_PER_SM; kernels/cross_entropy.py: MAX_BLOCK_V,
+BLOCK_PER_WARP), the timed pass is checked against the fp32 truth by the tests' 2x rule at the
+benchmark shape, then timed (median of triton.testing.do_bench, L2 flushed) beside the
+PyTorch-native op. The table goes to stdout and, with --out, to a markdown file; the best
+candidate is the one to write into the kernel file (the current defaults are marked).
 """
 from __future__ import annotations
 
@@ -16,71 +16,99 @@ import argparse
 import importlib
 import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from kernel_bench import DTYPE, TOKENS, WIDTH, assert_within_2x, copy_bandwidth, pass_fn, time_ms
+from kernel_bench import DTYPE, TOKENS, VOCAB, WIDTH, assert_within_2x, copy_bandwidth, pass_fn, time_ms
 
 
-def _layer_norm_case():
+@dataclass
+class Case:
+    module: object  # the kernel file, whose knobs are set
+    ours: Callable
+    native: Callable
+    reference: Callable  # run in fp32: the truth
+    args: list  # inputs, the ones with gradients first
+    grad_out: torch.Tensor
+    timed: str  # the pass timed: "bwd", or "fwd+bwd" where the forward writes the gradient
+    nbytes: int  # bytes the timed pass must move
+    knobs: dict  # knob -> candidate values
+
+
+def _layer_norm() -> Case:
     from bench_layer_norm import native_layer_norm
-
     module = importlib.import_module("gptfast.kernels.layer_norm")  # the package exports the function
     g = torch.Generator(device="cuda").manual_seed(0)
     x, dy = (torch.randn(TOKENS, WIDTH, device="cuda", generator=g, dtype=DTYPE) for _ in range(2))
     scale = 1 + 0.1 * torch.randn(WIDTH, device="cuda", generator=g, dtype=DTYPE)
     shift = 0.1 * torch.randn(WIDTH, device="cuda", generator=g, dtype=DTYPE)
-    knobs = {"BWD_PROGRAMS_PER_SM": [2, 4, 8, 16, 32]}
-    return module, module.layer_norm, native_layer_norm, module.layer_norm_ref, [x, scale, shift], dy, 3, knobs
+    return Case(module, module.layer_norm, native_layer_norm, module.layer_norm_ref, [x, scale, shift], dy, "bwd",
+                3 * dy.numel() * dy.element_size(), {"BWD_PROGRAMS_PER_SM": [2, 4, 8, 16, 32]})
 
 
-def _gelu_case():
+def _gelu() -> Case:
     from bench_gelu import native_bias_gelu
-
     module = importlib.import_module("gptfast.kernels.gelu")
     g = torch.Generator(device="cuda").manual_seed(0)
     x = 2 * torch.randn(TOKENS, 4 * WIDTH, device="cuda", generator=g, dtype=DTYPE)
     bias = 0.1 * torch.randn(4 * WIDTH, device="cuda", generator=g, dtype=DTYPE)
     dy = torch.randn(TOKENS, 4 * WIDTH, device="cuda", generator=g, dtype=DTYPE)
-    knobs = {"NUM_WARPS": [4, 8], "BWD_PROGRAMS_PER_SM": [2, 4, 8, 16]}
-    return module, module.bias_gelu, native_bias_gelu, module.bias_gelu_ref, [x, bias], dy, 3, knobs
+    return Case(module, module.bias_gelu, native_bias_gelu, module.bias_gelu_ref, [x, bias], dy, "bwd",
+                3 * dy.numel() * dy.element_size(), {"NUM_WARPS": [4, 8], "BWD_PROGRAMS_PER_SM": [2, 4, 8, 16]})
 
 
-CASES = {"layer_norm": _layer_norm_case, "gelu": _gelu_case}
+def _cross_entropy() -> Case:
+    module = importlib.import_module("gptfast.kernels.cross_entropy")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    targets = torch.randint(0, VOCAB, (TOKENS,), device="cuda", generator=g)
+    targets[::10] = -100
+    logits = 2 * torch.randn(TOKENS, VOCAB, device="cuda", generator=g, dtype=DTYPE)
+    return Case(module, lambda x: module.cross_entropy(x, targets), lambda x: torch.nn.functional.cross_entropy(
+        x, targets), lambda x: module.cross_entropy_ref(x, targets), [logits], torch.tensor(1.0, device="cuda"),
+        "fwd+bwd", 2 * logits.numel() * logits.element_size(),
+        {"MAX_BLOCK_V": [8192, 16384, 32768], "BLOCK_PER_WARP": [512, 1024, 2048]})
 
 
-def _grads(fn, args, dy):
+CASES = {"layer_norm": _layer_norm, "gelu": _gelu, "cross_entropy": _cross_entropy}
+
+
+def _grads(fn, args, grad_out):
     args = [a.detach().requires_grad_() for a in args]
-    y = fn(*args)
-    return torch.autograd.grad(y, args, dy)
+    return torch.autograd.grad(fn(*args), args, grad_out)
+
+
+def _time(fn, case: Case) -> float:
+    return time_ms(pass_fn(fn, [a.detach().requires_grad_() for a in case.args], (case.grad_out,), case.timed))
 
 
 def tune(op: str) -> list[str]:
-    module, ours, native, reference, args, dy, tensors_moved, knobs = CASES[op]()
-    truth = _grads(reference, [a.float() for a in args], dy.float())
-    low = _grads(native, args, dy)
-    nbytes = tensors_moved * dy.numel() * dy.element_size()
-    native_ms = time_ms(pass_fn(native, [a.detach().requires_grad_() for a in args], (dy,), "bwd"))
-    defaults = {k: getattr(module, k) for k in knobs}
-    lines = [f"### {op} backward, {tuple(dy.shape)} {str(DTYPE).removeprefix('torch.')}: native {native_ms:.4f} ms "
-             f"({nbytes / native_ms / 1e6:.0f} GB/s; copy {copy_bandwidth():.0f} GB/s)", "",
-             "| " + " | ".join(knobs) + " | ms | GB/s | vs native | |", "|" + "---|" * (len(knobs) + 4)]
+    case = CASES[op]()
+    truth = _grads(case.reference, [a.float() for a in case.args], case.grad_out.float())
+    low = _grads(case.native, case.args, case.grad_out)
+    native_ms = _time(case.native, case)
+    defaults = {k: getattr(case.module, k) for k in case.knobs}
+    shape = tuple(case.args[0].shape)
+    lines = [f"### {op} {case.timed}, {shape} {str(DTYPE).removeprefix('torch.')}: native {native_ms:.4f} ms "
+             f"({case.nbytes / native_ms / 1e6:.0f} GB/s; copy {copy_bandwidth():.0f} GB/s)", "",
+             "| " + " | ".join(case.knobs) + " | ms | GB/s | vs native | |", "|" + "---|" * (len(case.knobs) + 4)]
     try:
-        for values in itertools.product(*knobs.values()):
-            setting = dict(zip(knobs, values))
+        for values in itertools.product(*case.knobs.values()):
+            setting = dict(zip(case.knobs, values))
             for k, v in setting.items():
-                setattr(module, k, v)
-            for i, (a, lo, t) in enumerate(zip(_grads(ours, args, dy), low, truth)):
+                setattr(case.module, k, v)
+            for i, (a, lo, t) in enumerate(zip(_grads(case.ours, case.args, case.grad_out), low, truth)):
                 assert_within_2x(a, lo, t, f"{op} {setting} grad {i}", atol=1e-3 * t.abs().max().item())
-            ms = time_ms(pass_fn(ours, [a.detach().requires_grad_() for a in args], (dy,), "bwd"))
+            ms = _time(case.ours, case)
             mark = "default" if setting == defaults else ""
-            lines.append("| " + " | ".join(map(str, values)) + f" | {ms:.4f} | {nbytes / ms / 1e6:.0f} | "
+            lines.append("| " + " | ".join(map(str, values)) + f" | {ms:.4f} | {case.nbytes / ms / 1e6:.0f} | "
                          f"{native_ms / ms:.2f}x | {mark} |")
             print(lines[-1], flush=True)
     finally:
         for k, v in defaults.items():
-            setattr(module, k, v)
+            setattr(case.module, k, v)
     return lines
 
 
@@ -91,7 +119,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tune_gpu.py: no CUDA GPU visible to torch (the timings only mean something on one)")
-    report = [f"# Backward launch configurations on {torch.cuda.get_device_name()}", ""]
+    report = [f"# Launch configurations on {torch.cuda.get_device_name()}", ""]
     for op in args.ops:
         report += tune(op) + [""]
     print("\n".join(report))

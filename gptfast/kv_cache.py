@@ -33,30 +33,40 @@ class CacheStep:
         self.prefill_rows: torch.Tensor | None = None
         self.lengths: torch.Tensor | None = None  # (n,) filled slots per row = where its new key goes
         self.span = 0  # slots a forward attends over: the prefill length; max(lengths) + 1 or all
-        self.seen: torch.Tensor | None = None  # (n,) lengths + 1: the slots row i's query sees
-        self.allowed: torch.Tensor | None = None  # (n, 1, 1, span): slot s < seen; None: plain causal
+        self.seen: torch.Tensor | None = None  # (n,) int32 lengths + 1: the slots row i's query sees
         self.same: int | None = None  # decode: the one length of every row, when they agree
+        self._allowed: torch.Tensor | None = None  # mask(), made at the first layer that asks
 
     def prefill(self, rows: torch.Tensor, T: int):
-        self.prefill_rows, self.span, self.same, self.allowed = rows, T, None, None
+        self.prefill_rows, self.span, self.same = rows, T, None
 
     def decode(self, lengths: torch.Tensor, span: int, same: int | None = None):
         """`same`: the length every row has, when the caller knows they agree (batch 1, or a
         batch started together): the new keys go in by a slice and no mask is needed."""
-        self.prefill_rows, self.lengths, self.span, self.seen, self.same = None, lengths, span, lengths + 1, same
-        if same is None:
-            slots = torch.arange(span, device=lengths.device)
-            self.allowed = (slots[None, :] < self.seen[:, None])[:, None, None, :]  # (n, 1, 1, span)
-        else:
-            self.allowed = None
+        self.prefill_rows, self.lengths, self.span, self.same, self._allowed = None, lengths, span, same, None
+        # int32, as the flash-decoding kernel reads it: one conversion a step, not one a layer
+        self.seen = torch.add(lengths, 1, out=torch.empty(lengths.shape, dtype=torch.int32, device=lengths.device))
+
+    def mask(self) -> torch.Tensor | None:
+        """(n, 1, 1, span) bool, slot s < seen; None: plain causal (prefill, or rows of one length)."""
+        if self.prefill_rows is not None or self.same is not None:
+            return None
+        if self._allowed is None:  # once a step, and only for attention that reads a mask
+            slots = torch.arange(self.span, device=self.seen.device)
+            self._allowed = (slots[None, :] < self.seen[:, None])[:, None, None, :]  # (n, 1, 1, span)
+        return self._allowed
 
 
 class KVCache:
-    def __init__(self, rows: int, n_heads: int, max_len: int, head_dim: int, dtype, device, step: CacheStep):
+    def __init__(self, rows: int, n_heads: int, max_len: int, head_dim: int, dtype, device, step: CacheStep,
+                 append=None):
         shape = (rows, n_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.step = step
+        # a decode step's write at per-row slots: append(k_cache, v_cache, k, v, slots) in one
+        # kernel (gptfast.kernels.attention_decode.cache_append), or None: torch indexing
+        self.append = append
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
         st = self.step
@@ -68,6 +78,8 @@ class KVCache:
         if st.same is not None:
             self.k[:n, :, st.same] = k[:, :, 0]  # (n, H, D)
             self.v[:n, :, st.same] = v[:, :, 0]
+        elif self.append is not None:
+            self.append(self.k, self.v, k, v, st.lengths)
         else:
             rows = torch.arange(n, device=k.device)
             self.k[rows, :, st.lengths] = k[:, :, 0].to(self.k.dtype)
@@ -76,14 +88,15 @@ class KVCache:
         return self.k[:n, :, : st.span].to(k.dtype), self.v[:n, :, : st.span].to(k.dtype)
 
     def mask(self, T: int) -> torch.Tensor | None:
-        return self.step.allowed
+        return self.step.mask()
 
     def lengths(self) -> int | torch.Tensor:
         st = self.step
         return st.span if st.prefill_rows is not None or st.same is not None else st.seen
 
 
-def make_caches(model, rows: int, max_len: int, dtype, device, step: CacheStep) -> list[KVCache]:
-    """One cache per layer, all following `step`."""
+def make_caches(model, rows: int, max_len: int, dtype, device, step: CacheStep, append=None) -> list[KVCache]:
+    """One cache per layer, all following `step` and writing decode steps through `append`."""
     cfg = model.cfg
-    return [KVCache(rows, cfg.n_heads, max_len, cfg.head_dim, dtype, device, step) for _ in range(cfg.n_layers)]
+    return [KVCache(rows, cfg.n_heads, max_len, cfg.head_dim, dtype, device, step, append)
+            for _ in range(cfg.n_layers)]

@@ -8,6 +8,8 @@ sum acc of exp2(s - m) v. Step 2 (`_decode_combine`) merges the partial softmaxe
     O = sum_s w_s acc_s / sum_s w_s l_s,  w_s = exp2(m_s - max_s m_s).
 `attention_decode` launches both; TritonCausalAttention (attention.py) calls it for decode
 steps on CUDA, and `attention_ref` there is the reference the tests check it against.
+`cache_append` writes a decode step's new keys and values into the cache in one kernel (the
+runner's choice for the triton backend on CUDA; gptfast.kv_cache's torch indexing elsewhere).
 """
 from __future__ import annotations
 
@@ -85,6 +87,36 @@ def _decode_combine(PART_ACC, PART_M, PART_L, O, num_splits, HEAD_DIM: tl.conste
     tl.store(O + bh * HEAD_DIM + offs_d, _cast(out, O.dtype.element_ty, PREC))
 
 
+@triton.jit
+def _cache_append(K_NEW, V_NEW, K_CACHE, V_CACHE, SLOTS, stride_kb, stride_kh, stride_vb, stride_vh,
+                  stride_cb, stride_ch, stride_ct, H, HEAD_DIM: tl.constexpr):
+    """Row b's new key and value of head h go to slot SLOTS[b] of the caches (both caches share
+    their strides)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    d = tl.arange(0, HEAD_DIM)
+    dst = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + tl.load(SLOTS + b).to(tl.int64) * stride_ct + d
+    k = tl.load(K_NEW + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + d)
+    v = tl.load(V_NEW + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + d)
+    tl.store(K_CACHE + dst, k.to(K_CACHE.dtype.element_ty))
+    tl.store(V_CACHE + dst, v.to(V_CACHE.dtype.element_ty))
+
+
+def cache_append(k_cache, v_cache, k, v, slots):
+    """k_cache[b, :, slots[b]] = k[b, :, 0] (and v alike) for rows b < n, in one kernel: a decode
+    step's cache write, where torch indexing takes an arange and two index_put kernels.
+
+    k_cache, v_cache (rows, H, L_max, D), same shape and strides, unit last stride; k, v (n, H, 1, D);
+    slots (n,) integer device tensor with values in [0, L_max) (unchecked: it may live in a CUDA graph).
+    """
+    n, H, _, D = k.shape
+    k, v = _unit_last(k), _unit_last(v)
+    if n:
+        _cache_append[(n * H,)](k, v, k_cache, v_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                *k_cache.stride()[:3], H, HEAD_DIM=D)
+
+
 def attention_decode(q, k_cache, v_cache, cache_len, num_splits: int | None = None):
     """One new query per sequence against a KV cache (flash-decoding), inference only.
 
@@ -102,7 +134,7 @@ def attention_decode(q, k_cache, v_cache, cache_len, num_splits: int | None = No
         if cache_len.shape != (B,) or cache_len.dtype.is_floating_point or cache_len.device != q.device:
             raise ValueError(f"attention_decode: cache_len tensor must be ({B},) integers on {q.device}, "
                              f"got {tuple(cache_len.shape)} {cache_len.dtype} on {cache_len.device}")
-        lens = cache_len.to(torch.int32).contiguous()  # expanded views become dense
+        lens = cache_len.to(torch.int32).contiguous()  # no copy when it is int32 already (CacheStep.seen)
         L = L_max  # no host sync (CUDA graphs): splits past a row's length exit at once
     else:
         if not 1 <= int(cache_len) <= L_max:

@@ -125,9 +125,13 @@ def _fp16_mult(dtype, mult: float):
     return mult if dtype == torch.float16 else None
 
 
+# the loss kernel's vocabulary block and elements per warp (benchmarks/tune_gpu.py times others)
+MAX_BLOCK_V, BLOCK_PER_WARP = 16384, 1024
+
+
 def _block_v(V: int) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(V), 16384)
-    return block, min(max(block // 512, 4), 16)
+    block = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    return block, min(max(block // BLOCK_PER_WARP, 4), 32)
 
 
 def _check(dtype, M, V, device, targets, ignore_index, name="cross_entropy"):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gptfast.kernels.attention import attention_ref
-from gptfast.kernels.attention_decode import attention_decode
+from gptfast.kernels.attention_decode import attention_decode, cache_append
+from gptfast.kv_cache import CacheStep, KVCache
 from kernel_checks import assert_each_within_2x, assert_rel_close, fused_qkv, make_qkv, scale_device, scale_params
 
 
@@ -45,6 +46,28 @@ def test_decode_per_row_cache_len(dtype, device):
             ref_err = (attention_ref(*args).float() - exact).abs().max().item()
             ours_err = (got[b:b + 1].float() - exact).abs().max().item()
             assert ours_err <= 2 * ref_err + 1e-3, f"row {b}: err {ours_err:.3g} vs reference {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("cache_dtype,new_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                                    (torch.bfloat16, torch.bfloat16)])
+def test_cache_append_equals_torch_indexing(cache_dtype, new_dtype, device):
+    """The one-kernel decode write against KVCache's torch indexing: new keys/values as views of a
+    fused qkv (not contiguous), rows at different slots, rows past n and other slots untouched."""
+    rows, H, L_max, D, n = 4, 2, 10, 16, 3
+    ours, ref = (KVCache(rows, H, L_max, D, cache_dtype, device, CacheStep(), append)
+                 for append in (cache_append, None))
+    g = torch.Generator().manual_seed(5)
+    for c in (ours, ref):
+        c.k.copy_(torch.randn(c.k.shape, generator=g.manual_seed(5)))
+        c.v.copy_(torch.randn(c.v.shape, generator=g.manual_seed(6)))
+    qkv = torch.randn(n, 1, 3, H, D, generator=g).to(device=device, dtype=new_dtype)
+    k, v = (qkv[:, :, i].transpose(1, 2) for i in (1, 2))  # (n, H, 1, D) views: rows 3 H D apart
+    lengths = torch.tensor([7, 0, 9], device=device)
+    for c in (ours, ref):
+        c.step.decode(lengths, L_max)
+        c.update(k, v)
+    assert torch.equal(ours.k, ref.k) and torch.equal(ours.v, ref.v)
+    assert ours.k[1, :, 0].float().allclose(k[1, :, 0].float().to(cache_dtype).float())
 
 
 def test_decode_bad_input_is_rejected(device):

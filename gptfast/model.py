@@ -136,7 +136,9 @@ def _refuse_untied_weights(module, state_dict, prefix, *_):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + att(norm1(x)), then + ff(norm2(.)), with dropout on each branch."""
+    """Pre-norm block: x + att(norm1(x)), then + ff(norm2(.)), with dropout on each branch.
+    The feed-forward branch is returned beside x, not added: the next norm adds it (add_norm,
+    one kernel on triton), as norm2 adds the attention branch."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -146,10 +148,11 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x, kv_cache=None):
-        h = self.drop_shortcut(self.att(self.norm1(x), kv_cache))
-        x, h = self.norm2.add_norm(x, h)  # x + h, and norm2 of it
-        return x + self.drop_shortcut(self.ff(h))
+    def forward(self, x, branch=None, kv_cache=None):
+        """(x, branch) -> (x + branch, this block's feed-forward branch); branch None: nothing to add."""
+        x, h = self.norm1.add_norm(x, branch) if branch is not None else (x, self.norm1(x))
+        x, h = self.norm2.add_norm(x, self.drop_shortcut(self.att(h, kv_cache)))  # x + att, and norm2 of it
+        return x, self.drop_shortcut(self.ff(h))
 
 
 class LMLoss(nn.Module):
@@ -217,10 +220,10 @@ class GPTModel(nn.Module):
         if self._fallback:  # triton asked for, torch runs: say why (once), now that it matters
             warn_once(self._fallback)
         pos = torch.arange(start_pos, start_pos + T, device=idx.device) if positions is None else positions
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x, branch = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos)), None  # (B, T, C)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, None if kv_caches is None else kv_caches[i])
-        return self.final_norm(x)
+            x, branch = block(x, branch, None if kv_caches is None else kv_caches[i])
+        return self.final_norm(x) if branch is None else self.final_norm.add_norm(x, branch)[1]
 
     def forward(self, idx, kv_caches=None, start_pos=0, *, targets=None, ignore_index=-100, positions=None):
         """Logits (B, T, vocab_size) for token ids (B, T); with `targets`, the mean loss instead

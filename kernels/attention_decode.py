@@ -89,7 +89,7 @@ def _decode_combine(PART_ACC, PART_M, PART_L, O, num_splits, HEAD_DIM: tl.conste
 
 @triton.jit
 def _cache_append(K_NEW, V_NEW, K_CACHE, V_CACHE, SLOTS, stride_kb, stride_kh, stride_vb, stride_vh,
-                  stride_cb, stride_ch, stride_ct, H, HEAD_DIM: tl.constexpr):
+                  stride_cb, stride_ch, stride_ct, H, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
     """Row b's new key and value of head h go to slot SLOTS[b] of the caches (both caches share
     their strides)."""
     bh = tl.program_id(0)
@@ -99,22 +99,32 @@ def _cache_append(K_NEW, V_NEW, K_CACHE, V_CACHE, SLOTS, stride_kb, stride_kh, s
     dst = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + tl.load(SLOTS + b).to(tl.int64) * stride_ct + d
     k = tl.load(K_NEW + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + d)
     v = tl.load(V_NEW + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + d)
-    tl.store(K_CACHE + dst, k.to(K_CACHE.dtype.element_ty))
-    tl.store(V_CACHE + dst, v.to(V_CACHE.dtype.element_ty))
+    tl.store(K_CACHE + dst, _cast(k, K_CACHE.dtype.element_ty, PREC))
+    tl.store(V_CACHE + dst, _cast(v, V_CACHE.dtype.element_ty, PREC))
 
 
 def cache_append(k_cache, v_cache, k, v, slots):
     """k_cache[b, :, slots[b]] = k[b, :, 0] (and v alike) for rows b < n, in one kernel: a decode
     step's cache write, where torch indexing takes an arange and two index_put kernels.
 
-    k_cache, v_cache (rows, H, L_max, D), same shape and strides, unit last stride; k, v (n, H, 1, D);
-    slots (n,) integer device tensor with values in [0, L_max) (unchecked: it may live in a CUDA graph).
+    k_cache, v_cache (rows, H, L_max, D), same shape and strides, unit last stride, D a power of
+    two; k, v (n, H, 1, D), n <= rows; slots (n,) integers on the device, values in [0, L_max)
+    (not checked: that would sync, and the call may be captured in a CUDA graph).
     """
     n, H, _, D = k.shape
-    k, v = _unit_last(k), _unit_last(v)
+    if (k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1
+            or k_cache.shape[1] != H or k_cache.shape[3] != D or v.shape != k.shape or n > k_cache.shape[0]
+            or D & (D - 1)):
+        raise ValueError(f"cache_append: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} (strides "
+                         f"{k_cache.stride()} / {v_cache.stride()}) do not take new keys {tuple(k.shape)} / "
+                         f"values {tuple(v.shape)}: same shapes and strides, unit last stride, a power-of-two D")
+    if slots.shape != (n,) or slots.dtype.is_floating_point or slots.device != k_cache.device:
+        raise ValueError(f"cache_append: slots must be ({n},) integers on {k_cache.device}, got "
+                         f"{tuple(slots.shape)} {slots.dtype} on {slots.device}")
+    k, v, slots = _unit_last(k), _unit_last(v), slots.contiguous()
     if n:
         _cache_append[(n * H,)](k, v, k_cache, v_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                *k_cache.stride()[:3], H, HEAD_DIM=D)
+                                *k_cache.stride()[:3], H, HEAD_DIM=D, PREC=_precision(k_cache.dtype))
 
 
 def attention_decode(q, k_cache, v_cache, cache_len, num_splits: int | None = None):

@@ -295,29 +295,33 @@ def _chunk_tokens(M: int, H: int, V: int) -> int:
     return max(1, min(M, triton.next_power_of_2(triton.cdiv(8 * M * H, V))))
 
 
-def _padded_weight(weight):
-    """weight (V, H) with zero rows appended up to a multiple of 64 rows, so that every GEMM of
-    the chunk loop has aligned sizes: for GPT-2's odd 50257, cuBLAS falls back to `align1`
-    kernels (sm75 CUTLASS), which took 25.8 of a 61 ms bf16 training step on an H200
+def _padded_weight(weight, dtype):
+    """weight (V, H) in `dtype`, contiguous, with zero rows appended up to a multiple of 64 rows
+    (one copy, cast included; none when it is all that already), so that every GEMM of the chunk
+    loop has aligned sizes: for GPT-2's odd 50257, cuBLAS falls back to `align1` kernels (sm75
+    CUTLASS), which took 25.8 of a 61 ms bf16 training step on an H200
     (benchmarks/results/gpu-bench-nvidia-h200-20261130-1134-*/profile_train.md). The zero rows
     give zero logits (masked by the kernel), zero gradient columns and zero grad_weight rows."""
     V, H = weight.shape
     if V % 64 == 0:
-        return weight
-    padded = weight.new_zeros(_round_up(V, 64), H)
-    padded[:V] = weight
+        return weight.to(dtype).contiguous()
+    padded = torch.empty(_round_up(V, 64), H, dtype=dtype, device=weight.device)
+    padded[:V].copy_(weight)
+    padded[V:].zero_()
     return padded
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, n_valid, ignore_index, need_dh, need_dw):
+        """hidden (M, H) in the matmul dtype; weight (V, H) in its own (cast here, with the padding)."""
         M, H = hidden.shape
         V = weight.shape[0]
         loss_rows = torch.empty(M, dtype=torch.float32, device=hidden.device)
         # fp16: the gradient unscaled (times 1) keeps the chunk's grad_weight product in range
         ctx.mult = _fp16_mult(hidden.dtype, 1.0)
-        weight = _padded_weight(weight)  # (Vp, H), Vp = V rounded up to 64
+        ctx.dtypes = hidden.dtype, weight.dtype  # the gradients' dtypes
+        weight = _padded_weight(weight, hidden.dtype)  # (Vp, H), Vp = V rounded up to 64
         dh, write_dh = _dh_writer(hidden) if need_dh else (None, None)
         # grad_weight adds up over chunks: accumulate in fp32, whatever the weight dtype
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
@@ -335,7 +339,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if need_dw:
                 add_dw(logits, h)
         ctx.save_for_backward(dh, dw, n_valid)  # dw (and dh on CUDA) stay fp32 until scaled (fp16: unscaled sums)
-        ctx.dtypes, ctx.vocab = (hidden.dtype, weight.dtype), V
+        ctx.vocab = V
         return _mean(loss_rows, n_valid)
 
     @staticmethod
@@ -362,13 +366,13 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):
     else:
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
     hidden2 = hidden.reshape(-1, hidden.shape[-1]).to(dtype).contiguous()  # (M, H)
-    weight2 = weight.to(dtype).contiguous()  # (V, H)
     targets = targets.reshape(-1).contiguous()  # (M,)
-    n_valid = _check(dtype, hidden2.shape[0], weight2.shape[0], hidden2.device, targets, ignore_index,
+    n_valid = _check(dtype, hidden2.shape[0], weight.shape[0], hidden2.device, targets, ignore_index,
                      "linear_cross_entropy")
     grad = torch.is_grad_enabled()
     with torch.autocast(dev, enabled=False):
-        return LinearCrossEntropyFunction.apply(hidden2, weight2, targets, n_valid, ignore_index,
+        # weight (V, H) as it is: the forward casts it to dtype with its padding, in one copy
+        return LinearCrossEntropyFunction.apply(hidden2, weight, targets, n_valid, ignore_index,
                                                 grad and hidden.requires_grad, grad and weight.requires_grad)
 
 

@@ -31,7 +31,7 @@ from gptfast.backends import FUSED_DTYPES, TorchGELU, fused_dtypes
 NUM_WARPS = 8  # 16 elements of a 4096-element tile per thread: few registers, many programs per SM
 # backward: enough loads in flight, few dbias partial rows; 1.76x the one-tile-a-program backward
 # on an H200 (benchmarks/results/gpu-bench-nvidia-h200-20261130-1134-*; tune_gpu.py times others)
-BWD_PROGRAMS_PER_SM = 4
+BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS = 4, 8
 
 
 def bias_gelu_ref(x, bias=None, upcast: bool = False):
@@ -158,7 +158,7 @@ class BiasGeluFunction(torch.autograd.Function):
         groups, grid, rows_per_prog, bm, bn = _bwd_tiles(M, N, x.device)
         part = torch.empty(groups if has_bias else 1, N, dtype=torch.float32, device=x.device)
         _bias_gelu_bwd[grid](dy, x, bias if has_bias else x, dx, part, M, N, rows_per_prog, HAS_BIAS=has_bias,
-                             BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS)
+                             BLOCK_M=bm, BLOCK_N=bn, num_warps=BWD_NUM_WARPS)
         dbias = part.sum(0).to(bias.dtype) if has_bias and ctx.needs_input_grad[1] else None
         return dx, dbias
 

@@ -48,11 +48,13 @@ def test_decode_per_row_cache_len(dtype, device):
             assert ours_err <= 2 * ref_err + 1e-3, f"row {b}: err {ours_err:.3g} vs reference {ref_err:.3g}"
 
 
+@pytest.mark.parametrize("on", ["here", pytest.param("cuda", marks=pytest.mark.gpu)])  # gpu-check runs -m gpu
 @pytest.mark.parametrize("cache_dtype,new_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
-                                                    (torch.bfloat16, torch.bfloat16)])
-def test_cache_append_equals_torch_indexing(cache_dtype, new_dtype, device):
+                                                    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_cache_append_equals_torch_indexing(cache_dtype, new_dtype, on, device):
     """The one-kernel decode write against KVCache's torch indexing: new keys/values as views of a
     fused qkv (not contiguous), rows at different slots, rows past n and other slots untouched."""
+    device = device if on == "here" else on
     rows, H, L_max, D, n = 4, 2, 10, 16, 3
     ours, ref = (KVCache(rows, H, L_max, D, cache_dtype, device, CacheStep(), append)
                  for append in (cache_append, None))
@@ -68,6 +70,10 @@ def test_cache_append_equals_torch_indexing(cache_dtype, new_dtype, device):
         c.update(k, v)
     assert torch.equal(ours.k, ref.k) and torch.equal(ours.v, ref.v)
     assert ours.k[1, :, 0].float().allclose(k[1, :, 0].float().to(cache_dtype).float())
+    with pytest.raises(ValueError, match="slots must be"):
+        cache_append(ours.k, ours.v, k, v, lengths[:2])
+    with pytest.raises(ValueError, match="do not take new keys"):
+        cache_append(ours.k, ours.v[:, :1], k, v, lengths)
 
 
 def test_decode_bad_input_is_rejected(device):

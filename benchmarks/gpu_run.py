@@ -234,6 +234,16 @@ def results_folder(meta: dict) -> Path:
     return base / f"gpu-{meta['command']}-{slug}-{stamp}-{meta['commit']}"
 
 
+def installed(py: str) -> bool:
+    """Whether `py` imports this checkout's gptfast with its kernels and _C's CUDA kernel, as the
+    bench stages need (a fresh GPU machine has neither until gpu-check's build stage ran)."""
+    code = "import sys, gptfast.kernels, gptfast.sampling as s; sys.exit(0 if s.has_kernel('cuda') else 1)"
+    try:
+        return subprocess.run([py, "-c", code], cwd=ROOT, capture_output=True).returncode == 0
+    except OSError:  # not an interpreter at all
+        return False
+
+
 def stages_for(command: str, scratch: str, only: list[str] | None) -> list[Stage]:
     stages = check_stages(sys.executable) if command == "check" else bench_stages(sys.executable, scratch)
     unknown = set(only or ()) - {s.name for s in stages}
@@ -302,6 +312,9 @@ def main(argv=None) -> int:
             raise SystemExit("gpu_run.py: no CUDA GPU visible to torch (--dry-run lists the stages anywhere)")
         failed = False
         for command, stages in plans.items():
+            if command == "bench" and "check" not in plans and not installed(sys.executable):
+                print("gpu-bench: gptfast (or _C's CUDA kernel) is not installed here: gpu-check's build stage first")
+                stages = check_stages(sys.executable)[:1] + stages
             meta = metadata(command)
             folder = results_folder(meta)
             records = run_stages(stages, folder, meta, args.limit_scale)

@@ -45,6 +45,14 @@ def test_only_names_a_stage(capsys):
         gpu_run.main(["check", "--only", "decode", "--dry-run"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine may have the CUDA kernel built")
+def test_bench_builds_first_where_the_cuda_kernel_is_missing():
+    """gpu-bench alone on a fresh machine runs gpu-check's build stage first; here (no CUDA
+    kernel) that check says so, and a bogus interpreter is 'not installed' too."""
+    assert not gpu_run.installed(sys.executable)
+    assert not gpu_run.installed(os.devnull)  # not an interpreter
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the real stages")
 def test_a_real_run_needs_a_gpu():
     with pytest.raises(SystemExit, match="no CUDA GPU visible to torch"):

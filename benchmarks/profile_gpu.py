@@ -6,7 +6,8 @@
 
 train: each backend's step (forward, backward, fused AdamW; bench_train.py's step) is warmed
 up, then profiled with torch.profiler over --steps steps: wall ms per step, GPU-busy ms (the sum
-of kernel times), kernel launches per step, and the top kernels with their share of GPU time.
+of kernel times), kernel launches per step, the top kernels with their share of GPU time, and
+the copies and casts by input shapes.
 
 decode: gptfast's Generator (random init, greedy, prompt "Every effort moves you", the
 generation bench_generate.py times), per dtype:
@@ -167,7 +168,7 @@ def profile_backend(backend: str, steps: int, top: int, compiled: bool = False) 
     for _ in range(2):
         step()
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):
             step()
     wall = (time.perf_counter() - start) / steps * 1e3
@@ -181,6 +182,13 @@ def profile_backend(backend: str, steps: int, top: int, compiled: bool = False) 
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
         ms = e.self_device_time_total / steps / 1e3
         lines.append(f"| {e.key[:90]} | {e.count / steps:.0f} | {ms:.2f} | {100 * ms / busy:.1f}% |")
+    # the copies and casts by the op and shapes that made them: what to fuse or keep in one dtype
+    copies = [e for e in prof.key_averages(group_by_input_shape=True)
+              if e.key in ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous")]
+    lines += ["", "| copy op | input shapes | calls/step | device ms/step |", "|---|---|---|---|"]
+    for e in sorted(copies, key=lambda e: -e.device_time_total)[:top // 2]:
+        lines.append(f"| {e.key} | {str(e.input_shapes)[:80]} | {e.count / steps:.0f} | "
+                     f"{e.device_time_total / steps / 1e3:.2f} |")
     return lines
 
 

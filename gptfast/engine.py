@@ -494,7 +494,8 @@ class Engine:
     def _deliver(self, parts, start):
         """Read every chosen id back at once (the step's one host sync), push each to its
         prompt's output, and tell each request what it got."""
-        ids = torch.cat([t.view(-1) for t, _ in parts]).tolist() if parts else []
+        ids = torch.cat([t.view(-1) for t, _ in parts]).tolist() if len(parts) > 1 else \
+            parts[0][0].view(-1).tolist() if parts else []
         owners = [s for _, o in parts for s in o]
         now = time.perf_counter()
         touched = {}

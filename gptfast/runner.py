@@ -164,21 +164,23 @@ class Runner:
 
 
 class _StepBuffers:
-    """The static step's inputs for one batch size, refilled in place (a graph reads them)."""
+    """The static step's inputs for one batch size, refilled in place (a graph reads them): ids,
+    positions and the (seed, offset) pair, views of one device buffer that one copy fills."""
 
     def __init__(self, size: int, device):
         self.size = size
-        self.idx = torch.zeros(size, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(size, 1, dtype=torch.long, device=device)
-        self.seed = torch.zeros(2, dtype=torch.long, device=device)
+        self.inputs = torch.zeros(2 * size + 2, dtype=torch.long, device=device)
+        self.idx = self.inputs[:size].view(size, 1)
+        self.pos = self.inputs[size:2 * size].view(size, 1)
+        self.seed = self.inputs[2 * size:]
 
     def fill(self, tokens, lengths, seed):
         pad = [0] * (self.size - len(tokens))  # padding rows: token 0 at slot 0
-        host = torch.tensor([tokens + pad, lengths + pad])  # one copy to the device for both
-        self.idx.copy_(host[0].view(-1, 1), non_blocking=True)
-        self.pos.copy_(host[1].view(-1, 1), non_blocking=True)
-        if seed is not None:
-            self.seed.copy_(seed, non_blocking=True)
+        host = torch.tensor(tokens + pad + lengths + pad)
+        if seed is None:
+            self.inputs[:2 * self.size].copy_(host, non_blocking=True)
+        else:
+            self.inputs.copy_(torch.cat([host, seed]), non_blocking=True)
 
 
 class _Graph:

@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 RUN    ?= runs/demo
 
-.PHONY: demo test bench gpu gpu-check gpu-bench setup clean
+.PHONY: demo test bench gpu gpu-check gpu-bench gpu-suite setup clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
@@ -44,6 +44,10 @@ gpu-check:
 
 gpu-bench:
 	$(GPU_PY) benchmarks/gpu_run.py bench
+
+# The whole suite on the GPU, without the interpreter (<= 7 min: a device call of its own).
+gpu-suite:
+	$(GPU_PY) benchmarks/gpu_run.py suite
 
 # Everything only a CUDA machine can show, the long way (16-22 min, more than one slot): _C
 # rebuilt with its CUDA kernel (a missing toolkit fails here instead of warning), the whole

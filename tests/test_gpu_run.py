@@ -19,11 +19,12 @@ import gpu_run  # noqa: E402
 
 STAGES = {"check": ["build", "info", "kernels", "sampler", "generate", "train"],  # issue 11's order
           "bench": ["attention", "memory-bound", "sampler", "train", "decode",
-                    "tune", "profile-train", "profile-decode"]}
+                    "tune", "profile-train", "profile-decode"],
+          "suite": ["tests"]}
 
 
 def test_dry_run_lists_every_stage_and_the_limits_fit_the_contract(capsys):
-    assert gpu_run.main(["check", "bench", "--dry-run"]) == 0
+    assert gpu_run.main(["check", "bench", "suite", "--dry-run"]) == 0
     out = capsys.readouterr().out
     for command, names in STAGES.items():
         stages = gpu_run.stages_for(command, "/tmp", None)

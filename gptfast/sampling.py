@@ -112,9 +112,10 @@ def _check_values(logits):
     # returns id -1 for a NaN/+inf row; the CPU kernel raises in its single pass).
     if torch.compiler.is_compiling() or (logits.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    if not bool((logits < math.inf).all()):
+    finite, rows_ok = torch.stack(((logits < math.inf).all(), (logits > -math.inf).any(dim=-1).all())).tolist()
+    if not finite:  # both flags read back at once: one sync, not two
         raise ValueError("sample_top_k: logits contain NaN or +inf (-inf is allowed: masked tokens)")
-    if not bool((logits > -math.inf).any(dim=-1).all()):
+    if not rows_ok:
         raise ValueError("sample_top_k: a logits row is all -inf (nothing to sample)")
 
 

@@ -35,9 +35,10 @@ bench: $(STAMP)
 # hold a CUDA torch and the test dependencies (GPU images usually do; override with GPU_PY=).
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 
-# The GPU truth in one short slot (benchmarks/gpu_run.py: stages in order, each with its own
+# The GPU truth in short slots (benchmarks/gpu_run.py: stages in order, each with its own
 # time limit; `--dry-run` lists them). gpu-check: correctness, <= 4 min on an H200 with the
-# build; gpu-bench: the headline numbers, <= 5 min (after gpu-check: it needs _C's CUDA kernel).
+# build; gpu-bench: the headline numbers, the tuning sweep and the profiles, <= 5 min (plus the
+# build stage, 70 s at most, where the package is missing).
 # Results: one folder per run under $GPTFAST_RESULTS (default benchmarks/results/).
 gpu-check:
 	$(GPU_PY) benchmarks/gpu_run.py check
@@ -49,12 +50,9 @@ gpu-bench:
 gpu-suite:
 	$(GPU_PY) benchmarks/gpu_run.py suite
 
-# Everything only a CUDA machine can show, the long way (16-22 min, more than one slot): _C
-# rebuilt with its CUDA kernel (a missing toolkit fails here instead of warning), the whole
-# suite without Triton's interpreter (the gpu-marked tests run), then every benchmark.
+# Everything only a CUDA machine can show, the long way (16-22 min, more than one slot): the
+# checks (_C rebuilt with its CUDA kernel: a missing toolkit fails here instead of warning),
+# the whole suite without Triton's interpreter, then every benchmark.
 gpu:
-	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu: no CUDA GPU visible to torch')"
-	GPTFAST_CUDA=1 $(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .
-	$(GPU_PY) -m gptfast.cli info
-	$(GPU_PY) -m pytest -n 4 -rs tests
+	$(GPU_PY) benchmarks/gpu_run.py check suite
 	$(GPU_PY) benchmarks/report.py

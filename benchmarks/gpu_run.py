@@ -1,15 +1,23 @@
-"""The GPU truth in one short slot: `make gpu-check` (correctness, <= 4 min on an H200, build
-included) and `make gpu-bench` (the headline numbers, <= 5 min), each a list of stages run in
-order, every stage a subprocess with its own time limit.
+"""The GPU truth in short slots: `make gpu-check` (correctness, <= 4 min on an H200, build
+included), `make gpu-bench` (the headline numbers, then the launch-configuration sweep and the
+profiles the next work reads, <= 5 min) and `make gpu-suite` (the whole test suite on the GPU,
+<= 7 min, a device call of its own), each a list of stages run in order, every stage a
+subprocess with its own time limit.
 
     python benchmarks/gpu_run.py check            # build, info, kernel/sampler/generation/training checks
-    python benchmarks/gpu_run.py bench            # attention, memory-bound ops, sampler, training step, decode
+    python benchmarks/gpu_run.py bench            # attention, memory-bound ops, sampler, training step,
+                                                  # decode; tune, profile-train, profile-decode
     python benchmarks/gpu_run.py check bench      # both, one results folder each
+    python benchmarks/gpu_run.py suite            # every test, without Triton's interpreter
     python benchmarks/gpu_run.py check --dry-run  # list the stages, their limits and commands (any machine)
     python benchmarks/gpu_run.py bench --collect  # ... and collect each pytest stage's tests (any machine)
     python benchmarks/gpu_run.py check --only kernels --only sampler
 
-Results: one folder per command, $GPTFAST_RESULTS/gpu-<check|bench>-<device>-<date>-<commit>/
+bench and suite need the package installed with _C's CUDA kernel, which check's build stage does;
+run without check where that is missing (a fresh machine), they run that stage first (its 70 s
+come on top of their limits).
+
+Results: one folder per command, $GPTFAST_RESULTS/gpu-<command>-<device>-<date>-<commit>/
 (GPTFAST_RESULTS defaults to benchmarks/results), holding summary.md (a table of stages, then
 each stage's tables and test results), summary.json (device, date, commit, torch/Triton/CUDA
 versions, every stage's status, time and tables) and log.txt (everything the stages printed).
@@ -251,6 +259,17 @@ def suite_stages(py: str) -> list[Stage]:
                   _pytest(py, "-n", "8", "tests"), pytest=True)]
 
 
+def plan(commands: list[str], scratch: str, only: list[str] | None) -> dict[str, list[Stage]]:
+    """The stages each command runs here: bench and suite start with check's build stage when
+    check does not run too and the package (or _C's CUDA kernel) is missing."""
+    plans = {c: stages_for(c, scratch, only) for c in dict.fromkeys(commands)}
+    for command in plans:
+        if command != "check" and "check" not in plans and not installed(sys.executable):
+            print(f"gpu-{command}: gptfast (or _C's CUDA kernel) is not installed here: gpu-check's build stage first")
+            plans[command] = check_stages(sys.executable)[:1] + plans[command]
+    return plans
+
+
 def stages_for(command: str, scratch: str, only: list[str] | None) -> list[Stage]:
     stages = {"check": lambda: check_stages(sys.executable), "bench": lambda: bench_stages(sys.executable, scratch),
               "suite": lambda: suite_stages(sys.executable)}[command]()
@@ -320,10 +339,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_run.py: no CUDA GPU visible to torch (--dry-run lists the stages anywhere)")
         failed = False
-        for command, stages in plans.items():
-            if command != "check" and "check" not in plans and not installed(sys.executable):
-                print(f"gpu-{command}: gptfast (or _C's CUDA kernel) is not installed here: gpu-check's build stage first")
-                stages = check_stages(sys.executable)[:1] + stages
+        for command, stages in plan(args.commands, scratch, args.only).items():
             meta = metadata(command)
             folder = results_folder(meta)
             records = run_stages(stages, folder, meta, args.limit_scale)

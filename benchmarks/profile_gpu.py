@@ -32,7 +32,7 @@ import torch
 PROMPT = [6109, 3626, 6100, 345]
 
 
-def diagnose(model, dtype, n_tokens, rounds):
+def profile_decode(model, dtype, n_tokens, rounds):
     from gptfast.generate import Generator
     print(f"\n=== gptfast {dtype}, batch 1, {len(PROMPT)}-token prompt, {n_tokens} new tokens ===")
     t0 = time.perf_counter()
@@ -135,11 +135,8 @@ def summarize(p) -> dict:
                kernels_by_name={})
     for a in p.key_averages():
         name, cnt = a.key, a.count
-        on_device = str(getattr(a, "device_type", "")).endswith(("CUDA", "PrivateUse1"))
-        if on_device:
-            us = getattr(a, "self_device_time_total", None)
-            if us is None:
-                us = getattr(a, "self_cuda_time_total", 0.0)
+        if a.device_type.name == "CUDA":  # a kernel, copy or memset on the GPU
+            us = a.self_device_time_total
             out["gpu_us"] += us
             low = name.lower()
             if "memcpy" in low or "memset" in low:
@@ -160,7 +157,7 @@ def summarize(p) -> dict:
     return out
 
 
-def profile_backend(backend: str, steps: int, top: int, compiled: bool = False) -> list[str]:
+def profile_train(backend: str, steps: int, top: int, compiled: bool = False) -> list[str]:
     import bench_train
     from torch.profiler import ProfilerActivity, profile
     cfg, state, x, y = bench_train.inputs()
@@ -172,16 +169,15 @@ def profile_backend(backend: str, steps: int, top: int, compiled: bool = False) 
         for _ in range(steps):
             step()
     wall = (time.perf_counter() - start) / steps * 1e3
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
-    busy = sum(e.self_device_time_total for e in kernels) / steps / 1e3
-    launches = sum(e.count for e in kernels) / steps
+    totals = summarize(prof)
+    busy = totals["gpu_us"] / steps / 1e3
     name = backend + ("+compile" if compiled else "")
     lines = ["", f"### {name} bf16: {wall:.1f} ms/step wall (under the profiler), {busy:.1f} ms GPU-busy, "
-             f"{launches:.0f} kernels/step", "", "| kernel | calls/step | ms/step | % of GPU time |",
+             f"{totals['kernels'] / steps:.0f} kernels/step", "", "| kernel | calls/step | ms/step | % of GPU time |",
              "|---|---|---|---|"]
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
-        ms = e.self_device_time_total / steps / 1e3
-        lines.append(f"| {e.key[:90]} | {e.count / steps:.0f} | {ms:.2f} | {100 * ms / busy:.1f}% |")
+    for kernel, (count, us) in sorted(totals["kernels_by_name"].items(), key=lambda kv: -kv[1][1])[:top]:
+        ms = us / steps / 1e3
+        lines.append(f"| {kernel[:90]} | {count / steps:.0f} | {ms:.2f} | {100 * ms / busy:.1f}% |")
     # the copies and casts by the op and shapes that made them: what to fuse or keep in one dtype
     copies = [e for e in prof.key_averages(group_by_input_shape=True)
               if e.key in ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous")]
@@ -213,7 +209,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
     if args.what == "train":
         for b in args.backends:
-            print("\n".join(profile_backend(b.removesuffix("+compile"), args.steps, args.top, b.endswith("+compile"))),
+            print("\n".join(profile_train(b.removesuffix("+compile"), args.steps, args.top, b.endswith("+compile"))),
                   flush=True)
         return 0
     from gptfast import GPTConfig, GPTModel
@@ -221,7 +217,7 @@ def main(argv=None) -> int:
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").to("cuda").eval()
     print(f"model backend: {model.active_backend}")
     for dtype in args.dtypes:
-        diagnose(model, dtype, args.tokens, args.rounds)
+        profile_decode(model, dtype, args.tokens, args.rounds)
     return 0
 
 

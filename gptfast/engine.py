@@ -494,8 +494,10 @@ class Engine:
     def _deliver(self, parts, start):
         """Read every chosen id back at once (the step's one host sync), push each to its
         prompt's output, and tell each request what it got."""
-        ids = torch.cat([t.view(-1) for t, _ in parts]).tolist() if len(parts) > 1 else \
-            parts[0][0].view(-1).tolist() if parts else []
+        if len(parts) > 1:
+            ids = torch.cat([t.view(-1) for t, _ in parts]).tolist()
+        else:  # one group decoding (the usual step): no cat kernel before the read
+            ids = parts[0][0].view(-1).tolist() if parts else []
         owners = [s for _, o in parts for s in o]
         now = time.perf_counter()
         touched = {}

@@ -32,11 +32,12 @@ def batch_sizes(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
-def _cache_append(model):
-    """How decode steps write the KV cache: one Triton kernel a layer under the triton backend on
-    CUDA, else None: torch indexing, an arange and two index_put kernels a layer (93 of a bf16
-    GPT-2 token's 548 GPU-us on an H200)."""
-    if model.active_backend != "triton" or model.tok_emb.weight.device.type != "cuda":
+def _cache_append(model, device):
+    """How decode steps write the KV cache, chosen when the caches are made (Runner.reserve): one
+    Triton kernel a layer under the triton backend on CUDA, else None: torch indexing, an arange
+    and two index_put kernels a layer (93 of a bf16 GPT-2 token's 548 GPU-us on an H200). A
+    backend switched later keeps it: the kernel is right under any backend."""
+    if model.active_backend != "triton" or device.type != "cuda":
         return None
     from gptfast.kernels._attention_common import HEAD_DIMS
     from gptfast.kernels.attention_decode import cache_append
@@ -70,7 +71,8 @@ class Runner:
         size = next(s for s in self.sizes if s >= rows)
         if size <= self.rows:
             return
-        new = make_caches(model, size, self.context_size, self.kv_dtype, self.device, self.step, _cache_append(model))
+        new = make_caches(model, size, self.context_size, self.kv_dtype, self.device, self.step,
+                          _cache_append(model, self.device))
         for old, c in zip(self.caches, new):
             c.k[: self.rows], c.v[: self.rows] = old.k, old.v
         self.rows, self.caches, self.graphs, self.buffers = size, new, {}, {}

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from gptfast.backends import triton_interpreting as _interpreting
 
-from ._attention_common import LOG2E, _cast, _check_qkv, _precision, _unit_last
+from ._attention_common import LOG2E, _cast, _check_device, _check_qkv, _precision, _unit_last
 
 
 @triton.jit
@@ -118,6 +118,9 @@ def cache_append(k_cache, v_cache, k, v, slots):
         raise ValueError(f"cache_append: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} (strides "
                          f"{k_cache.stride()} / {v_cache.stride()}) do not take new keys {tuple(k.shape)} / "
                          f"values {tuple(v.shape)}: same shapes and strides, unit last stride, a power-of-two D")
+    _check_device("k_cache", k_cache)
+    if k.device != k_cache.device or v.device != k_cache.device:
+        raise ValueError(f"cache_append: new keys/values on {k.device} / {v.device}, the caches on {k_cache.device}")
     if slots.shape != (n,) or slots.dtype.is_floating_point or slots.device != k_cache.device:
         raise ValueError(f"cache_append: slots must be ({n},) integers on {k_cache.device}, got "
                          f"{tuple(slots.shape)} {slots.dtype} on {slots.device}")

@@ -125,7 +125,8 @@ def _fp16_mult(dtype, mult: float):
     return mult if dtype == torch.float16 else None
 
 
-# the loss kernel's vocabulary block and elements per warp (benchmarks/tune_gpu.py times others)
+# the loss kernel's vocabulary block and elements per warp (benchmarks/tune_gpu.py times others);
+# GPT-2's 50257 gets the 16 warps it always had, vocabularies of 8192 or fewer half as many
 MAX_BLOCK_V, BLOCK_PER_WARP = 16384, 1024
 
 
@@ -298,10 +299,11 @@ def _chunk_tokens(M: int, H: int, V: int) -> int:
 def _padded_weight(weight, dtype):
     """weight (V, H) in `dtype`, contiguous, with zero rows appended up to a multiple of 64 rows
     (one copy, cast included; none when it is all that already), so that every GEMM of the chunk
-    loop has aligned sizes: for GPT-2's odd 50257, cuBLAS falls back to `align1` kernels (sm75
-    CUTLASS), which took 25.8 of a 61 ms bf16 training step on an H200
-    (benchmarks/results/gpu-bench-nvidia-h200-20261130-1134-*/profile_train.md). The zero rows
-    give zero logits (masked by the kernel), zero gradient columns and zero grad_weight rows."""
+    loop has aligned sizes: for GPT-2's odd 50257, cuBLAS fell back to old CUTLASS kernels (sm75
+    `align1`, sm80 `align8`), 25.8 of a 61 ms bf16 training step on an H200
+    (benchmarks/results/gpu-bench-nvidia-h200-20261130-1134-*/profile_train.md). The copy costs
+    one pass over the weight a forward, also for an fp32 weight that needed none before. The zero
+    rows give zero logits (masked by the kernel), zero gradient columns and zero grad_weight rows."""
     V, H = weight.shape
     if V % 64 == 0:
         return weight.to(dtype).contiguous()

@@ -139,7 +139,7 @@ def _linear_inputs(M, H, V, dtype, device, seed=0):
     return hidden, weight, targets.to(device)
 
 
-@pytest.mark.parametrize("M,H,V", [(37, 16, 101), (6, 32, 50257), (1, 8, 5)])
+@pytest.mark.parametrize("M,H,V", [(37, 16, 101), (6, 32, 50257), (1, 8, 5), (7, 16, 128)])  # 128: no padding
 def test_linear_cross_entropy_fp32_matches_torch(M, H, V, device):
     hidden, weight, targets = _linear_inputs(M, H, V, torch.float32, device)
     if M == 1:

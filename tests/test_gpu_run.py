@@ -46,11 +46,21 @@ def test_only_names_a_stage(capsys):
         gpu_run.main(["check", "--only", "decode", "--dry-run"])
 
 
+def test_bench_and_suite_build_first_where_the_package_is_missing(monkeypatch):
+    """gpu-bench or gpu-suite alone on a fresh machine run gpu-check's build stage first; with
+    check in the same run, or the package installed, they do not."""
+    monkeypatch.setattr(gpu_run, "installed", lambda py: False)
+    plans = gpu_run.plan(["bench", "suite"], "/tmp", None)
+    assert [p[0].name for p in plans.values()] == ["build", "build"]
+    assert plans["bench"][1:] == gpu_run.stages_for("bench", "/tmp", None)
+    assert gpu_run.plan(["check", "bench"], "/tmp", None)["bench"][0].name == "attention"
+    monkeypatch.setattr(gpu_run, "installed", lambda py: True)
+    assert gpu_run.plan(["suite"], "/tmp", None)["suite"][0].name == "tests"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine may have the CUDA kernel built")
-def test_bench_builds_first_where_the_cuda_kernel_is_missing():
-    """gpu-bench alone on a fresh machine runs gpu-check's build stage first; here (no CUDA
-    kernel) that check says so, and a bogus interpreter is 'not installed' too."""
-    assert not gpu_run.installed(sys.executable)
+def test_installed_needs_the_cuda_kernel():
+    assert not gpu_run.installed(sys.executable)  # no CUDA kernel here
     assert not gpu_run.installed(os.devnull)  # not an interpreter
 
 

@@ -5,7 +5,8 @@ check the kernel against).
 | file | functions | module (the op it implements) | reference |
 | --- | --- | --- | --- |
 | layer_norm.py | layer_norm, add_layer_norm | TritonLayerNorm (layer_norm) | layer_norm_ref |
-| gelu.py | gelu, bias_gelu | TritonGELU (gelu), FusedFeedForward (feed_forward) | bias_gelu_ref |
+| gelu.py | gelu, bias_gelu | TritonGELU (gelu) | bias_gelu_ref |
+| feed_forward.py | gemv, linear_rows (decode's few rows, where faster than cuBLAS) | FusedFeedForward (feed_forward) | linear_rows_ref |
 | cross_entropy.py | cross_entropy, linear_cross_entropy | LinearCrossEntropyLoss (loss) | cross_entropy_ref, linear_cross_entropy_ref |
 | attention.py | attention | TritonCausalAttention (attention: prefill and decode) | attention_ref |
 | attention_decode.py | attention_decode (flash-decoding) | called by TritonCausalAttention | attention_ref |
@@ -26,7 +27,8 @@ import warnings
 from gptfast.backends import TorchCausalAttention
 
 from .cross_entropy import LinearCrossEntropyLoss, cross_entropy, linear_cross_entropy
-from .gelu import FusedFeedForward, TritonGELU, bias_gelu, gelu
+from .feed_forward import FusedFeedForward
+from .gelu import TritonGELU, bias_gelu, gelu
 from .layer_norm import TritonLayerNorm, add_layer_norm, layer_norm
 
 __all__ = ["add_layer_norm", "bias_gelu", "cross_entropy", "gelu", "layer_norm", "linear_cross_entropy",

@@ -12,17 +12,15 @@ keeps full relative precision in the negative tail. The cubic uses z clamped to 
 which the sigmoid is exactly 0 or 1 in fp32, so no NaN or inf for any finite input.
 (tl.math.tanh is not in every Triton version, so the kernel does not use it.)
 
-`TritonGELU` is the "triton" backend's GELU module and `FusedFeedForward` its feed-forward
-(the first layer's bias fused into the GELU kernel); `bias_gelu_ref` is the reference the tests
-and benchmarks check these kernels against.
+`TritonGELU` is the "triton" backend's GELU module (its feed-forward, which fuses the first
+layer's bias into this kernel, is feed_forward.py's); `bias_gelu_ref` is the reference the
+tests and benchmarks check these kernels against.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -189,16 +187,3 @@ def gelu(x):
 class TritonGELU(TorchGELU):
     def forward(self, x):
         return gelu(x) if fused_dtypes(x) else super().forward(x)
-
-
-class FusedFeedForward(nn.Module):
-    """The feed-forward (Linear, GELU, Linear) with the first layer's bias add fused into the
-    GELU kernel when that layer is a plain nn.Linear; any other first layer (int8, LoRA) just
-    runs the layers, each on its own class."""
-    op = "feed_forward"
-
-    def forward(self, x):
-        up, _, down = self.layers
-        if type(up) is not nn.Linear or not fused_dtypes(x, up.weight):
-            return self.layers(x)
-        return down(bias_gelu(F.linear(x, up.weight), up.bias))  # bias None: plain GELU

@@ -11,7 +11,8 @@ from gptfast.backends import TorchCausalAttention
 from gptfast.config import GPTConfig
 from gptfast.kernels.attention import TritonCausalAttention, attention_ref
 from gptfast.kernels.cross_entropy import LinearCrossEntropyLoss
-from gptfast.kernels.gelu import FusedFeedForward, TritonGELU, bias_gelu_ref
+from gptfast.kernels.feed_forward import FusedFeedForward
+from gptfast.kernels.gelu import TritonGELU, bias_gelu_ref
 from gptfast.kernels.layer_norm import TritonLayerNorm, layer_norm_ref
 from gptfast.kv_cache import CacheStep, KVCache
 from gptfast.model import GELU, CausalAttention, FeedForward, GPTModel, LayerNorm

@@ -1,0 +1,123 @@
+"""feed_forward: the "triton" backend's feed-forward (Linear, GELU, Linear), and gemv, the
+matrix-vector kernel it uses for the few rows of a decode step.
+
+Many rows (training, prefill): cuBLAS for the matmuls, the first layer's bias add fused into
+gelu.py's GELU kernel. At batch 1 a decode step's linears are matrix-vector products: on an
+H200 cuBLAS took about 4.4 us for each of GPT-2's (1-5 MB of weights, about 1 us of reading),
+plus a split-K reduction kernel for the down projection and the bias+GELU kernel after the up
+projection (benchmarks/results/gpu-bench-nvidia-h200-20261130-1134-*/profile_decode.txt). The
+gemv kernel has each program load its BLOCK_N weight rows whole, in one go (every load in flight
+at once, no dependent loop), and reduce them against each of the M <= MAX_ROWS input rows, with
+bias and GELU as its epilogue; the grid covers the SMs about twice.
+
+Whether that beats cuBLAS on a given GPU and shape is measured, not assumed: `linear_rows`
+times both (in CUDA graphs, as decode replays them) at its first call for a shape outside a
+graph capture, keeps the faster, and until then, or inside a capture, takes cuBLAS.
+`linear_rows_ref` is the reference the tests check both against.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+import triton.testing
+
+from gptfast.backends import fused_dtypes, triton_interpreting
+
+from .gelu import _tanh_gelu_parts, bias_gelu, bias_gelu_ref
+
+MAX_ROWS = 4  # more rows: cuBLAS's GEMM
+TILE = 8192  # weight elements a program holds (BLOCK_N x BLOCK_K): 32 fp32 registers a thread
+NUM_WARPS = 8
+_FASTER: dict[tuple, bool] = {}  # shape key -> gemv beat cuBLAS there
+
+
+def linear_rows_ref(x, weight, bias=None, gelu: bool = False):
+    """F.linear, or GPT-2's tanh GELU of the product plus the bias (added in fp32, as bias_gelu)."""
+    return bias_gelu_ref(F.linear(x, weight), bias, upcast=True).to(x.dtype) if gelu else F.linear(x, weight, bias)
+
+
+def _cublas(x, weight, bias, gelu):
+    """The many-rows path: cuBLAS, then the bias+GELU kernel."""
+    return bias_gelu(F.linear(x, weight), bias) if gelu else F.linear(x, weight, bias)
+
+
+@triton.jit
+def _gemv(X, W, BIAS, Y, N, K, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    w = tl.load(W + cols[:, None].to(tl.int64) * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
+                other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K): this program's weight rows, whole
+    if HAS_BIAS:
+        b = tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)
+    for m in tl.static_range(ROWS):
+        x = tl.load(X + m * K + ks, mask=ks < K, other=0.0).to(tl.float32)
+        y = tl.sum(w * x[None, :], axis=1)  # (BLOCK_N,)
+        if HAS_BIAS:
+            y += b
+        if GELU:
+            s, _ = _tanh_gelu_parts(y)
+            y = y * s
+        tl.store(Y + m * N + cols, y.to(Y.dtype.element_ty), mask=cols < N)
+
+
+def gemv(x, weight, bias=None, gelu: bool = False):
+    """x (M, K) contiguous, M <= MAX_ROWS; weight (N, K) contiguous, K <= TILE; bias (N,) or None."""
+    M, K = x.shape
+    N = weight.shape[0]
+    block_k = triton.next_power_of_2(K)
+    sms = 4 if triton_interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
+    block_n = max(1, min(TILE // block_k, triton.next_power_of_2(max(1, N // (2 * sms)))))
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    _gemv[(triton.cdiv(N, block_n),)](x, weight, x if bias is None else bias, y, N, K, ROWS=M,
+                                      HAS_BIAS=bias is not None, GELU=gelu, BLOCK_N=block_n, BLOCK_K=block_k,
+                                      num_warps=NUM_WARPS)
+    return y
+
+
+def linear_rows(x, weight, bias=None, gelu: bool = False):
+    """linear_rows_ref(x, weight, bias, gelu) for x (M, K) of at most MAX_ROWS contiguous rows on
+    CUDA: gemv or cuBLAS, whichever replayed faster for this shape here."""
+    key = (x.device.index, *x.shape, weight.shape[0], x.dtype, bias is not None, gelu)
+    if key not in _FASTER:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return _cublas(x, weight, bias, gelu)  # no timing inside a capture: decided at a warm-up
+        _FASTER[key] = _faster(lambda: gemv(x, weight, bias, gelu), lambda: _cublas(x, weight, bias, gelu))
+    return gemv(x, weight, bias, gelu) if _FASTER[key] else _cublas(x, weight, bias, gelu)
+
+
+def _faster(ours, theirs) -> bool:
+    """Whether `ours` replays faster than `theirs` in a CUDA graph; any failure: False."""
+    try:
+        ours()  # compiled before the capture that times it
+        return triton.testing.do_bench_cudagraph(ours, rep=5) < triton.testing.do_bench_cudagraph(theirs, rep=5)
+    except Exception:  # noqa: BLE001 - a kernel that cannot run here simply loses
+        return False
+
+
+class FusedFeedForward(nn.Module):
+    """The feed-forward (Linear, GELU, Linear) with the first layer's bias add fused into the
+    GELU kernel when that layer is a plain nn.Linear, and a decode step's few rows through
+    linear_rows when both layers are; any other first layer (int8, LoRA) just runs the layers,
+    each on its own class."""
+    op = "feed_forward"
+
+    def forward(self, x):
+        up, _, down = self.layers
+        if type(up) is not nn.Linear or not fused_dtypes(x, up.weight):
+            return self.layers(x)
+        if type(down) is nn.Linear and self._few_rows(x, up.weight, down.weight):
+            rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, C)
+            h = linear_rows(rows, up.weight, up.bias, gelu=True)  # (M, 4C)
+            return linear_rows(h, down.weight, down.bias).view(*x.shape[:-1], -1)  # (..., C)
+        return down(bias_gelu(F.linear(x, up.weight), up.bias))  # bias None: plain GELU
+
+    @staticmethod
+    def _few_rows(x, *weights) -> bool:
+        """A CUDA inference call of at most MAX_ROWS rows, operands of one dtype, contiguous
+        weights of at most TILE // 2 columns: linear_rows' ground."""
+        return (x.is_cuda and not torch.is_grad_enabled() and x.numel() <= MAX_ROWS * x.shape[-1]
+                and all(w.dtype == x.dtype and w.is_contiguous() and w.shape[1] <= TILE // 2 for w in weights))

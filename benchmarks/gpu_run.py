@@ -78,7 +78,8 @@ def check_stages(py: str) -> list[Stage]:
         Stage("kernels", 60, "every Triton kernel vs its reference at GPT-2 shapes, fp32/fp16/bf16, forward and every "
               "gradient; attention T=4096 x head_dim 128, dropout over 16x12x1024; CE 16x1024x50257; linear-CE "
               "memory", gpu_tests("-n", "3", "tests/test_layer_norm.py", "tests/test_gelu.py", "tests/test_attention.py",
-                                  "tests/test_attention_decode.py", "tests/test_cross_entropy.py"), pytest=True),
+                                  "tests/test_attention_decode.py", "tests/test_cross_entropy.py",
+                                  "tests/test_feed_forward.py"), pytest=True),
         # 52 tests, 36 of them a 256-row CPU draw each: over 25 s on one process (H200, 2026-11-30)
         Stage("sampler", 45, "CUDA sample_top_k vs the CPU op, CUDA-graph replay",
               gpu_tests("-n", "4", "tests/test_sampling.py"), pytest=True),

@@ -11,8 +11,11 @@ at once, no dependent loop), and reduce them against each of the M <= MAX_ROWS i
 bias and GELU as its epilogue; the grid covers the SMs about twice.
 
 Whether that beats cuBLAS on a given GPU and shape is measured, not assumed: `linear_rows`
-times both (in CUDA graphs, as decode replays them) at its first call for a shape outside a
-graph capture, keeps the faster, and until then, or inside a capture, takes cuBLAS.
+times both at its first call for a shape outside a graph capture (in CUDA graphs, as decode
+replays them, over copies of the weight that pass twice the L2, as a decode step streams its
+weights from memory), keeps the faster, and until then, or inside a capture, takes cuBLAS.
+The timing synchronizes the device: it belongs at a model's warm-up (the runner warms every
+decode step up before capturing it), not beside another thread's graph capture.
 `linear_rows_ref` is the reference the tests check both against.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from gptfast.backends import fused_dtypes, triton_interpreting
+from gptfast.backends import fused_dtypes, triton_interpreting, warn_once
 
 from .gelu import _tanh_gelu_parts, bias_gelu, bias_gelu_ref
 
@@ -68,6 +71,11 @@ def gemv(x, weight, bias=None, gelu: bool = False):
     """x (M, K) contiguous, M <= MAX_ROWS; weight (N, K) contiguous, K <= TILE; bias (N,) or None."""
     M, K = x.shape
     N = weight.shape[0]
+    if not (0 < M <= MAX_ROWS and K <= TILE and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
+            and (bias is None or (bias.shape == (N,) and bias.is_contiguous()))):
+        raise ValueError(f"gemv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}: expected 1..{MAX_ROWS} contiguous rows "
+                         f"of K <= {TILE}, a contiguous (N, K) weight and an (N,) bias")
     block_k = triton.next_power_of_2(K)
     sms = 4 if triton_interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
     block_n = max(1, min(TILE // block_k, triton.next_power_of_2(max(1, N // (2 * sms)))))
@@ -85,17 +93,28 @@ def linear_rows(x, weight, bias=None, gelu: bool = False):
     if key not in _FASTER:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return _cublas(x, weight, bias, gelu)  # no timing inside a capture: decided at a warm-up
-        _FASTER[key] = _faster(lambda: gemv(x, weight, bias, gelu), lambda: _cublas(x, weight, bias, gelu))
+        _FASTER[key] = _faster(x, weight, bias, gelu)
     return gemv(x, weight, bias, gelu) if _FASTER[key] else _cublas(x, weight, bias, gelu)
 
 
-def _faster(ours, theirs) -> bool:
-    """Whether `ours` replays faster than `theirs` in a CUDA graph; any failure: False."""
-    try:
-        ours()  # compiled before the capture that times it
-        return triton.testing.do_bench_cudagraph(ours, rep=5) < triton.testing.do_bench_cudagraph(theirs, rep=5)
-    except Exception:  # noqa: BLE001 - a kernel that cannot run here simply loses
-        return False
+def _faster(x, weight, bias, gelu) -> bool:
+    """Whether gemv replays faster than cuBLAS for these operands, in CUDA graphs over copies of
+    the weight that pass twice the L2 (decode streams its weights from memory, where one weight
+    timed again and again would sit in the L2); a failure says why, once, and picks cuBLAS."""
+    with torch.cuda.device(x.device):
+        l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 64 << 20)
+        weights = [weight.clone() for _ in range(-(-2 * l2 // (weight.numel() * weight.element_size())))]
+
+        def replay_ms(fn):
+            return triton.testing.do_bench_cudagraph(lambda: [fn(x, w, bias, gelu) for w in weights], rep=5)
+        try:
+            gemv(x, weight, bias, gelu)  # compiled before the capture that times it
+            return replay_ms(gemv) < replay_ms(_cublas)
+        except (RuntimeError, ValueError, triton.CompilationError) as e:
+            warn_once(f"gemv: timing it against cuBLAS failed ({type(e).__name__}: {e}); using cuBLAS")
+            return False
+        finally:
+            torch._C._cuda_clearCublasWorkspaces()  # each timing's new stream got a cuBLAS workspace
 
 
 class FusedFeedForward(nn.Module):
@@ -109,15 +128,17 @@ class FusedFeedForward(nn.Module):
         up, _, down = self.layers
         if type(up) is not nn.Linear or not fused_dtypes(x, up.weight):
             return self.layers(x)
-        if type(down) is nn.Linear and self._few_rows(x, up.weight, down.weight):
+        if type(down) is nn.Linear and self._few_rows(x, up, down):
             rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, C)
             h = linear_rows(rows, up.weight, up.bias, gelu=True)  # (M, 4C)
             return linear_rows(h, down.weight, down.bias).view(*x.shape[:-1], -1)  # (..., C)
         return down(bias_gelu(F.linear(x, up.weight), up.bias))  # bias None: plain GELU
 
     @staticmethod
-    def _few_rows(x, *weights) -> bool:
-        """A CUDA inference call of at most MAX_ROWS rows, operands of one dtype, contiguous
-        weights of at most TILE // 2 columns: linear_rows' ground."""
-        return (x.is_cuda and not torch.is_grad_enabled() and x.numel() <= MAX_ROWS * x.shape[-1]
-                and all(w.dtype == x.dtype and w.is_contiguous() and w.shape[1] <= TILE // 2 for w in weights))
+    def _few_rows(x, *layers) -> bool:
+        """A CUDA inference call (no autocast) of 1..MAX_ROWS rows, parameters of x's dtype,
+        contiguous, weights of at most TILE // 2 columns: linear_rows' ground."""
+        return (x.is_cuda and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
+                and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+                and all(p.dtype == x.dtype and p.is_contiguous() for m in layers for p in m.parameters())
+                and all(m.weight.shape[1] <= TILE // 2 for m in layers))

@@ -99,9 +99,10 @@ def bench_stages(py: str, scratch: str) -> list[Stage]:
     return [
         Stage("attention", 20, "causal attention fwd+bwd, 16x1024 and 4x4096 tokens bf16: TFLOP/s vs SDPA-flash",
               bench(*attention), pytest=True),
-        Stage("memory-bound", 35, "LayerNorm, GELU, CE, linear-CE vs PyTorch: GB/s, % of a same-run copy, peak memory",
+        Stage("memory-bound", 35, "LayerNorm, GELU, CE, linear-CE, decode's feed-forward gemv vs PyTorch/cuBLAS: GB/s, "
+              "% of a same-run copy, peak memory",
               bench("benchmarks/bench_layer_norm.py", "benchmarks/bench_gelu.py", "benchmarks/bench_cross_entropy.py",
-                    "-k", "native or triton"), pytest=True),
+                    "benchmarks/bench_feed_forward.py", "-k", "native or triton"), pytest=True),
         Stage("sampler", 15, "sample_top_k us at B=1 and B=64, k=50, vs the six-op path",
               (py, "benchmarks/bench_sampling.py", "--device", "cuda", "--batches", "1", "64", "--ks", "50")),
         Stage("train", 70, "GPT-2 124M training step, 16x1024 bf16: tokens/s, triton vs torch vs torch.compile",

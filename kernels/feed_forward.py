@@ -42,7 +42,7 @@ def linear_rows_ref(x, weight, bias=None, gelu: bool = False):
     return bias_gelu_ref(F.linear(x, weight), bias, upcast=True).to(x.dtype) if gelu else F.linear(x, weight, bias)
 
 
-def _cublas(x, weight, bias, gelu):
+def cublas_linear(x, weight, bias, gelu):
     """The many-rows path: cuBLAS, then the bias+GELU kernel."""
     return bias_gelu(F.linear(x, weight), bias) if gelu else F.linear(x, weight, bias)
 
@@ -92,29 +92,34 @@ def linear_rows(x, weight, bias=None, gelu: bool = False):
     key = (x.device.index, *x.shape, weight.shape[0], x.dtype, bias is not None, gelu)
     if key not in _FASTER:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return _cublas(x, weight, bias, gelu)  # no timing inside a capture: decided at a warm-up
+            return cublas_linear(x, weight, bias, gelu)  # no timing inside a capture: decided at a warm-up
         _FASTER[key] = _faster(x, weight, bias, gelu)
-    return gemv(x, weight, bias, gelu) if _FASTER[key] else _cublas(x, weight, bias, gelu)
+    return gemv(x, weight, bias, gelu) if _FASTER[key] else cublas_linear(x, weight, bias, gelu)
+
+
+def replay_ms(fn, x, weight, bias=None, gelu: bool = False) -> float:
+    """ms of fn(x, weight, bias, gelu) (gemv or the cuBLAS path) replayed in a CUDA graph, over
+    copies of the weight that pass twice the L2: decode streams its weights from memory, where
+    one weight timed again and again would sit in the L2."""
+    with torch.cuda.device(x.device):
+        l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 64 << 20)
+        copies = -(-2 * l2 // (weight.numel() * weight.element_size()))
+        weights = [weight.clone() for _ in range(copies)]
+        fn(x, weight, bias, gelu)  # compiled before the capture that times it
+        try:
+            return triton.testing.do_bench_cudagraph(lambda: [fn(x, w, bias, gelu) for w in weights], rep=5) / copies
+        finally:
+            torch._C._cuda_clearCublasWorkspaces()  # each timing's new stream got a cuBLAS workspace
 
 
 def _faster(x, weight, bias, gelu) -> bool:
-    """Whether gemv replays faster than cuBLAS for these operands, in CUDA graphs over copies of
-    the weight that pass twice the L2 (decode streams its weights from memory, where one weight
-    timed again and again would sit in the L2); a failure says why, once, and picks cuBLAS."""
-    with torch.cuda.device(x.device):
-        l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 64 << 20)
-        weights = [weight.clone() for _ in range(-(-2 * l2 // (weight.numel() * weight.element_size())))]
-
-        def replay_ms(fn):
-            return triton.testing.do_bench_cudagraph(lambda: [fn(x, w, bias, gelu) for w in weights], rep=5)
-        try:
-            gemv(x, weight, bias, gelu)  # compiled before the capture that times it
-            return replay_ms(gemv) < replay_ms(_cublas)
-        except (RuntimeError, ValueError, triton.CompilationError) as e:
-            warn_once(f"gemv: timing it against cuBLAS failed ({type(e).__name__}: {e}); using cuBLAS")
-            return False
-        finally:
-            torch._C._cuda_clearCublasWorkspaces()  # each timing's new stream got a cuBLAS workspace
+    """Whether gemv replays faster than cuBLAS for these operands; a failure says why, once, and
+    picks cuBLAS."""
+    try:
+        return replay_ms(gemv, x, weight, bias, gelu) < replay_ms(cublas_linear, x, weight, bias, gelu)
+    except (RuntimeError, ValueError, triton.CompilationError) as e:
+        warn_once(f"gemv: timing it against cuBLAS failed ({type(e).__name__}: {e}); using cuBLAS")
+        return False
 
 
 class FusedFeedForward(nn.Module):

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from kernel_bench import DTYPE, TOKENS, VOCAB, WIDTH, assert_within_2x, copy_bandwidth, pass_fn, time_ms
+from kernel_bench import DTYPE, assert_within_2x, copy_bandwidth, pass_fn, time_ms
 
 
 @dataclass
@@ -39,37 +39,29 @@ class Case:
 
 
 def _layer_norm() -> Case:
-    from bench_layer_norm import native_layer_norm
+    import bench_layer_norm as bench  # its benchmark's inputs and native op
     module = importlib.import_module("gptfast.kernels.layer_norm")  # the package exports the function
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x, dy = (torch.randn(TOKENS, WIDTH, device="cuda", generator=g, dtype=DTYPE) for _ in range(2))
-    scale = 1 + 0.1 * torch.randn(WIDTH, device="cuda", generator=g, dtype=DTYPE)
-    shift = 0.1 * torch.randn(WIDTH, device="cuda", generator=g, dtype=DTYPE)
-    return Case(module, module.layer_norm, native_layer_norm, module.layer_norm_ref, [x, scale, shift], dy, "bwd",
+    args, (dy,) = bench._inputs("layer_norm")
+    return Case(module, module.layer_norm, bench.native_layer_norm, module.layer_norm_ref, args, dy, "bwd",
                 3 * dy.numel() * dy.element_size(), {"BWD_PROGRAMS_PER_SM": [2, 4, 8, 16, 32]})
 
 
 def _gelu() -> Case:
-    from bench_gelu import native_bias_gelu
+    import bench_gelu as bench
     module = importlib.import_module("gptfast.kernels.gelu")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = 2 * torch.randn(TOKENS, 4 * WIDTH, device="cuda", generator=g, dtype=DTYPE)
-    bias = 0.1 * torch.randn(4 * WIDTH, device="cuda", generator=g, dtype=DTYPE)
-    dy = torch.randn(TOKENS, 4 * WIDTH, device="cuda", generator=g, dtype=DTYPE)
-    return Case(module, module.bias_gelu, native_bias_gelu, module.bias_gelu_ref, [x, bias], dy, "bwd",
+    args, (dy,) = bench._inputs()
+    return Case(module, module.bias_gelu, bench.native_bias_gelu, module.bias_gelu_ref, args, dy, "bwd",
                 3 * dy.numel() * dy.element_size(), {"BWD_NUM_WARPS": [4, 8], "BWD_PROGRAMS_PER_SM": [2, 4, 8, 16]})
 
 
 def _cross_entropy() -> Case:
+    import bench_cross_entropy as bench
     module = importlib.import_module("gptfast.kernels.cross_entropy")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    targets = torch.randint(0, VOCAB, (TOKENS,), device="cuda", generator=g)
-    targets[::10] = -100
-    logits = 2 * torch.randn(TOKENS, VOCAB, device="cuda", generator=g, dtype=DTYPE)
-    return Case(module, lambda x: module.cross_entropy(x, targets), lambda x: torch.nn.functional.cross_entropy(
-        x, targets), lambda x: module.cross_entropy_ref(x, targets), [logits], torch.tensor(1.0, device="cuda"),
-        "fwd+bwd", 2 * logits.numel() * logits.element_size(),
-        {"MAX_BLOCK_V": [8192, 16384, 32768], "BLOCK_PER_WARP": [512, 1024, 2048]})
+    logits, targets = bench._inputs("cross_entropy")
+    return Case(module, lambda x: module.cross_entropy(x, targets), lambda x: bench.native_cross_entropy(x, targets),
+                lambda x: module.cross_entropy_ref(x, targets), [logits], torch.tensor(1.0, device="cuda"),
+                "fwd+bwd", 2 * logits.numel() * logits.element_size(),
+                {"MAX_BLOCK_V": [8192, 16384, 32768], "BLOCK_PER_WARP": [512, 1024, 2048]})
 
 
 CASES = {"layer_norm": _layer_norm, "gelu": _gelu, "cross_entropy": _cross_entropy}

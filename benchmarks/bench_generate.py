@@ -32,7 +32,7 @@ from gptfast.tokenizer import get_tokenizer
 
 import engines  # noqa: E402  (benchmarks/ is on sys.path)
 import quality  # noqa: E402
-from common import ReadFloor, commit_id, device_name, interleaved, load_average, save_report  # noqa: E402
+from common import PROMPT, ReadFloor, commit_id, device_name, interleaved, load_average, save_report  # noqa: E402
 
 PEERS = ("transformers-fp32", "ct2-float32", "ct2-int8")
 DEFAULT_ENGINES = PEERS + DTYPES
@@ -41,7 +41,7 @@ DEFAULT_ENGINES = PEERS + DTYPES
 def prompts(batch: int) -> list[list[int]]:
     """`batch` different 4-token prompts (the first is "Every effort moves you")."""
     ids = get_tokenizer().encode(read_text(VERDICT))
-    return [[6109, 3626, 6100, 345]] + [ids[4 * i:4 * i + 4] for i in range(1, batch)]
+    return [PROMPT] + [ids[4 * i:4 * i + 4] for i in range(1, batch)]
 
 
 def weight_bytes(model, dtype) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you": the decode benchmarks' prompt
 
 
 def _git(*args) -> str:

@@ -23,9 +23,8 @@ import torch
 from gptfast import GPTConfig, GPTModel
 from gptfast.generate import Generator
 
-from common import commit_id, device_name, load_average, save_report  # noqa: E402
+from common import PROMPT, commit_id, device_name, load_average, save_report  # noqa: E402
 
-PROMPT = [6109, 3626, 6100, 345]
 COLUMNS = ("generate", "step", "matmuls", "eager step")
 
 

@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-PROMPT = [6109, 3626, 6100, 345]
+from common import PROMPT  # benchmarks/ is on sys.path when run as a script
 
 
 def profile_decode(model, dtype, n_tokens, rounds):

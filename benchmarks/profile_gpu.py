@@ -194,15 +194,18 @@ def main(argv=None) -> int:
     tr = sub.add_parser("train", help="a training step's top kernels per backend")
     tr.add_argument("--backends", nargs="+", default=["triton", "torch+compile"],
                     choices=["triton", "torch", "torch+compile", "reference"])
-    tr.add_argument("--steps", type=int, default=2)
-    tr.add_argument("--top", type=int, default=25)
+    tr.add_argument("--steps", type=int, default=2, help="profiled steps (>= 1)")
+    tr.add_argument("--top", type=int, default=25, help="kernels listed (>= 1)")
     de = sub.add_parser("decode", help="a batch-1 decode token: engine, runner and GPU time, kernels")
-    de.add_argument("--dtypes", nargs="+", default=["bfloat16"], help="gptfast dtypes (float32 bfloat16 float16)")
+    de.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16", "float16"],
+                    help="gptfast dtypes")
     de.add_argument("--tokens", type=int, default=200, help="new tokens per generation (the benchmark: 200)")
     de.add_argument("--rounds", type=int, default=3, help="timed generations per dtype (best and median)")
     args = ap.parse_args(argv)
     if args.what == "decode" and (not 8 <= args.tokens <= 1000 or args.rounds < 1):
         ap.error("--tokens must be in [8, 1000] (the runner loop must fit the 1024 context), --rounds >= 1")
+    if args.what == "train" and (args.steps < 1 or args.top < 1):
+        ap.error("--steps and --top must be >= 1")
     if not torch.cuda.is_available():
         raise SystemExit("profile_gpu.py: no CUDA GPU visible to torch")
     import triton

@@ -22,10 +22,6 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -33,7 +29,11 @@
 #include <limits>
 #include <vector>
 
-#include "linear_cpu.h"
+#include "linear_cpu.h"  // first: it defines GPTFAST_X86_GNU
+
+#if defined(GPTFAST_X86_GNU)
+#include <immintrin.h>
+#endif
 
 // The loops below are plain C++; on x86-64 each is also built for AVX2 + FMA (x86-64-v3) and the
 // loader picks the clone this CPU runs (GCC/clang target_clones).

@@ -103,7 +103,7 @@ def replay_ms(fn, x, weight, bias=None, gelu: bool = False) -> float:
     one weight timed again and again would sit in the L2."""
     with torch.cuda.device(x.device):
         l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 64 << 20)
-        copies = -(-2 * l2 // (weight.numel() * weight.element_size()))
+        copies = triton.cdiv(2 * l2, weight.numel() * weight.element_size())
         weights = [weight.clone() for _ in range(copies)]
         fn(x, weight, bias, gelu)  # compiled before the capture that times it
         try:

@@ -154,7 +154,7 @@ class BiasGeluFunction(torch.autograd.Function):
         if not x.numel():
             return dx, torch.zeros_like(bias) if has_bias and ctx.needs_input_grad[1] else None
         groups, grid, rows_per_prog, bm, bn = _bwd_tiles(M, N, x.device)
-        part = torch.empty(groups if has_bias else 1, N, dtype=torch.float32, device=x.device)
+        part = torch.empty(groups, N, dtype=torch.float32, device=x.device) if has_bias else x  # x: unused
         _bias_gelu_bwd[grid](dy, x, bias if has_bias else x, dx, part, M, N, rows_per_prog, HAS_BIAS=has_bias,
                              BLOCK_M=bm, BLOCK_N=bn, num_warps=BWD_NUM_WARPS)
         dbias = part.sum(0).to(bias.dtype) if has_bias and ctx.needs_input_grad[1] else None

@@ -223,7 +223,7 @@ class GPTModel(nn.Module):
         x, branch = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos)), None  # (B, T, C)
         for i, block in enumerate(self.trf_blocks):
             x, branch = block(x, branch, None if kv_caches is None else kv_caches[i])
-        return self.final_norm(x) if branch is None else self.final_norm.add_norm(x, branch)[1]
+        return self.final_norm.add_norm(x, branch)[1]  # n_layers >= 1: the last block's branch
 
     def forward(self, idx, kv_caches=None, start_pos=0, *, targets=None, ignore_index=-100, positions=None):
         """Logits (B, T, vocab_size) for token ids (B, T); with `targets`, the mean loss instead

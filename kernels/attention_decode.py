@@ -21,7 +21,7 @@ import triton.language as tl
 
 from gptfast.backends import triton_interpreting as _interpreting
 
-from ._attention_common import LOG2E, _cast, _check_device, _check_qkv, _precision, _unit_last
+from ._attention_common import HEAD_DIMS, LOG2E, _cast, _check_device, _check_qkv, _precision, _unit_last
 
 
 @triton.jit
@@ -107,17 +107,19 @@ def cache_append(k_cache, v_cache, k, v, slots):
     """k_cache[b, :, slots[b]] = k[b, :, 0] (and v alike) for rows b < n, in one kernel: a decode
     step's cache write, where torch indexing takes an arange and two index_put kernels.
 
-    k_cache, v_cache (rows, H, L_max, D), same shape and strides, unit last stride, D a power of
-    two; k, v (n, H, 1, D), n <= rows; slots (n,) integers on the device, values in [0, L_max)
+    k_cache, v_cache (rows, H, L_max, D), same shape and strides, unit last stride, D in
+    HEAD_DIMS; k, v (n, H, 1, D), n <= rows; slots (n,) integers on the device, values in [0, L_max)
     (not checked: that would sync, and the call may be captured in a CUDA graph).
     """
+    if k.dim() != 4 or k.shape[2] != 1 or k.shape[3] not in HEAD_DIMS:
+        raise ValueError(f"cache_append: new keys must be (n, H, 1, D) with D in {HEAD_DIMS}, got {tuple(k.shape)}")
     n, H, _, D = k.shape
     if (k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1
-            or k_cache.shape[1] != H or k_cache.shape[3] != D or v.shape != k.shape or n > k_cache.shape[0]
-            or D & (D - 1)):
+            or k_cache.dim() != 4 or k_cache.shape[1] != H or k_cache.shape[3] != D or v.shape != k.shape
+            or n > k_cache.shape[0]):
         raise ValueError(f"cache_append: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} (strides "
                          f"{k_cache.stride()} / {v_cache.stride()}) do not take new keys {tuple(k.shape)} / "
-                         f"values {tuple(v.shape)}: same shapes and strides, unit last stride, a power-of-two D")
+                         f"values {tuple(v.shape)}: same shapes and strides, unit last stride")
     _check_device("k_cache", k_cache)
     if k.device != k_cache.device or v.device != k_cache.device:
         raise ValueError(f"cache_append: new keys/values on {k.device} / {v.device}, the caches on {k_cache.device}")

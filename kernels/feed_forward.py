@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from gptfast.backends import fused_dtypes, triton_interpreting, warn_once
+from gptfast.backends import FUSED_DTYPES, fused_dtypes, triton_interpreting, warn_once
 
+from ._attention_common import _check_device
 from .gelu import _tanh_gelu_parts, bias_gelu, bias_gelu_ref
 
 MAX_ROWS = 4  # more rows: cuBLAS's GEMM
@@ -67,15 +68,29 @@ def _gemv(X, W, BIAS, Y, N, K, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU:
         tl.store(Y + m * N + cols, y.to(Y.dtype.element_ty), mask=cols < N)
 
 
+def _fits(M: int, K: int, x, weight, bias) -> bool:
+    """gemv's ground for M rows of K values like x (its dtype and device): 1 <= M <= MAX_ROWS,
+    0 < K <= TILE, weight (N, K) and bias (N,) or None, contiguous, of x's dtype and device."""
+    params = [weight] + ([] if bias is None else [bias])
+    return (0 < M <= MAX_ROWS and 0 < K <= TILE and x.dtype in FUSED_DTYPES and weight.dim() == 2
+            and weight.shape[1] == K and (bias is None or bias.shape == (weight.shape[0],))
+            and all(p.is_contiguous() and p.dtype == x.dtype and p.device == x.device for p in params))
+
+
+def _check(x, weight, bias):
+    _check_device("gemv: x", x)
+    if x.dim() != 2 or not x.is_contiguous() or not _fits(*x.shape, x, weight, bias):
+        raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}: expected 1..{MAX_ROWS} contiguous rows "
+                         f"of 0 < K <= {TILE} values, a contiguous (N, K) weight and an (N,) bias of x's dtype "
+                         "and device")
+
+
 def gemv(x, weight, bias=None, gelu: bool = False):
     """x (M, K) contiguous, M <= MAX_ROWS; weight (N, K) contiguous, K <= TILE; bias (N,) or None."""
+    _check(x, weight, bias)
     M, K = x.shape
     N = weight.shape[0]
-    if not (0 < M <= MAX_ROWS and K <= TILE and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
-            and (bias is None or (bias.shape == (N,) and bias.is_contiguous()))):
-        raise ValueError(f"gemv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
-                         f"{None if bias is None else tuple(bias.shape)}: expected 1..{MAX_ROWS} contiguous rows "
-                         f"of K <= {TILE}, a contiguous (N, K) weight and an (N,) bias")
     block_k = triton.next_power_of_2(K)
     sms = 4 if triton_interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
     block_n = max(1, min(TILE // block_k, triton.next_power_of_2(max(1, N // (2 * sms)))))
@@ -89,12 +104,18 @@ def gemv(x, weight, bias=None, gelu: bool = False):
 def linear_rows(x, weight, bias=None, gelu: bool = False):
     """linear_rows_ref(x, weight, bias, gelu) for x (M, K) of at most MAX_ROWS contiguous rows on
     CUDA: gemv or cuBLAS, whichever replayed faster for this shape here."""
-    key = (x.device.index, *x.shape, weight.shape[0], x.dtype, bias is not None, gelu)
+    _check(x, weight, bias)  # before any timing: a bad input is an error, not a recorded choice
+    key = _key(x, weight, bias, gelu)
     if key not in _FASTER:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return cublas_linear(x, weight, bias, gelu)  # no timing inside a capture: decided at a warm-up
         _FASTER[key] = _faster(x, weight, bias, gelu)
     return gemv(x, weight, bias, gelu) if _FASTER[key] else cublas_linear(x, weight, bias, gelu)
+
+
+def _key(x, weight, bias, gelu) -> tuple:
+    """What linear_rows' choice depends on: device, shapes, dtype, bias or not, GELU or not."""
+    return (x.device.index, *x.shape, weight.shape[0], x.dtype, bias is not None, gelu)
 
 
 def replay_ms(fn, x, weight, bias=None, gelu: bool = False) -> float:
@@ -117,7 +138,7 @@ def _faster(x, weight, bias, gelu) -> bool:
     picks cuBLAS."""
     try:
         return replay_ms(gemv, x, weight, bias, gelu) < replay_ms(cublas_linear, x, weight, bias, gelu)
-    except (RuntimeError, ValueError, triton.CompilationError) as e:
+    except (RuntimeError, triton.CompilationError) as e:
         warn_once(f"gemv: timing it against cuBLAS failed ({type(e).__name__}: {e}); using cuBLAS")
         return False
 
@@ -140,10 +161,9 @@ class FusedFeedForward(nn.Module):
         return down(bias_gelu(F.linear(x, up.weight), up.bias))  # bias None: plain GELU
 
     @staticmethod
-    def _few_rows(x, *layers) -> bool:
-        """A CUDA inference call (no autocast) of 1..MAX_ROWS rows, parameters of x's dtype,
-        contiguous, weights of at most TILE // 2 columns: linear_rows' ground."""
+    def _few_rows(x, up, down) -> bool:
+        """A CUDA inference call (no autocast) whose two products are on gemv's ground."""
+        M = x.numel() // x.shape[-1] if x.shape[-1] else 0
         return (x.is_cuda and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
-                and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
-                and all(p.dtype == x.dtype and p.is_contiguous() for m in layers for p in m.parameters())
-                and all(m.weight.shape[1] <= TILE // 2 for m in layers))
+                and _fits(M, x.shape[-1], x, up.weight, up.bias)
+                and _fits(M, up.weight.shape[0], x, down.weight, down.bias))

@@ -74,6 +74,9 @@ def test_cache_append_equals_torch_indexing(cache_dtype, new_dtype, on, device):
         cache_append(ours.k, ours.v, k, v, lengths[:2])
     with pytest.raises(ValueError, match="do not take new keys"):
         cache_append(ours.k, ours.v[:, :1], k, v, lengths)
+    for bad in (k[:, :, 0], torch.cat([k, k], dim=2), k[..., :12]):  # 3-D, two new keys a row, D=12
+        with pytest.raises(ValueError, match="new keys must be"):
+            cache_append(ours.k, ours.v, bad, bad, lengths)
 
 
 def test_decode_bad_input_is_rejected(device):

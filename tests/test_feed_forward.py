@@ -37,18 +37,21 @@ def test_linear_rows_takes_the_recorded_choice(ours_faster, device, monkeypatch)
     kernel. The two differ in the last bit (the kernel rounds once, after the GELU), which tells
     them apart here."""
     x, w, b = _operands(1, 64, 48, torch.bfloat16, device, seed=2)
-    key = (x.device.index, 1, 64, 48, torch.bfloat16, True, True)
-    monkeypatch.setattr(feed_forward, "_FASTER", {key: ours_faster})
+    monkeypatch.setattr(feed_forward, "_FASTER", {feed_forward._key(x, w, b, True): ours_faster})
     got = linear_rows(x, w, b, gelu=True)
     want = gemv(x, w, b, gelu=True) if ours_faster else feed_forward.cublas_linear(x, w, b, gelu=True)
     assert torch.equal(got, want)
     assert not torch.equal(gemv(x, w, b, gelu=True), feed_forward.cublas_linear(x, w, b, gelu=True)), "paths alike"
+    with pytest.raises(ValueError, match="gemv: x"):  # a bad input is an error before any choice
+        linear_rows(x.t(), w, b)
+    with pytest.raises(ValueError, match="gemv: x"):
+        gemv(x, w, b.double())
 
 
 @pytest.mark.gpu
-def test_linear_rows_times_once_and_the_decode_feed_forward_agrees():
-    """On a GPU: the first call for a shape records a choice (timed in CUDA graphs), and the
-    feed-forward of one row (inference) equals the many-rows path within the 2x rule."""
+def test_linear_rows_times_once_and_the_decode_feed_forward_agrees(monkeypatch):
+    """On a GPU: the first call for a shape records a choice (timed in CUDA graphs, once), and
+    the feed-forward of one row (inference) equals the many-rows path within the 2x rule."""
     from gptfast.config import GPTConfig
     from gptfast.kernels.feed_forward import FusedFeedForward
     from gptfast.model import FeedForward
@@ -56,10 +59,14 @@ def test_linear_rows_times_once_and_the_decode_feed_forward_agrees():
     ff = FeedForward(GPTConfig.from_preset("gpt2-small")).cuda()
     ff.__class__ = FusedFeedForward
     x = torch.randn(1, 1, 768, device="cuda")
+    monkeypatch.setattr(feed_forward, "_FASTER", {})
+    timed, faster = [], feed_forward._faster
+    monkeypatch.setattr(feed_forward, "_faster", lambda *a: timed.append(a[0].shape) or faster(*a))
     with torch.inference_mode():
         truth = ff.layers(x)  # the reference layers in fp32
         ff.to(torch.bfloat16)
         xb = x.to(torch.bfloat16)
         ours, ref = ff(xb), ff.layers(xb)  # one row: linear_rows; the reference layers in bf16
-    assert any(k[1:4] == (1, 768, 3072) for k in feed_forward._FASTER), "no choice recorded for the up projection"
+        ff(xb)  # again: the choices are recorded, nothing is timed twice
+    assert len(timed) == len(feed_forward._FASTER) == 2, f"timed {timed}, recorded {feed_forward._FASTER}"
     assert_within_2x(ours, ref, truth, "decode feed-forward")

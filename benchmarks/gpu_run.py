@@ -261,12 +261,14 @@ def suite_stages(py: str) -> list[Stage]:
                   _pytest(py, "-n", "8", "tests"), pytest=True)]
 
 
-def plan(commands: list[str], scratch: str, only: list[str] | None) -> dict[str, list[Stage]]:
-    """The stages each command runs here: bench and suite start with check's build stage when
-    check does not run too and the package (or _C's CUDA kernel) is missing."""
+def plan(commands: list[str], scratch: str, only: list[str] | None, build_if_missing: bool = True
+         ) -> dict[str, list[Stage]]:
+    """The stages each command runs here: with build_if_missing, bench and suite start with
+    check's build stage when check does not run too and the package (or _C's CUDA kernel) is
+    missing (asked once: a subprocess that imports torch)."""
     plans = {c: stages_for(c, scratch, only) for c in dict.fromkeys(commands)}
-    for command in plans:
-        if command != "check" and "check" not in plans and not installed(sys.executable):
+    if build_if_missing and "check" not in plans and not installed(sys.executable):
+        for command in plans:
             print(f"gpu-{command}: gptfast (or _C's CUDA kernel) is not installed here: gpu-check's build stage first")
             plans[command] = check_stages(sys.executable)[:1] + plans[command]
     return plans
@@ -332,16 +334,19 @@ def main(argv=None) -> int:
     ap.add_argument("--limit-scale", type=float, default=1.0, help="multiply every stage's limit (slower GPUs)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))  # common, report
+    if args.limit_scale <= 0:
+        ap.error(f"--limit-scale must be > 0, got {args.limit_scale}")
     with tempfile.TemporaryDirectory() as scratch:
-        plans = {c: stages_for(c, scratch, args.only) for c in dict.fromkeys(args.commands)}
         if args.dry_run or args.collect:
+            plans = plan(args.commands, scratch, args.only, build_if_missing=False)
             listed = [list_stages(c, stages, args.collect, args.limit_scale) for c, stages in plans.items()]
             return 0 if all(listed) else 1
         import torch
         if not torch.cuda.is_available():
             raise SystemExit("gpu_run.py: no CUDA GPU visible to torch (--dry-run lists the stages anywhere)")
+        plans = plan(args.commands, scratch, args.only)
         failed = False
-        for command, stages in plan(args.commands, scratch, args.only).items():
+        for command, stages in plans.items():
             meta = metadata(command)
             folder = results_folder(meta)
             records = run_stages(stages, folder, meta, args.limit_scale)

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from common import save_report
 from kernel_bench import DTYPE, assert_within_2x, copy_bandwidth, pass_fn, time_ms
 
 
@@ -119,9 +120,10 @@ def main(argv=None) -> int:
     report = [f"# Launch configurations on {torch.cuda.get_device_name()}", ""]
     for op in args.ops:
         report += tune(op) + [""]
-    print("\n".join(report))
     if args.out:
-        args.out.write_text("\n".join(report) + "\n")
+        save_report(report, args.out)  # prints it too; makes the folder
+    else:
+        print("\n".join(report))
     return 0
 
 

@@ -34,6 +34,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _sm_count(device) -> int:
+    """The multiprocessors a grid is sized for (4 under the interpreter, which has none)."""
+    return 4 if _interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _check_device(name: str, t: torch.Tensor):
     if t.device.type != "cuda" and not _interpreting():
         raise ValueError(f"{name} is on {t.device.type}; Triton kernels need a CUDA tensor "

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from gptfast.backends import triton_interpreting as _interpreting
 
-from ._attention_common import HEAD_DIMS, LOG2E, _cast, _check_device, _check_qkv, _precision, _unit_last
+from ._attention_common import HEAD_DIMS, LOG2E, _cast, _check_device, _check_qkv, _precision, _sm_count, _unit_last
 
 
 @triton.jit
@@ -161,7 +161,7 @@ def attention_decode(q, k_cache, v_cache, cache_len, num_splits: int | None = No
         raise ValueError(f"attention_decode: num_splits must be >= 1, got {num_splits}")
     if num_splits is None:
         # aim at ~4 programs per SM: small batches split the cache, big ones need no split
-        sms = 4 if _interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = _sm_count(q.device)
         num_splits = max(1, min(triton.cdiv(L, block_n), triton.cdiv(4 * sms, B * H)))
     split_len = triton.cdiv(triton.cdiv(L, num_splits), block_n) * block_n
     num_splits = triton.cdiv(L, split_len)

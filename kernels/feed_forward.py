@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from gptfast.backends import FUSED_DTYPES, fused_dtypes, triton_interpreting, warn_once
+from gptfast.backends import FUSED_DTYPES, fused_dtypes, warn_once
 
-from ._attention_common import _check_device
+from ._attention_common import _check_device, _sm_count
 from .gelu import _tanh_gelu_parts, bias_gelu, bias_gelu_ref
 
 MAX_ROWS = 4  # more rows: cuBLAS's GEMM
@@ -92,7 +92,7 @@ def gemv(x, weight, bias=None, gelu: bool = False):
     M, K = x.shape
     N = weight.shape[0]
     block_k = triton.next_power_of_2(K)
-    sms = 4 if triton_interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = _sm_count(x.device)
     block_n = max(1, min(TILE // block_k, triton.next_power_of_2(max(1, N // (2 * sms)))))
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     _gemv[(triton.cdiv(N, block_n),)](x, weight, x if bias is None else bias, y, N, K, ROWS=M,

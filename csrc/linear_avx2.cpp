@@ -326,23 +326,59 @@ GPTFAST_AVX2 inline void store_f32(const int64_t* t, float* y) {
 }
 
 // One x row's part of a packed step: broadcast its pair (x[2p], x[2p + 1]), then per 8 columns
-// one vpmaddwd into t and an add into the row's accumulator.
-#define GPTFAST_PAIR_ROW(X, A0, A1)                                     \
-  "vpbroadcastd (%[" X "]), %[b]\n\t"                                   \
+// one vpmaddwd into t and an add into the row's accumulator. Addresses are base + i (i = 4p, the
+// bytes of p pairs of x; the packed weights at 8i), so a step costs no address arithmetic, and
+// OFF is the step within the loop's two.
+#define GPTFAST_PAIR_ROW(X, OFF, A0, A1)                                \
+  "vpbroadcastd " OFF "*4(%[" X "],%[i]), %[b]\n\t"                     \
   "vpmaddwd %[b], %[w0], %[t]\n\tvpaddd %[t], %[" A0 "], %[" A0 "]\n\t" \
   "vpmaddwd %[b], %[w1], %[t]\n\tvpaddd %[t], %[" A1 "], %[" A1 "]\n\t"
-#define GPTFAST_LOAD_PAIRS "prefetcht1 (%[pf])\n\tvpmovsxbw (%[w]), %[w0]\n\tvpmovsxbw 16(%[w]), %[w1]\n\t"
+// the step's two lines of packed weights, sign-extended, and its prefetch (pf, then pf + ps)
+#define GPTFAST_LOAD_PAIRS(OFF, PF) \
+  "prefetcht1 " PF "\n\tvpmovsxbw " OFF "*32(%[w],%[i],8), %[w0]\n\tvpmovsxbw " OFF "*32+16(%[w],%[i],8), %[w1]\n\t"
+
+// R x rows' steps OFF of a loop iteration (4 rows: one asm statement; 6: two, as one takes at
+// most 30 operands, the second reusing w0 and w1).
+#define GPTFAST_PACKED_STEP(OFF, PF)                                                                            \
+  if constexpr (R == 4) {                                                                                      \
+    __asm__(GPTFAST_LOAD_PAIRS(OFF, PF) GPTFAST_PAIR_ROW("x0", OFF, "a00", "a01")                              \
+                GPTFAST_PAIR_ROW("x1", OFF, "a10", "a11") GPTFAST_PAIR_ROW("x2", OFF, "a20", "a21")            \
+                    GPTFAST_PAIR_ROW("x3", OFF, "a30", "a31")                                                  \
+            : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11), [a20] "+x"(a20),             \
+              [a21] "+x"(a21), [a30] "+x"(a30), [a31] "+x"(a31), [w0] "=&x"(w0), [w1] "=&x"(w1), [b] "=&x"(b), \
+              [t] "=&x"(t)                                                                                     \
+            : [w] "r"(pk), [i] "r"(i), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3), [pf] "r"(pf),   \
+              [ps] "r"(pf_step)                                                                                \
+            : "memory");                                                                                       \
+  } else {                                                                                                     \
+    __asm__(GPTFAST_LOAD_PAIRS(OFF, PF) GPTFAST_PAIR_ROW("x0", OFF, "a00", "a01")                              \
+                GPTFAST_PAIR_ROW("x1", OFF, "a10", "a11") GPTFAST_PAIR_ROW("x2", OFF, "a20", "a21")            \
+            : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11), [a20] "+x"(a20),             \
+              [a21] "+x"(a21), [w0] "=&x"(w0), [w1] "=&x"(w1), [b] "=&x"(b), [t] "=&x"(t)                      \
+            : [w] "r"(pk), [i] "r"(i), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [pf] "r"(pf), [ps] "r"(pf_step) \
+            : "memory");                                                                                       \
+    __asm__(GPTFAST_PAIR_ROW("x3", OFF, "a30", "a31") GPTFAST_PAIR_ROW("x4", OFF, "a40", "a41")                \
+                GPTFAST_PAIR_ROW("x5", OFF, "a50", "a51")                                                      \
+            : [a30] "+x"(a30), [a31] "+x"(a31), [a40] "+x"(a40), [a41] "+x"(a41), [a50] "+x"(a50),             \
+              [a51] "+x"(a51), [b] "=&x"(b), [t] "=&x"(t)                                                      \
+            : [w0] "x"(w0), [w1] "x"(w1), [i] "r"(i), [x3] "r"(x3), [x4] "r"(x4), [x5] "r"(x5)                 \
+            : "memory");                                                                                       \
+  }
 
 // total[j][c] += the 16 packed columns times x rows x[0..R) over pairs [p0, p1) (at most
 // kPairChunk), R = 4 or 6; each step also prefetches the line at address pf + pf_step * (p - p0)
 // (an integer: it runs past the weights at the last blocks, where a prefetch is harmless). The
 // step is written in assembly: GCC computed all the products of a step before adding any of
 // them, which needs more than the 16 vector registers, and spilled an accumulator (a
-// store-to-load round trip per step; the tile ran at a third of vpmaddwd's throughput). 6 rows fill the registers (12 accumulators, 2 weight vectors, the broadcast and
-// a product): the weights' sign extensions and the loop's overhead spread over 12 vpmaddwd
-// instead of 8. On Zen 3 the tile alone ran 5-20% faster; a GPT-2 step's matmuls (one thread,
-// order-balanced interleaved rounds) 16% faster at 96 x rows (a prefill), 10% at 32, even at 16.
-// An asm statement takes at most 30 operands, so 6 rows take two (the second reuses w0 and w1).
+// store-to-load round trip per step; the tile ran at a third of vpmaddwd's throughput). 6 rows
+// fill the registers (12 accumulators, 2 weight vectors, the broadcast and a product): the
+// weights' sign extensions and the loop's overhead spread over 12 vpmaddwd instead of 8. On Zen 3
+// the tile alone ran 5-20% faster; a GPT-2 step's matmuls (one thread, order-balanced interleaved
+// rounds) 16% faster at 96 x rows (a prefill), 10% at 32, even at 16.
+// Two steps a loop iteration, every address base + index: an address per x row per step and the
+// loop's counter had taken a fifth of the instructions. The tile alone in L1 went from 1.0-1.1
+// vpmaddwd a cycle to 1.25-1.35; benchmarks/engine_load.py at 16 clients, 6 alternating 20 s runs
+// against the tile before: 5% more tokens/s in all (faster in 5 of the 6 pairs).
 template <int R>
 GPTFAST_AVX2 void tile_i8_packed(const int8_t* pk, int64_t p0, int64_t p1, const int16_t* const x[R],
                                  int64_t (*total)[kPackRows], uintptr_t pf, int64_t pf_step) {
@@ -351,32 +387,14 @@ GPTFAST_AVX2 void tile_i8_packed(const int8_t* pk, int64_t p0, int64_t p1, const
   __m256i a40 = a00, a41 = a00, a50 = a00, a51 = a00;
   const int16_t *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];  // in registers despite the memory clobber
   const int16_t *x4 = R == 6 ? x[4] : nullptr, *x5 = R == 6 ? x[5] : nullptr;
-  for (int64_t p = p0; p < p1; ++p) {
-    __m256i w0, w1, b, t;
-    if constexpr (R == 4) {
-      __asm__(GPTFAST_LOAD_PAIRS GPTFAST_PAIR_ROW("x0", "a00", "a01") GPTFAST_PAIR_ROW("x1", "a10", "a11")
-                  GPTFAST_PAIR_ROW("x2", "a20", "a21") GPTFAST_PAIR_ROW("x3", "a30", "a31")
-              : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11), [a20] "+x"(a20),
-                [a21] "+x"(a21), [a30] "+x"(a30), [a31] "+x"(a31), [w0] "=&x"(w0), [w1] "=&x"(w1),
-                [b] "=&x"(b), [t] "=&x"(t)
-              : [w] "r"(pk + p * 32), [x0] "r"(x0 + 2 * p), [x1] "r"(x1 + 2 * p), [x2] "r"(x2 + 2 * p),
-                [x3] "r"(x3 + 2 * p), [pf] "r"(pf + pf_step * (p - p0))
-              : "memory");
-    } else {
-      __asm__(GPTFAST_LOAD_PAIRS GPTFAST_PAIR_ROW("x0", "a00", "a01") GPTFAST_PAIR_ROW("x1", "a10", "a11")
-                  GPTFAST_PAIR_ROW("x2", "a20", "a21")
-              : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11), [a20] "+x"(a20),
-                [a21] "+x"(a21), [w0] "=&x"(w0), [w1] "=&x"(w1), [b] "=&x"(b), [t] "=&x"(t)
-              : [w] "r"(pk + p * 32), [x0] "r"(x0 + 2 * p), [x1] "r"(x1 + 2 * p), [x2] "r"(x2 + 2 * p),
-                [pf] "r"(pf + pf_step * (p - p0))
-              : "memory");
-      __asm__(GPTFAST_PAIR_ROW("x3", "a30", "a31") GPTFAST_PAIR_ROW("x4", "a40", "a41")
-                  GPTFAST_PAIR_ROW("x5", "a50", "a51")
-              : [a30] "+x"(a30), [a31] "+x"(a31), [a40] "+x"(a40), [a41] "+x"(a41), [a50] "+x"(a50),
-                [a51] "+x"(a51), [b] "=&x"(b), [t] "=&x"(t)
-              : [w0] "x"(w0), [w1] "x"(w1), [x3] "r"(x3 + 2 * p), [x4] "r"(x4 + 2 * p), [x5] "r"(x5 + 2 * p)
-              : "memory");
-    }
+  __m256i w0, w1, b, t;
+  int64_t i = 4 * p0;  // bytes of x rows before pair p (int16 pairs); the pair's weights at pk + 8 i
+  for (; i + 4 < 4 * p1; i += 8, pf += 2 * pf_step) {
+    GPTFAST_PACKED_STEP("0", "(%[pf])")
+    GPTFAST_PACKED_STEP("1", "(%[pf],%[ps])")
+  }
+  if (i < 4 * p1) {  // an odd pair left
+    GPTFAST_PACKED_STEP("0", "(%[pf])")
   }
   add_wide(total[0], a00), add_wide(total[0] + 8, a01), add_wide(total[1], a10), add_wide(total[1] + 8, a11);
   add_wide(total[2], a20), add_wide(total[2] + 8, a21), add_wide(total[3], a30), add_wide(total[3] + 8, a31);
@@ -385,6 +403,7 @@ GPTFAST_AVX2 void tile_i8_packed(const int8_t* pk, int64_t p0, int64_t p1, const
     add_wide(total[5], a50), add_wide(total[5] + 8, a51);
   }
 }
+#undef GPTFAST_PACKED_STEP
 #undef GPTFAST_PAIR_ROW
 #undef GPTFAST_LOAD_PAIRS
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -80,6 +81,7 @@ class _Service:
 
     def __init__(self, gen, model_name, metrics):
         self.gen, self.name, self.metrics = gen, model_name, metrics
+        self.mailbox = None
 
     async def run(self, body, request: Request):
         gen, engine = self.gen, self.gen.engine
@@ -88,10 +90,12 @@ class _Service:
                            "model", code="model_not_found")
         job = check_request(body, gen.tokenizer, gen.context_size, gen.cfg.vocab_size)
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = _Mailbox(loop)
+        post = self.mailbox.post
         try:
             handle = engine.submit(job.prompts, job.max_tokens, job.params, eos_id=EOT_ID, stop=job.stop,
-                                   tokenizer=gen.tokenizer,
-                                   sink=lambda batch: loop.call_soon_threadsafe(updates.put_nowait, batch))
+                                   tokenizer=gen.tokenizer, sink=lambda batch: post(updates, batch))
         except QueueFull as e:
             raise ApiError(429, f"The server is busy: {e}. Retry later.", kind="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
@@ -104,6 +108,33 @@ class _Service:
         finally:
             handle.cancel()  # a no-op when done; frees the rows when the client left
         return response(job, self.name, texts, reasons, tokens)
+
+
+class _Mailbox:
+    """Updates from the engine's thread into the requests' queues on the event loop, with one
+    wake-up of the loop for all that a step sends (a wake-up per request per step was a write to
+    the loop's self-pipe each, and as many turns of the loop: CPU the decode step needs)."""
+
+    def __init__(self, loop):
+        self.loop, self.posted, self.lock = loop, [], threading.Lock()
+
+    def post(self, queue: asyncio.Queue, batch):
+        with self.lock:
+            self.posted.append((queue, batch))
+            if len(self.posted) > 1:  # a wake-up is on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nothing will read these (the engine cancels)
+            with self.lock:
+                self.posted.clear()
+            raise
+
+    def _deliver(self):
+        with self.lock:
+            posted, self.posted = self.posted, []
+        for queue, batch in posted:
+            queue.put_nowait(batch)
 
 
 def validation_error(e):

@@ -87,8 +87,12 @@ def test_integer_formats_non_finite_and_extreme_rows(path, fmt):
 @needs_avx2
 @pytest.mark.parametrize("M, K, N", [(8, 16, 16), (13, 15, 17), (16, 768, 50), (33, 1031, 5), (9, 1, 3),
                                      (9, 1031, 40), (12, 3072, 36), (11, 769, 20), (10, 768, 300),
-                                     (5, 770, 33), (7, 64, 48)])
+                                     (5, 770, 33), (7, 64, 48),
+                                     (4, 48, 7), (4, 3072, 9), (4, 4100, 6), (4, 15, 3)])
 def test_int8_many_rows_equal_portable(M, K, N, two_threads):
+    # 4 x rows run the row-dot tile of 3 weight rows by 4 x rows in assembly: an odd step of 16
+    # inputs (48), int32 lanes added up past one 2048-input chunk (3072; 4100: two and a tail of 4),
+    # no whole step (15), rows past the last 3 (7, 9 -> 1 row tiles).
     # int8 from 5 x rows on runs the packed tiles (16 weight rows transposed into pairs of inputs):
     # integer sums are exact on every path, so y is bitwise the portable path's. K odd (the last
     # input alone; after whole 16-row blocks: 1031), K = 1 (no pair), K past one 512-input int32
@@ -103,15 +107,17 @@ def test_int8_many_rows_equal_portable(M, K, N, two_threads):
 
 
 @needs_c
-def test_int8_many_rows_no_overflow():
+@pytest.mark.parametrize("M", [4, 8])
+def test_int8_many_rows_no_overflow(M):
     # the largest products (-128 x -32767, every input) over 3072 inputs: int32 lanes are widened to
-    # int64 every 256 pairs; the sum (1.29e10) must come back exactly (as fp32)
+    # int64 every 256 pairs (8 rows: packed tiles) or 2048 inputs (4 rows: row-dot tiles); the sum
+    # (1.29e10) must come back exactly (as fp32)
     K = 3072
     weight = torch.full((16, K), -128, dtype=torch.int8)
-    x = torch.full((8, K), -1.0)  # rounds to -32767 per row
+    x = torch.full((M, K), -1.0)  # rounds to -32767 per row
     y = cl.linear(x, weight, torch.ones(16), None, 0, "avx2" if "avx2" in cl.kernel_paths() else "portable")
     expected = torch.tensor(128.0 * 32767 * K / 32767)  # x_scale = 1 / 32767
-    assert torch.allclose(y, expected.expand(8, 16), rtol=1e-6), y[0, 0]
+    assert torch.allclose(y, expected.expand(M, 16), rtol=1e-6), y[0, 0]
 
 
 @needs_c

@@ -6,13 +6,14 @@ weights everywhere; speed does not depend on them), the server's default dtype, 
     python benchmarks/bench_serve.py [--clients 1 4 16 64] [--seconds 30] [--requests 64] [--device cpu]
 
 The load generator (asyncio + httpx, localhost only) runs each client as a loop of streamed
-requests over a fixed mix of prompt and output lengths, in one window that closes after
---seconds or when the --requests-th request finishes, whichever comes first; the two servers
-take turns at each level. Reported: aggregate generated tokens/s (the tokens received in the
-window over its length: every client busy throughout; requests still running when it closes
-are dropped, not drained, since a drain is time at fewer clients than the level names),
-p50/p99 time to first token (also of requests whose first token comes after the window) and
-inter-token latency (gaps between a request's streamed chunks). Correctness first: both servers'
+requests over a fixed mix of prompt and output lengths. After --warmup seconds of that load (not
+counted: every client's first prompt arrives at once, a burst the steady load never has) one
+window opens, and closes after --seconds or when the --requests-th request in it finishes,
+whichever comes first; the two servers take turns at each level. Reported: aggregate generated
+tokens/s (the tokens received in the window over its length: every client busy throughout;
+requests still running when it closes are dropped, not drained, since a drain is time at fewer
+clients than the level names), p50/p99 time to first token (of the first tokens that come in the
+window or after it) and inter-token latency (gaps between a request's streamed chunks in it). Correctness first: both servers'
 greedy text equals the in-process Generator's, alone and with 4 concurrent clients.
 Results to benchmarks/results/serve_<device>.md with device, date, commit and load average.
 """
@@ -44,7 +45,7 @@ from common import ComputeProbe, commit_id, device_name, load_average, save_repo
 
 PROMPT_LENGTHS = (8, 32, 96)  # tokens; request i of client c takes mix entry (c + i) % 3
 OUTPUT_LENGTHS = (32, 64, 96)
-NO_WINDOW = {"end": float("inf")}  # one_request's window for requests outside a load window
+NO_WINDOW = {"start": float("-inf"), "end": float("inf")}  # one_request's window outside a load window
 
 
 def workload(client: int, i: int) -> tuple[list[int], int]:
@@ -91,8 +92,9 @@ def new_stats():
 
 async def one_request(http, url, prompt, max_tokens, stats, window):
     """Stream one greedy request: its time to first token, the gaps between its chunks, its
-    decode time per token; the tokens received before window["end"] count even when the window
-    closes first (the request is then dropped: the server sees the disconnect)."""
+    decode time per token, as far as they fall after window["start"]; the tokens received before
+    window["end"] count even when the window closes first (the request is then dropped: the
+    server sees the disconnect)."""
     body = {"model": "gpt2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start, first, last, text, chunks = time.perf_counter(), None, None, [], 0
@@ -103,33 +105,34 @@ async def one_request(http, url, prompt, max_tokens, stats, window):
                 continue
             event, now = json.loads(line[6:]), time.perf_counter()
             has_text = bool(event["choices"] and event["choices"][0]["text"])
-            if has_text and last is None:  # a latency: kept even when it comes after the window
-                stats["ttft"].append(now - start)  # (else the longest waits would go uncounted)
+            counted = now >= window["start"]
+            if has_text and last is None and counted:  # a latency: kept even when it comes after
+                stats["ttft"].append(now - start)  # the window (else the longest waits would go uncounted)
             if now > window["end"]:
                 return None  # the window closed: its tokens so far count, the request does not
             if has_text:
                 text.append(event["choices"][0]["text"])
                 if last is None:
                     first = now
-                else:
+                elif counted:
                     stats["itl"].append(now - last)
                 last, chunks = now, chunks + 1
-                stats["tokens"] += 1
-            if event.get("usage"):  # exact count (a chunk can hold more than one token)
-                n = event["usage"]["completion_tokens"]
+                stats["tokens"] += counted
+            if event.get("usage") and first is not None and first >= window["start"]:
+                n = event["usage"]["completion_tokens"]  # exact (a chunk can hold more than one token)
                 stats["tokens"] += n - chunks
                 if n > 1:
                     stats["per_token"].append((last - first) / (n - 1))
-    stats["done"] += 1
+    stats["done"] += time.perf_counter() >= window["start"]
     return "".join(text)
 
 
-async def load(url, clients, seconds, max_requests):
-    """`clients` concurrent loops of requests in one window: `seconds` long, or closed when the
-    `max_requests`-th request finishes."""
+async def load(url, clients, seconds, max_requests, warmup):
+    """`clients` concurrent loops of requests; after `warmup` seconds one window: `seconds` long,
+    or closed when the `max_requests`-th request in it finishes."""
     stats = new_stats()
-    start = time.perf_counter()
-    window = {"end": start + seconds}
+    start = time.perf_counter() + warmup
+    window = {"start": start, "end": start + seconds}
 
     async def client(c):
         i = 0
@@ -195,6 +198,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--seconds", type=float, default=30.0, help="length of each measured window")
+    ap.add_argument("--warmup", type=float, default=5.0,
+                    help="seconds of load before each window opens (0: the window opens with the first requests)")
     ap.add_argument("--requests", type=int, default=64, help="or stop after this many finished requests")
     ap.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
     ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
@@ -207,6 +212,8 @@ def main():
     args = ap.parse_args()
     if args.prefill_chunk < 0:
         ap.error(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
+    if not args.warmup >= 0:
+        ap.error(f"--warmup must be >= 0 seconds, got {args.warmup}")
     device = resolve_device(args.device)
     torch.manual_seed(123)
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").eval()
@@ -227,7 +234,7 @@ def main():
             results = {}
             for clients in args.clients:
                 for label, server in servers.items():  # the two servers take turns: same load around them
-                    results[clients, label] = s = asyncio.run(load(server.url, clients, args.seconds, args.requests))
+                    results[clients, label] = s = asyncio.run(load(server.url, clients, args.seconds, args.requests, args.warmup))
                     print(f"{clients} clients, {label}: {s['tokens'] / s['seconds']:.1f} tokens/s, {s['done']} requests")
             host += [probe.summary("after them")] if probe else []
         finally:
@@ -241,13 +248,13 @@ def report(args, device, results, inproc, http, host):
              f"device: {device.type} ({device_name(device)}), torch {torch.__version__}, "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
              f"command: python benchmarks/bench_serve.py --clients {' '.join(map(str, args.clients))} "
-             f"--seconds {args.seconds:g} --requests {args.requests} --max-batch {args.max_batch} --device {args.device} "
+             f"--seconds {args.seconds:g} --warmup {args.warmup:g} --requests {args.requests} --max-batch {args.max_batch} --device {args.device} "
              f"--dtype {args.dtype} --prefill-chunk {args.prefill_chunk} --rounds {args.rounds}",
              f"load average at the end: {load_average()} "
              f"(this machine: {os.cpu_count()} cores, shared)", *host,
              f"mix: prompts of {'/'.join(map(str, PROMPT_LENGTHS))} tokens with {'/'.join(map(str, OUTPUT_LENGTHS))} "
-             "new tokens, in turn; each window: --seconds, or until the --requests-th request finishes "
-             "(the rest dropped, not drained)", "",
+             f"new tokens, in turn; each window: after {args.warmup:g} s of the load, --seconds, or until the "
+             "--requests-th request in it finishes (the rest dropped, not drained)", "",
              "| clients | server | tokens/s | vs one at a time | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
              "| ITL p99 (ms) | requests done | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for clients in args.clients:

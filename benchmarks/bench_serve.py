@@ -94,7 +94,8 @@ async def one_request(http, url, prompt, max_tokens, stats, window):
     """Stream one greedy request: its time to first token, the gaps between its chunks, its
     decode time per token, as far as they fall after window["start"]; the tokens received before
     window["end"] count even when the window closes first (the request is then dropped: the
-    server sees the disconnect)."""
+    server sees the disconnect). A request whose first token came before the start counts its
+    chunks in the window (a chunk of several tokens as one), as one cut off at the end does."""
     body = {"model": "gpt2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start, first, last, text, chunks = time.perf_counter(), None, None, [], 0

@@ -90,9 +90,10 @@ class _Service:
                            "model", code="model_not_found")
         job = check_request(body, gen.tokenizer, gen.context_size, gen.cfg.vocab_size)
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
-        if self.mailbox is None or self.mailbox.loop is not loop:
-            self.mailbox = _Mailbox(loop)
-        post = self.mailbox.post
+        mailbox = self.mailbox
+        if mailbox is None or mailbox.loop is not loop:  # (a server has one loop; tests make several)
+            mailbox = self.mailbox = _Mailbox(loop)
+        post = mailbox.post
         try:
             handle = engine.submit(job.prompts, job.max_tokens, job.params, eos_id=EOT_ID, stop=job.stop,
                                    tokenizer=gen.tokenizer, sink=lambda batch: post(updates, batch))
@@ -121,7 +122,7 @@ class _Mailbox:
     def post(self, queue: asyncio.Queue, batch):
         with self.lock:
             self.posted.append((queue, batch))
-            if len(self.posted) > 1:  # a wake-up is on its way
+            if len(self.posted) > 1 and not self.loop.is_closed():  # a wake-up is on its way
                 return
         try:
             self.loop.call_soon_threadsafe(self._deliver)

@@ -319,6 +319,29 @@ def server_process(tmp_path_factory):
     proc.kill()
 
 
+def test_mailbox_tells_the_engine_its_loop_closed():
+    # the engine cancels a request whose updates cannot be posted (its sink raises): a post taken
+    # just before the loop closed (its wake-up never runs) must not hide the closed loop from the
+    # posts after it
+    import asyncio
+
+    from gptfast.api_server import _Mailbox
+    loop = asyncio.new_event_loop()
+    mailbox, queue = _Mailbox(loop), asyncio.Queue()
+    mailbox.post(queue, ["a"])  # the loop is not running: the wake-up waits
+    loop.close()
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            mailbox.post(queue, ["b"])
+    loop = asyncio.new_event_loop()  # and on a live loop every post arrives, in order
+    mailbox, queue = _Mailbox(loop), asyncio.Queue()
+    for b in range(3):
+        mailbox.post(queue, [b])
+    loop.run_until_complete(asyncio.sleep(0))
+    assert [queue.get_nowait() for _ in range(queue.qsize())] == [[0], [1], [2]]
+    loop.close()
+
+
 def test_sigterm_with_requests_in_flight(server_process):
     proc, url = server_process, server_process.url
     wait_for(lambda: _up(url) or proc.poll() is not None, "the server process to start", timeout=90)

@@ -108,6 +108,26 @@ GPTFAST_AVX2 void tile_float(const Weight& w, const float* x, int64_t ldx, float
     }
 }
 
+// A chunk's int32 lanes added into the int64 totals of an int8 row-dot tile.
+template <int NB, int MB>
+GPTFAST_AVX2 inline void add_chunk(int64_t (&total)[NB][MB], const __m256i (&acc)[NB][MB]) {
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) total[i][j] += hsum_i64(acc[i][j]);
+}
+
+// An int8 row-dot tile's inputs past the last whole 16 of K added in scalar, then its sums stored
+// as floats.
+template <int NB, int MB>
+GPTFAST_AVX2 inline void store_i8(const TileRows<NB>& t, int64_t (&total)[NB][MB], const int16_t* xq, int64_t ldx,
+                                  int64_t K, float* y, int64_t ldy, int64_t n0) {
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(t.rows[i]);
+      for (int64_t k = K / 16 * 16; k < K; ++k) total[i][j] += int64_t{q[k]} * xq[j * ldx + k];
+      y[j * ldy + n0 + i] = static_cast<float>(total[i][j]);
+    }
+}
+
 // int8 weights: per 16 inputs one sign extension, then per x row a vpmaddwd and an add into
 // int32 lanes, added up in int64 every kI8Chunk inputs.
 template <int NB, int MB>
@@ -129,15 +149,9 @@ GPTFAST_AVX2 void tile_i8(const Weight& w, const int16_t* xq, int64_t ldx, float
         }
       }
     }
-    for (int i = 0; i < NB; ++i)
-      for (int j = 0; j < MB; ++j) total[i][j] += hsum_i64(acc[i][j]);
+    add_chunk<NB, MB>(total, acc);
   }
-  for (int i = 0; i < NB; ++i)
-    for (int j = 0; j < MB; ++j) {
-      const int8_t* q = reinterpret_cast<const int8_t*>(t.rows[i]);
-      for (int64_t k = K16; k < K; ++k) total[i][j] += int64_t{q[k]} * xq[j * ldx + k];
-      y[j * ldy + n0 + i] = static_cast<float>(total[i][j]);
-    }
+  store_i8<NB, MB>(t, total, xq, ldx, K, y, ldy, n0);
 }
 
 // The row-dot int8 tile of 3 weight rows by 4 x rows in assembly, two steps of 16 inputs a loop
@@ -191,15 +205,9 @@ GPTFAST_AVX2 void tile_i8_3x4(const Weight& w, const int16_t* xq, int64_t ldx, f
       GPTFAST_ROWDOT_STEP("0")
     }
     const __m256i acc[3][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}};
-    for (int i = 0; i < 3; ++i)
-      for (int j = 0; j < 4; ++j) total[i][j] += hsum_i64(acc[i][j]);
+    add_chunk<3, 4>(total, acc);
   }
-  for (int i = 0; i < 3; ++i)
-    for (int j = 0; j < 4; ++j) {
-      const int8_t* q = reinterpret_cast<const int8_t*>(rows.rows[i]);
-      for (int64_t k = K16; k < K; ++k) total[i][j] += int64_t{q[k]} * xq[j * ldx + k];
-      y[j * ldy + n0 + i] = static_cast<float>(total[i][j]);
-    }
+  store_i8<3, 4>(rows, total, xq, ldx, K, y, ldy, n0);
 }
 #undef GPTFAST_ROWDOT_STEP
 #undef GPTFAST_ROWDOT

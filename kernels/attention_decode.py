@@ -89,18 +89,20 @@ def _decode_combine(PART_ACC, PART_M, PART_L, O, num_splits, HEAD_DIM: tl.conste
 
 @triton.jit
 def _cache_append(K_NEW, V_NEW, K_CACHE, V_CACHE, SLOTS, stride_kb, stride_kh, stride_vb, stride_vh,
-                  stride_cb, stride_ch, stride_ct, H, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+                  stride_cb, stride_ch, stride_ct, H, L_MAX, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
     """Row b's new key and value of head h go to slot SLOTS[b] of the caches (both caches share
-    their strides)."""
+    their strides); a slot outside [0, L_MAX) writes nothing (not another head's or row's slots)."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     d = tl.arange(0, HEAD_DIM)
-    dst = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + tl.load(SLOTS + b).to(tl.int64) * stride_ct + d
+    slot = tl.load(SLOTS + b).to(tl.int64) + tl.zeros([HEAD_DIM], tl.int64)  # (HEAD_DIM,): the mask's shape
+    inside = (slot >= 0) & (slot < L_MAX)
+    dst = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + slot * stride_ct + d
     k = tl.load(K_NEW + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + d)
     v = tl.load(V_NEW + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + d)
-    tl.store(K_CACHE + dst, _cast(k, K_CACHE.dtype.element_ty, PREC))
-    tl.store(V_CACHE + dst, _cast(v, V_CACHE.dtype.element_ty, PREC))
+    tl.store(K_CACHE + dst, _cast(k, K_CACHE.dtype.element_ty, PREC), mask=inside)
+    tl.store(V_CACHE + dst, _cast(v, V_CACHE.dtype.element_ty, PREC), mask=inside)
 
 
 def cache_append(k_cache, v_cache, k, v, slots):
@@ -109,7 +111,8 @@ def cache_append(k_cache, v_cache, k, v, slots):
 
     k_cache, v_cache (rows, H, L_max, D), same shape and strides, unit last stride, D in
     HEAD_DIMS; k, v (n, H, 1, D), n <= rows; slots (n,) integers on the device, values in [0, L_max)
-    (not checked: that would sync, and the call may be captured in a CUDA graph).
+    (not checked on the host: that would sync, and the call may be captured in a CUDA graph; a row
+    whose slot is outside writes nothing, where torch indexing would raise).
     """
     if k.dim() != 4 or k.shape[2] != 1 or k.shape[3] not in HEAD_DIMS:
         raise ValueError(f"cache_append: new keys must be (n, H, 1, D) with D in {HEAD_DIMS}, got {tuple(k.shape)}")
@@ -129,7 +132,8 @@ def cache_append(k_cache, v_cache, k, v, slots):
     k, v, slots = _unit_last(k), _unit_last(v), slots.contiguous()
     if n:
         _cache_append[(n * H,)](k, v, k_cache, v_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                *k_cache.stride()[:3], H, HEAD_DIM=D, PREC=_precision(k_cache.dtype))
+                                *k_cache.stride()[:3], H, k_cache.shape[2], HEAD_DIM=D,
+                                PREC=_precision(k_cache.dtype))
 
 
 def attention_decode(q, k_cache, v_cache, cache_len, num_splits: int | None = None):

@@ -330,7 +330,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         add_dw = _dw_accumulator(dw, hidden) if need_dw else None
         chunk = _chunk_tokens(M, H, V)
         # one buffer for every chunk's logits, Vp wide: aligned GEMMs, vectorised kernel loads
-        buf, _ = _padded_empty(min(chunk, M), V, hidden, pad=True)
+        buf = torch.empty(min(chunk, M), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
         for start in range(0, M, chunk):
             h = hidden[start:start + chunk]  # (c, H)
             logits = torch.mm(h, weight.T, out=buf[:h.shape[0]])  # (c, Vp), becomes its own gradient

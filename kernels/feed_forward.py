@@ -107,7 +107,10 @@ def linear_rows(x, weight, bias=None, gelu: bool = False):
     _check(x, weight, bias)  # before any timing: a bad input is an error, not a recorded choice
     key = _key(x, weight, bias, gelu)
     if key not in _FASTER:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        if not x.is_cuda:  # (the interpreter's CPU tensors pass _check)
+            raise ValueError(f"linear_rows: no choice recorded for this shape, and timing one needs CUDA; x is on "
+                             f"{x.device.type}")
+        if torch.cuda.is_current_stream_capturing():
             return cublas_linear(x, weight, bias, gelu)  # no timing inside a capture: decided at a warm-up
         _FASTER[key] = _faster(x, weight, bias, gelu)
     return gemv(x, weight, bias, gelu) if _FASTER[key] else cublas_linear(x, weight, bias, gelu)

@@ -70,6 +70,9 @@ def test_cache_append_equals_torch_indexing(cache_dtype, new_dtype, on, device):
         c.update(k, v)
     assert torch.equal(ours.k, ref.k) and torch.equal(ours.v, ref.v)
     assert ours.k[1, :, 0].float().allclose(k[1, :, 0].float().to(cache_dtype).float())
+    before = ours.k.clone(), ours.v.clone()  # slots past the cache (or negative) write nothing
+    cache_append(ours.k, ours.v, k, v, torch.tensor([L_max, -1, L_max + 7], device=device))
+    assert torch.equal(ours.k, before[0]) and torch.equal(ours.v, before[1]), "a slot outside the cache wrote"
     with pytest.raises(ValueError, match="slots must be"):
         cache_append(ours.k, ours.v, k, v, lengths[:2])
     with pytest.raises(ValueError, match="do not take new keys"):

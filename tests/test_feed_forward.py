@@ -34,18 +34,19 @@ def test_gemv_low_precision_within_2x_of_torch(dtype, device):
 @pytest.mark.parametrize("ours_faster", [True, False])
 def test_linear_rows_takes_the_recorded_choice(ours_faster, device, monkeypatch):
     """Each shape's path is the one recorded as faster: the kernel, or cuBLAS then the bias+GELU
-    kernel. The two differ in the last bit (the kernel rounds once, after the GELU), which tells
-    them apart here."""
+    kernel (each replaced here by a stand-in that names itself)."""
     x, w, b = _operands(1, 64, 48, torch.bfloat16, device, seed=2)
     monkeypatch.setattr(feed_forward, "_FASTER", {feed_forward._key(x, w, b, True): ours_faster})
-    got = linear_rows(x, w, b, gelu=True)
-    want = gemv(x, w, b, gelu=True) if ours_faster else feed_forward.cublas_linear(x, w, b, gelu=True)
-    assert torch.equal(got, want)
-    assert not torch.equal(gemv(x, w, b, gelu=True), feed_forward.cublas_linear(x, w, b, gelu=True)), "paths alike"
+    monkeypatch.setattr(feed_forward, "gemv", lambda *args: "gemv")
+    monkeypatch.setattr(feed_forward, "cublas_linear", lambda *args: "cublas")
+    assert linear_rows(x, w, b, gelu=True) == ("gemv" if ours_faster else "cublas")
     with pytest.raises(ValueError, match="gemv: x"):  # a bad input is an error before any choice
         linear_rows(x.t(), w, b)
     with pytest.raises(ValueError, match="gemv: x"):
         gemv(x, w, b.double())
+    if x.device.type == "cpu":  # a shape with no recorded choice would be timed: CUDA only
+        with pytest.raises(ValueError, match="timing one needs CUDA; x is on cpu"):
+            linear_rows(x, w, b, gelu=False)
 
 
 @pytest.mark.gpu

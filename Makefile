@@ -50,9 +50,9 @@ gpu-bench:
 gpu-suite:
 	$(GPU_PY) benchmarks/gpu_run.py suite
 
-# Everything only a CUDA machine can show, the long way (16-22 min, more than one slot): the
-# checks (_C rebuilt with its CUDA kernel: a missing toolkit fails here instead of warning),
-# the whole suite without Triton's interpreter, then every benchmark.
+# The long way (at most 11 min of stage limits, more than one device call): gpu-check (_C rebuilt
+# with its CUDA kernel: a missing toolkit fails here instead of warning), then the whole suite
+# without Triton's interpreter (which runs the gpu-marked tests again), then report.py's summary.
 gpu:
 	$(GPU_PY) benchmarks/gpu_run.py check suite
 	$(GPU_PY) benchmarks/report.py

@@ -213,8 +213,12 @@ def main():
     args = ap.parse_args()
     if args.prefill_chunk < 0:
         ap.error(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
-    if not args.warmup >= 0:
-        ap.error(f"--warmup must be >= 0 seconds, got {args.warmup}")
+    if not args.warmup >= 0 or not args.seconds > 0:  # (NaN fails both)
+        ap.error(f"--warmup must be >= 0 and --seconds > 0, got {args.warmup} and {args.seconds}")
+    for flag, value in (("--clients", min(args.clients)), ("--requests", args.requests), ("--rounds", args.rounds),
+                        ("--max-batch", args.max_batch)):
+        if value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
     device = resolve_device(args.device)
     torch.manual_seed(123)
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").eval()

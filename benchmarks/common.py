@@ -165,10 +165,12 @@ def load_average() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def save_report(lines: list[str], path) -> Path:
-    """Print a results table (lines of markdown) and write it to `path` (a results file)."""
+def save_report(lines: list[str], path, echo: bool = True) -> Path:
+    """Print a results table (lines of markdown; not with echo=False: printed as they came) and
+    write it to `path` (a results file)."""
     text = "\n".join(lines)
-    print(text)
+    if echo:
+        print(text)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -268,9 +269,9 @@ def plan(commands: list[str], scratch: str, only: list[str] | None, build_if_mis
     missing (asked once: a subprocess that imports torch)."""
     plans = {c: stages_for(c, scratch, only) for c in dict.fromkeys(commands)}
     if build_if_missing and "check" not in plans and not installed(sys.executable):
-        for command in plans:
-            print(f"gpu-{command}: gptfast (or _C's CUDA kernel) is not installed here: gpu-check's build stage first")
-            plans[command] = check_stages(sys.executable)[:1] + plans[command]
+        first = next(iter(plans))  # one build serves the commands after it
+        print(f"gpu-{first}: gptfast (or _C's CUDA kernel) is not installed here: gpu-check's build stage first")
+        plans[first] = check_stages(sys.executable)[:1] + plans[first]
     return plans
 
 
@@ -334,8 +335,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit-scale", type=float, default=1.0, help="multiply every stage's limit (slower GPUs)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))  # common, report
-    if args.limit_scale <= 0:
-        ap.error(f"--limit-scale must be > 0, got {args.limit_scale}")
+    if not 0 < args.limit_scale < math.inf:  # (NaN too: a NaN limit would never fire)
+        ap.error(f"--limit-scale must be a finite number > 0, got {args.limit_scale}")
     with tempfile.TemporaryDirectory() as scratch:
         if args.dry_run or args.collect:
             plans = plan(args.commands, scratch, args.only, build_if_missing=False)

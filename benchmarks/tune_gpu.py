@@ -77,7 +77,8 @@ def _time(fn, case: Case) -> float:
     return time_ms(pass_fn(fn, [a.detach().requires_grad_() for a in case.args], (case.grad_out,), case.timed))
 
 
-def tune(op: str) -> list[str]:
+def tune(op: str) -> tuple[list[str], bool]:
+    """The sweep of `op`'s knobs as markdown lines (printed as they come), and whether its default failed."""
     case = CASES[op]()
     truth = _grads(case.reference, [a.float() for a in case.args], case.grad_out.float())
     low = _grads(case.native, case.args, case.grad_out)
@@ -87,6 +88,8 @@ def tune(op: str) -> list[str]:
     lines = [f"### {op} {case.timed}, {shape} {str(DTYPE).removeprefix('torch.')}: native {native_ms:.4f} ms "
              f"({case.nbytes / native_ms / 1e6:.0f} GB/s; copy {copy_bandwidth():.0f} GB/s)", "",
              "| " + " | ".join(case.knobs) + " | ms | GB/s | vs native | |", "|" + "---|" * (len(case.knobs) + 4)]
+    print("\n".join(lines), flush=True)
+    default_failed = False
     try:
         for values in itertools.product(*case.knobs.values()):
             setting = dict(zip(case.knobs, values))
@@ -98,6 +101,7 @@ def tune(op: str) -> list[str]:
                     assert_within_2x(a, lo, t, f"grad {i}", atol=1e-3 * t.abs().max().item())
                 ms = _time(case.ours, case)
             except Exception as e:  # noqa: BLE001
+                default_failed |= setting == defaults
                 lines.append("| " + " | ".join(map(str, values)) + f" | failed: {type(e).__name__}: "
                              f"{str(e).splitlines()[0][:120]} | | | {mark} |")
             else:
@@ -107,7 +111,7 @@ def tune(op: str) -> list[str]:
     finally:
         for k, v in defaults.items():
             setattr(case.module, k, v)
-    return lines
+    return lines, default_failed
 
 
 def main(argv=None) -> int:
@@ -118,13 +122,17 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("tune_gpu.py: no CUDA GPU visible to torch (the timings only mean something on one)")
     report = [f"# Launch configurations on {torch.cuda.get_device_name()}", ""]
+    print(report[0], flush=True)
+    failed = []
     for op in args.ops:
-        report += tune(op) + [""]
+        lines, default_failed = tune(op)
+        report += lines + [""]  # (its rows printed as they come)
+        failed += [op] * default_failed
     if args.out:
-        save_report(report, args.out)  # prints it too; makes the folder
-    else:
-        print("\n".join(report))
-    return 0
+        save_report(report, args.out, echo=False)  # makes the folder
+    if failed:  # the configuration as shipped fails its check or its launch
+        print(f"tune_gpu.py: the default configuration failed for {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -47,11 +47,12 @@ def test_only_names_a_stage(capsys):
 
 
 def test_bench_and_suite_build_first_where_the_package_is_missing(monkeypatch):
-    """gpu-bench or gpu-suite alone on a fresh machine run gpu-check's build stage first; with
-    check in the same run, or the package installed, they do not."""
+    """gpu-bench or gpu-suite alone on a fresh machine run gpu-check's build stage first (once, for
+    the first command: the build serves the next); with check in the same run, or the package
+    installed, they do not."""
     monkeypatch.setattr(gpu_run, "installed", lambda py: False)
     plans = gpu_run.plan(["bench", "suite"], "/tmp", None)
-    assert [p[0].name for p in plans.values()] == ["build", "build"]
+    assert [p[0].name for p in plans.values()] == ["build", "tests"]
     assert plans["bench"][1:] == gpu_run.stages_for("bench", "/tmp", None)
     assert gpu_run.plan(["check", "bench"], "/tmp", None)["bench"][0].name == "attention"
     monkeypatch.setattr(gpu_run, "installed", lambda py: True)

@@ -255,9 +255,9 @@ def cross_entropy(logits, targets, ignore_index: int = -100, inplace: bool = Fal
                                       inplace, write_grad)
 
 
-# cuBLAS's fp16/bf16 GEMM with an fp32 output (torch >= 2.8): a chunk's grad_weight goes straight
-# into the fp32 sum, no (V, H) temporary in between
-_FP32_OUT_ADDMM = "dtype_out" in torch.ops.aten.addmm.overloads()
+# cuBLAS's fp16/bf16 GEMMs with an fp32 output (torch >= 2.8; addmm for grad_weight, mm for
+# grad_hidden): a chunk's grad_weight goes straight into the fp32 sum, no (V, H) temporary between
+_FP32_OUT_GEMM = all("dtype_out" in op.overloads() for op in (torch.ops.aten.addmm, torch.ops.aten.mm))
 
 
 def _dw_accumulator(dw, hidden):
@@ -266,7 +266,7 @@ def _dw_accumulator(dw, hidden):
     reused by every chunk (never a new full-size temporary per chunk)."""
     if hidden.dtype == dw.dtype:
         return lambda logits, h: dw.addmm_(logits.T, h)
-    if hidden.is_cuda and _FP32_OUT_ADDMM:
+    if hidden.is_cuda and _FP32_OUT_GEMM:
         return lambda logits, h: torch.addmm(dw, logits.T, h, out_dtype=torch.float32, out=dw)
     part = torch.empty(dw.shape, dtype=hidden.dtype, device=dw.device)
 
@@ -282,7 +282,7 @@ def _dh_writer(hidden):
     (torch's allow_bf16_reduced_precision_reduction) it adds the splits in bf16, which gave 5x
     F.cross_entropy's bf16 error at GPT-2 124M's 16 x 1024 tokens on an H200."""
     M, H = hidden.shape
-    if hidden.is_cuda and hidden.dtype != torch.float32 and _FP32_OUT_ADDMM:
+    if hidden.is_cuda and hidden.dtype != torch.float32 and _FP32_OUT_GEMM:
         dh = torch.empty(M, H, dtype=torch.float32, device=hidden.device)
         return dh, lambda logits, weight, rows: torch.mm(logits, weight, out_dtype=torch.float32, out=dh[rows])
     dh = torch.empty_like(hidden)

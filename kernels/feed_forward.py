@@ -89,6 +89,11 @@ def _check(x, weight, bias):
 def gemv(x, weight, bias=None, gelu: bool = False):
     """x (M, K) contiguous, M <= MAX_ROWS; weight (N, K) contiguous, K <= TILE; bias (N,) or None."""
     _check(x, weight, bias)
+    return _launch_gemv(x, weight, bias, gelu)
+
+
+def _launch_gemv(x, weight, bias, gelu):
+    """gemv on operands already checked (_check)."""
     M, K = x.shape
     N = weight.shape[0]
     block_k = triton.next_power_of_2(K)
@@ -113,7 +118,7 @@ def linear_rows(x, weight, bias=None, gelu: bool = False):
         if torch.cuda.is_current_stream_capturing():
             return cublas_linear(x, weight, bias, gelu)  # no timing inside a capture: decided at a warm-up
         _FASTER[key] = _faster(x, weight, bias, gelu)
-    return gemv(x, weight, bias, gelu) if _FASTER[key] else cublas_linear(x, weight, bias, gelu)
+    return _launch_gemv(x, weight, bias, gelu) if _FASTER[key] else cublas_linear(x, weight, bias, gelu)
 
 
 def _key(x, weight, bias, gelu) -> tuple:
@@ -140,7 +145,7 @@ def _faster(x, weight, bias, gelu) -> bool:
     """Whether gemv replays faster than cuBLAS for these operands; a failure says why, once, and
     picks cuBLAS."""
     try:
-        return replay_ms(gemv, x, weight, bias, gelu) < replay_ms(cublas_linear, x, weight, bias, gelu)
+        return replay_ms(_launch_gemv, x, weight, bias, gelu) < replay_ms(cublas_linear, x, weight, bias, gelu)
     except (RuntimeError, triton.CompilationError) as e:
         warn_once(f"gemv: timing it against cuBLAS failed ({type(e).__name__}: {e}); using cuBLAS")
         return False

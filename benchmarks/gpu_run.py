@@ -258,7 +258,7 @@ def installed(py: str) -> bool:
 
 def suite_stages(py: str) -> list[Stage]:
     """Every test on the GPU, without Triton's interpreter: each must pass with and without one."""
-    return [Stage("tests", 420, "the whole suite on the GPU (gpu-marked tests included), 8 workers",
+    return [Stage("tests", CONTRACT_S["suite"], "the whole suite on the GPU (gpu-marked tests included), 8 workers",
                   _pytest(py, "-n", "8", "tests"), pytest=True)]
 
 

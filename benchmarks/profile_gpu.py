@@ -30,20 +30,19 @@ import warnings
 import torch
 
 from common import PROMPT  # benchmarks/ is on sys.path when run as a script
+from engines import Gptfast
 
 
 def profile_decode(model, dtype, n_tokens, rounds):
-    from gptfast.generate import Generator
     print(f"\n=== gptfast {dtype}, batch 1, {len(PROMPT)}-token prompt, {n_tokens} new tokens ===")
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gen = Generator(model, dtype=dtype, device="cuda")
-        gen.generate_ids([[1, 2, 3, 4]], 8)  # the benchmark's warm-up (captures the batch-1 graph)
+        ours = Gptfast(model, dtype, "cuda")  # bench_generate's engine and warm-up (captures the batch-1 graph)
     for w in caught:
         print(f"  warning during warm-up: {w.category.__name__}: {w.message}")
     print(f"  build + warm-up (Triton compiles, capture): {time.perf_counter() - t0:.1f} s")
-    runner, emodel = gen.engine.runner, gen.engine.model
+    runner, emodel = ours.engine.engine.runner, ours.engine.engine.model
     graphs = {k: ("CUDA graph" if v is not False else "EAGER (no graph: capture failed)")
               for k, v in runner.graphs.items()}
     print(f"  runner.static={runner.static}  graphs (size, sampling, backend) -> kind: {graphs or 'none'}")
@@ -51,10 +50,10 @@ def profile_decode(model, dtype, n_tokens, rounds):
     # A: the engine, as the benchmark times it
     tps, ttft = [], []
     for _ in range(rounds):
-        ids = gen.generate_ids([PROMPT], n_tokens)
+        ids, first_s, tokens_per_s = ours.run([PROMPT], n_tokens)
         assert len(ids[0]) == n_tokens, len(ids[0])
-        tps.append(gen.stats["decode_tokens_per_s"])
-        ttft.append(gen.stats["time_to_first_token_s"] * 1e3)
+        tps.append(tokens_per_s)
+        ttft.append(first_s * 1e3)
     a_ms = 1e3 / statistics.median(tps)
     print(f"  A engine: decode {max(tps):.0f} best / {statistics.median(tps):.0f} median tokens/s = "
           f"{a_ms:.3f} ms/token; time to first token {min(ttft):.2f} ms")
@@ -76,7 +75,6 @@ def profile_decode(model, dtype, n_tokens, rounds):
 
     # C: the captured step's GPU time alone (replays queued back to back)
     graph = next((v for k, v in runner.graphs.items() if k[0] == 1 and v is not False), None)
-    c_ms = None
     if graph is not None:
         n = 100
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -92,12 +90,11 @@ def profile_decode(model, dtype, n_tokens, rounds):
         end.synchronize()
         c_ms = start.elapsed_time(end) / n
         print(f"  C graph replay: GPU {c_ms:.3f} ms/step (host cost of one replay call ~{host:.3f} ms)")
-    else:
-        print("  C graph replay: no batch-1 graph captured")
-    if c_ms is not None:
         print(f"  => GPU step {c_ms:.3f} | runner host+sync overhead (B-C) {b_ms - c_ms:.3f} | "
               f"engine bookkeeping + thread handoff (A-B) {a_ms - b_ms:.3f} ms/token; "
               f"GPU-only ceiling {1 / c_ms * 1e3:.0f} tokens/s")
+    else:
+        print("  C graph replay: no batch-1 graph captured")
 
     # profiles
     from torch.profiler import ProfilerActivity, profile
@@ -109,8 +106,8 @@ def profile_decode(model, dtype, n_tokens, rounds):
         return summarize(p)
 
     short, long_ = 8, 40
-    s1 = prof(lambda: gen.generate_ids([PROMPT], short))
-    s2 = prof(lambda: gen.generate_ids([PROMPT], long_))
+    s1 = prof(lambda: ours.run([PROMPT], short))
+    s2 = prof(lambda: ours.run([PROMPT], long_))
     eng = {k: (s2[k] - s1[k]) / (long_ - short) for k in s1 if k != "kernels_by_name"}
     s3 = prof(lambda: runner_loop(long_))
     run = {k: v / long_ for k, v in s3.items() if k != "kernels_by_name"}

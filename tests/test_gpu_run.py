@@ -63,6 +63,7 @@ def test_bench_and_suite_build_first_where_the_package_is_missing(monkeypatch):
 def test_installed_needs_the_cuda_kernel():
     assert not gpu_run.installed(sys.executable)  # no CUDA kernel here
     assert not gpu_run.installed(os.devnull)  # not an interpreter
+    assert gpu_run.installed("/bin/true"), "a command that exits 0 is a yes"  # (the answer is its exit code)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the real stages")

@@ -150,14 +150,14 @@ class BiasGeluFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         N = x.shape[-1]
         M = x.numel() // max(N, 1)  # x as (M, N)
-        has_bias = bias is not None
+        has_bias, wants_dbias = bias is not None, bias is not None and ctx.needs_input_grad[1]
         if not x.numel():
-            return dx, torch.zeros_like(bias) if has_bias and ctx.needs_input_grad[1] else None
+            return dx, torch.zeros_like(bias) if wants_dbias else None
         groups, grid, rows_per_prog, bm, bn = _bwd_tiles(M, N, x.device)
         part = torch.empty(groups, N, dtype=torch.float32, device=x.device) if has_bias else x  # x: unused
         _bias_gelu_bwd[grid](dy, x, bias if has_bias else x, dx, part, M, N, rows_per_prog, HAS_BIAS=has_bias,
                              BLOCK_M=bm, BLOCK_N=bn, num_warps=BWD_NUM_WARPS)
-        dbias = part.sum(0).to(bias.dtype) if has_bias and ctx.needs_input_grad[1] else None
+        dbias = part.sum(0).to(bias.dtype) if wants_dbias else None
         return dx, dbias
 
 

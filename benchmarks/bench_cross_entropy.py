@@ -39,6 +39,8 @@ def native_linear_cross_entropy(hidden, weight, targets):
     return F.cross_entropy(F.linear(hidden, weight), targets)
 
 
+MOVED = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}  # cross_entropy: (TOKENS, VOCAB) tensors read or written
+
 OPS = {
     "cross_entropy": {"reference": reference_cross_entropy, "native": native_cross_entropy,
                       "compile": reference_cross_entropy, "triton": cross_entropy,
@@ -93,7 +95,7 @@ def test_cross_entropy(benchmark, checked, op, impl, pass_):
     step = pass_fn(forward, args, (None,), "fwd+bwd" if pass_ == "bwd" else pass_)
     M, V = TOKENS, VOCAB
     if op == "cross_entropy":
-        cost = dict(nbytes={"fwd": 1, "bwd": 1, "fwd+bwd": 2}[pass_] * M * V * DTYPE.itemsize)
+        cost = dict(nbytes=MOVED[pass_] * M * V * DTYPE.itemsize)
     else:
         cost = dict(flops={"fwd": 2, "bwd": 4, "fwd+bwd": 6}[pass_] * M * WIDTH * V)
     run(benchmark, op=op, impl=impl, pass_=pass_, fn=step, ms=ms, memory=pass_ == "fwd+bwd", **cost,

@@ -43,16 +43,18 @@ def _layer_norm() -> Case:
     import bench_layer_norm as bench  # its benchmark's inputs and native op
     module = importlib.import_module("gptfast.kernels.layer_norm")  # the package exports the function
     args, (dy,) = bench._inputs("layer_norm")
-    return Case(module, module.layer_norm, bench.native_layer_norm, module.layer_norm_ref, args, dy, "bwd",
-                3 * dy.numel() * dy.element_size(), {"BWD_PROGRAMS_PER_SM": [2, 4, 8, 16, 32]})
+    moved = bench.OPS["layer_norm"][1]["bwd"] * dy.numel() * dy.element_size()
+    return Case(module, module.layer_norm, bench.native_layer_norm, module.layer_norm_ref, args, dy, "bwd", moved,
+                {"BWD_PROGRAMS_PER_SM": [2, 4, 8, 16, 32]})
 
 
 def _gelu() -> Case:
     import bench_gelu as bench
     module = importlib.import_module("gptfast.kernels.gelu")
     args, (dy,) = bench._inputs()
-    return Case(module, module.bias_gelu, bench.native_bias_gelu, module.bias_gelu_ref, args, dy, "bwd",
-                3 * dy.numel() * dy.element_size(), {"BWD_NUM_WARPS": [4, 8], "BWD_PROGRAMS_PER_SM": [2, 4, 8, 16]})
+    moved = bench.MOVED["bwd"] * dy.numel() * dy.element_size()
+    return Case(module, module.bias_gelu, bench.native_bias_gelu, module.bias_gelu_ref, args, dy, "bwd", moved,
+                {"BWD_NUM_WARPS": [4, 8], "BWD_PROGRAMS_PER_SM": [2, 4, 8, 16]})
 
 
 def _cross_entropy() -> Case:
@@ -61,7 +63,7 @@ def _cross_entropy() -> Case:
     logits, targets = bench._inputs("cross_entropy")
     return Case(module, lambda x: module.cross_entropy(x, targets), lambda x: bench.native_cross_entropy(x, targets),
                 lambda x: module.cross_entropy_ref(x, targets), [logits], torch.tensor(1.0, device="cuda"),
-                "fwd+bwd", 2 * logits.numel() * logits.element_size(),
+                "fwd+bwd", bench.MOVED["fwd+bwd"] * logits.numel() * logits.element_size(),
                 {"MAX_BLOCK_V": [8192, 16384, 32768], "BLOCK_PER_WARP": [512, 1024, 2048]})
 
 

@@ -303,7 +303,8 @@ void check_tokens(const at::Tensor& tokens, const at::Tensor& positions, const a
 at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& rows,
                            const at::Tensor& outputs, const at::Tensor& tok_emb, const at::Tensor& pos_emb,
                            at::TensorList norms, const c10::List<c10::optional<at::Tensor>>& linears,
-                           at::IntArrayRef groups, at::TensorList k_cache, at::TensorList v_cache, int64_t n_heads,
+                           at::IntArrayRef groups, const c10::List<c10::optional<at::Tensor>>& packed,
+                           at::TensorList k_cache, at::TensorList v_cache, int64_t n_heads,
                            double eps, int64_t vocab_size) {
   const int64_t L = static_cast<int64_t>(k_cache.size()), n = tokens.numel(), C = tok_emb.size(1);
   const int64_t D = C / n_heads, S = pos_emb.size(0);
@@ -313,9 +314,11 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
   TORCH_CHECK(static_cast<int64_t>(v_cache.size()) == L &&
                   static_cast<int64_t>(norms.size()) == kNormsPerBlock * L + 2 &&
                   static_cast<int64_t>(linears.size()) == 3 * n_linears &&
-                  static_cast<int64_t>(groups.size()) == n_linears,
+                  static_cast<int64_t>(groups.size()) == n_linears &&
+                  static_cast<int64_t>(packed.size()) == n_linears,
               "gptfast decode_step: operands for ", L, " layers need ", kNormsPerBlock * L + 2, " norm tensors, ",
-              3 * n_linears, " linear operands and ", n_linears, " group sizes");
+              3 * n_linears, " linear operands, ", n_linears, " group sizes and ", n_linears,
+              " packed weights (or None)");
   for (int64_t i = 0; i < n_linears; ++i)
     TORCH_CHECK(linears.get(3 * i).has_value(), "gptfast decode_step: linear ", i, " has no weight");
   TORCH_CHECK(tok_emb.dim() == 2 && tok_emb.size(0) >= vocab_size && pos_emb.dim() == 2,
@@ -341,7 +344,8 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
 
   // linear i of the list: x (rows, K) -> (rows, N); N = 0: any width (fc: proj checks its K)
   auto linear = [&](const at::Tensor& x, int64_t i, int64_t N) {
-    at::Tensor y = linear_cpu(x, *linears.get(3 * i), linears.get(3 * i + 1), linears.get(3 * i + 2), groups[i], "");
+    at::Tensor y =
+        linear_cpu(x, *linears.get(3 * i), linears.get(3 * i + 1), linears.get(3 * i + 2), groups[i], "", packed.get(i));
     TORCH_CHECK(N == 0 || y.size(1) == N, "gptfast decode_step: linear ", i, " has ", y.size(1), " outputs, not ", N);
     return y;
   };

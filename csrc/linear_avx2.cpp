@@ -321,18 +321,22 @@ GPTFAST_AVX2 void rows_fmt(const Weight& w, const Input& in, float* y, int64_t l
 // int8 weights against many x rows (M >= kPackedMinRows): arithmetic, not reading the weights,
 // bounds the step there, and the row-dot tiles above reload x for every weight row. So each
 // block of 16 weight rows is first transposed into pairs of inputs, pk[p][c][e] = w[n + c][2p + e]
-// (one 32-byte line per pair, zero past the block's rows and K), and then each step of the tile
+// (one 32-byte line per pair, zero past the block's rows and K: linear_cpu.h's packed layout, so a
+// weight packed once by pack_int8 is read as it is), and then each step of the tile
 // below sign-extends two lines, broadcasts each x row's pair (x[2p], x[2p + 1]) and adds one
 // vpmaddwd per 8 columns: 8 column sums per register, no horizontal adds, and 56 bytes read per
 // 12 vpmaddwd (6 x rows) where the row-dot tiles read 288 per 8. Sums are exact integers, as
 // there, so every path gives the same y.
-constexpr int64_t kPackRows = 16;
 // From 5 x rows on: a 16-row int8 decode step of GPT-2 124M took 45 ms against 54 with the row-dot
 // tiles (benchmarks/results/decode_profile_cpu_rows16.md has the step before and after). Since the
 // packed tiles prefetch step by step, a GPT-2 step's matmuls on two threads run 1.05x at 5 rows,
 // 1.05-1.18x at 6 and 1.12x at 7 against the row-dot tiles, 0.97x at 4 and 0.75x at 2, where
 // repacking is a large share of the work (interleaved rounds in one process, a temporary switch).
 constexpr int64_t kPackedMinRows = 5;
+// With the weight packed once (w.packed), from 3 x rows on: the 4-row tile, padded with zero rows,
+// ran a GPT-2 step's matmuls in a median 8.9 ms against the row-dot tiles' 10.3 at 3 rows, 8.4
+// against 9.1 at 4, the same at 2 and 9.6 against 9.0 at 1 (10-20 interleaved rounds, 2 threads).
+constexpr int64_t kPrepackedMinRows = 3;
 constexpr int64_t kPairChunk = 256;  // pairs of int8 x int16 products per int32 lane before int64
 // |q| <= 128 and |xq| <= 32767 (quantize_x clamps to +-32767: -32768 would overflow here)
 static_assert(kPairChunk * 2 * 128 * 32767 <= INT32_MAX, "an int32 lane must hold a chunk's sums");
@@ -488,48 +492,53 @@ inline int tile_height(int64_t M, int64_t m) {
   return left >= 9 || left == 5 || left == 6 ? 6 : 4;
 }
 
-// Blocks of 16 weight rows: pack, then chunks of kPairChunk pairs (8 KB of the packed block, 1 KB of
-// each x row) that every tile of x rows passes over while they are in cache.
+// Blocks of 16 weight rows: pack (or take the block of w.packed), then chunks of kPairChunk pairs
+// (8 KB of the packed block, 1 KB of each x row) that every tile of x rows passes over while they
+// are in cache. Rows [n0, n1) start at a block of w.packed (linear_cpu.cpp splits whole blocks).
 GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t K = w.K, full = K / 2;
+  const int64_t K = w.K, full = K / 2, block_bytes = packed_block_bytes(K);
   thread_local std::vector<int8_t> pk;
   thread_local std::vector<int16_t> zeros;  // the x row of the rows past M in the last tile
   thread_local std::vector<int64_t> total;  // (M + 5, 16): room for the last tile's rows past M
-  pk.resize((K + 1) / 2 * 32);
+  if (!w.packed) pk.resize(block_bytes);
   zeros.assign(K + 1, 0);
   total.resize((in.M + 5) * kPackRows);
   int64_t groups = 0;
   for (int64_t m = 0; m < in.M; m += tile_height(in.M, m)) ++groups;
-  // The weight rows two blocks on are prefetched while this block's tiles run, one line per
-  // tile step at the pace that covers a block per block: rows of a few hundred bytes are too
-  // short a stream for the hardware prefetcher, and the block's share fetched in one burst before
-  // each tile stalled on the full miss queue (the step after a burst took 8% of this function's
+  // The weights two blocks on are prefetched while this block's tiles run, one line per tile
+  // step at the pace that covers a block per block: rows of a few hundred bytes are too short a
+  // stream for the hardware prefetcher, and the block's share fetched in one burst before each
+  // tile stalled on the full miss queue (the step after a burst took 8% of this function's
   // samples). Spread over the steps: a GPT-2 step's matmuls on two threads 1.25x at 8 x rows,
   // 1.13x at 16, 1.03x at 32 and 96 (interleaved rounds in one process). Past n1 too, where this
-  // thread's next chunk of rows usually starts (linear_cpu.cpp); a prefetch never faults.
+  // thread's next chunk of rows usually starts (linear_cpu.cpp); a prefetch never faults. With
+  // w.packed the stream is the packed blocks themselves.
   const int64_t steps = std::max<int64_t>(1, full * groups);
-  const int64_t pf_step = (kPackRows * w.row_bytes + steps - 1) / steps;
+  const int64_t pf_step = (block_bytes + steps - 1) / steps;
   const int16_t* x[6];
   for (int64_t n = n0; n < n1; n += kPackRows) {
     const int64_t cols = std::min(kPackRows, n1 - n);
-    pack_pairs(w, n, cols, pk.data());
+    const int8_t* block = w.packed ? w.packed + n / kPackRows * block_bytes : pk.data();
+    if (!w.packed) pack_pairs(w, n, cols, pk.data());
     std::fill(total.begin(), total.end(), 0);
     auto* tot = reinterpret_cast<int64_t(*)[kPackRows]>(total.data());
-    uintptr_t pf = reinterpret_cast<uintptr_t>(row_ptr(w, std::min(w.N, n + 2 * kPackRows)));
+    const int64_t ahead = std::min(w.N, n + 2 * kPackRows);
+    uintptr_t pf = w.packed ? reinterpret_cast<uintptr_t>(w.packed + ahead / kPackRows * block_bytes)
+                            : reinterpret_cast<uintptr_t>(row_ptr(w, ahead));
     for (int64_t p0 = 0; p0 < full; p0 += kPairChunk)
       for (int64_t m = 0, h; m < in.M; m += h) {
         h = tile_height(in.M, m);
         for (int j = 0; j < h; ++j) x[j] = m + j < in.M ? in.xq + (m + j) * in.ld : zeros.data();
         const int64_t p1 = std::min(full, p0 + kPairChunk);
         if (h == 6)
-          tile_i8_packed<6>(pk.data(), p0, p1, x, tot + m, pf, pf_step);
+          tile_i8_packed<6>(block, p0, p1, x, tot + m, pf, pf_step);
         else
-          tile_i8_packed<4>(pk.data(), p0, p1, x, tot + m, pf, pf_step);
+          tile_i8_packed<4>(block, p0, p1, x, tot + m, pf, pf_step);
         pf += pf_step * (p1 - p0);
       }
     for (int64_t m = 0; m < in.M; ++m) {
       if (K % 2)  // the last input
-        for (int64_t c = 0; c < cols; ++c) tot[m][c] += int64_t{pk[full * 32 + 2 * c]} * in.xq[m * in.ld + K - 1];
+        for (int64_t c = 0; c < cols; ++c) tot[m][c] += int64_t{block[full * 32 + 2 * c]} * in.xq[m * in.ld + K - 1];
       float* ym = y + m * ldy + n;
       if (cols == kPackRows) {
         store_f32(tot[m], ym), store_f32(tot[m] + 8, ym + 8);
@@ -565,14 +574,20 @@ GPTFAST_AVX2 Input prepare_avx2(const Weight& w, const Input& in, std::vector<fl
   return permuted;
 }
 
+GPTFAST_AVX2 void pack_int8_avx2(const Weight& w, int8_t* out) {
+  const int64_t block_bytes = packed_block_bytes(w.K);
+  for (int64_t n = 0; n < w.N; n += kPackRows)
+    pack_pairs(w, n, std::min(kPackRows, w.N - n), out + n / kPackRows * block_bytes);
+}
+
 void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   switch (w.fmt) {
     case WFormat::F32: return rows_fmt<WFormat::F32>(w, in, y, ldy, n0, n1);
     case WFormat::BF16: return rows_fmt<WFormat::BF16>(w, in, y, ldy, n0, n1);  // x from prepare_avx2
     case WFormat::F16: return rows_fmt<WFormat::F16>(w, in, y, ldy, n0, n1);
     case WFormat::I8:
-      return in.M >= kPackedMinRows ? rows_i8_packed(w, in, y, ldy, n0, n1)
-                                    : rows_fmt<WFormat::I8>(w, in, y, ldy, n0, n1);
+      return in.M >= (w.packed ? kPrepackedMinRows : kPackedMinRows) ? rows_i8_packed(w, in, y, ldy, n0, n1)
+                                                                      : rows_fmt<WFormat::I8>(w, in, y, ldy, n0, n1);
     case WFormat::I4: return rows_fmt<WFormat::I4>(w, in, y, ldy, n0, n1);
   }
 }

@@ -136,10 +136,10 @@ namespace {
 
 // The weight's format and view, checked against x (M, K) and the scale.
 Weight weight_view(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
-                   int64_t group) {
+                   int64_t group, const c10::optional<at::Tensor>& packed) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "gptfast linear: weight must be a contiguous 2-D tensor");
   const int64_t N = weight.size(0), K = x.size(-1);
-  Weight w{WFormat::F32, weight.data_ptr(), N, K, weight.size(1) * weight.element_size(), nullptr, nullptr, 0};
+  Weight w{WFormat::F32, weight.data_ptr(), N, K, weight.size(1) * weight.element_size(), nullptr, nullptr, 0, nullptr};
   switch (weight.scalar_type()) {
     case at::kFloat: w.fmt = WFormat::F32; break;
     case at::kBFloat16: w.fmt = WFormat::BF16; break;
@@ -167,9 +167,18 @@ Weight weight_view(const at::Tensor& x, const at::Tensor& weight, const c10::opt
                     scale->dim() == 1 && scale->size(0) == N,
                 "gptfast linear: int8 needs a contiguous float32 scale of shape (", N, ")");
     w.row_scale = scale->data_ptr<float>();
+    if (packed.has_value()) {
+      const std::vector<int64_t> shape{(N + kPackRows - 1) / kPackRows, packed_block_bytes(K)};
+      TORCH_CHECK(packed->scalar_type() == at::kChar && packed->is_contiguous() && packed->sizes() == shape,
+                  "gptfast linear: packed must be pack_int8(weight), contiguous int8 of shape ", at::IntArrayRef(shape),
+                  ", got ", packed->scalar_type(), " ", packed->sizes());
+      w.packed = packed->data_ptr<int8_t>();
+    }
   } else {
     TORCH_CHECK(!scale.has_value(), "gptfast linear: a ", weight.scalar_type(), " weight takes no scale");
   }
+  TORCH_CHECK(!packed.has_value() || w.fmt == WFormat::I8, "gptfast linear: packed is for int8 weights, not ",
+              weight.scalar_type());
   return w;
 }
 
@@ -226,12 +235,13 @@ void quantize_x(const at::Tensor& xf, int64_t group, at::Tensor& xq, at::Tensor&
 }  // namespace
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
-                      const c10::optional<at::Tensor>& bias, int64_t group_size, c10::string_view path) {
+                      const c10::optional<at::Tensor>& bias, int64_t group_size, c10::string_view path,
+                      const c10::optional<at::Tensor>& packed) {
   TORCH_CHECK(x.dim() >= 1, "gptfast linear: x must have at least 1 dimension (..., K)");
   const auto xt = x.scalar_type();
   TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf,
               "gptfast linear: x must be float32, bfloat16 or float16, got ", xt);
-  const Weight w = weight_view(x, weight, scale, group_size);
+  const Weight w = weight_view(x, weight, scale, group_size, packed);
   const Path& p = choose_path(std::string(path));
   const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.N;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -309,7 +319,25 @@ std::vector<std::string> linear_paths() {
   return names;
 }
 
-TORCH_LIBRARY_IMPL(gptfast, CPU, m) { m.impl("linear", linear_cpu); }
+at::Tensor pack_int8(const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous(),
+              "gptfast pack_int8: weight must be a contiguous 2-D int8 tensor, got ", weight.scalar_type(), " ",
+              weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  at::Tensor out = at::empty({(N + kPackRows - 1) / kPackRows, packed_block_bytes(K)}, weight.options());
+#if defined(GPTFAST_X86_GNU)
+  if (has_avx2()) {
+    pack_int8_avx2({WFormat::I8, weight.data_ptr(), N, K, K, nullptr, nullptr, 0, nullptr}, out.data_ptr<int8_t>());
+    return out;
+  }
+#endif
+  TORCH_CHECK(false, "gptfast pack_int8: only the avx2 path reads packed weights, and this CPU or build has none");
+}
+
+TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
+  m.impl("linear", linear_cpu);
+  m.impl("pack_int8", pack_int8);
+}
 
 TORCH_LIBRARY_FRAGMENT(gptfast, m) { m.def("linear_paths() -> str[]", linear_paths); }
 

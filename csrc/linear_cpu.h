@@ -37,6 +37,7 @@ struct Weight {
   const float* row_scale;          // I8: (N,)
   const c10::Half* group_scale;    // I4: (N, K / group, 2) = (s, m)
   int64_t group;                   // I4: inputs per group
+  const int8_t* packed;            // I8: pack_int8's copy of the weight, or nullptr (see below)
 };
 
 inline const uint8_t* row_ptr(const Weight& w, int64_t n) {
@@ -71,6 +72,13 @@ struct Input {
   int64_t M, ld;
 };
 
+// int8 weights as the AVX2 path's many-row tiles read them: blocks of kPackRows output rows, each
+// (ceil(K / 2), kPackRows, 2) with block b's [p][c][e] = q[kPackRows b + c][2 p + e], zero past N
+// and K. Those tiles pack every block as they go; a copy made once (gptfast::pack_int8, which
+// gptfast/cpu_decode.py keeps beside an int8 model's weights) spares them that work.
+constexpr int64_t kPackRows = 16;
+inline int64_t packed_block_bytes(int64_t K) { return (K + 1) / 2 * 2 * kPackRows; }
+
 // Inputs per integer chunk: 128 steps of 16 int8 x int16 products (each int32 lane gains at most
 // 2 * 128 * 32767 per step) cannot overflow int32 before they are added up in int64.
 constexpr int64_t kI8Chunk = 2048;
@@ -83,14 +91,17 @@ void rows_portable(const Weight& w, const Input& in, float* y, int64_t ldy, int6
 #if defined(GPTFAST_X86_GNU)
 void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
 Input prepare_avx2(const Weight& w, const Input& in, std::vector<float>& scratch);
+void pack_int8_avx2(const Weight& w, int8_t* out);  // the packed copy above, (ceil(N / 16), block) bytes
 #endif
 
 // Whether the linear op's default path (GPTFAST_CPU_KERNEL, else the best this CPU runs) is
 // the AVX2 + FMA + F16C one; decode_cpu.cpp's float16 KV cache follows the same choice.
 bool avx2_chosen();
 
-// The op itself (registered as gptfast::linear; decode_cpu.cpp calls it directly).
+// The op itself (registered as gptfast::linear; decode_cpu.cpp calls it directly). packed: int8
+// only, pack_int8(weight), read by the AVX2 path's many-row tiles instead of packing as they go.
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
-                      const c10::optional<at::Tensor>& bias, int64_t group_size, c10::string_view path);
+                      const c10::optional<at::Tensor>& bias, int64_t group_size, c10::string_view path,
+                      const c10::optional<at::Tensor>& packed);
 
 }  // namespace gptfast

@@ -15,15 +15,19 @@ TORCH_LIBRARY(gptfast, m) {
   // y (..., N) = x (..., K) W^T (* row scale) (+ bias) for decode's few rows; W float32/bfloat16/float16, int8
   // with a float32 scale (N,), or packed int4 (uint8) with float16 (scale, min) (N, groups, 2).
   // path: "" = the best for this CPU (or GPTFAST_CPU_KERNEL), else one of linear_paths().
-  m.def("linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int group_size, str path=\"\") -> Tensor");
+  // packed: int8 only, pack_int8(weight) (linear_cpu.h's layout), read instead of packing as it goes.
+  m.def("linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int group_size, str path=\"\", "
+        "Tensor? packed=None) -> Tensor");
+  // int8 weight (N, K) -> (ceil(N / 16), 32 ceil(K / 2)) int8 in the avx2 path's packed layout
+  m.def("pack_int8(Tensor weight) -> Tensor");
   // One GPT-2 step on CPU (decode_cpu.cpp; operands built by gptfast/cpu_decode.py) for n tokens:
   // token i at positions[i] of cache row rows[i], its key/value written to that slot; a row's
   // tokens are one run of consecutive positions (a decoding row: one token; a prompt: all of it).
   // norms: per block norm1 (scale, shift), norm2 (scale, shift), then the final norm's; linears:
-  // (weight, scale, bias) for qkv, out_proj, fc, proj of each block, then the head; groups: one
-  // per linear. Returns the logits of the tokens named by outputs (r, vocab_size).
+  // (weight, scale, bias) for qkv, out_proj, fc, proj of each block, then the head; groups and
+  // packed (pack_int8 of an int8 weight, or None): one per linear. Returns the logits of the tokens named by outputs (r, vocab_size).
   m.def("decode_step(Tensor tokens, Tensor positions, Tensor rows, Tensor outputs, Tensor tok_emb, Tensor pos_emb, "
-        "Tensor[] norms, Tensor?[] linears, int[] groups, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int n_heads, "
+        "Tensor[] norms, Tensor?[] linears, int[] groups, Tensor?[] packed, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int n_heads, "
         "float eps, int vocab_size) -> Tensor");
 }
 

@@ -14,6 +14,13 @@ call, so weights updated in place are seen. Beyond `max_rows` tokens in a call
 more decoding rows alone takes the eager step; beside prompts they go in several calls, and the
 prompts in chunks of at most max_rows (gptfast.engine). The reference is the model's own forward through the KV cache
 (gptfast.runner); tests/test_cpu_decode.py checks one against the other.
+
+int8 weights are also kept packed (cpu_linear.pack_int8, as much memory again) where the avx2
+path reads them: its tiles of 3 or more rows then skip repacking every block of 16 weight rows
+at each call (a GPT-2 step's matmuls at 16 rows: median 26.9 against 32.2 ms; the whole step under
+benchmarks/engine_load.py's 16 clients 27.7 against 30.3, one alternating pair). A weight changed in place is
+packed again at the next call (its version counter says so; an inference tensor has none, and
+one changed in place under inference mode goes unseen).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from .model import GPTModel, MultiHeadAttention, TransformerBlock
 from .quant import FloatLinear, Int4Linear, Int8Linear
 
 _HAS_OP = cpu_linear.op_built("decode_step")
+_PACKS_INT8 = _HAS_OP and cpu_linear.packs_int8()
 
 
 def has_kernel() -> bool:
@@ -70,6 +78,15 @@ class FusedDecode:
         self.norms, self.linears, self.groups = norms, linears, groups
         self.n_heads, self.eps, self.vocab_size = cfg.n_heads, eps, cfg.vocab_size
         self.max_rows = min(cpu_linear.MAX_KERNEL_ROWS[w.dtype] for w in linears[::3])
+        int8 = [w for w in linears[::3] if w.dtype == torch.int8] if _PACKS_INT8 else []
+        self._tracked = [w for w in int8 if not w.is_inference()]  # packed again when changed in place
+        self._pack()
+
+    def _pack(self):
+        """The int8 weights' packed copies (None for the others), and the versions they were made at."""
+        self.packed = [cpu_linear.pack_int8(w) if w.dtype == torch.int8 and _PACKS_INT8 else None
+                       for w in self.linears[::3]]
+        self._versions = [w._version for w in self._tracked]
 
     @classmethod
     def for_model(cls, model) -> FusedDecode | None:
@@ -93,6 +110,8 @@ class FusedDecode:
         """Logits (len(outputs), vocab_size) of one step of n tokens (int64 tensors (n,)): token i
         at positions[i] of cache row rows[i], its key/value written to that slot; a row's tokens
         are one run of consecutive positions. outputs: the tokens whose logits are returned."""
+        if any(w._version != v for w, v in zip(self._tracked, self._versions)):
+            self._pack()
         return torch.ops.gptfast.decode_step(
             tokens, positions, rows, outputs, self.tok_emb, self.pos_emb, self.norms, self.linears, self.groups,
-            [c.k for c in caches], [c.v for c in caches], self.n_heads, self.eps, self.vocab_size)
+            self.packed, [c.k for c in caches], [c.v for c in caches], self.n_heads, self.eps, self.vocab_size)

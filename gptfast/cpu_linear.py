@@ -40,7 +40,7 @@ MAX_KERNEL_ROWS = {torch.float32: 32, torch.bfloat16: 96, torch.float16: 96, tor
 
 if _HAS_OP:
     @torch.library.register_fake("gptfast::linear")
-    def _linear_fake(x, weight, scale, bias, group_size, path=""):
+    def _linear_fake(x, weight, scale, bias, group_size, path="", packed=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -52,6 +52,18 @@ def has_kernel() -> bool:
 def kernel_paths() -> list[str]:
     """The kernel paths this CPU can run, best first (e.g. ['avx2', 'portable']); [] without _C."""
     return list(torch.ops.gptfast.linear_paths()) if _HAS_OP else []
+
+
+def packs_int8() -> bool:
+    """Whether this CPU's best path reads int8 weights packed once (pack_int8): the avx2 one."""
+    return "avx2" in kernel_paths()
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 q (N, K) in the layout the avx2 path's tiles of 5 or more x rows read (linear_cpu.h):
+    passed to the op as `packed`, it spares them repacking every block of 16 rows at each call.
+    A copy: q changed in place needs packing again. Only where packs_int8()."""
+    return torch.ops.gptfast.pack_int8(q)
 
 
 def quantize_int8(weight: torch.Tensor):

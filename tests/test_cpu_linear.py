@@ -88,8 +88,9 @@ def test_integer_formats_non_finite_and_extreme_rows(path, fmt):
 @pytest.mark.parametrize("M, K, N", [(8, 16, 16), (13, 15, 17), (16, 768, 50), (33, 1031, 5), (9, 1, 3),
                                      (9, 1031, 40), (12, 3072, 36), (11, 769, 20), (10, 768, 300),
                                      (5, 770, 33), (7, 64, 48),
-                                     (4, 48, 7), (4, 3072, 9), (4, 4100, 6), (4, 15, 3)])
-def test_int8_many_rows_equal_portable(M, K, N, two_threads):
+                                     (4, 48, 7), (4, 3072, 9), (4, 4100, 6), (4, 15, 3), (3, 1031, 40), (3, 768, 300)])
+@pytest.mark.parametrize("packed", [False, True], ids=["packing", "prepacked"])
+def test_int8_many_rows_equal_portable(M, K, N, packed, two_threads):
     # 4 x rows run the row-dot tile of 3 weight rows by 4 x rows in assembly: an odd step of 16
     # inputs (48), int32 lanes added up past one 2048-input chunk (3072; 4100: two and a tail of 4),
     # no whole step (15), rows past the last 3 (7, 9 -> 1 row tiles).
@@ -98,12 +99,44 @@ def test_int8_many_rows_equal_portable(M, K, N, two_threads):
     # input alone; after whole 16-row blocks: 1031), K = 1 (no pair), K past one 512-input int32
     # chunk, N not a multiple of 16, tiles of 4 and 6 x rows with rows of zeros past M (13: 6 + 4 + 4,
     # 11: 6 + 6, 5: 6, 7: 4 + 4), 2 threads (taking chunks of weight rows in turn: 300 rows at K = 768 are 4 chunks
-    # of 96; 36, 40: a last 16-row block cut short)
+    # of 96; 36, 40: a last 16-row block cut short). Prepacked (pack_int8's copy passed in): the
+    # packed tiles from 3 x rows on, read from the copy instead of packing each block.
     gen = torch.Generator().manual_seed(M * K + N)
     weight = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
     scale, x = torch.rand(N, generator=gen) + 0.5, torch.randn(M, K, generator=gen)
-    y, ref = cl.linear(x, weight, scale, None, 0, "avx2"), cl.linear(x, weight, scale, None, 0, "portable")
+    copy = cl.pack_int8(weight) if packed else None
+    y = torch.ops.gptfast.linear(x, weight, scale, None, 0, "avx2", packed=copy)
+    ref = cl.linear(x, weight, scale, None, 0, "portable")
     assert torch.equal(y, ref), f"worst difference {(y - ref).abs().max()}"
+
+
+@needs_c
+@needs_avx2
+@pytest.mark.parametrize("N, K", [(16, 8), (33, 7), (5, 1)])
+def test_pack_int8_layout(N, K):
+    # linear_cpu.h's layout: blocks of 16 weight rows, block b's [p][c][e] = q[16 b + c][2 p + e],
+    # zeros past N and K
+    q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=torch.Generator().manual_seed(N))
+    blocks, pairs = -(-N // 16), -(-K // 2)
+    padded = torch.zeros(blocks * 16, pairs * 2, dtype=torch.int8)
+    padded[:N, :K] = q
+    want = padded.view(blocks, 16, pairs, 2).permute(0, 2, 1, 3).reshape(blocks, pairs * 32)
+    assert torch.equal(cl.pack_int8(q), want)
+
+
+@needs_c
+@needs_avx2
+def test_bad_packed_weights():
+    q, scale = cl.quantize_int8(torch.randn(20, 64))
+    x, packed = torch.randn(6, 64), cl.pack_int8(q)
+    with pytest.raises(RuntimeError, match=r"packed must be pack_int8\(weight\), contiguous int8 of shape \[2, 1024\]"):
+        torch.ops.gptfast.linear(x, q, scale, None, 0, packed=packed[:1])
+    with pytest.raises(RuntimeError, match="packed must be pack_int8"):
+        torch.ops.gptfast.linear(x, q, scale, None, 0, packed=packed.view(torch.uint8))
+    with pytest.raises(RuntimeError, match="packed is for int8 weights, not Float"):
+        torch.ops.gptfast.linear(x, torch.randn(20, 64), None, None, 0, packed=packed)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous 2-D int8 tensor"):
+        cl.pack_int8(q.float())
 
 
 @needs_c

@@ -9,7 +9,10 @@ The load generator (asyncio + httpx, localhost only) runs each client as a loop 
 requests over a fixed mix of prompt and output lengths. After --warmup seconds of that load (not
 counted: every client's first prompt arrives at once, a burst the steady load never has) one
 window opens, and closes after --seconds or when the --requests-th request in it finishes,
-whichever comes first; the two servers take turns at each level. Reported: aggregate generated
+whichever comes first. The two servers take --turns turns each at each level, in the order
+ABBA... (this shared host's speed drifts by tens of percent over minutes: short alternating
+windows see the same drift, one long window each did not), and each server's windows are
+summed. Reported: aggregate generated
 tokens/s (the tokens received in the window over its length: every client busy throughout;
 requests still running when it closes are dropped, not drained, since a drain is time at fewer
 clients than the level names), p50/p99 time to first token (of the first tokens that come in the
@@ -88,6 +91,11 @@ class ServerProcess:
 
 def new_stats():
     return {"ttft": [], "itl": [], "per_token": [], "tokens": 0, "done": 0}
+
+
+def add_stats(total, s):
+    """The sums of two windows' stats (total None: s)."""
+    return s if total is None else {k: total[k] + s[k] for k in s}
 
 
 async def one_request(http, url, prompt, max_tokens, stats, window):
@@ -206,6 +214,8 @@ def main():
     ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                     help="the batching server's --prefill-chunk (0: every waiting prompt whole); the "
                          "one-at-a-time server prefills each prompt whole")
+    ap.add_argument("--turns", type=int, default=1,
+                    help="windows per server per level, the servers alternating (A B B A ...); the sums reported")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the HTTP-overhead check")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="the servers' and the in-process Generator's --dtype")
@@ -216,6 +226,7 @@ def main():
     if not args.warmup >= 0 or not args.seconds > 0:  # (NaN fails both)
         ap.error(f"--warmup must be >= 0 and --seconds > 0, got {args.warmup} and {args.seconds}")
     for flag, value in (("--clients", min(args.clients)), ("--requests", args.requests), ("--rounds", args.rounds),
+                        ("--turns", args.turns),
                         ("--max-batch", args.max_batch)):
         if value < 1:
             ap.error(f"{flag} must be at least 1, got {value}")
@@ -238,9 +249,12 @@ def main():
             host = [probe.summary("before the load windows")] if probe else []
             results = {}
             for clients in args.clients:
-                for label, server in servers.items():  # the two servers take turns: same load around them
-                    results[clients, label] = s = asyncio.run(load(server.url, clients, args.seconds, args.requests, args.warmup))
-                    print(f"{clients} clients, {label}: {s['tokens'] / s['seconds']:.1f} tokens/s, {s['done']} requests")
+                for turn in range(args.turns):  # the servers take turns: the same host drift around them
+                    for label, server in list(servers.items())[::1 if turn % 2 == 0 else -1]:
+                        s = asyncio.run(load(server.url, clients, args.seconds, args.requests, args.warmup))
+                        print(f"{clients} clients, {label}: {s['tokens'] / s['seconds']:.1f} tokens/s, "
+                              f"{s['done']} requests")
+                        results[clients, label] = add_stats(results.get((clients, label)), s)
             host += [probe.summary("after them")] if probe else []
         finally:
             for s in servers.values():
@@ -254,12 +268,13 @@ def report(args, device, results, inproc, http, host):
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
              f"command: python benchmarks/bench_serve.py --clients {' '.join(map(str, args.clients))} "
              f"--seconds {args.seconds:g} --warmup {args.warmup:g} --requests {args.requests} --max-batch {args.max_batch} --device {args.device} "
-             f"--dtype {args.dtype} --prefill-chunk {args.prefill_chunk} --rounds {args.rounds}",
+             f"--dtype {args.dtype} --prefill-chunk {args.prefill_chunk} --turns {args.turns} --rounds {args.rounds}",
              f"load average at the end: {load_average()} "
              f"(this machine: {os.cpu_count()} cores, shared)", *host,
              f"mix: prompts of {'/'.join(map(str, PROMPT_LENGTHS))} tokens with {'/'.join(map(str, OUTPUT_LENGTHS))} "
              f"new tokens, in turn; each window: after {args.warmup:g} s of the load, --seconds, or until the "
-             "--requests-th request in it finishes (the rest dropped, not drained)", "",
+             f"--requests-th request in it finishes (the rest dropped, not drained); {args.turns} window(s) per "
+             "server per level, the servers alternating, summed", "",
              "| clients | server | tokens/s | vs one at a time | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
              "| ITL p99 (ms) | requests done | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for clients in args.clients:

@@ -424,14 +424,22 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
     at::parallel_for(0, n, 8, [&](int64_t m0, int64_t m1) { gelu(fp + m0 * F, (m1 - m0) * F); });
     add_into_x(linear(f, kLinearsPerBlock * l + 3, C));
   }
-  // the final norm and the head for the tokens asked for only
+  // the final norm and the head for the tokens asked for only, through the head's first vocab_size
+  // rows: a padded vocabulary's other rows would be computed and then copied away
   const at::Tensor last = x.index_select(0, outputs);  // (r, C)
   at::Tensor last_h = at::empty_like(last);
   norm_rows(kNormsPerBlock * L, last, last_h);
-  at::Tensor logits = linear(last_h, kLinearsPerBlock * L, 0);  // (r, padded vocabulary)
-  TORCH_CHECK(logits.size(1) >= vocab_size, "gptfast decode_step: the head has ", logits.size(1), " outputs for ",
-              vocab_size, " tokens");
-  return logits.narrow(1, 0, vocab_size).contiguous();  // (r, vocab_size)
+  const int64_t head = kLinearsPerBlock * L;
+  const at::Tensor& head_weight = *linears.get(3 * head);
+  TORCH_CHECK(head_weight.dim() == 2 && head_weight.size(0) >= vocab_size, "gptfast decode_step: the head has ",
+              head_weight.size(0), " outputs for ", vocab_size, " tokens");
+  const auto first = [](const c10::optional<at::Tensor>& t, int64_t rows) -> c10::optional<at::Tensor> {
+    if (!t.has_value()) return c10::nullopt;
+    return t->narrow(0, 0, rows);
+  };
+  return linear_cpu(last_h, head_weight.narrow(0, 0, vocab_size), first(linears.get(3 * head + 1), vocab_size),
+                    first(linears.get(3 * head + 2), vocab_size), groups[head], "",
+                    first(packed.get(head), (vocab_size + kPackRows - 1) / kPackRows));  // (r, vocab_size)
 }
 
 TORCH_LIBRARY_IMPL(gptfast, CPU, m) { m.impl("decode_step", decode_step_cpu); }

@@ -299,6 +299,9 @@ def test_bad_operands_are_one_line_errors():
         fused.linears = [None] + linears[1:]  # the first layer's weight left out
         with pytest.raises(RuntimeError, match="linear 0 has no weight"):
             step()
+        fused.linears = linears[:-3] + linears[3:6]  # out_proj's 32 rows as the head
+        with pytest.raises(RuntimeError, match=f"the head has 32 outputs for {model.cfg.vocab_size} tokens"):
+            step()
         fused.linears, fused.groups = linears[:-3], fused.groups[:-1]  # the head left out
         with pytest.raises(RuntimeError, match="operands for 2 layers need"):
             step()

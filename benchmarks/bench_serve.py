@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import aclosing
 from pathlib import Path
 
 import httpx
@@ -98,6 +99,19 @@ def add_stats(total, s):
     return s if total is None else {k: total[k] + s[k] for k in s}
 
 
+async def sse_events(response):
+    """The JSON events of a server-sent event stream, each with the time its bytes came in. Raw
+    bytes split at the blank lines: the load generator shares the server's two cores, and httpx's
+    line iterator cost ~0.57 ms of CPU per separately arriving event here, this ~0.44."""
+    pending = b""
+    async for data in response.aiter_raw():
+        now = time.perf_counter()
+        *events, pending = (pending + data).split(b"\n\n")
+        for e in events:
+            if e.startswith(b"data: {"):
+                yield json.loads(e[6:]), now
+
+
 async def one_request(http, url, prompt, max_tokens, stats, window):
     """Stream one greedy request: its time to first token, the gaps between its chunks, its
     decode time per token, as far as they fall after window["start"]; the tokens received before
@@ -107,12 +121,9 @@ async def one_request(http, url, prompt, max_tokens, stats, window):
     body = {"model": "gpt2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start, first, last, text, chunks = time.perf_counter(), None, None, [], 0
-    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+    async with http.stream("POST", url + "/v1/completions", json=body) as r, aclosing(sse_events(r)) as events:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event, now = json.loads(line[6:]), time.perf_counter()
+        async for event, now in events:
             has_text = bool(event["choices"] and event["choices"][0]["text"])
             counted = now >= window["start"]
             if has_text and last is None and counted:  # a latency: kept even when it comes after

@@ -376,22 +376,28 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
     const at::Tensor qkv = linear(h, kLinearsPerBlock * l, 3 * C);  // (n, 3C): q, k, v, each (H, D)
     const float* qp = qkv.data_ptr<float>();
     float* ap = att.data_ptr<float>();
-    const at::Tensor &kc = k_cache[l], &vc = v_cache[l];
-    // where token m's head hd starts in a cache laid out (rows, H, slots, D)
+    // the layer's cache, typed once (data_ptr<T>() checks the dtype at each call), and where
+    // token m's head hd starts in it, laid out (rows, H, slots, D)
+    float *kf = nullptr, *vf = nullptr;
+    c10::Half *kh = nullptr, *vh = nullptr;
+    if (half_cache)
+      kh = k_cache[l].data_ptr<c10::Half>(), vh = v_cache[l].data_ptr<c10::Half>();
+    else
+      kf = k_cache[l].data_ptr<float>(), vf = v_cache[l].data_ptr<float>();
     const auto base = [&](int64_t m, int64_t hd) { return (row[m] * n_heads + hd) * slots * D; };
+    const auto bits = [](c10::Half* p) { return reinterpret_cast<uint16_t*>(p); };
     // every token's key and value first: a prompt's tokens attend to each other's
     for (int64_t i = 0; i < n * n_heads; ++i) {
-      const int64_t m = i / n_heads, hd = i % n_heads;
+      const int64_t m = i / n_heads, hd = i % n_heads, b = base(m, hd);
       const float* kv = qp + m * 3 * C + C + hd * D;
       if (!half_cache)
-        store_kv(kv, kv + C, kc.data_ptr<float>() + base(m, hd), vc.data_ptr<float>() + base(m, hd), pos[m], D);
+        store_kv(kv, kv + C, kf + b, vf + b, pos[m], D);
 #if defined(GPTFAST_F16C)
       else if (f16c)
-        store_kv_f16(kv, kv + C, reinterpret_cast<uint16_t*>(kc.data_ptr<c10::Half>() + base(m, hd)),
-                     reinterpret_cast<uint16_t*>(vc.data_ptr<c10::Half>() + base(m, hd)), pos[m], D);
+        store_kv_f16(kv, kv + C, bits(kh + b), bits(vh + b), pos[m], D);
 #endif
       else
-        store_kv(kv, kv + C, kc.data_ptr<c10::Half>() + base(m, hd), vc.data_ptr<c10::Half>() + base(m, hd), pos[m], D);
+        store_kv(kv, kv + C, kh + b, vh + b, pos[m], D);
     }
     // (token, head) pairs handed out one at a time: tokens at different positions make fixed
     // halves of the pairs uneven, and the thread that finishes first would wait at the join
@@ -399,21 +405,17 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
     at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n * n_heads), 1, [&](int64_t, int64_t) {
       std::vector<float> scores(slots);
       for (int64_t i = next++; i < n * n_heads; i = next++) {
-        const int64_t m = i / n_heads, hd = i % n_heads;
+        const int64_t m = i / n_heads, hd = i % n_heads, b = base(m, hd);
         const float* q = qp + m * 3 * C + hd * D;
         float* out = ap + m * C + hd * D;
         if (!half_cache)
-          attend(q, kc.data_ptr<float>() + base(m, hd), vc.data_ptr<float>() + base(m, hd), pos[m], D, scores.data(),
-                 out);
+          attend(q, kf + b, vf + b, pos[m], D, scores.data(), out);
 #if defined(GPTFAST_F16C)
         else if (f16c)
-          attend_f16(q, reinterpret_cast<const uint16_t*>(kc.data_ptr<c10::Half>() + base(m, hd)),
-                     reinterpret_cast<const uint16_t*>(vc.data_ptr<c10::Half>() + base(m, hd)), pos[m], D,
-                     scores.data(), out);
+          attend_f16(q, bits(kh + b), bits(vh + b), pos[m], D, scores.data(), out);
 #endif
         else
-          attend(q, kc.data_ptr<c10::Half>() + base(m, hd), vc.data_ptr<c10::Half>() + base(m, hd), pos[m], D,
-                 scores.data(), out);
+          attend(q, kh + b, vh + b, pos[m], D, scores.data(), out);
       }
     });
     add_into_x(linear(att, kLinearsPerBlock * l + 1, C));
@@ -430,16 +432,18 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
   at::Tensor last_h = at::empty_like(last);
   norm_rows(kNormsPerBlock * L, last, last_h);
   const int64_t head = kLinearsPerBlock * L;
-  const at::Tensor& head_weight = *linears.get(3 * head);
+  const at::Tensor head_weight = *linears.get(3 * head);  // (get returns a copy: a reference would dangle)
   TORCH_CHECK(head_weight.dim() == 2 && head_weight.size(0) >= vocab_size, "gptfast decode_step: the head has ",
               head_weight.size(0), " outputs for ", vocab_size, " tokens");
   const auto first = [](const c10::optional<at::Tensor>& t, int64_t rows) -> c10::optional<at::Tensor> {
     if (!t.has_value()) return c10::nullopt;
     return t->narrow(0, 0, rows);
   };
-  return linear_cpu(last_h, head_weight.narrow(0, 0, vocab_size), first(linears.get(3 * head + 1), vocab_size),
-                    first(linears.get(3 * head + 2), vocab_size), groups[head], "",
-                    first(packed.get(head), (vocab_size + kPackRows - 1) / kPackRows));  // (r, vocab_size)
+  const c10::optional<at::Tensor> scale = first(linears.get(3 * head + 1), vocab_size);
+  const c10::optional<at::Tensor> bias = first(linears.get(3 * head + 2), vocab_size);
+  const c10::optional<at::Tensor> packed_rows = first(packed.get(head), (vocab_size + kPackRows - 1) / kPackRows);
+  return linear_cpu(last_h, head_weight.narrow(0, 0, vocab_size), scale, bias, groups[head], "",
+                    packed_rows);  // (r, vocab_size)
 }
 
 TORCH_LIBRARY_IMPL(gptfast, CPU, m) { m.impl("decode_step", decode_step_cpu); }

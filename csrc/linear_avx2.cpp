@@ -381,10 +381,14 @@ GPTFAST_AVX2 void pack_pairs(const Weight& w, int64_t n, int64_t rows, int8_t* p
       }
 }
 
-GPTFAST_AVX2 inline void add_wide(int64_t* total, __m256i acc) {  // total[0..8) += acc's lanes
+// total[0..8) += acc's lanes, or = them for a block's first chunk of pairs (no zeroing pass first:
+// it had been 1% of the step, a few KB per block of 16 weight rows)
+GPTFAST_AVX2 inline void add_wide(int64_t* total, __m256i acc, bool first) {
   __m256i* t = reinterpret_cast<__m256i*>(total);
-  _mm256_storeu_si256(t, _mm256_add_epi64(_mm256_loadu_si256(t), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc))));
-  _mm256_storeu_si256(t + 1, _mm256_add_epi64(_mm256_loadu_si256(t + 1), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc, 1))));
+  const __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc));
+  const __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc, 1));
+  _mm256_storeu_si256(t, first ? lo : _mm256_add_epi64(_mm256_loadu_si256(t), lo));
+  _mm256_storeu_si256(t + 1, first ? hi : _mm256_add_epi64(_mm256_loadu_si256(t + 1), hi));
 }
 
 // y[0..8) = t[0..8) rounded to float as static_cast<float> rounds them, in one vector store: a
@@ -443,7 +447,7 @@ GPTFAST_AVX2 inline void store_f32(const int64_t* t, float* y) {
             : "memory");                                                                                       \
   }
 
-// total[j][c] += the 16 packed columns times x rows x[0..R) over pairs [p0, p1) (at most
+// total[j][c] += (p0 = 0: =) the 16 packed columns times x rows x[0..R) over pairs [p0, p1) (at most
 // kPairChunk), R = 4 or 6; each step also prefetches the line at address pf + pf_step * (p - p0)
 // (an integer: it runs past the weights at the last blocks, where a prefetch is harmless). The
 // step is written in assembly: GCC computed all the products of a step before adding any of
@@ -474,11 +478,14 @@ GPTFAST_AVX2 void tile_i8_packed(const int8_t* pk, int64_t p0, int64_t p1, const
   if (i < 4 * p1) {  // an odd pair left
     GPTFAST_PACKED_STEP("0", "(%[pf])")
   }
-  add_wide(total[0], a00), add_wide(total[0] + 8, a01), add_wide(total[1], a10), add_wide(total[1] + 8, a11);
-  add_wide(total[2], a20), add_wide(total[2] + 8, a21), add_wide(total[3], a30), add_wide(total[3] + 8, a31);
+  const bool first = p0 == 0;
+  add_wide(total[0], a00, first), add_wide(total[0] + 8, a01, first);
+  add_wide(total[1], a10, first), add_wide(total[1] + 8, a11, first);
+  add_wide(total[2], a20, first), add_wide(total[2] + 8, a21, first);
+  add_wide(total[3], a30, first), add_wide(total[3] + 8, a31, first);
   if constexpr (R == 6) {
-    add_wide(total[4], a40), add_wide(total[4] + 8, a41);
-    add_wide(total[5], a50), add_wide(total[5] + 8, a51);
+    add_wide(total[4], a40, first), add_wide(total[4] + 8, a41, first);
+    add_wide(total[5], a50, first), add_wide(total[5] + 8, a51, first);
   }
 }
 #undef GPTFAST_PACKED_STEP
@@ -520,7 +527,7 @@ GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int
     const int64_t cols = std::min(kPackRows, n1 - n);
     const int8_t* block = w.packed ? w.packed + n / kPackRows * block_bytes : pk.data();
     if (!w.packed) pack_pairs(w, n, cols, pk.data());
-    std::fill(total.begin(), total.end(), 0);
+    if (full == 0) std::fill(total.begin(), total.end(), 0);  // (K = 1: no chunk of pairs sets total)
     auto* tot = reinterpret_cast<int64_t(*)[kPackRows]>(total.data());
     const int64_t ahead = std::min(w.N, n + 2 * kPackRows);
     uintptr_t pf = w.packed ? reinterpret_cast<uintptr_t>(w.packed + ahead / kPackRows * block_bytes)

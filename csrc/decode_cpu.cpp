@@ -446,6 +446,82 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
                     packed_rows);  // (r, vocab_size)
 }
 
-TORCH_LIBRARY_IMPL(gptfast, CPU, m) { m.impl("decode_step", decode_step_cpu); }
+namespace {
+
+// The index of the first largest value of x[0..V), or of its first NaN: torch.argmax's answer.
+int64_t argmax_row(const float* x, int64_t V) {
+  int64_t best = 0;
+  for (int64_t k = 0; k < V; ++k) {
+    if (std::isnan(x[k])) return k;
+    if (x[k] > x[best]) best = k;
+  }
+  return best;
+}
+
+#if defined(GPTFAST_F16C)
+// The same in two vector passes: the largest value (8 lanes; a NaN anywhere sends the row to
+// argmax_row), then the first index holding it. The row (a vocabulary of logits) stays in cache.
+GPTFAST_F16C int64_t argmax_row_avx2(const float* x, int64_t V) {
+  const int64_t V8 = V / 8 * 8;
+  __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), nan = _mm256_setzero_ps();
+  for (int64_t k = 0; k < V8; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    top = _mm256_max_ps(top, v);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, top);
+  if (_mm256_movemask_ps(nan)) return argmax_row(x, V);
+  float best = *std::max_element(lanes, lanes + 8);
+  for (int64_t k = V8; k < V; ++k) {
+    if (std::isnan(x[k])) return k;  // the first NaN: none came before the tail
+    best = std::max(best, x[k]);
+  }
+  const __m256 want = _mm256_set1_ps(best);
+  for (int64_t k = 0; k < V8; k += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + k), want, _CMP_EQ_OQ));
+    if (hit) return k + __builtin_ctz(hit);
+  }
+  return argmax_row(x + V8, V - V8) + V8;
+}
+#endif
+
+}  // namespace
+
+// Greedy decoding's ids: logits (B, V) -> (B,) int64, as logits.argmax(-1), which took ~0.6 ms
+// for 16 rows of GPT-2's vocabulary on this project's CPU (2.7% of a 16-row step), serially.
+// Other dtypes and layouts: torch's argmax.
+at::Tensor argmax_rows_cpu(const at::Tensor& logits) {
+  if (logits.scalar_type() != at::kFloat || logits.dim() != 2 || !logits.is_contiguous() || logits.size(1) == 0)
+    return logits.argmax(-1);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  at::Tensor ids = at::empty({B}, logits.options().dtype(at::kLong));
+  const float* x = logits.data_ptr<float>();
+  int64_t* out = ids.data_ptr<int64_t>();
+#if defined(GPTFAST_F16C)
+  const bool avx2 = avx2_chosen();
+#endif
+  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+#if defined(GPTFAST_F16C)
+      if (avx2) {
+        out[b] = argmax_row_avx2(x + b * V, V);
+        continue;
+      }
+#endif
+      out[b] = argmax_row(x + b * V, V);
+    }
+  });
+  return ids;
+}
+
+TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
+  m.impl("decode_step", decode_step_cpu);
+  m.impl("argmax_rows", argmax_rows_cpu);
+}
+
+TORCH_LIBRARY_IMPL(gptfast, CompositeExplicitAutograd, m) {
+  m.impl("argmax_rows", [](const at::Tensor& logits) { return logits.argmax(-1); });
+}
 
 }  // namespace gptfast

@@ -1,7 +1,7 @@
 // Declares the gptfast::sample_top_k operator (kernels: sampling.cpp for CPU,
 // sampling_cuda.cu for CUDA; the fake/meta kernel is registered in gptfast/sampling.py),
 // gptfast::linear (CPU kernel: linear_cpu.cpp; fake kernel in gptfast/cpu_linear.py),
-// gptfast::decode_step (CPU: decode_cpu.cpp)
+// gptfast::decode_step and gptfast::argmax_rows (CPU: decode_cpu.cpp)
 // and the empty Python module gptfast._C whose import loads them.
 #include <Python.h>
 #include <torch/library.h>
@@ -29,6 +29,9 @@ TORCH_LIBRARY(gptfast, m) {
   m.def("decode_step(Tensor tokens, Tensor positions, Tensor rows, Tensor outputs, Tensor tok_emb, Tensor pos_emb, "
         "Tensor[] norms, Tensor?[] linears, int[] groups, Tensor?[] packed, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int n_heads, "
         "float eps, int vocab_size) -> Tensor");
+  // logits (B, V) -> (B,) int64, as logits.argmax(-1) (greedy decoding's ids; a fast CPU kernel in
+  // decode_cpu.cpp, torch's argmax elsewhere)
+  m.def("argmax_rows(Tensor logits) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

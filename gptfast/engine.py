@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .runner import Runner
-from .sampling import SamplingParams, sample, seed_tensor
+from .sampling import SamplingParams, argmax_ids, sample, seed_tensor
 from .textout import TextOutput
 
 
@@ -480,7 +480,7 @@ class Engine:
         rest = [s for s in logits if s not in decided and not s.out.done]
         greedy = [s for s in rest if s.group.params.greedy]
         if greedy:
-            parts.append((torch.stack([logits[s] for s in greedy]).argmax(-1), greedy))
+            parts.append((argmax_ids(torch.stack([logits[s] for s in greedy])), greedy))
         for g in {id(s.group): s.group for s in rest if not s.group.params.greedy}.values():
             filler = next(logits[s] for s in g.seqs if s in logits)  # rows of finished prompts: unused
             g.draw_seed()

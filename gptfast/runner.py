@@ -20,7 +20,7 @@ import torch
 
 from .cpu_decode import FusedDecode
 from .kv_cache import CacheStep, make_caches
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, argmax_ids, sample
 
 
 def batch_sizes(max_batch: int) -> list[int]:
@@ -116,7 +116,7 @@ class Runner:
                 self.step.decode(lengths_t, max(lengths) + 1, lengths[0] if min(lengths) == max(lengths) else None)
                 logits = self._forward(model, torch.tensor(tokens, device=self.device).view(n, 1),
                                        lengths_t.view(n, 1))
-            return logits, (logits.argmax(-1) if params is None else sample(logits, params, seed))
+            return logits, (argmax_ids(logits) if params is None else sample(logits, params, seed))
         size = next(s for s in self.sizes if s >= n)
         buf = self.buffers.get(size)
         if buf is None:

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from gptfast import sampling
+from gptfast import cpu_linear, sampling
 from gptfast.sampling import reference_sample_top_k, sample_top_k
 
 # only the op's own tests need the built extension; the reference path and the checks always run
@@ -156,6 +156,49 @@ def test_greedy_is_argmax(dtype):
         assert torch.equal(sample_top_k(logits, 1, 1.5, seed=1), want)
         assert torch.equal(sample_top_k(logits, None, 0, top_p=0.1), want)
         assert torch.equal(sample_top_k(logits, 50, 1e-40, seed=1), want)  # 1/T overflows fp32
+
+
+def _argmax_cases():
+    """(name, logits) rows that try argmax's edges: ties in and across the 8-lane blocks and the
+    tail, NaN (first in a block, in the tail, several), infinities, a row of -inf, odd widths."""
+    g = torch.Generator().manual_seed(5)
+    yield "random", torch.randn(16, 50257, generator=g)
+    yield "few values (ties)", torch.randint(0, 3, (16, 999), generator=g).float()
+    for V in (1, 7, 8, 9, 23):
+        yield f"width {V}", torch.randn(3, V, generator=g)
+    rows = torch.randn(8, 37, generator=g)
+    rows[0, [3, 11, 35]] = 9.0  # a tie: the first wins
+    rows[1, 34] = 9.0  # the largest in the tail
+    rows[2, 12] = float("nan")
+    rows[3, [30, 5]] = float("nan")
+    rows[4, 35] = float("nan")  # only in the tail
+    rows[5] = float("-inf")
+    rows[6, [2, 20]] = float("inf")
+    rows[7, 0] = 9.0
+    yield "edges", rows
+    yield "bfloat16 (torch's argmax)", torch.randn(4, 100, generator=g).bfloat16()
+    yield "strided (torch's argmax)", torch.randn(100, 4, generator=g).t()
+
+
+@needs_c
+@pytest.mark.parametrize("path", ["avx2", "portable"])
+def test_argmax_ids_equal_torch_argmax(path, monkeypatch):
+    if path not in cpu_linear.kernel_paths():
+        pytest.skip(f"this CPU (or build) has no {path} path")
+    monkeypatch.setenv("GPTFAST_CPU_KERNEL", path)
+    for name, logits in _argmax_cases():
+        ids, want = sampling.argmax_ids(logits), torch.argmax(logits, dim=-1)
+        bad = (ids != want).nonzero().flatten().tolist()
+        assert not bad and ids.dtype == torch.long, f"{name}: rows {bad} gave {ids[bad].tolist()}, not {want[bad].tolist()}"
+
+
+@needs_c
+def test_argmax_op_traces():
+    # schema and fake kernel agree (what torch.compile relies on), and a compiled graph keeps it
+    torch.library.opcheck(torch.ops.gptfast.argmax_rows.default, (torch.randn(3, 10),),
+                          test_utils=("test_schema", "test_faketensor"))
+    x = torch.randn(4, 50)
+    assert torch.equal(torch.compile(lambda v: sampling.argmax_ids(v * 2), fullgraph=True)(x), (x * 2).argmax(-1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -3,7 +3,7 @@ a time (--max-batch 1), side by side in one run, at 1, 4, 16 and 64 concurrent c
 the HTTP overhead at one client vs the in-process Generator. GPT-2 124M, random init (the same
 weights everywhere; speed does not depend on them), the server's default dtype, greedy.
 
-    python benchmarks/bench_serve.py [--clients 1 4 16 64] [--seconds 30] [--requests 64] [--device cpu]
+    python benchmarks/bench_serve.py [--clients 1 4 16 64] [--seconds 15] [--turns 3] [--requests 40] [--device cpu]
 
 The load generator (asyncio + httpx, localhost only) runs each client as a loop of streamed
 requests over a fixed mix of prompt and output lengths. After --warmup seconds of that load (not
@@ -217,17 +217,17 @@ def row(clients, label, s, base=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--seconds", type=float, default=30.0, help="length of each measured window")
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of each measured window")
     ap.add_argument("--warmup", type=float, default=5.0,
                     help="seconds of load before each window opens (0: the window opens with the first requests)")
-    ap.add_argument("--requests", type=int, default=64, help="or stop after this many finished requests")
+    ap.add_argument("--requests", type=int, default=40, help="or close a window after this many finished requests")
     ap.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
     ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                     help="the batching server's --prefill-chunk (0: every waiting prompt whole); the "
                          "one-at-a-time server prefills each prompt whole")
-    ap.add_argument("--turns", type=int, default=1,
+    ap.add_argument("--turns", type=int, default=3,
                     help="windows per server per level, the servers alternating (A B B A ...); the sums reported")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the HTTP-overhead check")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the HTTP-overhead check")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="the servers' and the in-process Generator's --dtype")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))

@@ -344,8 +344,8 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
 
   // linear i of the list: x (rows, K) -> (rows, N); N = 0: any width (fc: proj checks its K)
   auto linear = [&](const at::Tensor& x, int64_t i, int64_t N) {
-    at::Tensor y =
-        linear_cpu(x, *linears.get(3 * i), linears.get(3 * i + 1), linears.get(3 * i + 2), groups[i], "", packed.get(i));
+    at::Tensor y = linear_cpu(x, *linears.get(3 * i), linears.get(3 * i + 1), linears.get(3 * i + 2), groups[i], "",
+                              packed.get(i));
     TORCH_CHECK(N == 0 || y.size(1) == N, "gptfast decode_step: linear ", i, " has ", y.size(1), " outputs, not ", N);
     return y;
   };
@@ -435,13 +435,16 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
   const at::Tensor head_weight = *linears.get(3 * head);  // (get returns a copy: a reference would dangle)
   TORCH_CHECK(head_weight.dim() == 2 && head_weight.size(0) >= vocab_size, "gptfast decode_step: the head has ",
               head_weight.size(0), " outputs for ", vocab_size, " tokens");
-  const auto first = [](const c10::optional<at::Tensor>& t, int64_t rows) -> c10::optional<at::Tensor> {
+  using Operand = c10::optional<at::Tensor>;
+  const auto first = [](const Operand& t, int64_t rows, const char* what) -> Operand {
     if (!t.has_value()) return c10::nullopt;
+    TORCH_CHECK(t->dim() >= 1 && t->size(0) >= rows, "gptfast decode_step: the head's ", what, " has ",
+                t->dim() ? t->size(0) : 0, " rows; its ", rows, " are needed");
     return t->narrow(0, 0, rows);
   };
-  const c10::optional<at::Tensor> scale = first(linears.get(3 * head + 1), vocab_size);
-  const c10::optional<at::Tensor> bias = first(linears.get(3 * head + 2), vocab_size);
-  const c10::optional<at::Tensor> packed_rows = first(packed.get(head), (vocab_size + kPackRows - 1) / kPackRows);
+  const Operand scale = first(linears.get(3 * head + 1), vocab_size, "scale");
+  const Operand bias = first(linears.get(3 * head + 2), vocab_size, "bias");
+  const Operand packed_rows = first(packed.get(head), (vocab_size + kPackRows - 1) / kPackRows, "packed copy");
   return linear_cpu(last_h, head_weight.narrow(0, 0, vocab_size), scale, bias, groups[head], "",
                     packed_rows);  // (r, vocab_size)
 }

@@ -318,15 +318,15 @@ GPTFAST_AVX2 void rows_fmt(const Weight& w, const Input& in, float* y, int64_t l
   }
 }
 
-// int8 weights against many x rows (M >= kPackedMinRows): arithmetic, not reading the weights,
-// bounds the step there, and the row-dot tiles above reload x for every weight row. So each
-// block of 16 weight rows is first transposed into pairs of inputs, pk[p][c][e] = w[n + c][2p + e]
-// (one 32-byte line per pair, zero past the block's rows and K: linear_cpu.h's packed layout, so a
-// weight packed once by pack_int8 is read as it is), and then each step of the tile
-// below sign-extends two lines, broadcasts each x row's pair (x[2p], x[2p + 1]) and adds one
-// vpmaddwd per 8 columns: 8 column sums per register, no horizontal adds, and 56 bytes read per
-// 12 vpmaddwd (6 x rows) where the row-dot tiles read 288 per 8. Sums are exact integers, as
-// there, so every path gives the same y.
+// int8 weights against many x rows (M >= kPackedMinRows; kPrepackedMinRows with w.packed):
+// arithmetic, not reading the weights, bounds the step there, and the row-dot tiles above reload
+// x for every weight row. So each block of 16 weight rows is first transposed into pairs of
+// inputs, pk[p][c][e] = w[n + c][2p + e] (one 32-byte line per pair, zero past the block's rows
+// and K: linear_cpu.h's packed layout, so a weight packed once by pack_int8 is read as it is),
+// and then each step of the tile below sign-extends two lines, broadcasts each x row's pair
+// (x[2p], x[2p + 1]) and adds one vpmaddwd per 8 columns: 8 column sums per register, no
+// horizontal adds, and 56 bytes read per 12 vpmaddwd (6 x rows) where the row-dot tiles read 288
+// per 8. Sums are exact integers, as there, so every path gives the same y.
 // From 5 x rows on: a 16-row int8 decode step of GPT-2 124M took 45 ms against 54 with the row-dot
 // tiles (benchmarks/results/decode_profile_cpu_rows16.md has the step before and after). Since the
 // packed tiles prefetch step by step, a GPT-2 step's matmuls on two threads run 1.05x at 5 rows,

@@ -74,8 +74,10 @@ struct Input {
 
 // int8 weights as the AVX2 path's many-row tiles read them: blocks of kPackRows output rows, each
 // (ceil(K / 2), kPackRows, 2) with block b's [p][c][e] = q[kPackRows b + c][2 p + e], zero past N
-// and K. Those tiles pack every block as they go; a copy made once (gptfast::pack_int8, which
-// gptfast/cpu_decode.py keeps beside an int8 model's weights) spares them that work.
+// and K (a copy narrowed to fewer rows, as decode_step's head, may hold further rows in its last
+// block: only N are stored). Those tiles pack every block as they go; a copy made once
+// (gptfast::pack_int8, which gptfast/cpu_decode.py keeps beside an int8 model's weights) spares
+// them that work.
 constexpr int64_t kPackRows = 16;
 inline int64_t packed_block_bytes(int64_t K) { return (K + 1) / 2 * 2 * kPackRows; }
 

@@ -25,10 +25,11 @@ TORCH_LIBRARY(gptfast, m) {
   // tokens are one run of consecutive positions (a decoding row: one token; a prompt: all of it).
   // norms: per block norm1 (scale, shift), norm2 (scale, shift), then the final norm's; linears:
   // (weight, scale, bias) for qkv, out_proj, fc, proj of each block, then the head; groups and
-  // packed (pack_int8 of an int8 weight, or None): one per linear. Returns the logits of the tokens named by outputs (r, vocab_size).
+  // packed (pack_int8 of an int8 weight, or None): one per linear. Returns the logits of the
+  // tokens named by outputs (r, vocab_size).
   m.def("decode_step(Tensor tokens, Tensor positions, Tensor rows, Tensor outputs, Tensor tok_emb, Tensor pos_emb, "
-        "Tensor[] norms, Tensor?[] linears, int[] groups, Tensor?[] packed, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int n_heads, "
-        "float eps, int vocab_size) -> Tensor");
+        "Tensor[] norms, Tensor?[] linears, int[] groups, Tensor?[] packed, Tensor(a!)[] k_cache, "
+        "Tensor(b!)[] v_cache, int n_heads, float eps, int vocab_size) -> Tensor");
   // logits (B, V) -> (B,) int64, as logits.argmax(-1) (greedy decoding's ids; a fast CPU kernel in
   // decode_cpu.cpp, torch's argmax elsewhere)
   m.def("argmax_rows(Tensor logits) -> Tensor");

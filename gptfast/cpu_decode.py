@@ -19,8 +19,9 @@ int8 weights are also kept packed (cpu_linear.pack_int8, as much memory again) w
 path reads them: its tiles of 3 or more rows then skip repacking every block of 16 weight rows
 at each call (a GPT-2 step's matmuls at 16 rows: median 26.9 against 32.2 ms; the whole step under
 benchmarks/engine_load.py's 16 clients 27.7 against 30.3, one alternating pair). A weight changed in place is
-packed again at the next call (its version counter says so; an inference tensor has none, and
-one changed in place under inference mode goes unseen).
+packed again at the next call, as its version counter tells; writes that bypass the counter go
+unseen by steps of 3 or more rows: through `.data`, numpy, DLPack or the storage, and any change
+to an inference tensor (it has none). Build a new Engine or Generator after those.
 """
 from __future__ import annotations
 
@@ -83,10 +84,11 @@ class FusedDecode:
         self._pack()
 
     def _pack(self):
-        """The int8 weights' packed copies (None for the others), and the versions they were made at."""
+        """The int8 weights' packed copies (None for the others), and the versions they were made
+        from (read first: a change while packing, from another thread, then packs again)."""
+        self._versions = [w._version for w in self._tracked]
         self.packed = [cpu_linear.pack_int8(w) if w.dtype == torch.int8 and _PACKS_INT8 else None
                        for w in self.linears[::3]]
-        self._versions = [w._version for w in self._tracked]
 
     @classmethod
     def for_model(cls, model) -> FusedDecode | None:

@@ -55,14 +55,16 @@ def kernel_paths() -> list[str]:
 
 
 def packs_int8() -> bool:
-    """Whether this CPU's best path reads int8 weights packed once (pack_int8): the avx2 one."""
+    """Whether this CPU has the path that reads int8 weights packed once (pack_int8): the avx2
+    one. (GPTFAST_CPU_KERNEL=portable, read at each call, leaves a packed copy unread.)"""
     return "avx2" in kernel_paths()
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """int8 q (N, K) in the layout the avx2 path's tiles of 5 or more x rows read (linear_cpu.h):
-    passed to the op as `packed`, it spares them repacking every block of 16 rows at each call.
-    A copy: q changed in place needs packing again. Only where packs_int8()."""
+    """int8 q (N, K) in the layout the avx2 path's packed tiles read (linear_cpu.h): passed to the
+    op as `packed`, it spares them repacking every block of 16 rows at each call, and they then run
+    from 3 x rows on (5 without it). A copy: q changed in place needs packing again. Only where
+    packs_int8()."""
     return torch.ops.gptfast.pack_int8(q)
 
 

@@ -183,6 +183,22 @@ def test_weights_updated_in_place_are_seen(fmt):
                        FORMATS[fmt], "after the update")
 
 
+def test_short_head_operands_are_one_line_errors():
+    model = inference_copy(tiny(ctx=40), "int8", CPU)
+    V = model.cfg.vocab_size
+    with torch.inference_mode():
+        runner = prefilled(model, True)
+        fused, linears, packed = runner.fused, runner.fused.linears, runner.fused.packed
+        fused.linears = linears[:-2] + [linears[-2][:10], linears[-1]]  # the head's scale cut short
+        with pytest.raises(RuntimeError, match=f"the head's scale has 10 rows; its {V} are needed"):
+            one_step(runner, [3], [0])
+        fused.linears = linears
+        if packed[-1] is not None:  # (a packed copy only where the avx2 path reads it)
+            fused.packed = packed[:-1] + [packed[-1][:1]]
+            with pytest.raises(RuntimeError, match=f"the head's packed copy has 1 rows; its {-(-V // 16)} are needed"):
+                one_step(runner, [3], [0])
+
+
 def test_a_nan_key_poisons_only_its_row():
     model = tiny(ctx=40, emb=64, layers=2)
     with torch.inference_mode():

@@ -17,11 +17,12 @@ prompts in chunks of at most max_rows (gptfast.engine). The reference is the mod
 
 int8 weights are also kept packed (cpu_linear.pack_int8, as much memory again) where the avx2
 path reads them: its tiles of 3 or more rows then skip repacking every block of 16 weight rows
-at each call (a GPT-2 step's matmuls at 16 rows: median 26.9 against 32.2 ms; the whole step under
-benchmarks/engine_load.py's 16 clients 27.7 against 30.3, one alternating pair). A weight changed in place is
-packed again at the next call, as its version counter tells; writes that bypass the counter go
-unseen by steps of 3 or more rows: through `.data`, numpy, DLPack or the storage, and any change
-to an inference tensor (it has none). Build a new Engine or Generator after those.
+at each call (a GPT-2 step's matmuls at 16 rows: median 26.9 against 32.2 ms; the whole step
+under benchmarks/engine_load.py's 16 clients 27.7 against 30.3, one alternating pair). A weight
+changed in place is packed again at the next call, as its version counter tells; writes that
+bypass the counter go unseen by steps of 3 or more rows: through `.data`, numpy, DLPack or the
+storage, and any change to an inference tensor (it has none). Build a new Engine or Generator
+after those.
 """
 from __future__ import annotations
 

@@ -433,8 +433,9 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
   norm_rows(kNormsPerBlock * L, last, last_h);
   const int64_t head = kLinearsPerBlock * L;
   const at::Tensor head_weight = *linears.get(3 * head);  // (get returns a copy: a reference would dangle)
-  TORCH_CHECK(head_weight.dim() == 2 && head_weight.size(0) >= vocab_size, "gptfast decode_step: the head has ",
-              head_weight.size(0), " outputs for ", vocab_size, " tokens");
+  TORCH_CHECK(head_weight.dim() == 2, "gptfast decode_step: the head's weight must be 2-D, got ", head_weight.sizes());
+  TORCH_CHECK(head_weight.size(0) >= vocab_size, "gptfast decode_step: the head has ", head_weight.size(0),
+              " outputs for ", vocab_size, " tokens");
   using Operand = c10::optional<at::Tensor>;
   const auto first = [](const Operand& t, int64_t rows, const char* what) -> Operand {
     if (!t.has_value()) return c10::nullopt;
@@ -444,14 +445,15 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
   };
   const Operand scale = first(linears.get(3 * head + 1), vocab_size, "scale");
   const Operand bias = first(linears.get(3 * head + 2), vocab_size, "bias");
-  const Operand packed_rows = first(packed.get(head), (vocab_size + kPackRows - 1) / kPackRows, "packed copy");
+  const Operand packed_rows = first(packed.get(head), packed_blocks(vocab_size), "packed copy");
   return linear_cpu(last_h, head_weight.narrow(0, 0, vocab_size), scale, bias, groups[head], "",
                     packed_rows);  // (r, vocab_size)
 }
 
 namespace {
 
-// The index of the first largest value of x[0..V), or of its first NaN: torch.argmax's answer.
+// The index of the first largest value of x[0..V), or of its first NaN: torch.argmax's answer
+// (sampling.cpp's row scan rejects NaN instead, as the sampler must: the two stay apart).
 int64_t argmax_row(const float* x, int64_t V) {
   int64_t best = 0;
   for (int64_t k = 0; k < V; ++k) {

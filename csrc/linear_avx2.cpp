@@ -525,12 +525,12 @@ GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int
   const int16_t* x[6];
   for (int64_t n = n0; n < n1; n += kPackRows) {
     const int64_t cols = std::min(kPackRows, n1 - n);
-    const int8_t* block = w.packed ? w.packed + n / kPackRows * block_bytes : pk.data();
+    const int8_t* block = w.packed ? packed_block(w.packed, n, K) : pk.data();
     if (!w.packed) pack_pairs(w, n, cols, pk.data());
     if (full == 0) std::fill(total.begin(), total.end(), 0);  // (K = 1: no chunk of pairs sets total)
     auto* tot = reinterpret_cast<int64_t(*)[kPackRows]>(total.data());
     const int64_t ahead = std::min(w.N, n + 2 * kPackRows);
-    uintptr_t pf = w.packed ? reinterpret_cast<uintptr_t>(w.packed + ahead / kPackRows * block_bytes)
+    uintptr_t pf = w.packed ? reinterpret_cast<uintptr_t>(packed_block(w.packed, ahead, K))
                             : reinterpret_cast<uintptr_t>(row_ptr(w, ahead));
     for (int64_t p0 = 0; p0 < full; p0 += kPairChunk)
       for (int64_t m = 0, h; m < in.M; m += h) {

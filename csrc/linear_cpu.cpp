@@ -148,6 +148,8 @@ Weight weight_view(const at::Tensor& x, const at::Tensor& weight, const c10::opt
     case at::kByte: w.fmt = WFormat::I4; break;
     default: TORCH_CHECK(false, "gptfast linear: unsupported weight dtype ", weight.scalar_type());
   }
+  TORCH_CHECK(!packed.has_value() || w.fmt == WFormat::I8, "gptfast linear: packed is for int8 weights, not ",
+              weight.scalar_type());
   if (w.fmt == WFormat::I4) {
     TORCH_CHECK(group > 0 && group % 32 == 0 && group <= 256,
                 "gptfast linear: int4 group size must be a multiple of 32 up to 256, got ", group);
@@ -168,7 +170,7 @@ Weight weight_view(const at::Tensor& x, const at::Tensor& weight, const c10::opt
                 "gptfast linear: int8 needs a contiguous float32 scale of shape (", N, ")");
     w.row_scale = scale->data_ptr<float>();
     if (packed.has_value()) {
-      const std::vector<int64_t> shape{(N + kPackRows - 1) / kPackRows, packed_block_bytes(K)};
+      const std::vector<int64_t> shape{packed_blocks(N), packed_block_bytes(K)};
       TORCH_CHECK(packed->scalar_type() == at::kChar && packed->is_contiguous() && packed->sizes() == shape,
                   "gptfast linear: packed must be pack_int8(weight), contiguous int8 of shape ", at::IntArrayRef(shape),
                   ", got ", packed->scalar_type(), " ", packed->sizes());
@@ -177,8 +179,6 @@ Weight weight_view(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   } else {
     TORCH_CHECK(!scale.has_value(), "gptfast linear: a ", weight.scalar_type(), " weight takes no scale");
   }
-  TORCH_CHECK(!packed.has_value() || w.fmt == WFormat::I8, "gptfast linear: packed is for int8 weights, not ",
-              weight.scalar_type());
   return w;
 }
 
@@ -277,7 +277,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   // rows past it serves the thread's next chunk, then helps with the others' shares: a GPT-2
   // step's matmuls on two threads ran 4-6% faster at 16 and 32 rows and 7% at 1 row than with
   // one shared order (20 interleaved rounds each)
-  static_assert(4 * kRowBlock % 16 == 0, "a chunk holds whole 16-row blocks of the packed int8 tiles");
+  static_assert(4 * kRowBlock % kPackRows == 0, "a chunk holds whole 16-row blocks of the packed int8 tiles");
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
   const int64_t chunk = (std::max<int64_t>(1, 65536 / (kRowBlock * w.row_bytes)) + 3) / 4 * 4;
   const auto run = [&](int64_t b0, int64_t b1) {
@@ -324,7 +324,7 @@ at::Tensor pack_int8(const at::Tensor& weight) {
               "gptfast pack_int8: weight must be a contiguous 2-D int8 tensor, got ", weight.scalar_type(), " ",
               weight.sizes());
   const int64_t N = weight.size(0), K = weight.size(1);
-  at::Tensor out = at::empty({(N + kPackRows - 1) / kPackRows, packed_block_bytes(K)}, weight.options());
+  at::Tensor out = at::empty({packed_blocks(N), packed_block_bytes(K)}, weight.options());
 #if defined(GPTFAST_X86_GNU)
   if (has_avx2()) {
     pack_int8_avx2({WFormat::I8, weight.data_ptr(), N, K, K, nullptr, nullptr, 0, nullptr}, out.data_ptr<int8_t>());

@@ -80,6 +80,11 @@ struct Input {
 // them that work.
 constexpr int64_t kPackRows = 16;
 inline int64_t packed_block_bytes(int64_t K) { return (K + 1) / 2 * 2 * kPackRows; }
+inline int64_t packed_blocks(int64_t N) { return (N + kPackRows - 1) / kPackRows; }
+// The block holding row n (a multiple of kPackRows) of a packed copy of K inputs a row.
+inline const int8_t* packed_block(const int8_t* packed, int64_t n, int64_t K) {
+  return packed + n / kPackRows * packed_block_bytes(K);
+}
 
 // Inputs per integer chunk: 128 steps of 16 int8 x int16 products (each int32 lane gains at most
 // 2 * 128 * 32767 per step) cannot overflow int32 before they are added up in int64.

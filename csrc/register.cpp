@@ -1,6 +1,7 @@
 // Declares the gptfast::sample_top_k operator (kernels: sampling.cpp for CPU,
 // sampling_cuda.cu for CUDA; the fake/meta kernel is registered in gptfast/sampling.py),
-// gptfast::linear (CPU kernel: linear_cpu.cpp; fake kernel in gptfast/cpu_linear.py),
+// gptfast::linear and gptfast::pack_int8 (CPU kernels: linear_cpu.cpp; linear's fake kernel in
+// gptfast/cpu_linear.py),
 // gptfast::decode_step and gptfast::argmax_rows (CPU: decode_cpu.cpp)
 // and the empty Python module gptfast._C whose import loads them.
 #include <Python.h>

@@ -135,6 +135,9 @@ def test_bad_packed_weights():
         torch.ops.gptfast.linear(x, q, scale, None, 0, packed=packed.view(torch.uint8))
     with pytest.raises(RuntimeError, match="packed is for int8 weights, not Float"):
         torch.ops.gptfast.linear(x, torch.randn(20, 64), None, None, 0, packed=packed)
+    q4, sm = cl.quantize_int4(torch.randn(20, 64), 32)
+    with pytest.raises(RuntimeError, match="packed is for int8 weights, not Byte"):  # (int4 had ignored it)
+        torch.ops.gptfast.linear(x, q4, sm, None, 32, packed=packed)
     with pytest.raises(RuntimeError, match="weight must be a contiguous 2-D int8 tensor"):
         cl.pack_int8(q.float())
 

@@ -3,7 +3,8 @@ a time (--max-batch 1), side by side in one run, at 1, 4, 16 and 64 concurrent c
 the HTTP overhead at one client vs the in-process Generator. GPT-2 124M, random init (the same
 weights everywhere; speed does not depend on them), the server's default dtype, greedy.
 
-    python benchmarks/bench_serve.py [--clients 1 4 16 64] [--seconds 15] [--turns 3] [--requests 40] [--device cpu]
+    python benchmarks/bench_serve.py [--clients 1 4 16 64] [--seconds 15] [--warmup 5] [--turns 3]
+                                     [--requests 40] [--device cpu]
 
 The load generator (asyncio + httpx, localhost only) runs each client as a loop of streamed
 requests over a fixed mix of prompt and output lengths. After --warmup seconds of that load (not
@@ -12,19 +13,20 @@ window opens, and closes after --seconds or when the --requests-th request in it
 whichever comes first. The two servers take --turns turns each at each level, in the order
 ABBA... (this shared host's speed drifts by tens of percent over minutes: short alternating
 windows see the same drift, one long window each did not), and each server's windows are
-summed. Reported: aggregate generated
-tokens/s (the tokens received in the window over its length: every client busy throughout;
-requests still running when it closes are dropped, not drained, since a drain is time at fewer
-clients than the level names), p50/p99 time to first token (of the first tokens that come in the
-window or after it) and inter-token latency (gaps between a request's streamed chunks in it). Correctness first: both servers'
-greedy text equals the in-process Generator's, alone and with 4 concurrent clients.
-Results to benchmarks/results/serve_<device>.md with device, date, commit and load average.
+summed. Reported: aggregate generated tokens/s (the tokens received in the windows over their
+length: every client busy throughout; requests still running when a window closes are dropped,
+not drained, since a drain is time at fewer clients than the level names), p50/p99 time to first
+token (of the first tokens that come in a window or after it) and inter-token latency (gaps
+between a request's streamed chunks in it). Correctness first: both servers' greedy text equals
+the in-process Generator's, alone and with 4 concurrent clients.
+Results to benchmarks/results/serve_<device>_<dtype>.md with device, date, commit and load average.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import os
 import socket
@@ -42,8 +44,9 @@ import torch
 from gptfast import GPTConfig, GPTModel
 from gptfast.backends import resolve_device
 from gptfast.checkpoint import save_checkpoint
+from gptfast.config import check_number
 from gptfast.engine import PREFILL_CHUNK
-from gptfast.generate import Generator
+from gptfast.generate import Generator, checked_type
 
 from common import ComputeProbe, commit_id, device_name, load_average, save_report  # noqa: E402  (benchmarks/ is on sys.path)
 
@@ -214,33 +217,33 @@ def row(clients, label, s, base=None):
             f"| {ms(pct(s['itl'], 50))} | {ms(pct(s['itl'], 99))} | {s['done']} | {s['seconds']:.0f} |")
 
 
+def checked(flag, convert=int, op=">=", bound=1):
+    """An argparse type: a finite number with `value op bound`, else a one-line error naming `flag`."""
+    return checked_type(convert, functools.partial(check_number, flag, integer=convert is int, op=op, bound=bound))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--seconds", type=float, default=15.0, help="length of each measured window")
-    ap.add_argument("--warmup", type=float, default=5.0,
+    ap.add_argument("--clients", type=checked("--clients"), nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--seconds", type=checked("--seconds", float, ">", 0), default=15.0,
+                    help="length of each measured window")
+    ap.add_argument("--warmup", type=checked("--warmup", float, ">=", 0), default=5.0,
                     help="seconds of load before each window opens (0: the window opens with the first requests)")
-    ap.add_argument("--requests", type=int, default=40, help="or close a window after this many finished requests")
-    ap.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
-    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+    ap.add_argument("--requests", type=checked("--requests"), default=40,
+                    help="or close a window after this many finished requests")
+    ap.add_argument("--max-batch", type=checked("--max-batch"), default=32, help="the batching server's --max-batch")
+    ap.add_argument("--prefill-chunk", type=checked("--prefill-chunk", bound=0), default=PREFILL_CHUNK,
                     help="the batching server's --prefill-chunk (0: every waiting prompt whole); the "
                          "one-at-a-time server prefills each prompt whole")
-    ap.add_argument("--turns", type=int, default=3,
+    ap.add_argument("--turns", type=checked("--turns"), default=3,
                     help="windows per server per level, the servers alternating (A B B A ...); the sums reported")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the HTTP-overhead check")
+    ap.add_argument("--rounds", type=checked("--rounds"), default=5,
+                    help="interleaved rounds of the HTTP-overhead check")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="the servers' and the in-process Generator's --dtype")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
-    if args.prefill_chunk < 0:
-        ap.error(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
-    if not args.warmup >= 0 or not args.seconds > 0:  # (NaN fails both)
-        ap.error(f"--warmup must be >= 0 and --seconds > 0, got {args.warmup} and {args.seconds}")
-    for flag, value in (("--clients", min(args.clients)), ("--requests", args.requests), ("--rounds", args.rounds),
-                        ("--turns", args.turns),
-                        ("--max-batch", args.max_batch)):
-        if value < 1:
-            ap.error(f"{flag} must be at least 1, got {value}")
+    args.clients = list(dict.fromkeys(args.clients))  # a level named twice runs once
     device = resolve_device(args.device)
     torch.manual_seed(123)
     model = GPTModel(GPTConfig.from_preset("gpt2-small"), backend="auto").eval()
@@ -278,7 +281,8 @@ def report(args, device, results, inproc, http, host):
              f"device: {device.type} ({device_name(device)}), torch {torch.__version__}, "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
              f"command: python benchmarks/bench_serve.py --clients {' '.join(map(str, args.clients))} "
-             f"--seconds {args.seconds:g} --warmup {args.warmup:g} --requests {args.requests} --max-batch {args.max_batch} --device {args.device} "
+             f"--seconds {args.seconds:g} --warmup {args.warmup:g} --requests {args.requests} "
+             f"--max-batch {args.max_batch} --device {args.device} "
              f"--dtype {args.dtype} --prefill-chunk {args.prefill_chunk} --turns {args.turns} --rounds {args.rounds}",
              f"load average at the end: {load_average()} "
              f"(this machine: {os.cpu_count()} cores, shared)", *host,

@@ -112,7 +112,7 @@ def cache_append(k_cache, v_cache, k, v, slots):
     k_cache, v_cache (rows, H, L_max, D), same shape and strides, unit last stride, D in
     HEAD_DIMS; k, v (n, H, 1, D), n <= rows; slots (n,) integers on the device, values in [0, L_max)
     (not checked on the host: that would sync, and the call may be captured in a CUDA graph; a row
-    whose slot is outside writes nothing, where torch indexing would raise).
+    whose slot is outside writes nothing, where torch indexing would raise or wrap a negative slot).
     """
     if k.dim() != 4 or k.shape[2] != 1 or k.shape[3] not in HEAD_DIMS:
         raise ValueError(f"cache_append: new keys must be (n, H, 1, D) with D in {HEAD_DIMS}, got {tuple(k.shape)}")

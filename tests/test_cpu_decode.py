@@ -183,20 +183,28 @@ def test_weights_updated_in_place_are_seen(fmt):
                        FORMATS[fmt], "after the update")
 
 
-def test_short_head_operands_are_one_line_errors():
-    model = inference_copy(tiny(ctx=40), "int8", CPU)
-    V = model.cfg.vocab_size
+def _short_head_operand(model, cut):
+    """One step with the head's operands changed by cut(fused); the error it raises."""
     with torch.inference_mode():
         runner = prefilled(model, True)
-        fused, linears, packed = runner.fused, runner.fused.linears, runner.fused.packed
-        fused.linears = linears[:-2] + [linears[-2][:10], linears[-1]]  # the head's scale cut short
-        with pytest.raises(RuntimeError, match=f"the head's scale has 10 rows; its {V} are needed"):
+        cut(runner.fused)
+        with pytest.raises(RuntimeError) as e:
             one_step(runner, [3], [0])
-        fused.linears = linears
-        if packed[-1] is not None:  # (a packed copy only where the avx2 path reads it)
-            fused.packed = packed[:-1] + [packed[-1][:1]]
-            with pytest.raises(RuntimeError, match=f"the head's packed copy has 1 rows; its {-(-V // 16)} are needed"):
-                one_step(runner, [3], [0])
+    return str(e.value)
+
+
+def test_short_head_scale_is_a_one_line_error():
+    model = inference_copy(tiny(ctx=40), "int8", CPU)
+    cut = lambda f: setattr(f, "linears", f.linears[:-2] + [f.linears[-2][:10], f.linears[-1]])  # noqa: E731
+    message = _short_head_operand(model, cut)
+    assert f"the head's scale has 10 rows; its {model.cfg.vocab_size} are needed" in message, message
+
+
+@pytest.mark.skipif(not cpu_linear.packs_int8(), reason="no avx2 path here: int8 weights are not kept packed")
+def test_short_head_packed_copy_is_a_one_line_error():
+    model = inference_copy(tiny(ctx=40), "int8", CPU)
+    message = _short_head_operand(model, lambda f: setattr(f, "packed", f.packed[:-1] + [f.packed[-1][:1]]))
+    assert f"the head's packed copy has 1 rows; its {-(-model.cfg.vocab_size // 16)} are needed" in message, message
 
 
 def test_a_nan_key_poisons_only_its_row():

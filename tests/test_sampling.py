@@ -180,7 +180,11 @@ def _argmax_cases():
     yield "strided (torch's argmax)", torch.randn(100, 4, generator=g).t()
 
 
-@needs_c
+needs_argmax = pytest.mark.skipif(not sampling._ARGMAX_OP, reason="gptfast._C was built without argmax_rows: "
+                                  "argmax_ids would be torch's own argmax (rebuild)")
+
+
+@needs_argmax
 @pytest.mark.parametrize("path", ["avx2", "portable"])
 def test_argmax_ids_equal_torch_argmax(path, monkeypatch):
     if path not in cpu_linear.kernel_paths():
@@ -189,10 +193,11 @@ def test_argmax_ids_equal_torch_argmax(path, monkeypatch):
     for name, logits in _argmax_cases():
         ids, want = sampling.argmax_ids(logits), torch.argmax(logits, dim=-1)
         bad = (ids != want).nonzero().flatten().tolist()
-        assert not bad and ids.dtype == torch.long, f"{name}: rows {bad} gave {ids[bad].tolist()}, not {want[bad].tolist()}"
+        assert not bad and ids.dtype == torch.long, \
+            f"{name}: rows {bad} gave {ids[bad].tolist()}, not {want[bad].tolist()}"
 
 
-@needs_c
+@needs_argmax
 def test_argmax_op_traces():
     # schema and fake kernel agree (what torch.compile relies on), and a compiled graph keeps it
     torch.library.opcheck(torch.ops.gptfast.argmax_rows.default, (torch.randn(3, 10),),

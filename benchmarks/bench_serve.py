@@ -4,7 +4,7 @@ the HTTP overhead at one client vs the in-process Generator. GPT-2 124M, random 
 weights everywhere; speed does not depend on them), the server's default dtype, greedy.
 
     python benchmarks/bench_serve.py [--clients 1 4 16 64] [--seconds 15] [--warmup 5] [--turns 3]
-                                     [--requests 40] [--device cpu]
+                                     [--requests 40] [--rounds 8] [--device cpu]
 
 The load generator (asyncio + httpx, localhost only) runs each client as a loop of streamed
 requests over a fixed mix of prompt and output lengths. After --warmup seconds of that load (not
@@ -17,7 +17,11 @@ summed. Reported: aggregate generated tokens/s (the tokens received in the windo
 length: every client busy throughout; requests still running when a window closes are dropped,
 not drained, since a drain is time at fewer clients than the level names), p50/p99 time to first
 token (of the first tokens that come in a window or after it) and inter-token latency (gaps
-between a request's streamed chunks in it). Correctness first: both servers' greedy text equals
+between a request's streamed chunks in it). The HTTP overhead: decode time per token of one
+request at a time streamed over HTTP against the in-process Generator, the same requests in
+interleaved rounds, through httpx's sync client (the `openai` package's default, as a tool waiting
+on its answer uses it: a blocking read per event) and its asyncio client (the load generator's,
+~0.4 ms more CPU per event on the cores the decode step is using). Correctness first: both servers' greedy text equals
 the in-process Generator's, alone and with 4 concurrent clients.
 Results to benchmarks/results/serve_<device>_<dtype>.md with device, date, commit and load average.
 """
@@ -102,17 +106,28 @@ def add_stats(total, s):
     return s if total is None else {k: total[k] + s[k] for k in s}
 
 
+def sse_split(buffer: bytes) -> tuple[list[dict], bytes]:
+    """The JSON events complete in `buffer` (raw bytes split at the blank lines: the load
+    generator shares the server's two cores, and httpx's line iterator cost ~0.57 ms of CPU per
+    separately arriving event here, this ~0.44), and the bytes after them."""
+    *events, rest = buffer.split(b"\n\n")
+    return [json.loads(e[6:]) for e in events if e.startswith(b"data: {")], rest
+
+
 async def sse_events(response):
-    """The JSON events of a server-sent event stream, each with the time its bytes came in. Raw
-    bytes split at the blank lines: the load generator shares the server's two cores, and httpx's
-    line iterator cost ~0.57 ms of CPU per separately arriving event here, this ~0.44."""
+    """The JSON events of a server-sent event stream, each with the time its bytes came in."""
     pending = b""
     async for data in response.aiter_raw():
         now = time.perf_counter()
-        *events, pending = (pending + data).split(b"\n\n")
+        events, pending = sse_split(pending + data)
         for e in events:
-            if e.startswith(b"data: {"):
-                yield json.loads(e[6:]), now
+            yield e, now
+
+
+def request_body(prompt, max_tokens):
+    """A streamed greedy completion request, its usage chunk included."""
+    return {"model": "gpt2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
 
 
 async def one_request(http, url, prompt, max_tokens, stats, window):
@@ -121,10 +136,8 @@ async def one_request(http, url, prompt, max_tokens, stats, window):
     window["end"] count even when the window closes first (the request is then dropped: the
     server sees the disconnect). A request whose first token came before the start counts its
     chunks in the window (a chunk of several tokens as one), as one cut off at the end does."""
-    body = {"model": "gpt2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
     start, first, last, text, chunks = time.perf_counter(), None, None, [], 0
-    async with http.stream("POST", url + "/v1/completions", json=body) as r, aclosing(sse_events(r)) as events:
+    async with http.stream("POST", url + "/v1/completions", json=request_body(prompt, max_tokens)) as r, aclosing(sse_events(r)) as events:
         r.raise_for_status()
         async for event, now in events:
             has_text = bool(event["choices"] and event["choices"][0]["text"])
@@ -187,22 +200,42 @@ def check_outputs(gen, servers):
     print("correctness: both servers' greedy answers equal the in-process Generator's, alone and 4 at once")
 
 
-def per_token(gen, url, rounds):
-    """Median decode time per token at one client, in-process Generator vs streamed over HTTP:
-    the same requests, in interleaved rounds."""
-    inproc, http = [], new_stats()
-    for _ in range(rounds):
-        for i in range(len(PROMPT_LENGTHS)):
-            prompt, n = workload(0, i)
-            gen.generate_ids([prompt], n)
-            inproc.append(1 / gen.stats["decode_tokens_per_s"])
-            asyncio.run(load_one(url, prompt, n, http))
-    return statistics.median(inproc), statistics.median(http["per_token"])
+async def per_token(gen, url, rounds):
+    """Median decode time per token at one client: in-process Generator, streamed over HTTP
+    through httpx's sync client (the `openai` package's default: a tool waiting on one answer),
+    and through its asyncio client (the load generator's); the same requests, in interleaved
+    rounds, the clients kept open as a tool keeps its own."""
+    inproc, blocking, stats = [], [], new_stats()
+    with httpx.Client(timeout=600) as sync_http:
+        async with httpx.AsyncClient(timeout=600) as async_http:
+            for r in range(rounds):
+                for i in range(len(PROMPT_LENGTHS)):
+                    prompt, n = workload(0, i)
+                    gen.generate_ids([prompt], n)
+                    inproc.append(1 / gen.stats["decode_tokens_per_s"])
+                    for client in ("sync", "async") if (r + i) % 2 == 0 else ("async", "sync"):
+                        if client == "sync":
+                            blocking.append(sync_decode_time(sync_http, url, prompt, n))
+                        else:
+                            await one_request(async_http, url, prompt, n, stats, NO_WINDOW)
+    return statistics.median(inproc), statistics.median(blocking), statistics.median(stats["per_token"])
 
 
-async def load_one(url, prompt, n, stats):
-    async with httpx.AsyncClient(timeout=600) as http:
-        await one_request(http, url, prompt, n, stats, NO_WINDOW)
+def sync_decode_time(http, url, prompt, max_tokens):
+    """Decode time per token of one request streamed through a sync httpx client: the time
+    between its first and last text chunks over its tokens after the first."""
+    first = last = tokens = None
+    pending = b""
+    with http.stream("POST", url + "/v1/completions", json=request_body(prompt, max_tokens)) as r:
+        r.raise_for_status()
+        for data in r.iter_raw():
+            now = time.perf_counter()
+            events, pending = sse_split(pending + data)
+            for e in events:
+                if e["choices"] and e["choices"][0]["text"]:
+                    first, last = first or now, now
+                tokens = e["usage"]["completion_tokens"] if e.get("usage") else tokens
+    return (last - first) / (tokens - 1)
 
 
 def pct(values, q):
@@ -237,7 +270,7 @@ def main():
                          "one-at-a-time server prefills each prompt whole")
     ap.add_argument("--turns", type=checked("--turns"), default=3,
                     help="windows per server per level, the servers alternating (A B B A ...); the sums reported")
-    ap.add_argument("--rounds", type=checked("--rounds"), default=5,
+    ap.add_argument("--rounds", type=checked("--rounds"), default=8,
                     help="interleaved rounds of the HTTP-overhead check")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="the servers' and the in-process Generator's --dtype")
@@ -257,7 +290,7 @@ def main():
                 s.wait_up()
             gen = Generator(model.to(device), dtype=args.dtype)  # the in-process engine, the servers' dtype
             check_outputs(gen, servers)
-            inproc, http = per_token(gen, servers["batching"].url, args.rounds)
+            overhead = asyncio.run(per_token(gen, servers["batching"].url, args.rounds))
             del gen
             probe = ComputeProbe() if device.type == "cpu" else None
             host = [probe.summary("before the load windows")] if probe else []
@@ -273,10 +306,10 @@ def main():
         finally:
             for s in servers.values():
                 s.stop()
-    report(args, device, results, inproc, http, host)
+    report(args, device, results, overhead, host)
 
 
-def report(args, device, results, inproc, http, host):
+def report(args, device, results, overhead, host):
     lines = [f"# Serving, GPT-2 124M random init, `gptfast serve --dtype {args.dtype}`, greedy, streamed",
              f"device: {device.type} ({device_name(device)}), torch {torch.__version__}, "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
@@ -298,9 +331,12 @@ def report(args, device, results, inproc, http, host):
         lines.append(row(clients, "one at a time (--max-batch 1 --prefill-chunk 0)", base))
         lines.append(row(clients, f"continuous batching (--max-batch {args.max_batch})", results[clients, "batching"],
                          base_tps))
-    lines += ["", f"HTTP overhead at 1 client: decode time per token {1000 * http:.2f} ms streamed over HTTP vs "
-              f"{1000 * inproc:.2f} ms in-process (Generator): {100 * (http / inproc - 1):+.1f}% "
-              f"(medians of {args.rounds} interleaved rounds of the 3 requests of the mix)"]
+    inproc, blocking, asynchronous = overhead
+    lines += ["", f"HTTP overhead at 1 client: decode time per token {1000 * blocking:.2f} ms streamed over HTTP "
+              f"through httpx's sync client vs {1000 * inproc:.2f} ms in-process (Generator): "
+              f"{100 * (blocking / inproc - 1):+.1f}%; through its asyncio client {1000 * asynchronous:.2f} ms, "
+              f"{100 * (asynchronous / inproc - 1):+.1f}% (medians of {args.rounds} interleaved rounds of the 3 "
+              "requests of the mix)"]
     save_report(lines, Path(args.out) / f"serve_{device.type}_{args.dtype}.md")
 
 

@@ -19,9 +19,10 @@ not drained, since a drain is time at fewer clients than the level names), p50/p
 token (of the first tokens that come in a window or after it) and inter-token latency (gaps
 between a request's streamed chunks in it). The HTTP overhead: decode time per token of one
 request at a time streamed over HTTP against the in-process Generator, the same requests in
-interleaved rounds, through httpx's sync client (the `openai` package's default, as a tool waiting
-on its answer uses it: a blocking read per event) and its asyncio client (the load generator's,
-~0.4 ms more CPU per event on the cores the decode step is using). Correctness first: both servers' greedy text equals
+interleaved rounds, through the standard library's http.client, httpx's sync client (the `openai`
+package's default) and its asyncio client (the load generator's): the client's own CPU comes off
+the two cores the decode step is using, from ~0.15 ms a token (http.client's blocking reads) to
+~0.7 (asyncio). Correctness first: both servers' greedy text equals
 the in-process Generator's, alone and with 4 concurrent clients.
 Results to benchmarks/results/serve_<device>_<dtype>.md with device, date, commit and load average.
 """
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import datetime
 import functools
+import http.client
 import json
 import os
 import socket
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from contextlib import aclosing
 from pathlib import Path
 
@@ -200,41 +203,67 @@ def check_outputs(gen, servers):
     print("correctness: both servers' greedy answers equal the in-process Generator's, alone and 4 at once")
 
 
+OVERHEAD_CLIENTS = ("http.client", "httpx", "httpx asyncio")
+
+
 async def per_token(gen, url, rounds):
-    """Median decode time per token at one client: in-process Generator, streamed over HTTP
-    through httpx's sync client (the `openai` package's default: a tool waiting on one answer),
-    and through its asyncio client (the load generator's); the same requests, in interleaved
-    rounds, the clients kept open as a tool keeps its own."""
-    inproc, blocking, stats = [], [], new_stats()
+    """Median decode time per token at one client: the in-process Generator, and streamed over
+    HTTP through three clients, lightest first (their CPU comes off the two cores the decode step
+    is using): the standard library's http.client (blocking reads, ~0.15 ms a token here), httpx's
+    sync client (the `openai` package's default, ~0.26) and its asyncio client (the load
+    generator's, ~0.7). The same requests, in interleaved rounds, each client kept open as a tool
+    keeps its own."""
+    times = {name: [] for name in ("in-process", *OVERHEAD_CLIENTS)}
+    address = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(address.hostname, address.port, timeout=600)
     with httpx.Client(timeout=600) as sync_http:
         async with httpx.AsyncClient(timeout=600) as async_http:
             for r in range(rounds):
                 for i in range(len(PROMPT_LENGTHS)):
                     prompt, n = workload(0, i)
                     gen.generate_ids([prompt], n)
-                    inproc.append(1 / gen.stats["decode_tokens_per_s"])
-                    for client in ("sync", "async") if (r + i) % 2 == 0 else ("async", "sync"):
-                        if client == "sync":
-                            blocking.append(sync_decode_time(sync_http, url, prompt, n))
+                    times["in-process"].append(1 / gen.stats["decode_tokens_per_s"])
+                    for k in range(len(OVERHEAD_CLIENTS)):  # each client first in turn
+                        client = OVERHEAD_CLIENTS[(r + i + k) % len(OVERHEAD_CLIENTS)]
+                        if client == "http.client":
+                            times[client].append(stdlib_decode_time(conn, prompt, n))
+                        elif client == "httpx":
+                            times[client].append(httpx_decode_time(sync_http, url, prompt, n))
                         else:
+                            stats = new_stats()
                             await one_request(async_http, url, prompt, n, stats, NO_WINDOW)
-    return statistics.median(inproc), statistics.median(blocking), statistics.median(stats["per_token"])
+                            times[client] += stats["per_token"]
+    conn.close()
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def sync_decode_time(http, url, prompt, max_tokens):
-    """Decode time per token of one request streamed through a sync httpx client: the time
-    between its first and last text chunks over its tokens after the first."""
-    first = last = tokens = None
-    pending = b""
+def stdlib_decode_time(conn, prompt, max_tokens):
+    conn.request("POST", "/v1/completions", json.dumps(request_body(prompt, max_tokens)),
+                 {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"the server answered {r.status}: {r.read()[:200]!r}")
+    return decode_time(iter(lambda: r.read1(65536), b""))
+
+
+def httpx_decode_time(http, url, prompt, max_tokens):
     with http.stream("POST", url + "/v1/completions", json=request_body(prompt, max_tokens)) as r:
         r.raise_for_status()
-        for data in r.iter_raw():
-            now = time.perf_counter()
-            events, pending = sse_split(pending + data)
-            for e in events:
-                if e["choices"] and e["choices"][0]["text"]:
-                    first, last = first or now, now
-                tokens = e["usage"]["completion_tokens"] if e.get("usage") else tokens
+        return decode_time(r.iter_raw())
+
+
+def decode_time(reads):
+    """Decode time per token of one streamed request, from its raw reads (a blocking client's):
+    the time between its first and last text chunks over its tokens after the first."""
+    first = last = tokens = None
+    pending = b""
+    for data in reads:
+        now = time.perf_counter()
+        events, pending = sse_split(pending + data)
+        for e in events:
+            if e["choices"] and e["choices"][0]["text"]:
+                first, last = first or now, now
+            tokens = e["usage"]["completion_tokens"] if e.get("usage") else tokens
     return (last - first) / (tokens - 1)
 
 
@@ -331,12 +360,12 @@ def report(args, device, results, overhead, host):
         lines.append(row(clients, "one at a time (--max-batch 1 --prefill-chunk 0)", base))
         lines.append(row(clients, f"continuous batching (--max-batch {args.max_batch})", results[clients, "batching"],
                          base_tps))
-    inproc, blocking, asynchronous = overhead
-    lines += ["", f"HTTP overhead at 1 client: decode time per token {1000 * blocking:.2f} ms streamed over HTTP "
-              f"through httpx's sync client vs {1000 * inproc:.2f} ms in-process (Generator): "
-              f"{100 * (blocking / inproc - 1):+.1f}%; through its asyncio client {1000 * asynchronous:.2f} ms, "
-              f"{100 * (asynchronous / inproc - 1):+.1f}% (medians of {args.rounds} interleaved rounds of the 3 "
-              "requests of the mix)"]
+    inproc = overhead.pop("in-process")
+    lines += ["", f"HTTP overhead at 1 client: decode time per token {1000 * inproc:.2f} ms in-process (Generator); "
+              "streamed over HTTP through " + ", ".join(f"{name} {1000 * t:.2f} ms ({100 * (t / inproc - 1):+.1f}%)"
+                                                         for name, t in overhead.items()) +
+              f" (medians of {args.rounds} interleaved rounds of the 3 requests of the mix; the clients' own CPU "
+              "comes off the two cores the decode step uses, least with http.client's blocking reads)"]
     save_report(lines, Path(args.out) / f"serve_{device.type}_{args.dtype}.md")
 
 

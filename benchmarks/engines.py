@@ -43,12 +43,12 @@ def versions() -> str:
 
 class Gptfast:
     def __init__(self, model, dtype, device):
-        self.engine = Generator(model, dtype=dtype, device=device)
-        self.engine.generate_ids([[1, 2, 3, 4]], 8)  # warm-up
+        self.generator = Generator(model, dtype=dtype, device=device)
+        self.generator.generate_ids([[1, 2, 3, 4]], 8)  # warm-up
 
     def run(self, prompts, n):
-        ids = self.engine.generate_ids(prompts, n)
-        s = self.engine.stats
+        ids = self.generator.generate_ids(prompts, n)
+        s = self.generator.stats
         return ids, s["time_to_first_token_s"], s["decode_tokens_per_s"]
 
 

@@ -42,7 +42,7 @@ def profile_decode(model, dtype, n_tokens, rounds):
     for w in caught:
         print(f"  warning during warm-up: {w.category.__name__}: {w.message}")
     print(f"  build + warm-up (Triton compiles, capture): {time.perf_counter() - t0:.1f} s")
-    runner, emodel = ours.engine.engine.runner, ours.engine.engine.model
+    runner, emodel = ours.generator.engine.runner, ours.generator.engine.model
     graphs = {k: ("CUDA graph" if v is not False else "EAGER (no graph: capture failed)")
               for k, v in runner.graphs.items()}
     print(f"  runner.static={runner.static}  graphs (size, sampling, backend) -> kind: {graphs or 'none'}")

@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #define GPTFAST_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -492,26 +493,32 @@ GPTFAST_AVX2 void tile_i8_packed(const int8_t* pk, int64_t p0, int64_t p1, const
 #undef GPTFAST_PAIR_ROW
 #undef GPTFAST_LOAD_PAIRS
 
-// The x rows of the tile at row m of M (rows past M read zeros): 6 while 9 or more are left, then
-// as few padding rows as 4s and 6s allow (5: 6; 7: 4 + 4; 16 = 6 + 6 + 4).
-inline int tile_height(int64_t M, int64_t m) {
+// The x rows of the tile at row m of M (rows past M read zeros). AVX2: 6 while 9 or more are left,
+// then as few padding rows as 4s and 6s allow (5: 6; 7: 4 + 4; 16 = 6 + 6 + 4).
+inline int tile_height(int64_t M, int64_t m, bool vnni) {
   const int64_t left = M - m;
+  if (vnni) return vnni_tile_height(M, m);
   return left >= 9 || left == 5 || left == 6 ? 6 : 4;
 }
 
+}  // namespace
+
 // Blocks of 16 weight rows: pack (or take the block of w.packed), then chunks of kPairChunk pairs
 // (8 KB of the packed block, 1 KB of each x row) that every tile of x rows passes over while they
-// are in cache. Rows [n0, n1) start at a block of w.packed (linear_cpu.cpp splits whole blocks).
-GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+// are in cache: the AVX2 tiles above, or with `vnni` linear_avx512.cpp's (reading in.xq_pairs,
+// from prepare_avx512). Rows [n0, n1) start at a block of w.packed (linear_cpu.cpp splits whole
+// blocks).
+GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1,
+                                 bool vnni) {
   const int64_t K = w.K, full = K / 2, block_bytes = packed_block_bytes(K);
   thread_local std::vector<int8_t> pk;
   thread_local std::vector<int16_t> zeros;  // the x row of the rows past M in the last tile
-  thread_local std::vector<int64_t> total;  // (M + 5, 16): room for the last tile's rows past M
+  thread_local std::vector<int64_t> total;  // (M + 15, 16): room for the last tile's rows past M
   if (!w.packed) pk.resize(block_bytes);
   zeros.assign(K + 1, 0);
-  total.resize((in.M + 5) * kPackRows);
+  total.resize((in.M + 15) * kPackRows);
   int64_t groups = 0;
-  for (int64_t m = 0; m < in.M; m += tile_height(in.M, m)) ++groups;
+  for (int64_t m = 0; m < in.M; m += tile_height(in.M, m, vnni)) ++groups;
   // The weights two blocks on are prefetched while this block's tiles run, one line per tile
   // step at the pace that covers a block per block: rows of a few hundred bytes are too short a
   // stream for the hardware prefetcher, and the block's share fetched in one burst before each
@@ -522,7 +529,7 @@ GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int
   // w.packed the stream is the packed blocks themselves.
   const int64_t steps = std::max<int64_t>(1, full * groups);
   const int64_t pf_step = (block_bytes + steps - 1) / steps;
-  const int16_t* x[6];
+  const int16_t* x[16];
   for (int64_t n = n0; n < n1; n += kPackRows) {
     const int64_t cols = std::min(kPackRows, n1 - n);
     const int8_t* block = w.packed ? packed_block(w.packed, n, K) : pk.data();
@@ -534,13 +541,17 @@ GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int
                             : reinterpret_cast<uintptr_t>(row_ptr(w, ahead));
     for (int64_t p0 = 0; p0 < full; p0 += kPairChunk)
       for (int64_t m = 0, h; m < in.M; m += h) {
-        h = tile_height(in.M, m);
-        for (int j = 0; j < h; ++j) x[j] = m + j < in.M ? in.xq + (m + j) * in.ld : zeros.data();
+        h = tile_height(in.M, m, vnni);
         const int64_t p1 = std::min(full, p0 + kPairChunk);
-        if (h == 6)
-          tile_i8_packed<6>(block, p0, p1, x, tot + m, pf, pf_step);
-        else
-          tile_i8_packed<4>(block, p0, p1, x, tot + m, pf, pf_step);
+        if (vnni) {
+          tile_i8_vnni(h, block, p0, p1, in.xq_pairs + m * full, tot + m, pf, pf_step);
+        } else {
+          for (int j = 0; j < h; ++j) x[j] = m + j < in.M ? in.xq + (m + j) * in.ld : zeros.data();
+          if (h == 6)
+            tile_i8_packed<6>(block, p0, p1, x, tot + m, pf, pf_step);
+          else
+            tile_i8_packed<4>(block, p0, p1, x, tot + m, pf, pf_step);
+        }
         pf += pf_step * (p1 - p0);
       }
     for (int64_t m = 0; m < in.M; ++m) {
@@ -556,14 +567,17 @@ GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int
   }
 }
 
-}  // namespace
+bool packed_tiles_take(const Weight& w, int64_t M) {
+  return w.fmt == WFormat::I8 && M >= (w.packed ? kPrepackedMinRows : kPackedMinRows);
+}
 
 // bf16 weights read inputs k..k+15 as (k, k+2, ..., k+14) then (k+1, k+3, ..., k+15) (load16): x
 // is permuted the same way, in whole blocks of 16 (the tail stays in order), once per call before
 // the threads take their rows.
-GPTFAST_AVX2 Input prepare_avx2(const Weight& w, const Input& in, std::vector<float>& xp) {
+GPTFAST_AVX2 Input prepare_avx2(const Weight& w, const Input& in, Scratch& scratch) {
   if (w.fmt != WFormat::BF16) return in;
   const int64_t K = w.K, K16 = K / 16 * 16;
+  std::vector<float>& xp = scratch.x;
   xp.resize(in.M * K);
   for (int64_t m = 0; m < in.M; ++m) {
     const float* src = in.x + m * in.ld;
@@ -593,8 +607,8 @@ void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t 
     case WFormat::BF16: return rows_fmt<WFormat::BF16>(w, in, y, ldy, n0, n1);  // x from prepare_avx2
     case WFormat::F16: return rows_fmt<WFormat::F16>(w, in, y, ldy, n0, n1);
     case WFormat::I8:
-      return in.M >= (w.packed ? kPrepackedMinRows : kPackedMinRows) ? rows_i8_packed(w, in, y, ldy, n0, n1)
-                                                                      : rows_fmt<WFormat::I8>(w, in, y, ldy, n0, n1);
+      return packed_tiles_take(w, in.M) ? rows_i8_packed(w, in, y, ldy, n0, n1, false)
+                                        : rows_fmt<WFormat::I8>(w, in, y, ldy, n0, n1);
     case WFormat::I4: return rows_fmt<WFormat::I4>(w, in, y, ldy, n0, n1);
   }
 }

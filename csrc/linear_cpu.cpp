@@ -2,7 +2,8 @@
 // decoding multiplies (M = 1..16), with W in one of the formats of linear_cpu.h. At M = 1 the
 // time is reading W once, so the low-precision formats are faster in proportion to their bytes.
 //
-// Paths, chosen at run time from the CPU's features (best first): "avx2" (AVX2 + FMA + F16C,
+// Paths, chosen at run time from the CPU's features (best first): "avx512" (the avx2 path with its
+// many-row int8 tiles in AVX-512 VNNI, linear_avx512.cpp), "avx2" (AVX2 + FMA + F16C,
 // linear_avx2.cpp) and "portable" (plain C++). GPTFAST_CPU_KERNEL=<name> or the op's `path`
 // argument forces one (tests and benchmarks run each path this CPU has). Output rows are split
 // over torch's intra-op threads.
@@ -80,7 +81,7 @@ void rows_portable(const Weight& w, const Input& in, float* y, int64_t ldy, int6
 namespace {
 
 using RowsFn = void (*)(const Weight&, const Input&, float*, int64_t, int64_t, int64_t);
-using PrepareFn = Input (*)(const Weight&, const Input&, std::vector<float>&);
+using PrepareFn = Input (*)(const Weight&, const Input&, Scratch&);
 
 struct Path {
   const char* name;
@@ -89,7 +90,7 @@ struct Path {
   PrepareFn prepare;
 };
 
-Input as_is(const Weight&, const Input& in, std::vector<float>&) { return in; }
+Input as_is(const Weight&, const Input& in, Scratch&) { return in; }
 
 #if defined(GPTFAST_X86_GNU)
 bool has_avx2() {
@@ -100,6 +101,7 @@ bool has_avx2() {
 
 const Path kPaths[] = {  // best first
 #if defined(GPTFAST_X86_GNU)
+    {"avx512", rows_avx512, has_avx512_vnni, prepare_avx512},
     {"avx2", rows_avx2, has_avx2, prepare_avx2},
 #endif
     {"portable", rows_portable, [] { return true; }, as_is},
@@ -130,7 +132,10 @@ const Path& choose_path(const std::string& requested) {
 
 }  // namespace
 
-bool avx2_chosen() { return std::string(choose_path("").name) == "avx2"; }
+bool avx2_chosen() {
+  const std::string name = choose_path("").name;
+  return name == "avx2" || name == "avx512";
+}
 
 namespace {
 
@@ -260,11 +265,11 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   }
   at::Tensor y = at::empty({M, N}, xf.options()), xq, x_scale, group_sum;
   if (w.fmt == WFormat::I8 || w.fmt == WFormat::I4) quantize_x(xf, w.group, xq, x_scale, group_sum);
-  std::vector<float> scratch;
+  Scratch scratch;
   const Input in = p.prepare(w,
                              {xf.data_ptr<float>(), xq.defined() ? xq.data_ptr<int16_t>() : nullptr,
                               x_scale.defined() ? x_scale.data_ptr<float>() : nullptr,
-                              group_sum.defined() ? group_sum.data_ptr<float>() : nullptr, M, w.K},
+                              group_sum.defined() ? group_sum.data_ptr<float>() : nullptr, M, w.K, nullptr},
                              scratch);
   float* yp = y.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;

@@ -70,6 +70,13 @@ struct Input {
   const float* x_scale;
   const float* x_group_sum;
   int64_t M, ld;
+  const int32_t* xq_pairs;  // "avx512", int8: xq's pairs of inputs as its tiles read them, or nullptr
+};
+
+// What a path's prepare makes once per call for its rows to read (see below).
+struct Scratch {
+  std::vector<float> x;
+  std::vector<int32_t> pairs;
 };
 
 // int8 weights as the AVX2 path's many-row tiles read them: blocks of kPackRows output rows, each
@@ -93,16 +100,30 @@ constexpr int64_t kI8Chunk = 2048;
 // The kernel paths: rows [n0, n1) of y (M, N) = x (M, K) W^T, y with leading dimension ldy,
 // before the row and x scales and the bias (int8/int4: in units of x_scale). Each writes every
 // y[m, n] it owns. A path's prepare runs once per call before the threads split the rows and
-// returns the Input its rows read (its own copy of x, if it needs one, in `scratch`).
+// returns the Input its rows read (its own copies of x, if it needs them, in `scratch`).
 void rows_portable(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
 #if defined(GPTFAST_X86_GNU)
 void rows_avx2(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
-Input prepare_avx2(const Weight& w, const Input& in, std::vector<float>& scratch);
+Input prepare_avx2(const Weight& w, const Input& in, Scratch& scratch);
 void pack_int8_avx2(const Weight& w, int8_t* out);  // the packed copy above, (ceil(N / 16), block) bytes
+// Whether M x rows of an int8 w run the many-row packed tiles (linear_avx2.cpp), and those rows
+// through them: linear_avx2.cpp's AVX2 tiles, or with `vnni` linear_avx512.cpp's
+bool packed_tiles_take(const Weight& w, int64_t M);
+void rows_i8_packed(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1, bool vnni);
+// "avx512": rows_avx2 with the many-row int8 tiles in AVX-512 VNNI (linear_avx512.cpp's tile of
+// `rows` = 4, 8, 12 or 16 x rows, vnni_tile_height's for the tile at row m of M, reading their
+// pairs of inputs interleaved by prepare_avx512; the other arguments as linear_avx2.cpp's
+// tile_i8_packed takes them)
+bool has_avx512_vnni();
+int vnni_tile_height(int64_t M, int64_t m);
+void rows_avx512(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
+Input prepare_avx512(const Weight& w, const Input& in, Scratch& scratch);
+void tile_i8_vnni(int rows, const int8_t* pk, int64_t p0, int64_t p1, const int32_t* xt,
+                  int64_t (*total)[kPackRows], uintptr_t pf, int64_t pf_step);
 #endif
 
-// Whether the linear op's default path (GPTFAST_CPU_KERNEL, else the best this CPU runs) is
-// the AVX2 + FMA + F16C one; decode_cpu.cpp's float16 KV cache follows the same choice.
+// Whether the linear op's default path (GPTFAST_CPU_KERNEL, else the best this CPU runs) reads
+// AVX2 + FMA + F16C ("avx2" or "avx512"); decode_cpu.cpp's float16 KV cache follows the same choice.
 bool avx2_chosen();
 
 // The op itself (registered as gptfast::linear; decode_cpu.cpp calls it directly). packed: int8

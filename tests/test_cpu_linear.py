@@ -13,8 +13,11 @@ needs_c = pytest.mark.skipif(not cl.has_kernel(), reason="gptfast._C was not bui
 U32 = 2.0**-24  # fp32 unit roundoff
 FORMATS = ["float32", "bfloat16", "float16", "int8", "int4-g32", "int4-g64", "int4-g128"]
 needs_avx2 = pytest.mark.skipif("avx2" not in cl.kernel_paths(), reason="this CPU (or build) lacks AVX2 + FMA + F16C")
+needs_avx512 = pytest.mark.skipif("avx512" not in cl.kernel_paths(),
+                                  reason="this CPU (or build) lacks AVX-512 F/BW/VL + VNNI (or AVX2 + FMA + F16C)")
 # every path the kernel has; one this CPU cannot run is skipped with the reason
-PATHS = [pytest.param("avx2", marks=needs_avx2), "portable"]
+VECTOR_PATHS = [pytest.param("avx512", marks=needs_avx512), pytest.param("avx2", marks=needs_avx2)]
+PATHS = [*VECTOR_PATHS, "portable"]
 
 
 def check_fp32(y, x, w_deq, bias, x_rounded=False):
@@ -84,13 +87,13 @@ def test_integer_formats_non_finite_and_extreme_rows(path, fmt):
 
 
 @needs_c
-@needs_avx2
+@pytest.mark.parametrize("path", VECTOR_PATHS)
 @pytest.mark.parametrize("M, K, N", [(8, 16, 16), (13, 15, 17), (16, 768, 50), (33, 1031, 5), (9, 1, 3),
                                      (9, 1031, 40), (12, 3072, 36), (11, 769, 20), (10, 768, 300),
-                                     (5, 770, 33), (7, 64, 48),
+                                     (5, 770, 33), (7, 64, 48), (20, 768, 50), (24, 1031, 17),
                                      (4, 48, 7), (4, 3072, 9), (4, 4100, 6), (4, 15, 3), (3, 1031, 40), (3, 768, 300)])
 @pytest.mark.parametrize("packed", [False, True], ids=["packing", "prepacked"])
-def test_int8_many_rows_equal_portable(M, K, N, packed, two_threads):
+def test_int8_many_rows_equal_portable(path, M, K, N, packed, two_threads):
     # 4 x rows run the row-dot tile of 3 weight rows by 4 x rows in assembly: an odd step of 16
     # inputs (48), int32 lanes added up past one 2048-input chunk (3072; 4100: two and a tail of 4),
     # no whole step (15), rows past the last 3 (7, 9 -> 1 row tiles).
@@ -100,12 +103,14 @@ def test_int8_many_rows_equal_portable(M, K, N, packed, two_threads):
     # chunk, N not a multiple of 16, tiles of 4 and 6 x rows with rows of zeros past M (13: 6 + 4 + 4,
     # 11: 6 + 6, 5: 6, 7: 4 + 4), 2 threads (taking chunks of weight rows in turn: 300 rows at K = 768 are 4 chunks
     # of 96; 36, 40: a last 16-row block cut short). Prepacked (pack_int8's copy passed in): the
-    # packed tiles from 3 x rows on, read from the copy instead of packing each block.
+    # packed tiles from 3 x rows on, read from the copy instead of packing each block. The avx512
+    # path's VNNI tiles take 16 x rows, then 4, 8 or 12 with rows of zeros (13: 16; 33: 16 + 16 + 4;
+    # 20: 16 + 4; 24: 16 + 8; 5, 7: 8; 3: 4), from x's pairs interleaved once per call.
     gen = torch.Generator().manual_seed(M * K + N)
     weight = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
     scale, x = torch.rand(N, generator=gen) + 0.5, torch.randn(M, K, generator=gen)
     copy = cl.pack_int8(weight) if packed else None
-    y = torch.ops.gptfast.linear(x, weight, scale, None, 0, "avx2", packed=copy)
+    y = torch.ops.gptfast.linear(x, weight, scale, None, 0, path, packed=copy)
     ref = cl.linear(x, weight, scale, None, 0, "portable")
     assert torch.equal(y, ref), f"worst difference {(y - ref).abs().max()}"
 
@@ -143,15 +148,16 @@ def test_bad_packed_weights():
 
 
 @needs_c
-@pytest.mark.parametrize("M", [4, 8])
-def test_int8_many_rows_no_overflow(M):
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("M", [4, 8, 16])
+def test_int8_many_rows_no_overflow(path, M):
     # the largest products (-128 x -32767, every input) over 3072 inputs: int32 lanes are widened to
-    # int64 every 256 pairs (8 rows: packed tiles) or 2048 inputs (4 rows: row-dot tiles); the sum
-    # (1.29e10) must come back exactly (as fp32)
+    # int64 every 256 pairs (8 and 16 rows: packed tiles, VNNI's too) or 2048 inputs (4 rows on
+    # avx2: row-dot tiles); the sum (1.29e10) must come back exactly (as fp32)
     K = 3072
     weight = torch.full((16, K), -128, dtype=torch.int8)
     x = torch.full((M, K), -1.0)  # rounds to -32767 per row
-    y = cl.linear(x, weight, torch.ones(16), None, 0, "avx2" if "avx2" in cl.kernel_paths() else "portable")
+    y = cl.linear(x, weight, torch.ones(16), None, 0, path)
     expected = torch.tensor(128.0 * 32767 * K / 32767)  # x_scale = 1 / 32767
     assert torch.allclose(y, expected.expand(M, 16), rtol=1e-6), y[0, 0]
 

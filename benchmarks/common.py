@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from gptfast.cpu_linear import kernel_paths
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you": the decode benchmarks' prompt
 
@@ -34,10 +36,24 @@ def commit_id(paths=()) -> str:
 
 
 def device_name(device) -> str:
+    """The GPU's name, or the CPU's model, torch's threads and the gptfast kernel paths it runs
+    (this project's CPU hosts differ from day to day: AVX2 only, or AVX-512 VNNI too)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+    paths = ", ".join(kernel_paths()) or "none (no gptfast._C)"
+    return f"{cpu_model()}, {torch.get_num_threads()} torch threads, gptfast CPU paths {paths}"
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name (Linux), else the platform's word for the processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} CPU"
 
 
 class PeakMemory:

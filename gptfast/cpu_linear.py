@@ -50,18 +50,19 @@ def has_kernel() -> bool:
 
 
 def kernel_paths() -> list[str]:
-    """The kernel paths this CPU can run, best first (e.g. ['avx2', 'portable']); [] without _C."""
+    """The kernel paths this CPU can run, best first (e.g. ['avx512', 'avx2', 'portable']); [] without _C."""
     return list(torch.ops.gptfast.linear_paths()) if _HAS_OP else []
 
 
 def packs_int8() -> bool:
-    """Whether this CPU has the path that reads int8 weights packed once (pack_int8): the avx2
-    one. (GPTFAST_CPU_KERNEL=portable, read at each call, leaves a packed copy unread.)"""
+    """Whether this CPU has the paths that read int8 weights packed once (pack_int8): avx2, and
+    avx512 (which needs it). (GPTFAST_CPU_KERNEL=portable, read at each call, leaves a packed copy
+    unread.)"""
     return "avx2" in kernel_paths()
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """int8 q (N, K) in the layout the avx2 path's packed tiles read (linear_cpu.h): passed to the
+    """int8 q (N, K) in the layout the avx2 and avx512 paths' packed tiles read (linear_cpu.h): passed to the
     op as `packed`, it spares them repacking every block of 16 rows at each call, and they then run
     from 3 x rows on (5 without it). A copy: q changed in place needs packing again. Only where
     packs_int8()."""

@@ -1,6 +1,10 @@
-"""The command line: every subcommand's --help renders, and `gptfast info` reports what the
-library itself decides (backend, Triton, gptfast._C kernels) on this machine."""
+"""The command line: every subcommand's --help renders, `gptfast info` reports what the
+library itself decides (backend, Triton, gptfast._C kernels) on this machine, and `gptfast serve`
+sets OpenMP's spin before torch loads it."""
 import importlib.metadata
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -50,3 +54,17 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gptfast.data, "prepare", interrupted)
     assert cli.main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "gptfast prepare: interrupted\n"
+
+
+@pytest.mark.parametrize("preset", [None, "123"])
+def test_serve_sets_openmp_spin_before_torch_loads(preset):
+    # libgomp reads GOMP_SPINCOUNT once, when torch loads it: `gptfast serve` sets it first (in a
+    # fresh interpreter, as the command runs), and keeps a value the user gave
+    script = ("import os, sys\nfrom gptfast import cli\nassert 'torch' not in sys.modules\n"
+              "try:\n    cli.main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+              "print(os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == (preset or cli.SERVE_SPINCOUNT)

@@ -13,11 +13,12 @@
 #include "linear_cpu.h"
 
 #if defined(GPTFAST_X86_GNU)
+#include <c10/util/Exception.h>
 #include <immintrin.h>
 
 #include <cstring>
 
-#define GPTFAST_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define GPTFAST_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")))
 
 namespace gptfast {
 
@@ -25,7 +26,7 @@ bool has_avx512_vnni() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
          __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+         __builtin_cpu_supports("avx512vnni");
 }
 
 namespace {
@@ -71,7 +72,7 @@ int vnni_tile_height(int64_t M, int64_t m) {
 Input prepare_avx512(const Weight& w, const Input& in, Scratch& scratch) {
   if (!packed_tiles_take(w, in.M)) return prepare_avx2(w, in, scratch);
   const int64_t full = w.K / 2;
-  scratch.pairs.assign((in.M + 15) * full, 0);
+  scratch.pairs.assign((in.M + 3) * full, 0);  // the last tile's rows past M (at most 3) read zeros
   int32_t* out = scratch.pairs.data();
   for (int64_t m = 0, h; m < in.M; m += h) {
     h = vnni_tile_height(in.M, m);
@@ -95,7 +96,8 @@ GPTFAST_AVX512 void tile_i8_vnni(int rows, const int8_t* pk, int64_t p0, int64_t
     case 4: return tile<4>(pk, p0, p1, xt, total, pf, pf_step);
     case 8: return tile<8>(pk, p0, p1, xt, total, pf, pf_step);
     case 12: return tile<12>(pk, p0, p1, xt, total, pf, pf_step);
-    default: return tile<16>(pk, p0, p1, xt, total, pf, pf_step);
+    case 16: return tile<16>(pk, p0, p1, xt, total, pf, pf_step);
+    default: TORCH_CHECK(false, "gptfast linear: no VNNI tile of ", rows, " rows");
   }
 }
 

@@ -3,7 +3,7 @@
 // time is reading W once, so the low-precision formats are faster in proportion to their bytes.
 //
 // Paths, chosen at run time from the CPU's features (best first): "avx512" (the avx2 path with its
-// many-row int8 tiles in AVX-512 VNNI, linear_avx512.cpp), "avx2" (AVX2 + FMA + F16C,
+// many-row int8 tiles in AVX-512 F/BW + VNNI, linear_avx512.cpp), "avx2" (AVX2 + FMA + F16C,
 // linear_avx2.cpp) and "portable" (plain C++). GPTFAST_CPU_KERNEL=<name> or the op's `path`
 // argument forces one (tests and benchmarks run each path this CPU has). Output rows are split
 // over torch's intra-op threads.

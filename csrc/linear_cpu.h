@@ -110,7 +110,7 @@ void pack_int8_avx2(const Weight& w, int8_t* out);  // the packed copy above, (c
 // through them: linear_avx2.cpp's AVX2 tiles, or with `vnni` linear_avx512.cpp's
 bool packed_tiles_take(const Weight& w, int64_t M);
 void rows_i8_packed(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1, bool vnni);
-// "avx512": rows_avx2 with the many-row int8 tiles in AVX-512 VNNI (linear_avx512.cpp's tile of
+// "avx512": rows_avx2 with the many-row int8 tiles in AVX-512 F/BW + VNNI (linear_avx512.cpp's tile of
 // `rows` = 4, 8, 12 or 16 x rows, vnni_tile_height's for the tile at row m of M, reading their
 // pairs of inputs interleaved by prepare_avx512; the other arguments as linear_avx2.cpp's
 // tile_i8_packed takes them)

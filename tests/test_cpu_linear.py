@@ -14,7 +14,7 @@ U32 = 2.0**-24  # fp32 unit roundoff
 FORMATS = ["float32", "bfloat16", "float16", "int8", "int4-g32", "int4-g64", "int4-g128"]
 needs_avx2 = pytest.mark.skipif("avx2" not in cl.kernel_paths(), reason="this CPU (or build) lacks AVX2 + FMA + F16C")
 needs_avx512 = pytest.mark.skipif("avx512" not in cl.kernel_paths(),
-                                  reason="this CPU (or build) lacks AVX-512 F/BW/VL + VNNI (or AVX2 + FMA + F16C)")
+                                  reason="this CPU (or build) lacks AVX-512 F/BW + VNNI (or AVX2 + FMA + F16C)")
 # every path the kernel has; one this CPU cannot run is skipped with the reason
 VECTOR_PATHS = [pytest.param("avx512", marks=needs_avx512), pytest.param("avx2", marks=needs_avx2)]
 PATHS = [*VECTOR_PATHS, "portable"]

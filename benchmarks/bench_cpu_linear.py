@@ -128,7 +128,7 @@ def main():
     title = ("the kernel vs dequantise + F.linear per pass over the 48 block layers (ms, best of the rounds)"
              if args.crossover else "GPT-2 124M linear layers (48 + head) per decode step")
     lines = [f"# CPU decode matmuls: {title}",
-             f"device: {device_name('cpu')}, torch {torch.__version__}, kernel paths {paths}, "
+             f"device: {device_name('cpu')}, torch {torch.__version__}, "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
              "command: python benchmarks/bench_cpu_linear.py " + (
                  "--crossover" if args.crossover else f"--rows {' '.join(map(str, args.rows))} --steps {args.steps}")

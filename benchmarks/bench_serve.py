@@ -21,8 +21,8 @@ between a request's streamed chunks in it). The HTTP overhead: decode time per t
 request at a time streamed over HTTP against the in-process Generator, the same requests in
 interleaved rounds, through the standard library's http.client, httpx's sync client (the `openai`
 package's default) and its asyncio client (the load generator's): the client's own CPU comes off
-the two cores the decode step is using, from ~0.15 ms a token (http.client's blocking reads) to
-~0.7 (asyncio). Correctness first: both servers' greedy text equals
+the two cores the decode step is using, least with http.client's blocking reads (~0.15 ms a
+token here), most with asyncio. Correctness first: both servers' greedy text equals
 the in-process Generator's, alone and with 4 concurrent clients.
 Results to benchmarks/results/serve_<device>_<dtype>.md with device, date, commit and load average.
 """

@@ -513,10 +513,10 @@ GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int
   const int64_t K = w.K, full = K / 2, block_bytes = packed_block_bytes(K);
   thread_local std::vector<int8_t> pk;
   thread_local std::vector<int16_t> zeros;  // the x row of the rows past M in the last tile
-  thread_local std::vector<int64_t> total;  // (M + 15, 16): room for the last tile's rows past M
+  thread_local std::vector<int64_t> total;  // (M + 5, 16): room for the last tile's rows past M
   if (!w.packed) pk.resize(block_bytes);
   zeros.assign(K + 1, 0);
-  total.resize((in.M + 15) * kPackRows);
+  total.resize((in.M + 5) * kPackRows);
   int64_t groups = 0;
   for (int64_t m = 0; m < in.M; m += tile_height(in.M, m, vnni)) ++groups;
   // The weights two blocks on are prefetched while this block's tiles run, one line per tile
@@ -529,7 +529,7 @@ GPTFAST_AVX2 void rows_i8_packed(const Weight& w, const Input& in, float* y, int
   // w.packed the stream is the packed blocks themselves.
   const int64_t steps = std::max<int64_t>(1, full * groups);
   const int64_t pf_step = (block_bytes + steps - 1) / steps;
-  const int16_t* x[16];
+  const int16_t* x[6];
   for (int64_t n = n0; n < n1; n += kPackRows) {
     const int64_t cols = std::min(kPackRows, n1 - n);
     const int8_t* block = w.packed ? packed_block(w.packed, n, K) : pk.data();

@@ -101,7 +101,7 @@ bool has_avx2() {
 
 const Path kPaths[] = {  // best first
 #if defined(GPTFAST_X86_GNU)
-    {"avx512", rows_avx512, has_avx512_vnni, prepare_avx512},
+    {"avx512", rows_avx512, [] { return has_avx2() && has_avx512_vnni(); }, prepare_avx512},  // avx2's, and more
     {"avx2", rows_avx2, has_avx2, prepare_avx2},
 #endif
     {"portable", rows_portable, [] { return true; }, as_is},

@@ -114,7 +114,7 @@ void rows_i8_packed(const Weight& w, const Input& in, float* y, int64_t ldy, int
 // `rows` = 4, 8, 12 or 16 x rows, vnni_tile_height's for the tile at row m of M, reading their
 // pairs of inputs interleaved by prepare_avx512; the other arguments as linear_avx2.cpp's
 // tile_i8_packed takes them)
-bool has_avx512_vnni();
+bool has_avx512_vnni();  // the AVX-512 features alone (the path also needs has_avx2's)
 int vnni_tile_height(int64_t M, int64_t m);
 void rows_avx512(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
 Input prepare_avx512(const Weight& w, const Input& in, Scratch& scratch);

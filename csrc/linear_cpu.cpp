@@ -2,7 +2,8 @@
 // decoding multiplies (M = 1..16), with W in one of the formats of linear_cpu.h. At M = 1 the
 // time is reading W once, so the low-precision formats are faster in proportion to their bytes.
 //
-// Paths, chosen at run time from the CPU's features (best first): "avx512" (the avx2 path with its
+// Paths, chosen at run time from the CPU's features (best first): "amx" (the avx512 path with int8
+// weights against 4 or more x rows in AMX tiles, linear_amx.cpp), "avx512" (the avx2 path with its
 // many-row int8 tiles in AVX-512 F/BW + VNNI, linear_avx512.cpp), "avx2" (AVX2 + FMA + F16C,
 // linear_avx2.cpp) and "portable" (plain C++). GPTFAST_CPU_KERNEL=<name> or the op's `path`
 // argument forces one (tests and benchmarks run each path this CPU has). Output rows are split
@@ -100,6 +101,9 @@ bool has_avx2() {
 #endif
 
 const Path kPaths[] = {  // best first
+#if defined(GPTFAST_AMX)
+    {"amx", rows_amx, [] { return has_avx2() && has_avx512_vnni() && has_amx(); }, prepare_amx},  // avx512's, and more
+#endif
 #if defined(GPTFAST_X86_GNU)
     {"avx512", rows_avx512, [] { return has_avx2() && has_avx512_vnni(); }, prepare_avx512},  // avx2's, and more
     {"avx2", rows_avx2, has_avx2, prepare_avx2},
@@ -133,8 +137,7 @@ const Path& choose_path(const std::string& requested) {
 }  // namespace
 
 bool avx2_chosen() {
-  const std::string name = choose_path("").name;
-  return name == "avx2" || name == "avx512";
+  return std::string(choose_path("").name) != "portable";  // each vector path is avx2's and more
 }
 
 namespace {
@@ -269,7 +272,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   const Input in = p.prepare(w,
                              {xf.data_ptr<float>(), xq.defined() ? xq.data_ptr<int16_t>() : nullptr,
                               x_scale.defined() ? x_scale.data_ptr<float>() : nullptr,
-                              group_sum.defined() ? group_sum.data_ptr<float>() : nullptr, M, w.K, nullptr},
+                              group_sum.defined() ? group_sum.data_ptr<float>() : nullptr, M, w.K, nullptr, nullptr},
                              scratch);
   float* yp = y.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;

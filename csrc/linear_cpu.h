@@ -20,6 +20,10 @@
 // x86-64 built by GCC or clang: the vector paths use their target attributes and CPU builtins.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define GPTFAST_X86_GNU 1
+// the "amx" path: Linux (which grants the tile state on request) and a compiler with AMX intrinsics
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define GPTFAST_AMX 1
+#endif
 #endif
 
 namespace gptfast {
@@ -71,12 +75,14 @@ struct Input {
   const float* x_group_sum;
   int64_t M, ld;
   const int32_t* xq_pairs;  // "avx512", int8: xq's pairs of inputs as its tiles read them, or nullptr
+  const int8_t* xq_bytes;   // "amx", int8: xq's low and high bytes as its tiles read them, or nullptr
 };
 
 // What a path's prepare makes once per call for its rows to read (see below).
 struct Scratch {
   std::vector<float> x;
   std::vector<int32_t> pairs;
+  std::vector<int8_t> bytes;
 };
 
 // int8 weights as the AVX2 path's many-row tiles read them: blocks of kPackRows output rows, each
@@ -121,9 +127,15 @@ Input prepare_avx512(const Weight& w, const Input& in, Scratch& scratch);
 void tile_i8_vnni(int rows, const int8_t* pk, int64_t p0, int64_t p1, const int32_t* xt,
                   int64_t (*total)[kPackRows], uintptr_t pf, int64_t pf_step);
 #endif
+#if defined(GPTFAST_AMX)
+// "amx": the avx512 path with int8 weights against 2 or more x rows in AMX tiles (linear_amx.cpp)
+bool has_amx();  // AMX-TILE + AMX-INT8 + BMI2, and Linux's grant of the tile state
+void rows_amx(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
+Input prepare_amx(const Weight& w, const Input& in, Scratch& scratch);
+#endif
 
 // Whether the linear op's default path (GPTFAST_CPU_KERNEL, else the best this CPU runs) reads
-// AVX2 + FMA + F16C ("avx2" or "avx512"); decode_cpu.cpp's float16 KV cache follows the same choice.
+// AVX2 + FMA + F16C (every path but "portable"); decode_cpu.cpp's float16 KV cache follows the same choice.
 bool avx2_chosen();
 
 // The op itself (registered as gptfast::linear; decode_cpu.cpp calls it directly). packed: int8

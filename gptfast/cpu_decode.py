@@ -15,8 +15,9 @@ more decoding rows alone takes the eager step; beside prompts they go in several
 prompts in chunks of at most max_rows (gptfast.engine). The reference is the model's own forward through the KV cache
 (gptfast.runner); tests/test_cpu_decode.py checks one against the other.
 
-int8 weights are also kept packed (cpu_linear.pack_int8, as much memory again) where the avx2
-and avx512 paths read them: its tiles of 3 or more rows then skip repacking every block of 16 weight rows
+int8 weights are also kept packed (cpu_linear.pack_int8, as much memory again) where the kernel
+path runs the avx2 or avx512 tiles (cpu_linear.packs_int8, decided when the step is made; amx reads
+the weights in place): those tiles of 3 or more rows then skip repacking every block of 16 weight rows
 at each call (a GPT-2 step's matmuls at 16 rows: median 26.9 against 32.2 ms; the whole step
 under benchmarks/engine_load.py's 16 clients 27.7 against 30.3, one alternating pair). A weight
 changed in place is packed again at the next call, as its version counter tells; writes that
@@ -34,7 +35,6 @@ from .model import GPTModel, MultiHeadAttention, TransformerBlock
 from .quant import FloatLinear, Int4Linear, Int8Linear
 
 _HAS_OP = cpu_linear.op_built("decode_step")
-_PACKS_INT8 = _HAS_OP and cpu_linear.packs_int8()
 
 
 def has_kernel() -> bool:
@@ -80,7 +80,8 @@ class FusedDecode:
         self.norms, self.linears, self.groups = norms, linears, groups
         self.n_heads, self.eps, self.vocab_size = cfg.n_heads, eps, cfg.vocab_size
         self.max_rows = min(cpu_linear.MAX_KERNEL_ROWS[w.dtype] for w in linears[::3])
-        int8 = [w for w in linears[::3] if w.dtype == torch.int8] if _PACKS_INT8 else []
+        self._packs = cpu_linear.packs_int8()
+        int8 = [w for w in linears[::3] if w.dtype == torch.int8] if self._packs else []
         self._tracked = [w for w in int8 if not w.is_inference()]  # packed again when changed in place
         self._pack()
 
@@ -88,7 +89,7 @@ class FusedDecode:
         """The int8 weights' packed copies (None for the others), and the versions they were made
         from (read first: a change while packing, from another thread, then packs again)."""
         self._versions = [w._version for w in self._tracked]
-        self.packed = [cpu_linear.pack_int8(w) if w.dtype == torch.int8 and _PACKS_INT8 else None
+        self.packed = [cpu_linear.pack_int8(w) if w.dtype == torch.int8 and self._packs else None
                        for w in self.linears[::3]]
 
     @classmethod

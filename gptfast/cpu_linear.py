@@ -16,6 +16,8 @@ names); `reference_linear` computes the same in PyTorch (tests, and machines wit
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -50,22 +52,23 @@ def has_kernel() -> bool:
 
 
 def kernel_paths() -> list[str]:
-    """The kernel paths this CPU can run, best first (e.g. ['avx512', 'avx2', 'portable']); [] without _C."""
+    """The kernel paths this CPU can run, best first (e.g. ['amx', 'avx512', 'avx2', 'portable']); [] without _C."""
     return list(torch.ops.gptfast.linear_paths()) if _HAS_OP else []
 
 
 def packs_int8() -> bool:
-    """Whether this CPU has the paths that read int8 weights packed once (pack_int8): avx2, and
-    avx512 (which needs it). (GPTFAST_CPU_KERNEL=portable, read at each call, leaves a packed copy
-    unread.)"""
-    return "avx2" in kernel_paths()
+    """Whether the path this process runs (GPTFAST_CPU_KERNEL, else the best this CPU has) reads
+    int8 weights packed once (pack_int8): avx2 and avx512 do; amx reads them where they lie, as
+    portable does. (The variable is read at each call: set it before loading a model.)"""
+    paths = kernel_paths()
+    return (os.environ.get("GPTFAST_CPU_KERNEL") or (paths[0] if paths else "")) in ("avx2", "avx512")
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
     """int8 q (N, K) in the layout the avx2 and avx512 paths' packed tiles read (linear_cpu.h): passed to the
     op as `packed`, it spares them repacking every block of 16 rows at each call, and they then run
     from 3 x rows on (5 without it). A copy: q changed in place needs packing again. Only where
-    packs_int8()."""
+    "avx2" is among kernel_paths()."""
     return torch.ops.gptfast.pack_int8(q)
 
 

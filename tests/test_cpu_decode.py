@@ -200,8 +200,9 @@ def test_short_head_scale_is_a_one_line_error():
     assert f"the head's scale has 10 rows; its {model.cfg.vocab_size} are needed" in message, message
 
 
-@pytest.mark.skipif(not cpu_linear.packs_int8(), reason="no avx2 path here: int8 weights are not kept packed")
-def test_short_head_packed_copy_is_a_one_line_error():
+@pytest.mark.skipif("avx2" not in cpu_linear.kernel_paths(), reason="no avx2 path here: int8 weights are not kept packed")
+def test_short_head_packed_copy_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("GPTFAST_CPU_KERNEL", "avx2")  # a path that reads the packed copies (amx does not)
     model = inference_copy(tiny(ctx=40), "int8", CPU)
     message = _short_head_operand(model, lambda f: setattr(f, "packed", f.packed[:-1] + [f.packed[-1][:1]]))
     blocks = cpu_linear.pack_int8(torch.zeros(model.cfg.vocab_size, 2, dtype=torch.int8)).shape[0]

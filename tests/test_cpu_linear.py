@@ -15,8 +15,11 @@ FORMATS = ["float32", "bfloat16", "float16", "int8", "int4-g32", "int4-g64", "in
 needs_avx2 = pytest.mark.skipif("avx2" not in cl.kernel_paths(), reason="this CPU (or build) lacks AVX2 + FMA + F16C")
 needs_avx512 = pytest.mark.skipif("avx512" not in cl.kernel_paths(),
                                   reason="this CPU (or build) lacks AVX-512 F/BW + VNNI (or AVX2 + FMA + F16C)")
+needs_amx = pytest.mark.skipif("amx" not in cl.kernel_paths(),
+                               reason="this CPU (or build, or OS) lacks AMX-INT8 (or the avx512 path's features)")
 # every path the kernel has; one this CPU cannot run is skipped with the reason
-VECTOR_PATHS = [pytest.param("avx512", marks=needs_avx512), pytest.param("avx2", marks=needs_avx2)]
+VECTOR_PATHS = [pytest.param("amx", marks=needs_amx), pytest.param("avx512", marks=needs_avx512),
+                pytest.param("avx2", marks=needs_avx2)]
 PATHS = [*VECTOR_PATHS, "portable"]
 
 
@@ -91,7 +94,8 @@ def test_integer_formats_non_finite_and_extreme_rows(path, fmt):
 @pytest.mark.parametrize("M, K, N", [(8, 16, 16), (13, 15, 17), (16, 768, 50), (33, 1031, 5), (9, 1, 3),
                                      (9, 1031, 40), (12, 3072, 36), (11, 769, 20), (10, 768, 300),
                                      (5, 770, 33), (7, 64, 48), (20, 768, 50), (24, 1031, 17),
-                                     (4, 48, 7), (4, 3072, 9), (4, 4100, 6), (4, 15, 3), (3, 1031, 40), (3, 768, 300)])
+                                     (4, 48, 7), (4, 3072, 9), (4, 4100, 6), (4, 15, 3), (3, 1031, 40), (3, 768, 300),
+                                     (4, 33000, 33)])
 @pytest.mark.parametrize("packed", [False, True], ids=["packing", "prepacked"])
 def test_int8_many_rows_equal_portable(path, M, K, N, packed, two_threads):
     # 4 x rows run the row-dot tile of 3 weight rows by 4 x rows in assembly: an odd step of 16
@@ -105,7 +109,11 @@ def test_int8_many_rows_equal_portable(path, M, K, N, packed, two_threads):
     # of 96; 36, 40: a last 16-row block cut short). Prepacked (pack_int8's copy passed in): the
     # packed tiles from 3 x rows on, read from the copy instead of packing each block. The avx512
     # path's VNNI tiles take 16 x rows, then 4, 8 or 12 with rows of zeros (13: 16; 33: 16 + 16 + 4;
-    # 20: 16 + 4; 24: 16 + 8; 5, 7: 8; 3: 4), from x's pairs interleaved once per call.
+    # 20: 16 + 4; 24: 16 + 8; 5, 7: 8; 3: 4), from x's pairs interleaved once per call. The amx path's
+    # tiles from 4 x rows on: 16 x rows a tile (33: three, the last of one row), 32 or 16 weight rows
+    # (N = 50: 32 + a last tile of 16 cut short, copied; 9: one tile, copied), inputs in steps of 64
+    # (1031, 769, 770, 4100: a tail of the last inputs; 48, 16, 15: no step, the avx512 path), int32
+    # sums added up in int64 every 32768 inputs (33000: two chunks and a tail).
     gen = torch.Generator().manual_seed(M * K + N)
     weight = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
     scale, x = torch.rand(N, generator=gen) + 0.5, torch.randn(M, K, generator=gen)

@@ -185,7 +185,7 @@ needs_argmax = pytest.mark.skipif(not sampling._ARGMAX_OP, reason="gptfast._C wa
 
 
 @needs_argmax
-@pytest.mark.parametrize("path", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("path", ["amx", "avx512", "avx2", "portable"])
 def test_argmax_ids_equal_torch_argmax(path, monkeypatch):
     if path not in cpu_linear.kernel_paths():
         pytest.skip(f"this CPU (or build) has no {path} path")

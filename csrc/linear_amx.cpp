@@ -13,11 +13,14 @@
 // as every other path's, so y is bitwise the portable path's.
 // GCC 12's plain AVX-512 intrinsics start from an "undefined" vector that it then warns of (GCC
 // bug 105593); before any header, so that the inlined intrinsics' own lines are covered
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include "linear_cpu.h"
 
 #if defined(GPTFAST_AMX)
 #include <c10/util/Exception.h>
+#include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -31,12 +34,17 @@
 namespace gptfast {
 
 bool has_amx() {
-  // Linux gives a process AMX's 8 KB of tile state only when asked (arch_prctl, once: the
-  // permission holds for every thread; docs: the kernel's x86 xstate.rst)
+  // CPUID itself (clang's __builtin_cpu_supports knows no AMX names): leaf 7 EDX bit 24 AMX-TILE,
+  // 25 AMX-INT8; leaf 0x1D, the tile palettes (a VM may list AMX with none). Then Linux's grant of
+  // AMX's 8 KB of tile state, asked once: it holds for every thread, and from then on the kernel
+  // refuses a signal stack (sigaltstack) too small for that state; where a thread already has
+  // one, it refuses the grant, and this path is not offered (docs: the kernel's x86 xstate.rst).
   static const bool granted = [] {
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8") || !__builtin_cpu_supports("bmi2") ||
-        !__builtin_cpu_supports("avx512dq"))
+    unsigned a, b, c, d;
+    if (!__builtin_cpu_supports("bmi2") || !__builtin_cpu_supports("avx512dq") ||
+        !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1) || !(d >> 25 & 1) ||
+        !__get_cpuid_count(0x1D, 0, &a, &b, &c, &d) || a < 1)
       return false;
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
@@ -46,39 +54,40 @@ bool has_amx() {
 
 namespace {
 
-constexpr int64_t kStep = 64;      // inputs per tile step: a tile row's 64 bytes
-constexpr int64_t kTile = 16;      // rows of a tile: weight rows in A, x rows in B
+constexpr int64_t kStep = 64;       // inputs per tile step: a tile row's 64 bytes
+constexpr int64_t kTile = 16;       // rows of a tile: weight rows in A, x rows in B
 constexpr int64_t kAmxMinRows = 4;  // x rows from which the tiles run (fewer: the avx512 path)
 // Inputs per int32 sum: |q lo| <= 128 * 255 per product, 32768 of them stay below 2^31.
 constexpr int64_t kAmxChunk = 32768;
 
 // Tiles 0-3: the sums (weight block 0 by x's low bytes, by its high bytes, then block 1's),
 // 4-5: two blocks of 16 weight rows, 6-7: x's low and high bytes; all 16 rows of 64 bytes.
-struct TileConfig {  // ldtilecfg's 64 bytes, palette 1
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
+// ldtilecfg's 64 bytes (palette 1), in static storage: GCC's asm for it names only 8 of them.
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
 };
+constexpr TileConfig kTileConfig{1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
 // sums[2b] / [2b + 1] (weight row i, x row r) = weight block b (16 rows from a[b], lda bytes
-// apart) times the tile's x rows' low / high bytes (lo, hi: prepare_amx's layout), over inputs
-// [k0, k1) (multiples of kStep). With `ahead`, each step also prefetches (into L2) the next `share`
-// bytes from there, in address order: a tile load's 16 rows are 16 streams that the hardware
-// prefetcher does not follow (a single thread streamed 1.3x faster with these, in C).
+// apart) times the tile's x rows' low / high bytes (lo, hi: prepare_amx's layout, at the same
+// input), over `steps` steps of kStep inputs. With `ahead`, step s also prefetches (into L2) the
+// `share` bytes at ahead + s * share, in address order: a tile load's 16 rows are 16 streams that
+// the hardware prefetcher does not follow (a single thread streamed 1.3x faster with these, in C).
 template <int Blocks>
-GPTFAST_AMX_TARGET void dot_tiles(const int8_t* const* a, int64_t lda, const int8_t* lo, const int8_t* hi, int64_t k0,
-                                  int64_t k1, int32_t (*sums)[kTile][kTile], const int8_t* ahead, int64_t share) {
+GPTFAST_AMX_TARGET void dot_tiles(const int8_t* const* a, int64_t lda, const int8_t* lo, const int8_t* hi,
+                                  int64_t steps, int32_t (*sums)[kTile][kTile], const char* ahead, int64_t share) {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (Blocks == 2) {
     _tile_zero(2);
     _tile_zero(3);
   }
-  for (int64_t k = k0; k < k1; k += kStep) {
-    if (ahead != nullptr) {  // this step's share of the next rows, in address order
-      const char* line = reinterpret_cast<const char*>(ahead) + k / kStep * share;
-      for (int64_t l = 0; l < share; l += 64) _mm_prefetch(line + l, _MM_HINT_T1);
-    }
+  for (int64_t s = 0; s < steps; ++s) {
+    if (ahead != nullptr)
+      for (int64_t l = 0; l < share; l += 64) _mm_prefetch(ahead + s * share + l, _MM_HINT_T1);
+    const int64_t k = s * kStep;
     _tile_loadd(6, lo + kTile * k, 64);  // 16 rows of (16 x rows by 4 inputs)
     _tile_loadd(7, hi + kTile * k, 64);
     _tile_loadd(4, a[0] + k, lda);
@@ -138,12 +147,11 @@ GPTFAST_AMX_TARGET inline void add_sums(const int32_t (*lo)[kTile], const int32_
 // rows [n0, n1) of y for every x row, 32 weight rows (two tiles) at a time
 GPTFAST_AMX_TARGET void rows_i8_amx(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0,
                                     int64_t n1) {
-  const int64_t K = w.K, K64 = K / kStep * kStep, plane = K64 * kTile;
-  const int64_t share = (2 * kTile * w.row_bytes / 64 + K64 / kStep - 1) / (K64 / kStep) * 64;  // whole lines a step
+  const int64_t K = w.K, K64 = K / kStep * kStep, plane = (K + kStep - 1) / kStep * kStep * kTile;
+  const int64_t steps = std::max<int64_t>(1, K64 / kStep), share = (2 * kTile * w.row_bytes / 64 + steps - 1) / steps * 64;
   thread_local std::vector<int8_t> edge;  // a weight block cut short by N, padded with rows of zeros
-  TileConfig cfg;  // per thread: the tile registers are a thread's state
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = kTile;
-  _tile_loadconfig(&cfg);
+  alignas(64) int8_t tail[2 * kTile][kStep];  // the rows' inputs past K64, padded with zeros
+  _tile_loadconfig(&kTileConfig);  // per thread: the tile registers are a thread's state
   for (int64_t n = n0; n < n1; n += 2 * kTile) {
     const int64_t cols = std::min(2 * kTile, n1 - n), blocks = cols > kTile ? 2 : 1;
     const int8_t* a[2];
@@ -155,31 +163,39 @@ GPTFAST_AMX_TARGET void rows_i8_amx(const Weight& w, const Input& in, float* y, 
     } else {
       a[0] = reinterpret_cast<const int8_t*>(row_ptr(w, n)), a[1] = a[0] + kTile * lda;
     }
+    if (K64 < K)
+      for (int64_t i = 0; i < blocks * kTile; ++i) {
+        std::memset(tail[i], 0, kStep);
+        std::memcpy(tail[i], a[i / kTile] + i % kTile * lda + K64, K - K64);
+      }
+    asm volatile("" ::: "memory");  // GCC's asm for tileloadd names no memory: the copies above stay before it
     // the next 32 rows (a contiguous 32 row_bytes), while the first x tile passes (the next ones
     // find these rows in cache); past n1 too, where this thread's next chunk of rows usually
     // starts (linear_cpu.cpp)
-    const int8_t* next = n + 4 * kTile <= w.N ? reinterpret_cast<const int8_t*>(row_ptr(w, n + 2 * kTile)) : nullptr;
+    const char* next = n + 4 * kTile <= w.N ? reinterpret_cast<const char*>(row_ptr(w, n + 2 * kTile)) : nullptr;
+    const auto dot = [&](const int8_t* const* rows, int64_t ld, const int8_t* lo, int64_t steps, int32_t (*sums)[kTile][kTile],
+                         const char* ahead) {
+      if (blocks == 2)
+        dot_tiles<2>(rows, ld, lo, lo + plane, steps, sums, ahead, share);
+      else
+        dot_tiles<1>(rows, ld, lo, lo + plane, steps, sums, ahead, share);
+    };
     for (int64_t m0 = 0; m0 < in.M; m0 += kTile) {
-      const int8_t* ahead = m0 == 0 ? next : nullptr;
       const int8_t* lo = in.xq_bytes + m0 / kTile * 2 * plane;
       const int64_t rows = std::min(kTile, in.M - m0);
       alignas(64) int64_t total[2 * kTile][kTile];  // (weight row, x row)
+      alignas(64) int32_t sums[4][kTile][kTile];
       for (int64_t k0 = 0; k0 < K64; k0 += kAmxChunk) {
-        alignas(64) int32_t sums[4][kTile][kTile];
-        const int64_t k1 = std::min(K64, k0 + kAmxChunk);
-        if (blocks == 2)
-          dot_tiles<2>(a, lda, lo, lo + plane, k0, k1, sums, ahead, share);
-        else
-          dot_tiles<1>(a, lda, lo, lo + plane, k0, k1, sums, ahead, share);
+        const int8_t* at[2] = {a[0] + k0, a[1] + k0};
+        dot(at, lda, lo + kTile * k0, (std::min(K64, k0 + kAmxChunk) - k0) / kStep, sums,
+            m0 == 0 && next ? next + k0 / kStep * share : nullptr);
         for (int64_t b = 0; b < blocks; ++b) add_sums(sums[2 * b], sums[2 * b + 1], total + kTile * b, k0 == 0);
       }
-      if (K64 < K)  // the inputs past the last step
-        for (int64_t i = 0; i < cols; ++i)
-          for (int64_t r = 0; r < rows; ++r) {
-            const int8_t* q = a[i / kTile] + (i % kTile) * lda;
-            const int16_t* xq = in.xq + (m0 + r) * in.ld;
-            for (int64_t k = K64; k < K; ++k) total[i][r] += int64_t{q[k]} * xq[k];
-          }
+      if (K64 < K) {  // one more step, from the padded copies (x's bytes are zeros past K too)
+        const int8_t* at[2] = {tail[0], tail[kTile]};
+        dot(at, kStep, lo + kTile * K64, 1, sums, nullptr);
+        for (int64_t b = 0; b < blocks; ++b) add_sums(sums[2 * b], sums[2 * b + 1], total + kTile * b, K64 == 0);
+      }
       for (int64_t b = 0; b < blocks; ++b) {  // as fp32 (one rounding, as every path's), transposed into y
         __m512 v[kTile];
         for (int64_t i = 0; i < kTile; ++i) {
@@ -199,21 +215,26 @@ GPTFAST_AMX_TARGET void rows_i8_amx(const Weight& w, const Input& in, float* y, 
 
 }  // namespace
 
-// x's int16 as the tiles read them, 16 x rows a tile (zeros past M), inputs [0, K64): for each
-// tile its low bytes, then its high bytes, each (K64 / 4, 16, 4): [j][r][e] = byte of xq[r][4j + e].
+// x's int16 as the tiles read them, 16 x rows a tile, inputs padded with zeros to whole steps (and
+// rows past M): for each tile its low bytes, then its high bytes, each (steps * 16, 16, 4): [j][r][e]
+// = byte of xq[r][4j + e].
 GPTFAST_AMX_TARGET Input prepare_amx(const Weight& w, const Input& in, Scratch& scratch) {
-  if (w.fmt != WFormat::I8 || in.M < kAmxMinRows || w.K < kStep) return prepare_avx512(w, in, scratch);
-  const int64_t K64 = w.K / kStep * kStep, plane = K64 * kTile;
+  if (w.fmt != WFormat::I8 || in.M < kAmxMinRows) return prepare_avx512(w, in, scratch);
+  const int64_t K = w.K, plane = (K + kStep - 1) / kStep * kStep * kTile;
   scratch.bytes.assign((in.M + kTile - 1) / kTile * 2 * plane, 0);
   for (int64_t m = 0; m < in.M; ++m) {
     int8_t* lo = scratch.bytes.data() + m / kTile * 2 * plane + m % kTile * 4;
     const int16_t* xq = in.xq + m * in.ld;
-    for (int64_t j = 0; j < K64 / 4; ++j) {  // 4 int16 -> 4 low bytes, 4 high bytes
+    for (int64_t j = 0; j < K / 4; ++j) {  // 4 int16 -> 4 low bytes, 4 high bytes
       uint64_t four;
       std::memcpy(&four, xq + 4 * j, 8);
       const uint32_t low = _pext_u64(four, 0x00FF00FF00FF00FFull), high = _pext_u64(four, 0xFF00FF00FF00FF00ull);
       std::memcpy(lo + j * 4 * kTile, &low, 4);
       std::memcpy(lo + plane + j * 4 * kTile, &high, 4);
+    }
+    for (int64_t k = K / 4 * 4; k < K; ++k) {  // the last 1-3
+      lo[k / 4 * 4 * kTile + k % 4] = static_cast<int8_t>(xq[k] & 0xFF);
+      lo[plane + k / 4 * 4 * kTile + k % 4] = static_cast<int8_t>(xq[k] >> 8);
     }
   }
   Input split = in;

@@ -60,8 +60,8 @@ def packs_int8() -> bool:
     """Whether the path this process runs (GPTFAST_CPU_KERNEL, else the best this CPU has) reads
     int8 weights packed once (pack_int8): avx2 and avx512 do; amx reads them where they lie, as
     portable does. (The variable is read at each call: set it before loading a model.)"""
-    paths = kernel_paths()
-    return (os.environ.get("GPTFAST_CPU_KERNEL") or (paths[0] if paths else "")) in ("avx2", "avx512")
+    forced = os.environ.get("GPTFAST_CPU_KERNEL")  # (first: kernel_paths() asks Linux for AMX's tile state)
+    return _HAS_OP and (forced or kernel_paths()[0]) in ("avx2", "avx512")
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:

@@ -200,6 +200,16 @@ def test_short_head_scale_is_a_one_line_error():
     assert f"the head's scale has 10 rows; its {model.cfg.vocab_size} are needed" in message, message
 
 
+@pytest.mark.parametrize("path, packs", [("avx2", True), ("avx512", True), ("amx", False), ("portable", False)])
+def test_int8_weights_kept_packed_only_for_the_paths_that_read_them(path, packs, monkeypatch):
+    # a second copy of every int8 weight is memory the amx and portable paths would never read
+    if path not in cpu_linear.kernel_paths():
+        pytest.skip(f"this CPU (or build) has no {path} path")
+    monkeypatch.setenv("GPTFAST_CPU_KERNEL", path)
+    fused = cpu_decode.FusedDecode.for_model(inference_copy(tiny(ctx=40), "int8", CPU))
+    assert [p is not None for p in fused.packed] == [packs] * len(fused.packed)
+
+
 @pytest.mark.skipif("avx2" not in cpu_linear.kernel_paths(), reason="no avx2 path here: int8 weights are not kept packed")
 def test_short_head_packed_copy_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("GPTFAST_CPU_KERNEL", "avx2")  # a path that reads the packed copies (amx does not)

@@ -112,7 +112,7 @@ def test_int8_many_rows_equal_portable(path, M, K, N, packed, two_threads):
     # 20: 16 + 4; 24: 16 + 8; 5, 7: 8; 3: 4), from x's pairs interleaved once per call. The amx path's
     # tiles from 4 x rows on: 16 x rows a tile (33: three, the last of one row), 32 or 16 weight rows
     # (N = 50: 32 + a last tile of 16 cut short, copied; 9: one tile, copied), inputs in steps of 64
-    # (1031, 769, 770, 4100: a tail of the last inputs; 48, 16, 15: no step, the avx512 path), int32
+    # (1031, 769, 770, 4100: one more step from the last inputs padded with zeros; 48, 16, 15, 1: only that), int32
     # sums added up in int64 every 32768 inputs (33000: two chunks and a tail).
     gen = torch.Generator().manual_seed(M * K + N)
     weight = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)

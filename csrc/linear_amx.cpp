@@ -11,6 +11,7 @@
 // with lo unsigned: one tile of low bytes (tdpbsud, signed weight by unsigned x) and one of high
 // bytes (tdpbssd), added as 256 * sum_hi + sum_lo in int64. The sums are the same exact integers
 // as every other path's, so y is bitwise the portable path's.
+//
 // GCC 12's plain AVX-512 intrinsics start from an "undefined" vector that it then warns of (GCC
 // bug 105593); before any header, so that the inlined intrinsics' own lines are covered
 #if defined(__GNUC__) && !defined(__clang__)
@@ -19,7 +20,6 @@
 #include "linear_cpu.h"
 
 #if defined(GPTFAST_AMX)
-#include <c10/util/Exception.h>
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>

@@ -132,7 +132,8 @@ def main():
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit_id()}",
              "command: python benchmarks/bench_cpu_linear.py " + (
                  "--crossover" if args.crossover else f"--rows {' '.join(map(str, args.rows))} --steps {args.steps}")
-             + f" --rounds {args.rounds}" + (f" --threads {args.threads}" if args.threads else ""),
+             + f" --rounds {args.rounds}" + (f" --threads {args.threads}" if args.threads else "")
+             + (f" --formats {' '.join(args.formats)}" if args.formats != list(FORMATS) else ""),
              f"load average at the start: {load_average()}", ""]
     if args.crossover:
         lines += crossover(weights[:-1], args) + [""]

@@ -114,13 +114,14 @@ const Path kPaths[] = {  // best first
 const Path& find_path(const std::string& name) {
   for (const Path& p : kPaths) {
     if (name == p.name) {
-      TORCH_CHECK(p.supported(), "gptfast linear: kernel path '", name, "' needs CPU features this CPU lacks");
+      TORCH_CHECK(p.supported(), "gptfast: CPU kernel path '", name, "' needs CPU features this CPU lacks");
       return p;
     }
   }
   std::string known;
   for (const Path& p : kPaths) known += std::string(known.empty() ? "" : ", ") + p.name;
-  TORCH_CHECK(false, "gptfast linear: unknown kernel path '", name, "' (GPTFAST_CPU_KERNEL or path=); choose from ",
+  // (decode_step and argmax_rows read the choice too: the message names no one op)
+  TORCH_CHECK(false, "gptfast: unknown CPU kernel path '", name, "' (GPTFAST_CPU_KERNEL, or the linear op's path=); choose from ",
               known);
 }
 

@@ -207,7 +207,7 @@ def test_paths_agree_and_env_forces_one(fmt, monkeypatch):
         monkeypatch.setenv("GPTFAST_CPU_KERNEL", path)
         assert torch.equal(cl.linear(x, weight, scale, None, group), cl.linear(x, weight, scale, None, group, path))
     monkeypatch.setenv("GPTFAST_CPU_KERNEL", "avx9000")
-    with pytest.raises(RuntimeError, match="unknown kernel path 'avx9000'.*; choose from .*portable"):
+    with pytest.raises(RuntimeError, match="unknown CPU kernel path 'avx9000'.*; choose from .*portable"):
         cl.linear(x, weight, scale, None, group)
 
 

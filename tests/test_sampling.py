@@ -185,6 +185,14 @@ needs_argmax = pytest.mark.skipif(not sampling._ARGMAX_OP, reason="gptfast._C wa
 
 
 @needs_argmax
+def test_argmax_ids_with_an_unknown_kernel_path_names_the_setting(monkeypatch):
+    # argmax_rows reads GPTFAST_CPU_KERNEL too: its error names the setting, not the linear op
+    monkeypatch.setenv("GPTFAST_CPU_KERNEL", "avx9000")
+    with pytest.raises(RuntimeError, match=r"^gptfast: unknown CPU kernel path 'avx9000' \(GPTFAST_CPU_KERNEL"):
+        sampling.argmax_ids(torch.randn(2, 100))
+
+
+@needs_argmax
 @pytest.mark.parametrize("path", ["amx", "avx512", "avx2", "portable"])
 def test_argmax_ids_equal_torch_argmax(path, monkeypatch):
     if path not in cpu_linear.kernel_paths():

@@ -64,11 +64,12 @@ def _extensions():
     except ImportError:
         _say("WARNING: torch is not importable, skipping gptfast._C (pure-PyTorch sampling is used)")
         return [], {}
-    # linear_avx2.cpp, linear_avx512.cpp and linear_amx.cpp carry their own target attributes (built with the default
-    # flags, run only where the CPU has the features); on other machines they compile to nothing
+    # linear_avx2.cpp, linear_avx512.cpp and linear_amx.cpp carry their own target attributes (built
+    # with the default flags, run only where the CPU has the features); elsewhere they compile to nothing
     sources = ["csrc/register.cpp", "csrc/sampling.cpp", "csrc/linear_cpu.cpp", "csrc/linear_avx2.cpp",
                "csrc/linear_avx512.cpp", "csrc/linear_amx.cpp", "csrc/decode_cpu.cpp"]
-    cpu_paths = "amx (Linux, GCC 11+ or clang 12+) + avx512 + avx2 + portable" if platform.machine().lower() in ("x86_64", "amd64") else "portable"
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    cpu_paths = "amx (Linux, GCC 11+ or clang 12+) + avx512 + avx2 + portable" if x86 else "portable"
     # at::parallel_for splits work over torch's threads only in code compiled with OpenMP (its
     # header falls back to a serial loop otherwise): without -fopenmp every kernel ran on one core.
     # libgomp.so.1 is the runtime torch itself loads, so there is one thread pool.

@@ -60,6 +60,9 @@ constexpr int64_t kAmxMinRows = 4;  // x rows from which the tiles run (fewer: t
 // Inputs per int32 sum: |q lo| <= 128 * 255 per product, 32768 of them stay below 2^31.
 constexpr int64_t kAmxChunk = 32768;
 
+// Bytes of one x tile's low (or high) bytes: K padded with zeros to whole steps, 16 x rows.
+constexpr int64_t plane_bytes(int64_t K) { return (K + kStep - 1) / kStep * kStep * kTile; }
+
 // Tiles 0-3: the sums (weight block 0 by x's low bytes, by its high bytes, then block 1's),
 // 4-5: two blocks of 16 weight rows, 6-7: x's low and high bytes; all 16 rows of 64 bytes.
 // ldtilecfg's 64 bytes (palette 1), in static storage: GCC's asm for it names only 8 of them.
@@ -147,8 +150,10 @@ GPTFAST_AMX_TARGET inline void add_sums(const int32_t (*lo)[kTile], const int32_
 // rows [n0, n1) of y for every x row, 32 weight rows (two tiles) at a time
 GPTFAST_AMX_TARGET void rows_i8_amx(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0,
                                     int64_t n1) {
-  const int64_t K = w.K, K64 = K / kStep * kStep, plane = (K + kStep - 1) / kStep * kStep * kTile;
-  const int64_t steps = std::max<int64_t>(1, K64 / kStep), share = (2 * kTile * w.row_bytes / 64 + steps - 1) / steps * 64;
+  const int64_t K = w.K, K64 = K / kStep * kStep, plane = plane_bytes(K);
+  // the next 32 rows' bytes each whole step prefetches, in whole lines
+  const int64_t whole = std::max<int64_t>(1, K64 / kStep);
+  const int64_t share = (2 * kTile * w.row_bytes / 64 + whole - 1) / whole * 64;
   thread_local std::vector<int8_t> edge;  // a weight block cut short by N, padded with rows of zeros
   alignas(64) int8_t tail[2 * kTile][kStep];  // the rows' inputs past K64, padded with zeros
   _tile_loadconfig(&kTileConfig);  // per thread: the tile registers are a thread's state
@@ -173,28 +178,28 @@ GPTFAST_AMX_TARGET void rows_i8_amx(const Weight& w, const Input& in, float* y, 
     // find these rows in cache); past n1 too, where this thread's next chunk of rows usually
     // starts (linear_cpu.cpp)
     const char* next = n + 4 * kTile <= w.N ? reinterpret_cast<const char*>(row_ptr(w, n + 2 * kTile)) : nullptr;
-    const auto dot = [&](const int8_t* const* rows, int64_t ld, const int8_t* lo, int64_t steps, int32_t (*sums)[kTile][kTile],
-                         const char* ahead) {
-      if (blocks == 2)
-        dot_tiles<2>(rows, ld, lo, lo + plane, steps, sums, ahead, share);
-      else
-        dot_tiles<1>(rows, ld, lo, lo + plane, steps, sums, ahead, share);
-    };
     for (int64_t m0 = 0; m0 < in.M; m0 += kTile) {
       const int8_t* lo = in.xq_bytes + m0 / kTile * 2 * plane;
       const int64_t rows = std::min(kTile, in.M - m0);
       alignas(64) int64_t total[2 * kTile][kTile];  // (weight row, x row)
-      alignas(64) int32_t sums[4][kTile][kTile];
+      // total (+)= the weight rows at `at` (ld bytes apart) times this x tile over `steps` steps
+      // from input k (a chunk of int32 sums)
+      const auto add_steps = [&](const int8_t* const* at, int64_t ld, int64_t k, int64_t steps, const char* ahead) {
+        alignas(64) int32_t sums[4][kTile][kTile];
+        if (blocks == 2)
+          dot_tiles<2>(at, ld, lo + kTile * k, lo + plane + kTile * k, steps, sums, ahead, share);
+        else
+          dot_tiles<1>(at, ld, lo + kTile * k, lo + plane + kTile * k, steps, sums, ahead, share);
+        for (int64_t b = 0; b < blocks; ++b) add_sums(sums[2 * b], sums[2 * b + 1], total + kTile * b, k == 0);
+      };
       for (int64_t k0 = 0; k0 < K64; k0 += kAmxChunk) {
         const int8_t* at[2] = {a[0] + k0, a[1] + k0};
-        dot(at, lda, lo + kTile * k0, (std::min(K64, k0 + kAmxChunk) - k0) / kStep, sums,
-            m0 == 0 && next ? next + k0 / kStep * share : nullptr);
-        for (int64_t b = 0; b < blocks; ++b) add_sums(sums[2 * b], sums[2 * b + 1], total + kTile * b, k0 == 0);
+        add_steps(at, lda, k0, (std::min(K64, k0 + kAmxChunk) - k0) / kStep,
+                  m0 == 0 && next ? next + k0 / kStep * share : nullptr);
       }
       if (K64 < K) {  // one more step, from the padded copies (x's bytes are zeros past K too)
         const int8_t* at[2] = {tail[0], tail[kTile]};
-        dot(at, kStep, lo + kTile * K64, 1, sums, nullptr);
-        for (int64_t b = 0; b < blocks; ++b) add_sums(sums[2 * b], sums[2 * b + 1], total + kTile * b, K64 == 0);
+        add_steps(at, kStep, K64, 1, nullptr);
       }
       for (int64_t b = 0; b < blocks; ++b) {  // as fp32 (one rounding, as every path's), transposed into y
         __m512 v[kTile];
@@ -220,7 +225,7 @@ GPTFAST_AMX_TARGET void rows_i8_amx(const Weight& w, const Input& in, float* y, 
 // = byte of xq[r][4j + e].
 GPTFAST_AMX_TARGET Input prepare_amx(const Weight& w, const Input& in, Scratch& scratch) {
   if (w.fmt != WFormat::I8 || in.M < kAmxMinRows) return prepare_avx512(w, in, scratch);
-  const int64_t K = w.K, plane = (K + kStep - 1) / kStep * kStep * kTile;
+  const int64_t K = w.K, plane = plane_bytes(K);
   scratch.bytes.assign((in.M + kTile - 1) / kTile * 2 * plane, 0);
   for (int64_t m = 0; m < in.M; ++m) {
     int8_t* lo = scratch.bytes.data() + m / kTile * 2 * plane + m % kTile * 4;

@@ -121,8 +121,8 @@ const Path& find_path(const std::string& name) {
   std::string known;
   for (const Path& p : kPaths) known += std::string(known.empty() ? "" : ", ") + p.name;
   // (decode_step and argmax_rows read the choice too: the message names no one op)
-  TORCH_CHECK(false, "gptfast: unknown CPU kernel path '", name, "' (GPTFAST_CPU_KERNEL, or the linear op's path=); choose from ",
-              known);
+  TORCH_CHECK(false, "gptfast: unknown CPU kernel path '", name,
+              "' (GPTFAST_CPU_KERNEL, or the linear op's path=); choose from ", known);
 }
 
 // The path for `requested` ("" = GPTFAST_CPU_KERNEL if set, else the best this CPU supports).

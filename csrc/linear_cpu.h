@@ -129,7 +129,7 @@ void tile_i8_vnni(int rows, const int8_t* pk, int64_t p0, int64_t p1, const int3
 #endif
 #if defined(GPTFAST_AMX)
 // "amx": the avx512 path with int8 weights against 4 or more x rows in AMX tiles (linear_amx.cpp)
-bool has_amx();  // AMX-TILE + AMX-INT8 + BMI2, and Linux's grant of the tile state
+bool has_amx();  // AMX-TILE + AMX-INT8 (+ BMI2, AVX512DQ), and Linux's grant of the tile state
 void rows_amx(const Weight& w, const Input& in, float* y, int64_t ldy, int64_t n0, int64_t n1);
 Input prepare_amx(const Weight& w, const Input& in, Scratch& scratch);
 #endif

@@ -210,7 +210,8 @@ def test_int8_weights_kept_packed_only_for_the_paths_that_read_them(path, packs,
     assert [p is not None for p in fused.packed] == [packs] * len(fused.packed)
 
 
-@pytest.mark.skipif("avx2" not in cpu_linear.kernel_paths(), reason="no avx2 path here: int8 weights are not kept packed")
+@pytest.mark.skipif("avx2" not in cpu_linear.kernel_paths(),
+                    reason="no avx2 path here: int8 weights are not kept packed")
 def test_short_head_packed_copy_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("GPTFAST_CPU_KERNEL", "avx2")  # a path that reads the packed copies (amx does not)
     model = inference_copy(tiny(ctx=40), "int8", CPU)

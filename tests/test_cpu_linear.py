@@ -171,6 +171,21 @@ def test_int8_many_rows_no_overflow(path, M):
 
 
 @needs_c
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_long_rows_no_overflow(path):
+    # xq = -1 everywhere but the first input: the amx path's low bytes at their largest (255) against
+    # weights of -128 over 66,000 inputs sum past int32 (-2.15e9): its int32 sums are added up in
+    # int64 every 32768 inputs, the other paths' sooner; the result is every path's exact sum
+    M, K = 4, 66000
+    weight = torch.full((16, K), -128, dtype=torch.int8)
+    x = torch.full((M, K), -1.0 / 32767)
+    x[:, 0] = -1.0  # x_scale = 1 / 32767: the rest rounds to -1
+    y = cl.linear(x, weight, torch.ones(16), None, 0, path)
+    expected = torch.tensor(128.0 * (32767 + K - 1) / 32767)
+    assert torch.allclose(y, expected.expand(M, 16), rtol=1e-6), y[0, 0]
+
+
+@needs_c
 def test_leading_dimensions():
     # x (..., K) -> y (..., N), the same as the rows flattened
     gen = torch.Generator().manual_seed(8)

@@ -4,7 +4,7 @@ the HTTP overhead at one client vs the in-process Generator. GPT-2 124M, random 
 weights everywhere; speed does not depend on them), the server's default dtype, greedy.
 
     python benchmarks/bench_serve.py [--clients 1 4 16 64] [--seconds 15] [--warmup 5] [--turns 3]
-                                     [--requests 40] [--rounds 8] [--device cpu]
+                                     [--requests 40] [--rounds 24] [--device cpu]
 
 The load generator (asyncio + httpx, localhost only) runs each client as a loop of streamed
 requests over a fixed mix of prompt and output lengths. After --warmup seconds of that load (not
@@ -18,8 +18,9 @@ length: every client busy throughout; requests still running when a window close
 not drained, since a drain is time at fewer clients than the level names), p50/p99 time to first
 token (of the first tokens that come in a window or after it) and inter-token latency (gaps
 between a request's streamed chunks in it). The HTTP overhead: decode time per token of one
-request at a time streamed over HTTP against the in-process Generator, the same requests in
-interleaved rounds, through the standard library's http.client, httpx's sync client (the `openai`
+request at a time streamed over HTTP against the in-process Generator, the median ratio of
+each request's time to the in-process time of the same request just before, in interleaved
+rounds, through the standard library's http.client, httpx's sync client (the `openai`
 package's default) and its asyncio client (the load generator's): the client's own CPU comes off
 the two cores the decode step is using, least with http.client's blocking reads (~0.15 ms a
 token here), most with asyncio. Correctness first: both servers' greedy text equals
@@ -217,12 +218,15 @@ OVERHEAD_CLIENTS = ("http.client", "httpx", "httpx asyncio")
 
 
 async def per_token(gen, url, rounds):
-    """Median decode time per token at one client: the in-process Generator, and streamed over
-    HTTP through three clients, lightest first (their CPU comes off the two cores the decode step
-    is using): the standard library's http.client (blocking reads, ~0.15 ms a token here), httpx's
-    sync client (the `openai` package's default, ~0.26) and its asyncio client (the load
-    generator's, the most). The same requests, in interleaved rounds, each client kept open as a tool
-    keeps its own."""
+    """Decode time per token at one client, streamed over HTTP against the in-process Generator:
+    for each client, the median over the requests of the ratio of its time to the in-process
+    time of the same request just before (pairs: this host's speed drifts by tens of percent over
+    minutes, and medians of two separate lists had spread from -2% to +20% between runs of the same
+    code), with the quartiles of those ratios. Three clients, lightest first (their CPU comes off
+    the two cores the decode step is using): the standard library's http.client (blocking reads,
+    ~0.15 ms a token here), httpx's sync client (the `openai` package's default, ~0.26) and its
+    asyncio client (the load generator's, the most). The same requests in interleaved rounds, each
+    client kept open as a tool keeps its own, each first in turn."""
     times = {name: [] for name in ("in-process", *OVERHEAD_CLIENTS)}
     address = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(address.hostname, address.port, timeout=DEADLINE)
@@ -233,7 +237,7 @@ async def per_token(gen, url, rounds):
                     prompt, n = workload(0, i)
                     gen.generate_ids([prompt], n)
                     times["in-process"].append(1 / gen.stats["decode_tokens_per_s"])
-                    for k in range(len(OVERHEAD_CLIENTS)):  # each client first in turn
+                    for k in range(len(OVERHEAD_CLIENTS)):
                         client = OVERHEAD_CLIENTS[(r + i + k) % len(OVERHEAD_CLIENTS)]
                         if client == "http.client":
                             times[client].append(stdlib_decode_time(conn, prompt, n))
@@ -244,7 +248,10 @@ async def per_token(gen, url, rounds):
                             await asyncio.wait_for(one_request(async_http, url, prompt, n, stats, NO_WINDOW), DEADLINE)
                             times[client] += stats["per_token"]
     conn.close()
-    return {name: statistics.median(t) for name, t in times.items()}
+    inproc = times.pop("in-process")
+    ratios = {name: [t / base for t, base in zip(t_http, inproc, strict=True)] for name, t_http in times.items()}
+    return statistics.median(inproc), {name: statistics.quantiles(r, n=4, method="inclusive")
+                                       for name, r in ratios.items()}
 
 
 def stdlib_decode_time(conn, prompt, max_tokens):
@@ -309,7 +316,7 @@ def main():
                          "one-at-a-time server prefills each prompt whole")
     ap.add_argument("--turns", type=checked("--turns"), default=3,
                     help="windows per server per level, the servers alternating (A B B A ...); the sums reported")
-    ap.add_argument("--rounds", type=checked("--rounds"), default=8,
+    ap.add_argument("--rounds", type=checked("--rounds"), default=24,
                     help="interleaved rounds of the HTTP-overhead check")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="the servers' and the in-process Generator's --dtype")
@@ -370,12 +377,14 @@ def report(args, device, results, overhead, host):
         lines.append(row(clients, "one at a time (--max-batch 1 --prefill-chunk 0)", base))
         lines.append(row(clients, f"continuous batching (--max-batch {args.max_batch})", results[clients, "batching"],
                          base_tps))
-    inproc = overhead.pop("in-process")
-    lines += ["", f"HTTP overhead at 1 client: decode time per token {1000 * inproc:.2f} ms in-process (Generator); "
-              "streamed over HTTP through " + ", ".join(f"{name} {1000 * t:.2f} ms ({100 * (t / inproc - 1):+.1f}%)"
-                                                         for name, t in overhead.items()) +
-              f" (medians of {args.rounds} interleaved rounds of the 3 requests of the mix; the clients' own CPU "
-              "comes off the two cores the decode step uses, least with http.client's blocking reads)"]
+    inproc, quartiles = overhead
+    lines += ["", f"HTTP overhead at 1 client: decode time per token {1000 * inproc:.2f} ms in-process (Generator, "
+              "median); streamed over HTTP through " +
+              ", ".join(f"{name} {100 * (q[1] - 1):+.1f}% (quartiles {100 * (q[0] - 1):+.1f}%, {100 * (q[2] - 1):+.1f}%)"
+                        for name, q in quartiles.items()) +
+              f" (each: the median over {args.rounds} interleaved rounds of the 3 requests of the mix of its time "
+              "over the in-process time of the same request just before; the clients' own CPU comes off the two "
+              "cores the decode step uses, least with http.client's blocking reads)"]
     save_report(lines, Path(args.out) / f"serve_{device.type}_{args.dtype}.md")
 
 

@@ -385,6 +385,17 @@ def test_without_fastapi_one_line(monkeypatch, capsys):
         "gptfast serve: error: gptfast serve needs FastAPI and uvicorn (fastapi is missing): pip install 'gptfast[serve]'"]
 
 
+def test_serve_names_what_it_lacks_of_the_fast_http_stack(monkeypatch):
+    import types
+
+    from gptfast.serve import missing_fast_http
+    monkeypatch.setitem(sys.modules, "uvloop", types.ModuleType("uvloop"))  # importable
+    monkeypatch.setitem(sys.modules, "httptools", None)  # import httptools -> ImportError
+    assert missing_fast_http() == ["httptools"]
+    monkeypatch.setitem(sys.modules, "httptools", types.ModuleType("httptools"))
+    assert missing_fast_http() == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
     (["--max-queue", "0"], "--max-queue must be >= 1, got 0"),

@@ -19,8 +19,8 @@ not drained, since a drain is time at fewer clients than the level names), p50/p
 token (of the first tokens that come in a window or after it) and inter-token latency (gaps
 between a request's streamed chunks in it). The HTTP overhead: decode time per token of one
 request at a time streamed over HTTP against the in-process Generator, the median ratio of
-each request's time to the in-process time of the same request just before, in interleaved
-rounds, through the standard library's http.client, httpx's sync client (the `openai`
+each request's time to the in-process time of the same request earlier in its round, in
+interleaved rounds, through the standard library's http.client, httpx's sync client (the `openai`
 package's default) and its asyncio client (the load generator's): the client's own CPU comes off
 the two cores the decode step is using, least with http.client's blocking reads (~0.15 ms a
 token here), most with asyncio. Correctness first: both servers' greedy text equals
@@ -220,7 +220,7 @@ OVERHEAD_CLIENTS = ("http.client", "httpx", "httpx asyncio")
 async def per_token(gen, url, rounds):
     """Decode time per token at one client, streamed over HTTP against the in-process Generator:
     for each client, the median over the requests of the ratio of its time to the in-process
-    time of the same request just before (pairs: this host's speed drifts by tens of percent over
+    time of the same request earlier in the round (pairs: this host's speed drifts by tens of percent over
     minutes, and medians of two separate lists had spread from -2% to +20% between runs of the same
     code), with the quartiles of those ratios. Three clients, lightest first (their CPU comes off
     the two cores the decode step is using): the standard library's http.client (blocking reads,
@@ -240,13 +240,17 @@ async def per_token(gen, url, rounds):
                     for k in range(len(OVERHEAD_CLIENTS)):
                         client = OVERHEAD_CLIENTS[(r + i + k) % len(OVERHEAD_CLIENTS)]
                         if client == "http.client":
-                            times[client].append(stdlib_decode_time(conn, prompt, n))
+                            t, tokens = stdlib_decode_time(conn, prompt, n)
                         elif client == "httpx":
-                            times[client].append(httpx_decode_time(sync_http, url, prompt, n))
+                            t, tokens = httpx_decode_time(sync_http, url, prompt, n)
                         else:
                             stats = new_stats()
                             await asyncio.wait_for(one_request(async_http, url, prompt, n, stats, NO_WINDOW), DEADLINE)
-                            times[client] += stats["per_token"]
+                            tokens, t = stats["tokens"], stats["per_token"][-1] if stats["per_token"] else None
+                        if tokens != n:  # (the server stops at an end-of-text token, the Generator here does not)
+                            raise RuntimeError(f"{client}: {tokens} of {n} tokens came back: the pair would compare "
+                                               "different requests")
+                        times[client].append(t)
     conn.close()
     inproc = times.pop("in-process")
     ratios = {name: [t / base for t, base in zip(t_http, inproc, strict=True)] for name, t_http in times.items()}
@@ -270,8 +274,8 @@ def httpx_decode_time(http, url, prompt, max_tokens):
 
 
 def decode_time(reads):
-    """Decode time per token of one streamed request, from its raw reads (a blocking client's):
-    the time between its first and last text chunks over its tokens after the first."""
+    """(decode time per token, tokens) of one streamed request, from its raw reads (a blocking
+    client's): the time between its first and last text chunks over its tokens after the first."""
     first = last = tokens = None
     pending = b""
     for data in reads:
@@ -281,7 +285,7 @@ def decode_time(reads):
             if e["choices"] and e["choices"][0]["text"]:
                 first, last = first or now, now
             tokens = e["usage"]["completion_tokens"] if e.get("usage") else tokens
-    return (last - first) / (tokens - 1)
+    return (last - first) / (tokens - 1), tokens
 
 
 def pct(values, q):
@@ -378,12 +382,13 @@ def report(args, device, results, overhead, host):
         lines.append(row(clients, f"continuous batching (--max-batch {args.max_batch})", results[clients, "batching"],
                          base_tps))
     inproc, quartiles = overhead
+    more = lambda ratio: f"{100 * (ratio - 1):+.1f}%"  # noqa: E731
     lines += ["", f"HTTP overhead at 1 client: decode time per token {1000 * inproc:.2f} ms in-process (Generator, "
               "median); streamed over HTTP through " +
-              ", ".join(f"{name} {100 * (q[1] - 1):+.1f}% (quartiles {100 * (q[0] - 1):+.1f}%, {100 * (q[2] - 1):+.1f}%)"
+              ", ".join(f"{name} {more(q[1])} (quartiles {more(q[0])}, {more(q[2])})"
                         for name, q in quartiles.items()) +
-              f" (each: the median over {args.rounds} interleaved rounds of the 3 requests of the mix of its time "
-              "over the in-process time of the same request just before; the clients' own CPU comes off the two "
+              f" (each: the median, over {args.rounds} interleaved rounds of the mix's 3 requests, of its time / the "
+              "same request's in-process time earlier in the round; the clients' own CPU comes off the two "
               "cores the decode step uses, least with http.client's blocking reads)"]
     save_report(lines, Path(args.out) / f"serve_{device.type}_{args.dtype}.md")
 

@@ -70,18 +70,22 @@ def model_name_of(args) -> str:
     return f"gpt2-{source}" if args.gpt2 and not Path(source).exists() else Path(source).stem
 
 
+# uvicorn's fast parts (gptfast[serve] installs them: uvicorn's [standard]) and what it runs without each
+FAST_HTTP = {"uvloop": "asyncio's own event loop", "httptools": "the pure-Python h11 parser"}
+
+
 def missing_fast_http() -> list[str]:
-    """What this Python lacks of the fast HTTP stack that gptfast[serve] installs (uvicorn's
-    [standard]): uvloop (not on Windows) and httptools, which uvicorn picks up by itself. Without
-    them it runs asyncio's own loop and the pure-Python h11 parser: ~0.1 ms more of a core per
-    streamed token, taken from the decode step on a small CPU (README, Serving)."""
+    """What this Python lacks of FAST_HTTP, which uvicorn picks up by itself (uvloop is not made
+    for Windows). Without them: ~0.1 ms more of a core per streamed token, taken from the decode
+    step on a small CPU (README, Serving)."""
     def importable(name):
         try:
             importlib.import_module(name)
         except ImportError:
             return False
         return True
-    return [m for m in ("uvloop", "httptools") if not (m == "uvloop" and sys.platform == "win32") and not importable(m)]
+    wanted = [m for m in FAST_HTTP if not (m == "uvloop" and sys.platform == "win32")]
+    return [m for m in wanted if not importable(m)]
 
 
 def run_cli(args):
@@ -111,8 +115,8 @@ def run_cli(args):
     missing = missing_fast_http()
     if missing:  # (uvicorn's logger: the Config above set it up at --log-level)
         logging.getLogger("uvicorn.error").warning(
-            "gptfast serve: %s not installed, so uvicorn runs the slower asyncio loop / h11 parser: "
-            "pip install 'gptfast[serve]' (or 'uvicorn[standard]')", " and ".join(missing))
+            "gptfast serve: %s not installed, so uvicorn runs %s, which are slower: pip install 'gptfast[serve]' "
+            "(or 'uvicorn[standard]')", " and ".join(missing), " and ".join(FAST_HTTP[m] for m in missing))
     # uvicorn raises the signal again after shutting down, for the handler it found: this one,
     # so that the process ends normally, exit 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

@@ -220,9 +220,9 @@ OVERHEAD_CLIENTS = ("http.client", "httpx", "httpx asyncio")
 async def per_token(gen, url, rounds):
     """Decode time per token at one client, streamed over HTTP against the in-process Generator:
     for each client, the median over the requests of the ratio of its time to the in-process
-    time of the same request earlier in the round (pairs: this host's speed drifts by tens of percent over
-    minutes, and medians of two separate lists had spread from -2% to +20% between runs of the same
-    code), with the quartiles of those ratios. Three clients, lightest first (their CPU comes off
+    time of the same request earlier in the round (pairs: this host's speed drifts by tens of
+    percent over minutes, and medians of two separate lists had spread from -2% to +20% between
+    runs of the same code), with the quartiles of those ratios. Three clients, lightest first (their CPU comes off
     the two cores the decode step is using): the standard library's http.client (blocking reads,
     ~0.15 ms a token here), httpx's sync client (the `openai` package's default, ~0.26) and its
     asyncio client (the load generator's, the most). The same requests in interleaved rounds, each
@@ -244,9 +244,7 @@ async def per_token(gen, url, rounds):
                         elif client == "httpx":
                             t, tokens = httpx_decode_time(sync_http, url, prompt, n)
                         else:
-                            stats = new_stats()
-                            await asyncio.wait_for(one_request(async_http, url, prompt, n, stats, NO_WINDOW), DEADLINE)
-                            tokens, t = stats["tokens"], stats["per_token"][-1] if stats["per_token"] else None
+                            t, tokens = await asyncio_decode_time(async_http, url, prompt, n)
                         if tokens != n:  # (the server stops at an end-of-text token, the Generator here does not)
                             raise RuntimeError(f"{client}: {tokens} of {n} tokens came back: the pair would compare "
                                                "different requests")
@@ -271,6 +269,13 @@ def httpx_decode_time(http, url, prompt, max_tokens):
     with http.stream("POST", url + "/v1/completions", json=request_body(prompt, max_tokens)) as r:
         r.raise_for_status()
         return decode_time(r.iter_raw())
+
+
+async def asyncio_decode_time(http, url, prompt, max_tokens):
+    """(decode time per token, tokens) of one request through the load generator's own reader."""
+    stats = new_stats()
+    await asyncio.wait_for(one_request(http, url, prompt, max_tokens, stats, NO_WINDOW), DEADLINE)
+    return (stats["per_token"] or [None])[0], stats["tokens"]
 
 
 def decode_time(reads):

@@ -255,6 +255,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.N;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
+  // nothing to compute (no rows to split over the threads either: the split below divides by them)
+  if (M == 0 || N == 0) return at::empty(out_shape, x.options());
   // fp32 x (M, K); int4 rows padded with zeros to whole groups (the padding's weights add nothing)
   at::Tensor xf = x.to(at::kFloat).reshape({M, K}).contiguous();
   if (w.K != K) {

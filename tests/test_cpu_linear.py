@@ -186,6 +186,17 @@ def test_int8_long_rows_no_overflow(path):
 
 
 @needs_c
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("M, N", [(4, 0), (0, 16)])
+def test_empty_rows_or_outputs(path, M, N):
+    # nothing to compute: an empty y of the right shape (N = 0 had divided by zero threads' shares
+    # and killed the process)
+    weight, x = torch.zeros(N, 8, dtype=torch.int8), torch.randn(M, 8)
+    y = cl.linear(x, weight, torch.ones(N), None, 0, path)
+    assert y.shape == (M, N) == cl.reference_linear(x, weight, torch.ones(N)).shape, y.shape
+
+
+@needs_c
 def test_leading_dimensions():
     # x (..., K) -> y (..., N), the same as the rows flattened
     gen = torch.Generator().manual_seed(8)

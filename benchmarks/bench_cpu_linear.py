@@ -84,8 +84,14 @@ def kernels_for(fmt, w, paths):
     elif hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         out["torch _weight_int4pack_mm_for_cpu"] = torch_int4(w, group)
     deq = cl.dequantize(wq, scale, group, w.shape[1])
+    # int8: the packed copy the fused decode step keeps, given to the paths that read it (without
+    # it the avx512 path's small-row timings had been theirs without the copy, which misplaced the
+    # rows from which the amx tiles win)
+    packed = cl.pack_int8(wq) if fmt == "int8" and "avx2" in paths else None
     for p in paths:
-        out[f"gptfast {p}"] = (lambda x, p=p: cl.linear(x, wq, scale, group=group, path=p), nbytes(wq, scale), deq)
+        copy = packed if p in cl.PACKED_PATHS else None
+        out[f"gptfast {p}"] = (lambda x, p=p, copy=copy: torch.ops.gptfast.linear(x, wq, scale, None, group, p, copy),
+                               nbytes(wq, scale), deq)
     return out
 
 

@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #define GPTFAST_AMX_TARGET \
@@ -56,9 +57,14 @@ namespace {
 
 constexpr int64_t kStep = 64;       // inputs per tile step: a tile row's 64 bytes
 constexpr int64_t kTile = 16;       // rows of a tile: weight rows in A, x rows in B
-constexpr int64_t kAmxMinRows = 4;  // x rows from which the tiles run (fewer: the avx512 path)
+// x rows from which the tiles run; fewer take the avx512 path, whose packed tiles (over the copy
+// cpu_decode keeps) a GPT-2 step's matmuls on two threads ran faster at 4-6 rows (amx 1.02-1.34x
+// their time), even at 8 (1.01, 1.16x), slower at 10 (0.83-0.91x), 12 (0.75, 0.90x) and 16
+// (0.76-0.79x), interleaved medians of 7-11 rounds
+constexpr int64_t kAmxMinRows = 10;
 // Inputs per int32 sum: |q lo| <= 128 * 255 per product, 32768 of them stay below 2^31.
 constexpr int64_t kAmxChunk = 32768;
+static_assert(kAmxChunk * 128 * 255 <= INT32_MAX && kAmxChunk % kStep == 0, "a chunk's int32 sums must not overflow");
 
 // Bytes of one x tile's low (or high) bytes: K padded with zeros to whole steps, 16 x rows.
 constexpr int64_t plane_bytes(int64_t K) { return (K + kStep - 1) / kStep * kStep * kTile; }

@@ -16,8 +16,8 @@ prompts in chunks of at most max_rows (gptfast.engine). The reference is the mod
 (gptfast.runner); tests/test_cpu_decode.py checks one against the other.
 
 int8 weights are also kept packed (cpu_linear.pack_int8, as much memory again) where the kernel
-path runs the avx2 or avx512 tiles (cpu_linear.packs_int8, decided when the step is made; amx reads
-the weights in place): those tiles of 3 or more rows then skip repacking every block of 16 weight rows
+path runs the avx2 or avx512 tiles (cpu_linear.packs_int8, decided when the step is made; amx
+runs them below its own tiles' rows): those tiles of 3 or more rows then skip repacking every block of 16 weight rows
 at each call (a GPT-2 step's matmuls at 16 rows: median 26.9 against 32.2 ms; the whole step
 under benchmarks/engine_load.py's 16 clients 27.7 against 30.3, one alternating pair). A weight
 changed in place is packed again at the next call, as its version counter tells; writes that

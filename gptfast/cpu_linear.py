@@ -56,12 +56,17 @@ def kernel_paths() -> list[str]:
     return list(torch.ops.gptfast.linear_paths()) if _HAS_OP else []
 
 
+# the kernel paths that read int8 weights packed once (pack_int8) when the op is given the copy
+PACKED_PATHS = ("amx", "avx512", "avx2")
+
+
 def packs_int8() -> bool:
     """Whether the path this process runs (GPTFAST_CPU_KERNEL, else the best this CPU has) reads
-    int8 weights packed once (pack_int8): avx2 and avx512 do; amx reads them where they lie, as
-    portable does. (The variable is read at each call: set it before loading a model.)"""
+    int8 weights packed once (pack_int8): avx2 and avx512 do, and amx below its tiles' rows (the
+    avx512 path's); portable does not. (The variable is read at each call: set it before loading a
+    model.)"""
     forced = os.environ.get("GPTFAST_CPU_KERNEL")  # (first: kernel_paths() asks Linux for AMX's tile state)
-    return _HAS_OP and (forced or kernel_paths()[0]) in ("avx2", "avx512")
+    return _HAS_OP and (forced or kernel_paths()[0]) in PACKED_PATHS
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ def test_integer_formats_non_finite_and_extreme_rows(path, fmt):
                                      (9, 1031, 40), (12, 3072, 36), (11, 769, 20), (10, 768, 300),
                                      (5, 770, 33), (7, 64, 48), (20, 768, 50), (24, 1031, 17),
                                      (4, 48, 7), (4, 3072, 9), (4, 4100, 6), (4, 15, 3), (3, 1031, 40), (3, 768, 300),
-                                     (4, 33000, 33)])
+                                     (10, 4100, 6), (10, 33000, 33)])
 @pytest.mark.parametrize("packed", [False, True], ids=["packing", "prepacked"])
 def test_int8_many_rows_equal_portable(path, M, K, N, packed, two_threads):
     # 4 x rows run the row-dot tile of 3 weight rows by 4 x rows in assembly: an odd step of 16
@@ -110,10 +110,11 @@ def test_int8_many_rows_equal_portable(path, M, K, N, packed, two_threads):
     # packed tiles from 3 x rows on, read from the copy instead of packing each block. The avx512
     # path's VNNI tiles take 16 x rows, then 4, 8 or 12 with rows of zeros (13: 16; 33: 16 + 16 + 4;
     # 20: 16 + 4; 24: 16 + 8; 5, 7: 8; 3: 4), from x's pairs interleaved once per call. The amx path's
-    # tiles from 4 x rows on: 16 x rows a tile (33: three, the last of one row), 32 or 16 weight rows
-    # (N = 50: 32 + a last tile of 16 cut short, copied; 9: one tile, copied), inputs in steps of 64
-    # (1031, 769, 770, 4100: one more step from the last inputs padded with zeros; 48, 16, 15, 1: only that), int32
-    # sums added up in int64 every 32768 inputs (33000: two chunks and a tail).
+    # tiles from 10 x rows on (fewer: the avx512 path's): 16 x rows a tile (33: three, the last of one
+    # row), 32 or 16 weight rows (N = 50: 32 + a last tile of 16 cut short, copied; 17, 20, 6: one
+    # tile, copied), inputs in steps of 64 (1031, 769, 4100: one more step from the last inputs
+    # padded with zeros; 15: only that), int32 sums added up in int64 every 32768 inputs (33000: two
+    # chunks and a tail).
     gen = torch.Generator().manual_seed(M * K + N)
     weight = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
     scale, x = torch.rand(N, generator=gen) + 0.5, torch.randn(M, K, generator=gen)
@@ -176,7 +177,7 @@ def test_int8_long_rows_no_overflow(path):
     # xq = -1 everywhere but the first input: the amx path's low bytes at their largest (255) against
     # weights of -128 over 66,000 inputs sum past int32 (-2.15e9): its int32 sums are added up in
     # int64 every 32768 inputs, the other paths' sooner; the result is every path's exact sum
-    M, K = 4, 66000
+    M, K = 10, 66000  # (10: the amx path's tiles run)
     weight = torch.full((16, K), -128, dtype=torch.int8)
     x = torch.full((M, K), -1.0 / 32767)
     x[:, 0] = -1.0  # x_scale = 1 / 32767: the rest rounds to -1
